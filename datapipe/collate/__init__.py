@@ -1,0 +1,132 @@
+"""Collators: turn what ``ArrowDataset.__getitems__`` returns (a columnar :class:`~datapipe.dataset.Batch`), or a
+list of per-row dicts, into torch tensors.
+
+* :func:`pad` -> ``input_ids`` / ``attention_mask`` / ``labels`` ``[B, L]``, right-padded.
+* :func:`packed` -> padding-free: flat ``input_ids`` ``[T]``, ``cu_seqlens`` int32 ``[B+1]``, ``position_ids``
+  ``[T]``, ``max_seqlen``, ``labels`` with -100 where a sequence starts (flash-attention varlen layout).
+
+Both are Numba kernels writing straight into the output arrays, then ``torch.from_numpy`` (no copy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from datapipe.dataset import Batch, Ragged
+from native.ragged import pack_ragged, pad_ragged
+
+__all__ = ["default", "pad", "packed", "ragged_column"]
+
+
+def ragged_column(batch, column: str) -> Ragged:
+    """Column ``column`` of a batch (a :class:`Batch`, a dict of columns, or a list of per-row dicts) as Ragged."""
+    if isinstance(batch, Mapping):
+        if column not in batch:
+            raise KeyError(f"batch has no column {column!r} (columns: {sorted(batch)})")
+        col = batch[column]
+        return col if isinstance(col, Ragged) else Ragged.from_list(col)
+    if isinstance(batch, Sequence) and (len(batch) == 0 or isinstance(batch[0], Mapping)):
+        try:
+            return Ragged.from_list([row[column] for row in batch])
+        except KeyError:
+            raise KeyError(f"a row has no column {column!r}") from None
+    raise TypeError(f"expected a Batch, a dict of columns or a list of row dicts (got {type(batch).__name__})")
+
+
+def _extras(batch, skip: set) -> dict:
+    """Numeric scalar columns as tensors, other columns as they are."""
+    out = {}
+    if isinstance(batch, Mapping):
+        items = batch.items()
+    elif batch and isinstance(batch[0], Mapping):
+        items = ((k, [row[k] for row in batch]) for k in batch[0])
+    else:
+        items = ()
+    for k, v in items:
+        if k in skip or isinstance(v, Ragged):
+            continue
+        if isinstance(v, np.ndarray) and v.dtype.kind in "iufb":
+            out[k] = torch.from_numpy(np.ascontiguousarray(v))
+        elif isinstance(v, list) and v and isinstance(v[0], (int, float, np.number, bool)):
+            out[k] = torch.as_tensor(np.asarray(v))
+        else:
+            out[k] = v
+    return out
+
+
+def pad(pad_id: int = 0, pad_to_multiple_of: int | None = None, *, column: str = "input_ids",
+        max_length: int | None = None, label_pad: int = -100, keep_columns: bool = True) -> Callable:
+    """A collate function giving right-padded tensors.
+
+    Args:
+        pad_id: id written into padding positions of ``input_ids``.
+        pad_to_multiple_of: round the padded length up (tensor-core friendly shapes).
+        column: the token column.
+        max_length: truncate rows to this many tokens (and pad every batch to at most it).
+        label_pad: label at padding positions (ignored by ``CrossEntropyLoss``).
+        keep_columns: pass the batch's other numeric columns through as tensors.
+
+    Returns:
+        ``collate(batch) -> dict`` with int64 ``input_ids``, ``attention_mask``, ``labels`` of shape ``[B, L]``.
+    """
+
+    def collate(batch) -> dict:
+        r = ragged_column(batch, column)
+        width = None
+        if max_length is not None:
+            width = min(int(r.lengths.max()) if len(r) else 0, max_length)
+        ids, mask, labels = pad_ragged(r.values, r.offsets, pad_id=pad_id, width=width,
+                                       pad_to_multiple_of=pad_to_multiple_of, label_pad=label_pad)
+        out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+               "labels": torch.from_numpy(labels)}
+        if keep_columns:
+            out.update(_extras(batch, {column, *out}))
+        return out
+
+    collate.__name__ = collate.__qualname__ = "pad_collate"
+    return collate
+
+
+def packed(*, column: str = "input_ids", label_pad: int = -100, keep_columns: bool = True) -> Callable:
+    """A padding-free collate function: the batch's sequences back to back, with ``cu_seqlens``.
+
+    Returns:
+        ``collate(batch) -> dict`` with ``input_ids`` int64 ``[T]``, ``cu_seqlens`` int32 ``[B+1]``,
+        ``position_ids`` int64 ``[T]`` (restarting at 0 for each sequence), ``max_seqlen`` (int), ``labels`` int64
+        ``[T]`` (-100 at each sequence's first token).
+    """
+
+    def collate(batch) -> dict:
+        r = ragged_column(batch, column)
+        ids, pos, labels = pack_ragged(r.values, r.offsets, label_pad=label_pad)
+        lengths = r.lengths
+        cu = np.zeros(len(lengths) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=cu[1:])
+        out = {"input_ids": torch.from_numpy(ids), "cu_seqlens": torch.from_numpy(cu),
+               "position_ids": torch.from_numpy(pos), "max_seqlen": int(lengths.max()) if len(lengths) else 0,
+               "labels": torch.from_numpy(labels)}
+        if keep_columns:
+            out.update(_extras(batch, {column, *out}))
+        return out
+
+    collate.__name__ = collate.__qualname__ = "packed_collate"
+    return collate
+
+
+def default(batch):
+    """The loader's collate when none is given: a :class:`Batch` becomes a dict of tensors (ragged columns as a
+    list of 1-D tensors); anything else goes to ``torch.utils.data.default_collate``."""
+    if isinstance(batch, Batch):
+        out = {}
+        for k, v in batch.items():
+            if isinstance(v, Ragged):
+                out[k] = [torch.from_numpy(np.array(x)) for x in v]
+            elif isinstance(v, np.ndarray) and v.dtype.kind in "iufb":
+                out[k] = torch.from_numpy(v)
+            else:
+                out[k] = v
+        return out
+    return torch.utils.data.default_collate(batch)

@@ -1,0 +1,316 @@
+"""Write a dataset directory from a table, a stream, a Hugging Face dataset, rows or Parquet/JSONL files.
+
+Shards are Arrow IPC files written into a temporary sibling directory; the manifest is written last (temp file +
+rename) and the directory is renamed into place, so an interrupted write leaves no dataset behind and the next
+write succeeds.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from datapipe.format import (FORMAT_NAME, FORMAT_VERSION, INDEX_FILE, MANIFEST, SHARD_DIR, DatasetError,
+                             atomic_write_text, file_checksum, schema_to_b64)
+
+TOKEN_COLUMN = "input_ids"
+LENGTH_COLUMNS = ("length", "duration", "num_tokens", "num_frames")  # must be finite and >= 0
+AUTO_INDEX = ("length", "duration", "num_tokens", "num_frames", "domain")
+DEFAULT_SHARD_ROWS = 65_536
+_ROW_CHUNK = 8192
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sources -> (name, first_row, RecordBatch) stream
+def _iter_paths(paths: Sequence[Path]) -> Iterator[tuple[str, pa.RecordBatch]]:
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
+
+    for p in paths:
+        name = str(p)
+        if not p.exists():
+            raise DatasetError(f"{name}: no such file")
+        suffixes = "".join(p.suffixes[-2:]).lower()
+        try:
+            if p.suffix.lower() == ".parquet":
+                for b in pq.ParquetFile(p).iter_batches(batch_size=_ROW_CHUNK * 8):
+                    yield name, b
+            elif suffixes.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")):
+                for b in pajson.read_json(p).to_batches():
+                    yield name, b
+            else:
+                raise DatasetError(f"{name}: unsupported file type (write_dataset reads .parquet, .jsonl, .json; "
+                                   "use datapipe.ingest for plain text files)")
+        except pa.ArrowInvalid as e:
+            raise DatasetError(f"{name}: cannot read ({e})") from None
+
+
+def _iter_rows(rows: Iterable[Mapping]) -> Iterator[tuple[str, pa.RecordBatch]]:
+    chunk: list[Mapping] = []
+    keys = None
+    start = 0
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise DatasetError(f"row {i}: expected a dict of column -> value, got {type(row).__name__}")
+        if keys is None:
+            keys = list(row.keys())
+        elif row.keys() != set(keys) and set(row.keys()) != set(keys):
+            raise DatasetError(f"row {i}: columns {sorted(row.keys())} differ from the first row's {sorted(keys)}")
+        chunk.append(row)
+        if len(chunk) == _ROW_CHUNK:
+            yield from _rows_batch(chunk, keys, start)
+            start += len(chunk)
+            chunk = []
+    if chunk:
+        yield from _rows_batch(chunk, keys, start)
+
+
+def _rows_batch(chunk, keys, start):
+    try:
+        t = pa.Table.from_pylist(chunk)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise DatasetError(f"rows {start}..{start + len(chunk) - 1}: cannot convert to Arrow ({e})") from None
+    for b in t.select(keys).to_batches():
+        yield f"rows[{start}:]", b
+
+
+def iter_source(source) -> Iterator[tuple[str, pa.RecordBatch]]:
+    """Normalise any supported source into ``(source name, RecordBatch)`` pairs."""
+    if isinstance(source, pa.Table):
+        yield from (("<table>", b) for b in source.to_batches())
+    elif isinstance(source, pa.RecordBatch):
+        yield "<record batch>", source
+    elif isinstance(source, pa.RecordBatchReader):
+        yield from (("<reader>", b) for b in source)
+    elif isinstance(source, (str, os.PathLike)):
+        yield from _iter_paths([Path(source)])
+    elif type(source).__module__.startswith("datasets.") and hasattr(source, "with_format"):
+        if hasattr(source, "features") and not hasattr(source, "__len__"):  # IterableDataset
+            yield from _iter_rows(source)
+        else:
+            for t in source.with_format("arrow").iter(batch_size=_ROW_CHUNK * 8):
+                yield from (("<datasets.Dataset>", b) for b in t.to_batches())
+    elif isinstance(source, (list, tuple)) and source and all(isinstance(s, (str, os.PathLike)) for s in source):
+        yield from _iter_paths([Path(s) for s in source])
+    elif isinstance(source, Iterable):
+        yield from _iter_rows(source)
+    else:
+        raise TypeError(f"source must be a pyarrow Table/RecordBatchReader, a datasets.Dataset, paths, or an "
+                        f"iterable of dicts (got {type(source).__name__})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _normalise_schema(schema: pa.Schema) -> pa.Schema:
+    """Token ids are stored as ``list<int32>`` (``large_list<int32>`` kept large)."""
+    i = schema.get_field_index(TOKEN_COLUMN)
+    if i >= 0:
+        t = schema.field(i).type
+        if pa.types.is_list(t) and pa.types.is_integer(t.value_type) and t.value_type != pa.int32():
+            schema = schema.set(i, pa.field(TOKEN_COLUMN, pa.list_(pa.int32())))
+        elif pa.types.is_large_list(t) and t.value_type != pa.int32():
+            schema = schema.set(i, pa.field(TOKEN_COLUMN, pa.large_list(pa.int32())))
+        elif not (pa.types.is_list(t) or pa.types.is_large_list(t)):
+            raise DatasetError(f"column {TOKEN_COLUMN!r} must be a list of integers (got {t})")
+    return schema
+
+
+def _conform(name: str, first: str, batch: pa.RecordBatch, schema: pa.Schema, row0: int) -> pa.RecordBatch:
+    if batch.schema.names != schema.names:
+        if set(batch.schema.names) == set(schema.names):
+            batch = batch.select(schema.names)
+        else:
+            raise DatasetError(f"{name} (row {row0}): columns {batch.schema.names} do not match the schema of "
+                               f"{first}: {schema.names}")
+    if not batch.schema.equals(schema):
+        try:
+            batch = batch.cast(schema, safe=True)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, NotImplementedError) as e:
+            raise DatasetError(f"{name} (row {row0}): schema {batch.schema} does not match the schema of {first}: "
+                               f"{schema} ({e})") from None
+    return batch
+
+
+def _index_arrays(batch: pa.RecordBatch, index_columns: Sequence[str], name: str, row0: int) -> dict:
+    out = {}
+    for col in index_columns:
+        if col in batch.schema.names:
+            arr = batch.column(col)
+        elif col == "length" and TOKEN_COLUMN in batch.schema.names:
+            arr = pa.compute.list_value_length(batch.column(TOKEN_COLUMN)).cast(pa.int64())
+        else:
+            raise DatasetError(f"index column {col!r} is neither a column of {name} ({batch.schema.names}) nor "
+                               f"derivable ('length' is derived from {TOKEN_COLUMN!r})")
+        if arr.null_count:
+            bad = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
+            raise DatasetError(f"{name}: row {row0 + bad}, column {col!r}: null value in an index column")
+        if col in LENGTH_COLUMNS:
+            a = arr.to_numpy(zero_copy_only=False)
+            if a.dtype.kind not in "iuf":
+                raise DatasetError(f"{name}: column {col!r} must be numeric (got {arr.type})")
+            bad = np.flatnonzero(~np.isfinite(a) | (a < 0)) if a.dtype.kind == "f" else np.flatnonzero(a < 0)
+            if len(bad):
+                raise DatasetError(f"{name}: row {row0 + int(bad[0])}, column {col!r}: value {a[bad[0]]} is "
+                                   "negative or not finite")
+        out[col] = arr
+    return out
+
+
+def _check_tokens(batch: pa.RecordBatch, name: str, row0: int) -> None:
+    if TOKEN_COLUMN in batch.schema.names:
+        col = batch.column(TOKEN_COLUMN)
+        if col.null_count:
+            bad = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+            raise DatasetError(f"{name}: row {row0 + bad}, column {TOKEN_COLUMN!r}: null token list")
+
+
+class _ShardWriter:
+    def __init__(self, root: Path, schema: pa.Schema, shard_rows: int, compression: str | None):
+        self.root, self.schema, self.shard_rows = root, schema, shard_rows
+        self.options = pa.ipc.IpcWriteOptions(compression=compression)
+        self.pending: list[pa.RecordBatch] = []
+        self.pending_rows = 0
+        self.shards: list[dict] = []
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        self.pending.append(batch)
+        self.pending_rows += batch.num_rows
+        while self.pending_rows >= self.shard_rows:
+            self._flush(self.shard_rows)
+
+    def _flush(self, rows: int) -> None:
+        table = pa.Table.from_batches(self.pending, schema=self.schema)
+        head, tail = table.slice(0, rows), table.slice(rows)
+        fname = f"{SHARD_DIR}/{len(self.shards):05d}.arrow"
+        path = self.root / fname
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, self.schema, options=self.options) as w:
+            for b in head.combine_chunks().to_batches(max_chunksize=None):
+                w.write_batch(b)
+        self.shards.append({"file": fname, "rows": head.num_rows, "bytes": path.stat().st_size,
+                            "checksum": file_checksum(path)})
+        self.pending = tail.combine_chunks().to_batches() if tail.num_rows else []
+        self.pending_rows = tail.num_rows
+
+    def close(self) -> None:
+        if self.pending_rows:
+            self._flush(self.pending_rows)
+
+
+def write_dataset(source, out_dir: str | os.PathLike, *, shard_rows: int = DEFAULT_SHARD_ROWS,
+                  index_columns: Sequence[str] | None = None, compression: str | None = None,
+                  overwrite: bool = False, params: Mapping | None = None,
+                  progress: Callable[[int], None] | None = None) -> Path:
+    """Write ``source`` as a dataset directory of memory-mappable Arrow IPC shards.
+
+    Args:
+        source: a pyarrow Table, RecordBatch or RecordBatchReader; a ``datasets.Dataset``; a path or list of paths
+            to Parquet/JSONL files; or an iterable of dicts (column -> value). Token ids go in ``input_ids``
+            (stored as ``list<int32>``).
+        out_dir: the dataset directory to create.
+        shard_rows: rows per shard file.
+        index_columns: per-row metadata columns copied into ``index.arrow`` for samplers. ``length`` is derived
+            from ``input_ids`` when absent. Default: those of ``length, duration, num_tokens, num_frames, domain``
+            that exist or can be derived.
+        compression: ``None``, ``"lz4"`` or ``"zstd"`` (compressed shards are read without zero-copy).
+        overwrite: replace an existing dataset at ``out_dir``.
+        params: extra JSON-serialisable creation parameters recorded in the manifest.
+        progress: called with the number of rows written so far.
+
+    Returns:
+        The dataset directory.
+
+    Raises:
+        DatasetError: empty source, schema mismatch across sources, nulls or negative/NaN lengths in index
+            columns (naming the source, row and column), or an existing dataset without ``overwrite``.
+    """
+    if not isinstance(shard_rows, (int, np.integer)) or shard_rows < 1:
+        raise ValueError(f"shard_rows must be an integer >= 1 (got {shard_rows=})")
+    if compression not in (None, "lz4", "zstd"):
+        raise ValueError(f"compression must be None, 'lz4' or 'zstd' (got {compression=})")
+    out = Path(out_dir)
+    if (out / MANIFEST).exists() and not overwrite:
+        raise DatasetError(f"{out}: a dataset already exists (pass overwrite=True to replace it)")
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"{out}: exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
+    (tmp / SHARD_DIR).mkdir(parents=True)
+    try:
+        manifest = _write_into(tmp, source, int(shard_rows), index_columns, compression, params, progress)
+        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_into(tmp, source, shard_rows, index_columns, compression, params, progress) -> dict:
+    schema = first = writer = None
+    index_parts: dict[str, list] = {}
+    rows = 0
+    for name, batch in iter_source(source):
+        if batch.num_rows == 0:
+            continue
+        if schema is None:
+            schema, first = _normalise_schema(batch.schema), name
+            if index_columns is None:
+                index_columns = [c for c in AUTO_INDEX if c in schema.names or (c == "length" and TOKEN_COLUMN in schema.names)]
+            index_columns = list(index_columns)
+            writer = _ShardWriter(tmp, schema, shard_rows, compression)
+        batch = _conform(name, first, batch, schema, rows)
+        _check_tokens(batch, name, rows)
+        for col, arr in _index_arrays(batch, index_columns, name, rows).items():
+            index_parts.setdefault(col, []).append(arr)
+        writer.add(batch)
+        rows += batch.num_rows
+        if progress is not None:
+            progress(rows)
+    if schema is None:
+        raise DatasetError("the source is empty: no rows to write")
+    writer.close()
+    index_meta = None
+    if index_columns:
+        index = pa.table({c: pa.chunked_array(index_parts[c]).combine_chunks() for c in index_columns})
+        ipath = tmp / INDEX_FILE
+        with pa.OSFile(str(ipath), "wb") as sink, pa.ipc.new_file(sink, index.schema) as w:
+            w.write_table(index)
+        index_meta = {"file": INDEX_FILE, "rows": index.num_rows, "bytes": ipath.stat().st_size,
+                      "checksum": file_checksum(ipath)}
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "num_rows": rows,
+        "schema": schema_to_b64(schema),
+        "schema_text": str(schema),
+        "columns": [{"name": f.name, "type": str(f.type)} for f in schema],
+        "index_columns": list(index_columns),
+        "shards": writer.shards,
+        "index": index_meta,
+        "compression": compression,
+        "shard_rows": shard_rows,
+        "created_by": "datapipe",
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "params": dict(params or {}),
+    }
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    leftovers = [p.name for p in out.iterdir()] if not (out / MANIFEST).exists() else None
+    if leftovers is not None and set(leftovers) - {SHARD_DIR, INDEX_FILE}:
+        raise DatasetError(f"{out}: exists, holds other files ({sorted(leftovers)[:5]}) and is not a dataset; "
+                           "choose an empty or new directory")
+    trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}"
+    os.rename(out, trash)
+    os.rename(tmp, out)
+    shutil.rmtree(trash, ignore_errors=True)

@@ -1,0 +1,345 @@
+"""Epoch-plan kernels for duration-bucketed speech batches, and best-fit-decreasing packing.
+
+Implements the batching side of "Training and Inference Efficiency of Encoder-Decoder Speech Models"
+(Żelasko et al., 2025): cuts are put in duration buckets (1D) or duration x output-token buckets (2D, as NeMo),
+each bucket is shuffled, cut into chunks of several batches, each chunk sorted by duration (alternately up and
+down, so a batch spanning two chunks joins their long ends), and batches are cut greedily under the *padded*
+budget ``n * cost(max) <= max_duration`` with ``cost(d) = d + d**2 / q`` when a quadratic term is asked for.
+The padding-free alternative packs cuts into packs of at most ``capacity`` seconds by best-fit decreasing,
+with a segment tree over quantised remaining capacities (``O(n log C)``).
+
+Every kernel takes arrays and scalars and returns arrays; randomness enters as a uint64 seed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+from native._config import njit
+from native.rng import _shuffle_inplace
+
+__all__ = ["assign_buckets_2d", "bucket_batches", "pack_best_fit"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2D bucket assignment
+# ---------------------------------------------------------------------------------------------------------------
+@njit
+def _assign_2d(dur: np.ndarray, tok: np.ndarray, bin_dur: np.ndarray, bin_tok: np.ndarray,
+               strict: bool) -> tuple[np.ndarray, np.ndarray]:
+    n = dur.shape[0]
+    k = bin_dur.shape[0]
+    bucket = np.full(n, -1, dtype=np.int64)
+    promoted = np.zeros(n, dtype=np.bool_)
+    for i in range(n):
+        d = dur[i]
+        t = tok[i]
+        # first bin whose duration bound holds d (bins sorted by (duration, tokens))
+        lo = 0
+        hi = k
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if bin_dur[mid] < d:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo == k:
+            continue  # longer than every bin: dropped
+        home = bin_dur[lo]
+        j = lo
+        while j < k and bin_dur[j] == home:
+            if bin_tok[j] >= t:
+                bucket[i] = j
+                break
+            j += 1
+        if bucket[i] >= 0 or strict:
+            continue
+        # lenient: promote to the next larger bucket that holds both dimensions
+        while j < k:
+            if bin_tok[j] >= t:
+                bucket[i] = j
+                promoted[i] = True
+                break
+            j += 1
+    return bucket, promoted
+
+
+def assign_buckets_2d(durations: NDArray, tokens: NDArray, bins: NDArray,
+                      strict: bool = False) -> tuple[NDArray[np.int64], NDArray[np.bool_]]:
+    """Assign each cut to the smallest 2D bucket ``(max_duration, max_tokens)`` that holds it.
+
+    A cut goes to the bins of the first duration bound ``>= duration``, and among those to the first whose
+    token bound ``>= tokens``. When none holds its tokens, ``strict`` drops it (NeMo's strict 2D mode) and
+    otherwise it is promoted to the next bucket (larger duration) whose token bound holds it.
+
+    Args:
+        durations: float ``[N]`` seconds.
+        tokens: integer ``[N]`` output lengths.
+        bins: float ``[K, 2]`` bucket bounds sorted by (duration, tokens).
+        strict: drop rather than promote.
+
+    Returns:
+        ``(bucket, promoted)``: int64 ``[N]`` bucket ids (``-1`` for a dropped cut) and bool ``[N]``.
+    """
+    bins = np.ascontiguousarray(bins, dtype=np.float64)
+    if bins.ndim != 2 or bins.shape[1] != 2:
+        raise ValueError(f"bins must have shape [K, 2] (got {bins.shape})")
+    return _assign_2d(np.ascontiguousarray(durations, dtype=np.float64),
+                      np.ascontiguousarray(tokens, dtype=np.float64),
+                      np.ascontiguousarray(bins[:, 0]), np.ascontiguousarray(bins[:, 1]), bool(strict))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# within-bucket shuffle, chunked sort, budget cutting
+# ---------------------------------------------------------------------------------------------------------------
+@njit
+def _bucket_batches(rows: np.ndarray, bucket_offsets: np.ndarray, dur: np.ndarray, chunk_rows: np.ndarray,
+                    caps: np.ndarray, max_duration: np.float64, quad: np.float64, shuffle: bool,
+                    seed: np.uint64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n = rows.shape[0]
+    nbuckets = bucket_offsets.shape[0] - 1
+    out = rows.copy()
+    offsets = np.empty(n + 1, dtype=np.int64)
+    groups = np.empty(n, dtype=np.int64)
+    offsets[0] = 0
+    nb = 0
+    state = np.empty(1, dtype=np.uint64)
+    state[0] = seed
+    for b in range(nbuckets):
+        s = bucket_offsets[b]
+        e = bucket_offsets[b + 1]
+        if e == s:
+            continue
+        seg = out[s:e]
+        if shuffle:
+            _shuffle_inplace(seg, state)
+        w = chunk_rows[b]
+        if w > 1:
+            c = 0
+            for cs in range(0, e - s, w):
+                ce = min(cs + w, e - s)
+                chunk = seg[cs:ce].copy()
+                keys = dur[chunk]
+                if c % 2 == 1:
+                    keys = -keys
+                order = np.argsort(keys, kind="mergesort")
+                for t in range(ce - cs):
+                    seg[cs + t] = chunk[order[t]]
+                c += 1
+        # greedy cut under the padded budget
+        cap = caps[b]
+        cur_n = 0
+        cur_max = 0.0
+        for t in range(e - s):
+            d = dur[seg[t]]
+            m = d if d > cur_max else cur_max
+            cost = m + m * m / quad if quad > 0 else m
+            if cur_n > 0 and ((cur_n + 1) * cost > max_duration or cur_n + 1 > cap):
+                nb += 1
+                offsets[nb] = s + t
+                groups[nb - 1] = b
+                cur_n = 1
+                cur_max = d
+            else:
+                cur_n += 1
+                cur_max = m
+        nb += 1
+        offsets[nb] = e
+        groups[nb - 1] = b
+    return out, offsets[: nb + 1].copy(), groups[:nb].copy()
+
+
+def bucket_batches(rows: NDArray[np.int64], bucket_offsets: NDArray[np.int64], durations: NDArray,
+                   chunk_rows: NDArray[np.int64], caps: NDArray[np.int64], max_duration: float,
+                   quadratic_duration: float | None, shuffle: bool, seed: int
+                   ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
+    """Cut every bucket's rows into batches under the padded budget.
+
+    Bucket ``b`` is ``rows[bucket_offsets[b]:bucket_offsets[b+1]]``. Each bucket is shuffled (seeded), cut into
+    chunks of ``chunk_rows[b]`` rows, each chunk sorted by duration (ascending, descending, ascending, ...),
+    then batches are cut greedily: a batch of ``n`` rows with longest duration ``m`` keeps
+    ``n * (m + m**2 / q) <= max_duration`` (``q`` = ``quadratic_duration``, term absent when ``None``) and
+    ``n <= caps[b]``. A single row over the budget forms a batch of its own (callers drop such rows first).
+
+    Args:
+        rows: int64 ``[N]`` row ids, grouped by bucket.
+        bucket_offsets: int64 ``[K+1]`` bucket boundaries in ``rows``.
+        durations: float ``[num_rows]`` seconds of every row (indexed by row id).
+        chunk_rows: int64 ``[K]`` rows per sorted chunk (``<= 1``: no sorting).
+        caps: int64 ``[K]`` maximum rows per batch in each bucket.
+        max_duration: padded budget in seconds (``inf`` for none).
+        quadratic_duration: ``q`` of the quadratic cost, or ``None``.
+        shuffle: shuffle each bucket before chunking.
+        seed: integer seed.
+
+    Returns:
+        ``(indices, offsets, groups)``: int64 ``[N]`` rows batch after batch, int64 ``[B+1]`` batch offsets,
+        int64 ``[B]`` bucket of each batch (batches are emitted bucket by bucket).
+    """
+    q = 0.0 if quadratic_duration is None else float(quadratic_duration)
+    return _bucket_batches(np.ascontiguousarray(rows, dtype=np.int64),
+                           np.ascontiguousarray(bucket_offsets, dtype=np.int64),
+                           np.ascontiguousarray(durations, dtype=np.float64),
+                           np.ascontiguousarray(chunk_rows, dtype=np.int64),
+                           np.ascontiguousarray(caps, dtype=np.int64), np.float64(max_duration), np.float64(q),
+                           bool(shuffle), np.uint64(seed & 0xFFFFFFFFFFFFFFFF))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# best-fit decreasing packing
+# ---------------------------------------------------------------------------------------------------------------
+@njit
+def _tree_add(tree: np.ndarray, size: np.int64, leaf: np.int64, delta: np.int64) -> None:
+    i = leaf + size
+    while i >= 1:
+        tree[i] += delta
+        i //= 2
+
+
+@njit
+def _tree_first_at_or_after(tree: np.ndarray, size: np.int64, q: np.int64) -> np.int64:
+    # smallest leaf index >= q with a non-zero count, or -1
+    if q >= size:
+        return -1
+    i = q + size
+    if tree[i] > 0:
+        return q
+    while i > 1:
+        if i % 2 == 0 and tree[i + 1] > 0:
+            i = i + 1
+            while i < size:
+                i = 2 * i if tree[2 * i] > 0 else 2 * i + 1
+            return i - size
+        i //= 2
+    return -1
+
+
+@njit
+def _pack_window(items: np.ndarray, dur: np.ndarray, capacity: np.float64, max_items: np.int64,
+                 scale: np.float64, tree: np.ndarray, size: np.int64, head: np.ndarray,
+                 pack_of: np.ndarray) -> np.int64:
+    """Best-fit decreasing of ``items`` (sorted by decreasing duration); returns the number of packs."""
+    n = items.shape[0]
+    rem = np.empty(n, dtype=np.float64)
+    cnt = np.zeros(n, dtype=np.int64)
+    nxt = np.full(n, -1, dtype=np.int64)
+    key_of = np.full(n, -1, dtype=np.int64)
+    in_tree = np.zeros(n, dtype=np.bool_)
+    npacks = 0
+    for t in range(n):
+        d = dur[items[t]]
+        need = np.int64(np.ceil(d * scale))
+        leaf = _tree_first_at_or_after(tree, size, need)
+        if leaf >= 0:
+            p = head[leaf]
+            head[leaf] = nxt[p]
+            in_tree[p] = False
+            _tree_add(tree, size, leaf, -1)
+        else:
+            p = npacks
+            npacks += 1
+            rem[p] = capacity
+        rem[p] -= d
+        cnt[p] += 1
+        pack_of[t] = p
+        if cnt[p] < max_items:
+            key = np.int64(np.floor(rem[p] * scale))
+            if key >= 0:
+                key_of[p] = key
+                nxt[p] = head[key]
+                head[key] = p
+                in_tree[p] = True
+                _tree_add(tree, size, key, 1)
+    # leave the tree and the list heads empty for the next window
+    for p in range(npacks):
+        if in_tree[p]:
+            _tree_add(tree, size, key_of[p], -1)
+            head[key_of[p]] = -1
+    return npacks
+
+
+@njit
+def _pack(rows: np.ndarray, dur: np.ndarray, window_offsets: np.ndarray, capacity: np.float64,
+          max_items: np.int64, scale: np.float64, shuffle: bool, seed: np.uint64
+          ) -> tuple[np.ndarray, np.ndarray]:
+    n = rows.shape[0]
+    nleaves = np.int64(np.floor(capacity * scale)) + 1
+    size = np.int64(1)
+    while size < nleaves:
+        size *= 2
+    tree = np.zeros(2 * size, dtype=np.int64)
+    head = np.full(size, -1, dtype=np.int64)
+    out = np.empty(n, dtype=np.int64)
+    offsets = np.empty(n + 1, dtype=np.int64)
+    offsets[0] = 0
+    total = 0
+    state = np.empty(1, dtype=np.uint64)
+    state[0] = seed
+    for w in range(window_offsets.shape[0] - 1):
+        s = window_offsets[w]
+        e = window_offsets[w + 1]
+        if e == s:
+            continue
+        items = rows[s:e].copy()
+        if shuffle:
+            _shuffle_inplace(items, state)  # random order among equal durations
+        order = np.argsort(-dur[items], kind="mergesort")
+        items = items[order]
+        pack_of = np.empty(e - s, dtype=np.int64)
+        npacks = _pack_window(items, dur, capacity, max_items, scale, tree, size, head, pack_of)
+        # counting sort of the window's items by pack
+        counts = np.zeros(npacks + 1, dtype=np.int64)
+        for t in range(e - s):
+            counts[pack_of[t] + 1] += 1
+        for p in range(npacks):
+            counts[p + 1] += counts[p]
+        pos = counts[:npacks].copy()
+        for t in range(e - s):
+            p = pack_of[t]
+            out[s + pos[p]] = items[t]
+            pos[p] += 1
+        for p in range(npacks):
+            offsets[total + p + 1] = s + counts[p + 1]
+        total += npacks
+    return out, offsets[: total + 1].copy()
+
+
+def pack_best_fit(rows: NDArray[np.int64], durations: NDArray, capacity: float, *,
+                  window_offsets: NDArray[np.int64] | None = None, max_items: int | None = None,
+                  shuffle: bool = False, seed: int = 0, resolution: float = 1e-3
+                  ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Pack rows into packs of total duration ``<= capacity`` by best-fit decreasing.
+
+    Within each window ``rows[window_offsets[w]:window_offsets[w+1]]`` rows are taken longest first and each
+    goes to the open pack with the least remaining room that still holds it (remaining room is rounded down to
+    ``resolution`` seconds, so a fit is never overstated), else to a new pack. Packs never span windows.
+
+    Args:
+        rows: int64 ``[N]`` row ids.
+        durations: float ``[num_rows]`` seconds, each ``<= capacity`` for the rows given.
+        capacity: seconds per pack, ``> 0``.
+        window_offsets: int64 ``[W+1]`` window boundaries in ``rows``; default one window.
+        max_items: optional cap on rows per pack.
+        shuffle: shuffle each window first (ties then break at random).
+        seed: integer seed.
+        resolution: seconds per step of the remaining-room key.
+
+    Returns:
+        ``(indices, offsets)``: int64 ``[N]`` rows pack after pack, int64 ``[P+1]`` pack offsets.
+    """
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    dur = np.ascontiguousarray(durations, dtype=np.float64)
+    if not capacity > 0:
+        raise ValueError(f"capacity must be > 0 (got {capacity=})")
+    if len(rows) and dur[rows].max() > capacity:
+        raise ValueError(f"every row must be <= capacity={capacity} (longest is {dur[rows].max()})")
+    if window_offsets is None:
+        window_offsets = np.array([0, len(rows)], dtype=np.int64)
+    cap = np.iinfo(np.int64).max if max_items is None else int(max_items)
+    if cap < 1:
+        raise ValueError(f"max_items must be >= 1 (got {max_items=})")
+    # at most ~2**22 leaves: the key quantum grows for very large capacities
+    scale = min(1.0 / resolution, float(2**22) / capacity)
+    return _pack(rows, dur, np.ascontiguousarray(window_offsets, dtype=np.int64), np.float64(capacity),
+                 np.int64(cap), np.float64(scale), bool(shuffle), np.uint64(seed & 0xFFFFFFFFFFFFFFFF))

@@ -1,0 +1,407 @@
+"""Immiscible noise assignment for diffusion and flow-matching training.
+
+Implements "Immiscible Diffusion: Accelerating Diffusion Training with Noise Assignment" (Li et al., NeurIPS
+2024) and "Improved Immiscible Diffusion: Accelerate Diffusion Training by Reducing Its Miscibility" (2025):
+instead of pairing each training image with an independent Gaussian noise, pair it with a *nearby* one.
+
+- :func:`assign_linear` (LA, the 2024 paper): draw B noises and permute them to minimise the summed L2
+  distance to the B images (``scipy.optimize.linear_sum_assignment`` on an fp32 cost matrix). The noise stays
+  an exact N(0, I) multiset. Cost: a B x B x D GEMM plus an O(B^3) serial solve.
+- :func:`knn_noise` (the 2025 paper): for each image draw k candidate noises and keep the nearest one.
+  Purely local (works at B = 1); brute force costs B * k * D Gaussian draws.
+- :func:`knn_noise_exact`: the same distribution as :func:`knn_noise` at a cost independent of k. For x of
+  dimension D with unit direction u, a candidate n ~ N(0, I) splits into a = u.n ~ N(0, 1) and
+  r^2 = |n - a u|^2 ~ chi2(D - 1), independent, with the direction of n - a u uniform on the sphere
+  orthogonal to u. Since |x - n|^2 = |x|^2 - 2 a |x| + a^2 + r^2, the nearest of k candidates depends only on
+  the k pairs (a, r^2): draw them (B * k scalars), pick the minimiser, then draw a single g ~ N(0, I) and return
+  a* u + r* g_perp / |g_perp|. For x = 0 every direction u gives the same law, so u = e_0 is used.
+- :class:`ImmiscibleCollate`: wraps a collate function and adds a ``noise`` tensor aligned with the batch,
+  so a training loop changes one line.
+
+Per-rank assignment: the reference gathers every rank's images on rank 0 and solves one global LA problem.
+Here each rank (each loader worker, in fact) solves its own B x B problem: the global solve costs
+O((W B)^3) serially, blocks every rank on a gather/scatter of full images each step, and ties the noise to
+the global batch composition; per-rank LA keeps the exact-Gaussian multiset guarantee and needs no
+communication. It gives a smaller distance reduction than the global problem would (the pool is B, not W B);
+where more reduction is wanted, raise k in :func:`knn_noise_exact`, which is local and costs the same for
+any k.
+
+All distances are accumulated in fp32 (fp64 for the per-candidate scalars and for the CUDA cost GEMM, which
+would otherwise be subject to TF32), for fp16/bf16 inputs too; the noise is returned in the input's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from native.rng import mix_seed
+
+__all__ = ["ImmiscibleCollate", "METHODS", "assign_linear", "knn_noise", "knn_noise_exact", "plain_noise"]
+
+_DEFAULT_CHUNK = 1 << 22  # candidate values materialised at once by knn_noise (fp32: 16 MiB, ~32 MiB peak)
+
+
+def _check_x(x: Any, name: str = "x") -> torch.Tensor:
+    """Validate a float tensor [B, ...] with B >= 1 and return it flattened to [B, D] (a view when possible)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape [B, ...] (got {type(x).__name__})")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64; got {x.dtype}); "
+            f"convert with {name}.float()"
+        )
+    if x.ndim < 1:
+        raise ValueError(f"{name} must have shape [B, ...] with a batch dimension (got a 0-d tensor)")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one row (got an empty batch, shape {tuple(x.shape)})")
+    if x.numel() == 0:
+        raise ValueError(f"{name} must have at least one value per row (got shape {tuple(x.shape)})")
+    return x.reshape(x.shape[0], -1)
+
+
+def _check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"k must be an int >= 1 (got {type(k).__name__} {k!r})")
+    if k < 1:
+        raise ValueError(f"k must be >= 1 (got {k=})")
+    return int(k)
+
+
+def _check_finite(norms: torch.Tensor, name: str = "x") -> None:
+    # The row norms are computed anyway; a NaN or inf anywhere in a row makes its norm non-finite.
+    bad = torch.nonzero(~torch.isfinite(norms)).flatten()
+    if bad.numel():
+        raise ValueError(f"{name} has non-finite values (NaN or inf) in row(s) {bad[:5].tolist()}")
+
+
+def plain_noise(x: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Independent N(0, I) noise shaped like ``x`` (the baseline every method is compared against).
+
+    Args:
+        x: float tensor [B, ...].
+        generator: torch generator on ``x.device`` (None: the global one).
+
+    Returns:
+        Tensor of ``x``'s shape, dtype and device (drawn in fp32, then cast).
+    """
+    _check_x(x)
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
+
+
+@torch.no_grad()
+def assign_linear(
+    x: torch.Tensor, noise: torch.Tensor | None = None, *, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Permute a batch of Gaussian noise to minimise the summed L2 distance to ``x`` (Immiscible Diffusion LA).
+
+    The cost matrix ``C[i, j] = |x_i - noise_j|`` is computed in fp32 (fp64 GEMM on CUDA, so TF32 settings do
+    not apply) and solved with ``scipy.optimize.linear_sum_assignment`` on the CPU. The result is a
+    permutation of ``noise``'s rows, so as a multiset it is exactly the noise that was drawn. This solves one
+    problem per call (per rank, per worker), not the reference's global problem across ranks (see the
+    module docstring).
+
+    Args:
+        x: float tensor [B, ...] (images or latents), any float dtype, CPU or CUDA.
+        noise: optional tensor of ``x``'s shape to permute; drawn as N(0, I) with ``generator`` if None.
+            It is cast to ``x``'s dtype and device.
+        generator: torch generator on ``x.device`` used when ``noise`` is None.
+
+    Returns:
+        Tensor of ``x``'s shape, dtype and device: ``noise[perm]`` for the optimal permutation ``perm``.
+
+    Raises:
+        TypeError: ``x`` or ``noise`` is not a floating-point tensor.
+        ValueError: empty batch, non-finite values, or ``noise.shape != x.shape``.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    xf = _check_x(x)
+    if noise is None:
+        noise = plain_noise(x, generator=generator)
+    else:
+        if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
+            got = getattr(noise, "dtype", type(noise).__name__)
+            raise TypeError(f"noise must be a floating-point torch.Tensor or None (got {got})")
+        if tuple(noise.shape) != tuple(x.shape):
+            raise ValueError(
+                f"noise must have the shape of x (got noise.shape={tuple(noise.shape)}, x.shape={tuple(x.shape)})"
+            )
+        noise = noise.to(device=x.device, dtype=x.dtype)
+    nf = noise.reshape(noise.shape[0], -1)
+    B = xf.shape[0]
+    if B == 1:
+        return noise.clone()
+    # fp32 costs from the values actually returned; the GEMM in fp64 on CUDA (TF32 would cost ~3 digits).
+    work = torch.float64 if x.device.type == "cuda" else torch.float32
+    xw = xf.to(work)
+    nw = nf.to(work)
+    x2 = torch.linalg.vector_norm(xw, dim=1).square_()
+    _check_finite(x2)
+    _check_finite(torch.linalg.vector_norm(nw, dim=1), "noise")
+    n2 = torch.linalg.vector_norm(nw, dim=1).square_()
+    d2 = torch.addmm(x2[:, None] + n2[None, :], xw, nw.T, beta=1.0, alpha=-2.0)
+    cost = d2.clamp_min_(0.0).sqrt_().to(torch.float32).cpu().numpy()
+    _, cols = linear_sum_assignment(cost)
+    perm = torch.from_numpy(cols.astype(np.int64)).to(x.device)
+    return noise.index_select(0, perm)
+
+
+@torch.no_grad()
+def knn_noise(
+    x: torch.Tensor, k: int, *, generator: torch.Generator | None = None, chunk: int = _DEFAULT_CHUNK
+) -> torch.Tensor:
+    """For each row of ``x``, draw ``k`` N(0, I) candidates and return the nearest one (brute force).
+
+    Candidates are drawn in fp32 in blocks of at most ``chunk`` values (rows x candidates x D), so peak extra
+    memory is about ``8 * chunk`` bytes whatever B, k and D are; distances ``|x_i - n|^2`` are summed in fp32
+    from the exact differences (no matmul, so no TF32 on CUDA). The result for a given generator state depends
+    on ``chunk`` (the draw order does), its law does not.
+
+    Args:
+        x: float tensor [B, ...], any float dtype, CPU or CUDA.
+        k: candidates per row, ``>= 1`` (k = 1 is plain Gaussian noise).
+        generator: torch generator on ``x.device`` (None: the global one).
+        chunk: upper bound on candidate values materialised at once, ``>= 1``.
+
+    Returns:
+        Tensor of ``x``'s shape, dtype and device.
+
+    Raises:
+        TypeError: ``x`` is not a floating-point tensor or ``k`` not an int.
+        ValueError: ``k < 1``, ``chunk < 1``, empty batch or non-finite values.
+    """
+    xf = _check_x(x)
+    k = _check_k(k)
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise ValueError(f"chunk must be an int >= 1 (got {chunk=})")
+    B, D = xf.shape
+    x32 = xf.to(torch.float32)
+    _check_finite(torch.linalg.vector_norm(x32, dim=1))
+    out = torch.empty((B, D), dtype=torch.float32, device=x.device)
+    k_step = max(1, min(k, chunk // D))
+    rows = max(1, chunk // (k_step * D)) if k_step == k else 1
+    for i0 in range(0, B, rows):
+        xb = x32[i0 : i0 + rows, None, :]
+        b = xb.shape[0]
+        best_d = torch.full((b,), math.inf, dtype=torch.float32, device=x.device)
+        best = out[i0 : i0 + b]
+        for j0 in range(0, k, k_step):
+            kc = min(k_step, k - j0)
+            cand = torch.randn((b, kc, D), generator=generator, dtype=torch.float32, device=x.device)
+            d = (cand - xb).square_().sum(dim=2)
+            dmin, jmin = d.min(dim=1)
+            if j0 == 0:
+                best.copy_(cand[torch.arange(b, device=x.device), jmin])
+                best_d = dmin
+            else:
+                better = dmin < best_d
+                best.copy_(torch.where(better[:, None], cand[torch.arange(b, device=x.device), jmin], best))
+                best_d = torch.minimum(dmin, best_d)
+    return out.view(x.shape).to(x.dtype)
+
+
+def _chi2(df: int, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Exact chi-square(df) draws in fp64 (Marsaglia and Tsang's gamma sampler, 2000) from ``generator``.
+
+    torch's own gamma sampler takes no generator; this one does, so results are reproducible. Rejection
+    rounds redraw only the rejected entries (acceptance > 95 % for every shape). For shape < 1, Gamma(a) is
+    drawn as Gamma(a + 1) * U^(1/a).
+    """
+    n = math.prod(shape)
+    if df == 0:
+        return torch.zeros(shape, dtype=torch.float64, device=device)
+    alpha = df / 2.0
+    a = alpha + 1.0 if alpha < 1.0 else alpha
+    d = a - 1.0 / 3.0
+    c = 1.0 / math.sqrt(9.0 * d)
+    out = torch.empty(n, dtype=torch.float64, device=device)
+    todo = torch.arange(n, device=device)
+    while todo.numel():
+        m = todo.numel()
+        z = torch.randn(m, generator=generator, dtype=torch.float64, device=device)
+        u = torch.rand(m, generator=generator, dtype=torch.float64, device=device)
+        v = (1.0 + c * z) ** 3
+        pos = v > 0
+        logv = torch.log(torch.where(pos, v, torch.ones_like(v)))
+        ok = pos & (torch.log(u) < 0.5 * z * z + d - d * v + d * logv)
+        out[todo[ok]] = d * v[ok]
+        todo = todo[~ok]
+    if alpha < 1.0:
+        out *= torch.rand(n, generator=generator, dtype=torch.float64, device=device) ** (1.0 / alpha)
+    return (2.0 * out).view(shape)
+
+
+@torch.no_grad()
+def knn_noise_exact(x: torch.Tensor, k: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Nearest-of-k Gaussian noise with the law of :func:`knn_noise`, at a cost independent of ``k``.
+
+    Draws, per row, k pairs (a ~ N(0, 1), r^2 ~ chi2(D - 1)) in fp64, picks the pair minimising
+    ``(a - |x|)^2 + r^2`` (the squared distance up to the constant), then builds the noise from one
+    fp32 draw g ~ N(0, I): ``a* u + r* g_perp / |g_perp|`` with ``u = x / |x|`` (``e_0`` for rows x = 0,
+    where the law is the same for every u). Cost: one ``randn(B, D)``, four memory passes and O(B k) scalars.
+
+    Args:
+        x: float tensor [B, ...], any float dtype, CPU or CUDA; rows may be zero.
+        k: candidates per row, ``>= 1`` (k = 1 gives exactly N(0, I)).
+        generator: torch generator on ``x.device`` (None: the global one).
+
+    Returns:
+        Tensor of ``x``'s shape, dtype and device.
+
+    Raises:
+        TypeError: ``x`` is not a floating-point tensor or ``k`` not an int.
+        ValueError: ``k < 1``, empty batch or non-finite values.
+    """
+    xf = _check_x(x)
+    k = _check_k(k)
+    B, D = xf.shape
+    dev = x.device
+    x32 = xf.to(torch.float32)
+    s = torch.linalg.vector_norm(x32, dim=1)  # [B] fp32
+    _check_finite(s)
+    s64 = s.to(torch.float64)
+    a = torch.randn((B, k), generator=generator, dtype=torch.float64, device=dev)
+    r2 = _chi2(D - 1, (B, k), generator, dev)
+    j = ((a - s64[:, None]).square() + r2).argmin(dim=1, keepdim=True)
+    a_sel = a.gather(1, j).squeeze(1)
+    r_sel = r2.gather(1, j).squeeze(1).sqrt()
+    g = torch.randn((B, D), generator=generator, dtype=torch.float32, device=dev)
+    zero = s == 0
+    if bool(zero.any()):
+        x32 = x32.clone() if x32 is xf else x32
+        x32[zero] = 0.0
+        x32[zero, 0] = 1.0
+        s = torch.where(zero, torch.ones_like(s), s)
+    # n = a* u + r* (g - (g.u) u) / |g - (g.u) u|, with u = x / s, written as alpha g + beta x in one pass.
+    s64 = s.to(torch.float64)
+    p = (g.unsqueeze(1) @ x32.unsqueeze(2)).view(B).to(torch.float64) / s64  # g.u
+    g2 = torch.linalg.vector_norm(g, dim=1).to(torch.float64).square()
+    gperp = (g2 - p * p).clamp_min(0.0).sqrt()
+    alpha = torch.where(gperp > 0, r_sel / gperp.clamp_min(1e-300), torch.zeros_like(gperp))
+    beta = (a_sel - alpha * p) / s64
+    out = g.mul_(alpha.to(torch.float32)[:, None]).addcmul_(x32, beta.to(torch.float32)[:, None])
+    return out.view(x.shape).to(x.dtype)
+
+
+def _knn_exact_method(x: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
+    return knn_noise_exact(x, k, generator=generator)
+
+
+def _knn_method(x: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
+    return knn_noise(x, k, generator=generator)
+
+
+def _linear_method(x: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
+    return assign_linear(x, generator=generator)
+
+
+def _plain_method(x: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
+    return plain_noise(x, generator=generator)
+
+
+#: method name -> fn(x, k, generator) -> noise; ``k`` is ignored by "linear" and "plain".
+METHODS: dict[str, Callable[[torch.Tensor, int, torch.Generator | None], torch.Tensor]] = {
+    "knn-exact": _knn_exact_method,
+    "knn": _knn_method,
+    "linear": _linear_method,
+    "plain": _plain_method,
+}
+
+
+def _dist_rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return int(torch.distributed.get_rank())
+    return 0
+
+
+class ImmiscibleCollate:
+    """Collate wrapper adding immiscible ``noise`` aligned with ``batch[key]``.
+
+    ``noise[i]`` is the noise for ``batch[key][i]``, same shape and dtype. Each call draws from a fresh
+    generator seeded by ``mix_seed(seed, rank, worker_id, epoch, call_index)``, so the noise is a
+    deterministic function of the seed, differs across ranks and loader workers, and does not repeat across
+    epochs if ``set_epoch`` is called before each epoch (needed only with non-persistent workers, which are
+    re-created from this object every epoch and would otherwise restart their call counter). The rank is
+    read when the object is built (in the training process, where torch.distributed is initialised), not
+    in workers, which may not see the process group.
+
+    Example:
+        >>> collate = ImmiscibleCollate(default_collate, key="pixel_values", method="knn-exact", k=64)
+        >>> loader = DataLoader(ds, batch_size=256, collate_fn=collate)
+        >>> for batch in loader:
+        ...     loss = model.loss(batch["pixel_values"], noise=batch["noise"])
+
+    Args:
+        base_collate: function from a list of samples to a Mapping holding ``key``; None uses
+            ``torch.utils.data.default_collate``.
+        key: the batch entry to draw noise for (float tensor or numpy array [B, ...]).
+        method: one of ``METHODS``: "knn-exact" (default), "knn", "linear" or "plain".
+        k: candidates per row for the KNN methods, ``>= 1`` (the papers use 4 for CIFAR-10 pixels and 64
+            for Stable Diffusion latents).
+        seed: base seed.
+        rank: rank to mix into the seed; None reads torch.distributed (0 when not initialised).
+        noise_key: name of the added entry.
+    """
+
+    def __init__(
+        self,
+        base_collate: Callable[[list[Any]], Mapping[str, Any]] | None = None,
+        key: str = "pixel_values",
+        method: str = "knn-exact",
+        k: int = 4,
+        seed: int = 0,
+        *,
+        rank: int | None = None,
+        noise_key: str = "noise",
+    ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {sorted(METHODS)} (got {method=})")
+        self.k = _check_k(k)
+        if base_collate is None:
+            from torch.utils.data import default_collate
+
+            base_collate = default_collate
+        self.base_collate = base_collate
+        self.key = key
+        self.method = method
+        self.seed = int(seed)
+        self.rank = _dist_rank() if rank is None else int(rank)
+        if self.rank < 0:
+            raise ValueError(f"rank must be >= 0 (got rank={self.rank})")
+        self.noise_key = noise_key
+        self.epoch = 0
+        self._calls = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch``: restarts the call counter under a new seed stream."""
+        self.epoch = int(epoch)
+        self._calls = 0
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        info = torch.utils.data.get_worker_info()
+        worker = -1 if info is None else info.id
+        g = torch.Generator(device=device)
+        g.manual_seed(mix_seed(self.seed, self.rank, worker, self.epoch, self._calls))
+        self._calls += 1
+        return g
+
+    def __call__(self, samples: list[Any]) -> dict[str, Any]:
+        batch = self.base_collate(samples)
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"base_collate must return a Mapping holding {self.key!r} (got {type(batch).__name__})")
+        if self.key not in batch:
+            raise KeyError(f"batch has no entry {self.key!r} (entries: {sorted(batch)}); set key=")
+        if self.noise_key in batch:
+            raise ValueError(f"batch already has an entry {self.noise_key!r}; pick another noise_key")
+        x = batch[self.key]
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(x)
+        out = dict(batch)
+        _check_x(x, f"batch[{self.key!r}]")
+        out[self.noise_key] = METHODS[self.method](x, self.k, self._generator(x.device))
+        return out
