@@ -13,7 +13,7 @@ _LAZY = {
     "datapipe.dataset": ("ArrowDataset", "Batch", "DatasetError", "Ragged"),
     "datapipe.loader": ("DataLoader",),
     "datapipe.tokenize": ("ByteTokenizer", "load_tokenizer"),
-    "datapipe.ingest": ("ingest",),
+    "datapipe.ingestion": ("ingest",),
     "datapipe.decompose": ("DecomposedIndex", "decompose"),
     "datapipe.audio": ("import_lhotse_cuts", "ingest_audio"),
     "datapipe.tas_ingest": ("ingest_tas",),

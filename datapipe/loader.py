@@ -51,8 +51,10 @@ class _IndexSampler:
             self.inner.load_state_dict(state)
             yield from self.inner
             return
-        if hasattr(self.inner, "set_epoch"):
-            self.inner.set_epoch(self.epoch)
+        for target in (self.inner, getattr(self.inner, "sampler", None)):  # a BatchSampler's sampler too
+            if hasattr(target, "set_epoch"):
+                target.set_epoch(self.epoch)
+                break
         it = iter(self.inner)
         for _ in range(skip):
             if next(it, None) is None:
@@ -150,9 +152,19 @@ class DataLoader(tud.DataLoader):
         return self._deliver(base, skip if self._iterable else 0)
 
     def _deliver(self, base, discard: int):
-        for _ in range(discard):
-            if next(base, None) is None:
-                return
+        if discard:
+            # an iterable dataset is fast-forwarded; if the checkpoint was at its epoch's end, go on to the next
+            sentinel = object()
+            for _ in range(discard):
+                if next(base, sentinel) is sentinel:
+                    break
+            first = next(base, sentinel)
+            if first is sentinel:
+                self._epoch, self._delivered = self._epoch + 1, 0
+                base = super().__iter__()
+            else:
+                self._delivered += 1
+                yield first
         for batch in base:
             self._delivered += 1
             yield batch

@@ -7,9 +7,11 @@ assignment step is *balanced* (members are sorted by ``cos(x, c0) - cos(x, c1)``
 ``c0``), and splitting repeats until the clusters reach the target size.
 
 The reference splits one cluster at a time in a Python loop. Here every group of one tree level is split at once:
-the level's groups are gathered into a padded ``(groups, size, dim)`` tensor and the 2-means iterations are
-batched matrix products and one batched sort, on CUDA when torch sees a GPU, else on the CPU (torch's CPU
-kernels; deterministic for a seed on a given machine and thread count).
+on CUDA the level's groups are gathered into a padded ``(groups, size, dim)`` tensor and the 2-means iterations
+are batched matrix products and one batched sort; on the CPU one Numba kernel per level runs the groups in a
+parallel loop (tiny per-group matrix products are what make batched BLAS slow there), bitwise deterministic for
+a seed whatever the thread count. The same tensor path also runs on the CPU (``device="torch-cpu"``), so the
+CUDA code is tested without a GPU.
 
 Unlike the reference (which only makes a power-of-two number of clusters), any number of clusters ``K`` is
 supported: the leaves get target sizes that differ by at most one, and a group holding leaves ``[a, b)`` is split
@@ -19,11 +21,11 @@ by at most one, for any ``n``.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
+from numba import prange
 from numpy.typing import ArrayLike, NDArray
 
+from native._config import njit
 from native.rng import mix_seed
 
 __all__ = ["balanced_kmeans", "leaf_sizes"]
@@ -78,23 +80,92 @@ def leaf_sizes(n: int, num_clusters: int) -> NDArray[np.int64]:
     return out
 
 
-def _resolve_device(device: str):
+def _resolve_device(device: str) -> str:
+    """``"cpu"`` (the Numba kernel), ``"torch-cpu"`` (the batched tensor path on the CPU) or a CUDA device."""
+    if device in ("cpu", "torch-cpu"):
+        return device
     import torch
 
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:i]' (got {device=})") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not isinstance(device, str) or not device.startswith("cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu', 'torch-cpu' or 'cuda[:i]' (got {device=})")
+    if not torch.cuda.is_available():
         raise ValueError(f"device={device!r} was asked for but torch sees no CUDA device; use device='auto'")
-    return dev
+    return device
 
 
-def _split_block(torch, xs, starts, sizes, lefts, pairs, niter: int):
-    """Balanced 2-means of a block of groups. Returns the new within-group order, int64 ``[G, S]`` positions
-    (rows ``< size`` valid: the first ``left`` go to the left child), and the iterations run."""
+@njit(parallel=True)
+def _split_level_numba(xs, perm, starts, sizes, lefts, pairs, niter):
+    """Balanced 2-means split of every group of one level (groups are independent: a parallel loop over groups
+    with no float reduction across threads, so the result does not depend on the thread count)."""
+    out = perm.copy()
+    d = xs.shape[1]
+    for g in prange(starts.shape[0]):
+        s0 = starts[g]
+        m = sizes[g]
+        L = lefts[g]
+        rows = perm[s0 : s0 + m]
+        total = np.zeros(d, dtype=np.float64)
+        for j in range(m):
+            r = rows[j]
+            for k in range(d):
+                total[k] += xs[r, k]
+        w = np.empty(d, dtype=np.float32)
+        a = rows[pairs[g, 0]]
+        b = rows[pairs[g, 1]]
+        for k in range(d):
+            w[k] = xs[a, k] - xs[b, k]
+        neg_score = np.empty(m, dtype=np.float32)
+        in_left = np.zeros(m, dtype=np.bool_)
+        prev = np.zeros(m, dtype=np.bool_)
+        lsum = np.empty(d, dtype=np.float64)
+        order = np.arange(m)
+        for it in range(niter):
+            for j in range(m):
+                r = rows[j]
+                acc = np.float32(0.0)
+                for k in range(d):
+                    acc += xs[r, k] * w[k]
+                neg_score[j] = -acc  # cos(x, c0) - cos(x, c1), negated for an ascending stable sort
+            order = np.argsort(neg_score, kind="mergesort")
+            in_left[:] = False
+            for j in range(L):
+                in_left[order[j]] = True
+            same = it > 0
+            if same:
+                for j in range(m):
+                    if in_left[j] != prev[j]:
+                        same = False
+                        break
+            if same:
+                break
+            prev[:] = in_left
+            lsum[:] = 0.0
+            for j in range(m):
+                if in_left[j]:
+                    r = rows[j]
+                    for k in range(d):
+                        lsum[k] += xs[r, k]
+            n0 = 0.0
+            n1 = 0.0
+            for k in range(d):
+                n0 += lsum[k] * lsum[k]
+                n1 += (total[k] - lsum[k]) * (total[k] - lsum[k])
+            n0 = max(np.sqrt(n0), 1e-12)
+            n1 = max(np.sqrt(n1), 1e-12)
+            for k in range(d):
+                w[k] = np.float32(lsum[k] / n0 - (total[k] - lsum[k]) / n1)
+        for j in range(m):
+            out[s0 + j] = rows[order[j]]
+    return out
+
+
+def _split_block_torch(torch, xs, perm, starts, sizes, lefts, pairs, niter: int):
+    """The same split as :func:`_split_level_numba` for a block of groups, as padded ``(G, S, d)`` tensors.
+
+    Returns the new within-group order, int64 ``[G, S]`` positions (entries ``< size`` are valid; the first
+    ``left`` go to the left child)."""
     dev = xs.device
     G = len(sizes)
     S = int(sizes.max())
@@ -104,17 +175,16 @@ def _split_block(torch, xs, starts, sizes, lefts, pairs, niter: int):
     lefts_t = torch.as_tensor(lefts, device=dev)
     valid = ar[None, :] < sizes_t[:, None]  # (G, S)
     pos = torch.where(valid, starts_t[:, None] + ar[None, :], starts_t[:, None])
-    X = xs[pos]  # (G, S, d): padding rows repeat the group's first row and are masked out
+    X = xs[perm[pos]]  # (G, S, d): padding rows repeat the group's first row and are masked out
+    total = torch.bmm(valid.to(X.dtype)[:, None, :], X)[:, 0, :]  # (G, d)
     pairs_t = torch.as_tensor(pairs, device=dev)
     C = torch.gather(X, 1, pairs_t[:, :, None].expand(G, 2, X.shape[2]))  # (G, 2, d)
+    w = C[:, 0, :] - C[:, 1, :]
     neg_inf = torch.tensor(float("-inf"), device=dev, dtype=X.dtype)
     prev = None
     order = None
-    its = 0
-    for _ in range(max(niter, 1)):
-        its += 1
-        w = C[:, 0, :] - C[:, 1, :]
-        score = torch.bmm(X, w[:, :, None])[:, :, 0]  # cos(x, c0) - cos(x, c1) for unit rows and centroids
+    for _ in range(niter):
+        score = torch.einsum("gsd,gd->gs", X, w)  # cos(x, c0) - cos(x, c1) for unit rows and centroids
         score = torch.where(valid, score, neg_inf)
         order = torch.sort(score, dim=1, descending=True, stable=True).indices
         in_left = torch.zeros((G, S), dtype=torch.bool, device=dev)
@@ -122,11 +192,28 @@ def _split_block(torch, xs, starts, sizes, lefts, pairs, niter: int):
         if prev is not None and bool(torch.equal(in_left, prev)):
             break
         prev = in_left
-        wl = (in_left & valid).to(X.dtype)
-        wr = (~in_left & valid).to(X.dtype)
-        C = torch.bmm(torch.stack([wl, wr], dim=1), X)  # (G, 2, d) sums; normalising makes them means' directions
-        C = C / C.norm(dim=2, keepdim=True).clamp_min(1e-12)
-    return order, its
+        lsum = torch.bmm((in_left & valid).to(X.dtype)[:, None, :], X)[:, 0, :]
+        rsum = total - lsum
+        w = lsum / lsum.norm(dim=1, keepdim=True).clamp_min(1e-12) - rsum / rsum.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return order
+
+
+def _split_level_torch(xs, perm, starts, sizes, lefts, pairs, niter: int):
+    import torch
+
+    n, d = xs.shape
+    dev = xs.device
+    new_local = torch.arange(n, device=dev)
+    per_block = max(1, _BLOCK_ELEMS // max(1, int(sizes.max()) * d))
+    for b0 in range(0, len(sizes), per_block):
+        sl = slice(b0, b0 + per_block)
+        order = _split_block_torch(torch, xs, perm, starts[sl], sizes[sl], lefts[sl], pairs[sl], niter)
+        S = order.shape[1]
+        st = torch.as_tensor(starts[sl], device=dev)
+        keep = torch.arange(S, device=dev)[None, :] < torch.as_tensor(sizes[sl], device=dev)[:, None]
+        dst = (st[:, None] + torch.arange(S, device=dev)[None, :])[keep]
+        new_local[dst] = (st[:, None] + order)[keep]
+    return perm[new_local]
 
 
 def balanced_kmeans(x: ArrayLike, cluster_size: int | None = None, *, num_clusters: int | None = None,
@@ -144,7 +231,9 @@ def balanced_kmeans(x: ArrayLike, cluster_size: int | None = None, *, num_cluste
         seed: integer seed of the initial centroid picks; the same seed gives the same clusters on a given device.
         niter: at most this many balanced 2-means iterations per split (each split stops early once its
             assignment no longer changes).
-        device: ``"auto"`` (CUDA when torch sees a GPU, else CPU), ``"cpu"`` or ``"cuda[:i]"``.
+        device: ``"auto"`` (CUDA when torch sees a GPU, else CPU), ``"cpu"`` (a Numba kernel, parallel over
+            groups, bitwise deterministic for a seed whatever the thread count), ``"torch-cpu"`` (the batched
+            tensor path that CUDA runs, on the CPU) or ``"cuda[:i]"``.
 
     Returns:
         int64 ``[n]`` cluster ids in ``[0, K)``. Ids follow the tree: clusters ``[a, b)`` that share an ancestor
@@ -154,8 +243,6 @@ def balanced_kmeans(x: ArrayLike, cluster_size: int | None = None, *, num_cluste
     Raises:
         ValueError: bad shape, non-finite values, bad ``cluster_size``/``num_clusters``/``niter``/``device``.
     """
-    import torch
-
     arr = np.asarray(x)
     if arr.ndim != 2:
         raise ValueError(f"x must be a 2-D [n, d] matrix (got shape {arr.shape})")
@@ -181,17 +268,28 @@ def balanced_kmeans(x: ArrayLike, cluster_size: int | None = None, *, num_cluste
         return np.zeros(0, dtype=np.int64)
     if d == 0:
         raise ValueError(f"x must have at least one column (got shape {arr.shape})")
-    xs = torch.as_tensor(np.ascontiguousarray(arr, dtype=np.float32)).to(dev)
-    if not bool(torch.isfinite(xs).all()):
-        bad = int(np.flatnonzero(~np.isfinite(arr).all(axis=1))[0])
+    xs = np.ascontiguousarray(arr, dtype=np.float32)
+    finite = np.isfinite(xs).all(axis=1)
+    if not finite.all():
+        bad = int(np.flatnonzero(~finite)[0])
         raise ValueError(f"x has NaN or inf values (first at row {bad}); clean or re-encode those rows")
-    xs = xs / xs.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    xs = xs / np.maximum(np.linalg.norm(xs, axis=1, keepdims=True), 1e-12)
 
     targets = leaf_sizes(n, K)
     P = np.zeros(K + 1, dtype=np.int64)
     np.cumsum(targets, out=P[1:])
-    perm = torch.arange(n, device=dev)  # rows in tree order; xs is kept permuted the same way
-    lo = np.zeros(1, dtype=np.int64)  # leaves [lo, hi) of each group at this level, in tree order
+    if dev == "cpu":
+        perm = np.arange(n, dtype=np.int64)
+        split_level = _split_level_numba
+    else:
+        import torch
+
+        tdev = torch.device("cpu" if dev == "torch-cpu" else dev)
+        xs = torch.as_tensor(xs).to(tdev)
+        perm = torch.arange(n, device=tdev)
+        split_level = _split_level_torch
+    # perm lists the rows in tree order; the group holding leaves [lo, hi) owns perm[P[lo]:P[hi]]
+    lo = np.zeros(1, dtype=np.int64)
     hi = np.full(1, K, dtype=np.int64)
     level = 0
     while (hi - lo).max() > 1:
@@ -200,32 +298,15 @@ def balanced_kmeans(x: ArrayLike, cluster_size: int | None = None, *, num_cluste
         mid = glo + (ghi - glo) // 2
         starts, sizes, lefts = P[glo], P[ghi] - P[glo], P[mid] - P[glo]
         pairs = init_pairs(int(seed), level, glo, sizes)
-        new_local = torch.arange(n, device=dev)
-        per_block = max(1, _BLOCK_ELEMS // max(1, int(sizes.max()) * d))
-        for b0 in range(0, len(split), per_block):
-            sl = slice(b0, b0 + per_block)
-            order, _ = _split_block(torch, xs, starts[sl], sizes[sl], lefts[sl], pairs[sl], int(niter))
-            S = order.shape[1]
-            st = torch.as_tensor(starts[sl], device=dev)
-            sz = torch.as_tensor(sizes[sl], device=dev)
-            keep = torch.arange(S, device=dev)[None, :] < sz[:, None]
-            dst = (st[:, None] + torch.arange(S, device=dev)[None, :])[keep]
-            new_local[dst] = (st[:, None] + order)[keep]
-        perm = perm[new_local]
-        xs = xs[new_local]
-        nlo = np.empty(2 * len(lo), dtype=np.int64)
-        nhi = np.empty(2 * len(lo), dtype=np.int64)
-        m = lo + (hi - lo) // 2
-        m = np.where(hi - lo > 1, m, hi)
-        nlo[0::2], nhi[0::2], nlo[1::2], nhi[1::2] = lo, m, m, hi
+        perm = split_level(xs, perm, starts, sizes, lefts, pairs, int(niter))
+        m = np.where(hi - lo > 1, lo + (hi - lo) // 2, hi)
+        nlo = np.stack([lo, m], axis=1).ravel()
+        nhi = np.stack([m, hi], axis=1).ravel()
         nonempty = nhi > nlo
         lo, hi = nlo[nonempty], nhi[nonempty]
         level += 1
+    if not isinstance(perm, np.ndarray):
+        perm = perm.cpu().numpy()
     ids = np.empty(n, dtype=np.int64)
-    ids[perm.cpu().numpy()] = np.repeat(np.arange(K, dtype=np.int64), targets)
+    ids[perm] = np.repeat(np.arange(K, dtype=np.int64), targets)
     return ids
-
-
-def tree_depth(num_clusters: int) -> int:
-    """Levels of splits needed for ``num_clusters`` leaves: ``ceil(log2(K))``."""
-    return 0 if num_clusters <= 1 else math.ceil(math.log2(num_clusters))

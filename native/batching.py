@@ -146,5 +146,7 @@ def fixed_sizes(n: int, batch_size: int, multiple: int = 1, drop_last: bool = Fa
     steps = -(-n // (batch_size * multiple))
     nb = steps * multiple
     if nb > n:
-        raise ValueError(f"{n} rows cannot fill {nb} non-empty batches (world_size={multiple})")
+        # too few rows for every rank to get a non-empty batch at the last step: keep what fills whole steps
+        nb -= multiple
+        n = min(n, nb * batch_size)
     return _fill_sizes(np.int64(n), np.int64(batch_size), np.int64(nb))

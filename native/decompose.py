@@ -26,7 +26,8 @@ from numpy.typing import NDArray
 from native._config import njit
 from native.rng import rand_below, rand_uniform, splitmix64
 
-__all__ = ["REMAINDER_POLICIES", "assemble_pieces", "curriculum_order", "decompose_lengths", "split_documents"]
+__all__ = ["REMAINDER_POLICIES", "curriculum_order", "decompose_lengths", "empty_output", "fill_block", "finish_output",
+           "plan_layout", "scan_documents"]
 
 REMAINDER_POLICIES = ("pack", "pad", "drop")
 _MAX_LOG2 = 40
@@ -59,97 +60,119 @@ def _floor_log2(x: np.int64) -> np.int64:
     return k
 
 
-@njit
-def _count_pieces(L: np.int64, row: np.int64, min_log2: np.int64, max_log2: np.int64, seed: np.uint64,
-                  state: np.ndarray) -> np.int64:
-    _doc_state(seed, row, state)
-    rem = L
-    n = np.int64(0)
-    lo = np.int64(1) << min_log2
-    big = np.int64(1) << (max_log2 + 1)
-    while rem >= lo:
-        if rem >= big:
-            k = _draw_log2(state, min_log2, max_log2)
-        else:
-            k = _floor_log2(rem)
-        rem -= np.int64(1) << k
-        n += 1
-    return n
+_POLICY_CODE = {"pack": 0, "pad": 1, "drop": 2}
 
 
 @njit(parallel=True)
-def _split_documents(lengths, row_offset, min_log2, max_log2, seed):
+def _scan(lengths, row_offset, min_log2, max_log2, seed):
+    # pass 1: pieces per document and the tail left at its end
     n = lengths.shape[0]
     counts = np.empty(n, dtype=np.int64)
-    for i in numba.prange(n):
-        state = np.empty(1, dtype=np.uint64)
-        counts[i] = _count_pieces(lengths[i], row_offset + i, min_log2, max_log2, seed, state)
-    offsets = np.empty(n + 1, dtype=np.int64)
-    offsets[0] = 0
-    for i in range(n):
-        offsets[i + 1] = offsets[i] + counts[i]
-    total = offsets[n]
-    p_row = np.empty(total, dtype=np.int64)
-    p_start = np.empty(total, dtype=np.int64)
-    p_log2 = np.empty(total, dtype=np.int64)
     tail = np.empty(n, dtype=np.int64)
     lo = np.int64(1) << min_log2
     big = np.int64(1) << (max_log2 + 1)
     for i in numba.prange(n):
-        # the same stream as the counting pass: the same draws, so the same pieces
         state = np.empty(1, dtype=np.uint64)
-        row = row_offset + i
-        _doc_state(seed, row, state)
+        _doc_state(seed, row_offset + i, state)
         rem = lengths[i]
-        pos = np.int64(0)
-        j = offsets[i]
+        c = np.int64(0)
         while rem >= lo:
             if rem >= big:
                 k = _draw_log2(state, min_log2, max_log2)
             else:
                 k = _floor_log2(rem)
-            p_row[j] = row
-            p_start[j] = pos
-            p_log2[j] = k
-            pos += np.int64(1) << k
             rem -= np.int64(1) << k
-            j += 1
+            c += 1
+        counts[i] = c
         tail[i] = rem
-    return p_row, p_start, p_log2, tail
+    return counts, tail
 
 
 @njit
-def _pack_tails(t_row, t_start, t_len, cap):
-    # concatenate the tails in order and cut every ``cap`` tokens; a straddling tail becomes two (or more) pieces
-    n = t_row.shape[0]
-    total = np.int64(0)
+def _layout(counts, tail, policy, cap):
+    # prefix sums: first bucket piece, first remainder piece and concatenated tail position of every document
+    n = counts.shape[0]
+    piece_off = np.empty(n + 1, dtype=np.int64)
+    tail_off = np.empty(n + 1, dtype=np.int64)
+    tail_pos = np.empty(n + 1, dtype=np.int64)
+    piece_off[0] = 0
+    tail_off[0] = 0
+    tail_pos[0] = 0
     for i in range(n):
-        total += t_len[i]
-    m = n + total // cap + 1
-    o_row = np.empty(m, dtype=np.int64)
-    o_start = np.empty(m, dtype=np.int64)
-    o_len = np.empty(m, dtype=np.int64)
-    o_seq = np.empty(m, dtype=np.int64)
-    j = 0
-    seq = np.int64(0)
-    fill = np.int64(0)
-    for i in range(n):
-        left = t_len[i]
-        pos = t_start[i]
-        while left > 0:
-            take = min(left, cap - fill)
-            o_row[j] = t_row[i]
-            o_start[j] = pos
-            o_len[j] = take
-            o_seq[j] = seq
+        piece_off[i + 1] = piece_off[i] + counts[i]
+        t = tail[i]
+        if policy == 2 or t == 0:
+            npieces = 0
+        elif policy == 1:
+            npieces = 1
+        else:
+            a = tail_pos[i]
+            # one piece, plus one more for every multiple of cap strictly inside (a, a + t)
+            npieces = 1 + (a + t - 1) // cap - a // cap
+        tail_off[i + 1] = tail_off[i] + npieces
+        tail_pos[i + 1] = tail_pos[i] + (t if policy != 2 else 0)
+    return piece_off, tail_off, tail_pos
+
+
+@njit(parallel=True)
+def _fill(lengths, row_offset, min_log2, max_log2, seed, policy, cap, piece_off, tail_off, tail_pos,
+          n_full_total, out_row, out_start, out_len, out_seq, out_log2, full_shift, rem_base, rem_shift):
+    # pass 2: replay each document's draws (same stream as _scan) and write its pieces at their final places
+    n = lengths.shape[0]
+    lo = np.int64(1) << min_log2
+    big = np.int64(1) << (max_log2 + 1)
+    for i in numba.prange(n):
+        state = np.empty(1, dtype=np.uint64)
+        row = row_offset + i
+        _doc_state(seed, row, state)
+        rem = lengths[i]
+        pos = np.int64(0)
+        j = piece_off[i]
+        while rem >= lo:
+            if rem >= big:
+                k = _draw_log2(state, min_log2, max_log2)
+            else:
+                k = _floor_log2(rem)
+            o = j - full_shift
+            out_row[o] = row
+            out_start[o] = pos
+            out_len[o] = np.int64(1) << k
+            out_seq[o] = j
+            out_log2[o] = k
+            pos += np.int64(1) << k
+            rem -= np.int64(1) << k
             j += 1
+        if rem == 0 or policy == 2:
+            continue
+        o = rem_base + tail_off[i] - rem_shift
+        if policy == 1:
+            out_row[o] = row
+            out_start[o] = pos
+            out_len[o] = rem
+            out_seq[o] = n_full_total + tail_off[i]
+            continue
+        c = tail_pos[i]
+        while rem > 0:
+            take = min(rem, cap - c % cap)
+            out_row[o] = row
+            out_start[o] = pos
+            out_len[o] = take
+            out_seq[o] = n_full_total + c // cap
+            o += 1
             pos += take
-            left -= take
-            fill += take
-            if fill == cap:
-                seq += 1
-                fill = 0
-    return o_row[:j].copy(), o_start[:j].copy(), o_len[:j].copy(), o_seq[:j].copy()
+            rem -= take
+            c += take
+
+
+@njit
+def _offsets_from_sorted(seq, num):
+    off = np.empty(num + 1, dtype=np.int64)
+    j = 0
+    for s in range(num + 1):
+        while j < seq.shape[0] and seq[j] < s:
+            j += 1
+        off[s] = j
+    return off
 
 
 def _check_log2(min_log2: int, max_log2: int) -> tuple[int, int]:
@@ -180,93 +203,146 @@ def check_doc_lengths(lengths, *, name: str = "lengths", allow_zero: bool = Fals
     return arr
 
 
-def split_documents(lengths, *, min_log2: int = 8, max_log2: int = 13, seed: int = 0,
-                    row_offset: int = 0) -> tuple[NDArray[np.int64], ...]:
-    """Cut every document into power-of-two pieces (the first stage of :func:`decompose_lengths`).
+def scan_documents(lengths, *, min_log2: int = 8, max_log2: int = 13, seed: int = 0,
+                   row_offset: int = 0) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """First pass of the decomposition over a block of documents.
 
     Args:
-        lengths: int ``[N]`` tokens per document (EOS included), each ``>= 0``.
-        min_log2, max_log2: piece sizes are ``2^k`` for ``min_log2 <= k <= max_log2``.
-        seed: seed of the long-document size draws; a document's draws depend only on ``(seed, row)``.
-        row_offset: global row id of ``lengths[0]`` (for blocks of a larger dataset).
+        lengths: int ``[n]`` tokens per document (EOS included), ``>= 0``.
+        min_log2, max_log2: piece sizes ``2^k``, ``min_log2 <= k <= max_log2``.
+        seed: seed of the size draws; a document's draws depend only on ``(seed, row)``.
+        row_offset: global row id of ``lengths[0]``.
 
     Returns:
-        ``(row, start, log2, tail)``: int64 ``[P]`` global row, start offset and ``k`` of every piece, in row
-        order then position order; int64 ``[N]`` tokens left at the end of each document (``< 2^min_log2``).
+        ``(counts, tail)``: int64 ``[n]`` bucket pieces per document, and tokens left at its end
+        (``< 2^min_log2``).
     """
     min_log2, max_log2 = _check_log2(min_log2, max_log2)
     lengths = check_doc_lengths(lengths, allow_zero=True)
-    return _split_documents(lengths, np.int64(row_offset), np.int64(min_log2), np.int64(max_log2),
-                            np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF))
+    return _scan(lengths, np.int64(row_offset), np.int64(min_log2), np.int64(max_log2), _seed64(seed))
 
 
-def assemble_pieces(lengths, p_row, p_start, p_log2, tail, *, min_log2: int, remainder: str = "pack",
-                    row_offset: int = 0) -> dict:
-    """Turn split pieces and tails into training sequences (the second stage of :func:`decompose_lengths`).
+def _seed64(seed: int) -> np.uint64:
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int (got {type(seed).__name__})")
+    return np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF)
 
-    Bucket pieces become one sequence each, in piece order; then come the remainder sequences of the policy.
+
+def plan_layout(counts, tail, *, min_log2: int, remainder: str = "pack") -> dict:
+    """Where every document's pieces go in the output (prefix sums over all documents, in row order).
 
     Returns:
-        dict with int64 piece arrays ``row``, ``start``, ``length``, ``sequence`` ``[P']`` (sorted by
-        sequence), int64 sequence arrays ``sequence_log2``, ``sequence_tokens`` (real tokens) ``[S]`` and
-        ``sequence_offsets`` ``[S+1]`` (pieces of sequence ``s`` are ``sequence_offsets[s]:[s+1]``), and int
-        counts ``tokens``, ``kept_tokens``, ``dropped_tokens``, ``dropped_documents`` (documents with no token
-        kept), ``documents``, ``eos_kept`` (documents whose last token is kept), ``padded_tokens``.
+        dict: int64 ``piece_off``, ``tail_off``, ``tail_pos`` ``[N+1]`` and the ints ``num_full`` (bucket
+        pieces = bucket sequences), ``num_rem_pieces``, ``num_rem_sequences``, ``tail_tokens``.
     """
     if remainder not in REMAINDER_POLICIES:
         raise ValueError(f"remainder must be one of {REMAINDER_POLICIES} (got {remainder=})")
-    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
     cap = 1 << int(min_log2)
-    n_full = len(p_row)
+    counts = np.ascontiguousarray(counts, dtype=np.int64)
     tail = np.ascontiguousarray(tail, dtype=np.int64)
-    has_tail = np.flatnonzero(tail > 0)
-    t_row = has_tail.astype(np.int64) + row_offset
-    t_len = tail[has_tail]
-    t_start = lengths[has_tail] - t_len
-    full_len = np.left_shift(np.int64(1), p_log2)
+    piece_off, tail_off, tail_pos = _layout(counts, tail, np.int64(_POLICY_CODE[remainder]), np.int64(cap))
+    tail_tokens = int(tail_pos[-1])
     if remainder == "pack":
-        r_row, r_start, r_len, r_seq = _pack_tails(t_row, t_start, t_len, np.int64(cap))
-        n_rseq = int(r_seq[-1]) + 1 if len(r_seq) else 0
-        r_tokens = np.bincount(r_seq, weights=r_len, minlength=n_rseq).astype(np.int64)
+        n_rseq = -(-tail_tokens // cap)
     elif remainder == "pad":
-        r_row, r_start, r_len = t_row, t_start.astype(np.int64), t_len
-        r_seq = np.arange(len(t_len), dtype=np.int64)
-        n_rseq = len(t_len)
-        r_tokens = t_len.copy()
+        n_rseq = int(tail_off[-1])
     else:
-        r_row = r_start = r_len = r_seq = np.zeros(0, np.int64)
         n_rseq = 0
-        r_tokens = np.zeros(0, np.int64)
-    row = np.concatenate([p_row, r_row]).astype(np.int64, copy=False)
-    start = np.concatenate([p_start, r_start]).astype(np.int64, copy=False)
-    length = np.concatenate([full_len, r_len]).astype(np.int64, copy=False)
-    sequence = np.concatenate([np.arange(n_full, dtype=np.int64), r_seq + n_full])
-    seq_log2 = np.concatenate([p_log2, np.full(n_rseq, int(min_log2), np.int64)]).astype(np.int64, copy=False)
-    seq_tokens = np.concatenate([full_len, r_tokens])
-    seq_off = np.zeros(n_full + n_rseq + 1, np.int64)
-    np.cumsum(np.bincount(sequence, minlength=n_full + n_rseq), out=seq_off[1:])
-    total = int(lengths.sum())
-    kept = int(length.sum())
-    if remainder == "drop":
-        eos_kept = int(len(lengths) - len(has_tail))
-        no_piece = np.ones(len(lengths), bool)
-        no_piece[p_row - row_offset] = False
-        dropped_docs = int(no_piece.sum())
+    return {"piece_off": piece_off, "tail_off": tail_off, "tail_pos": tail_pos, "num_full": int(piece_off[-1]),
+            "num_rem_pieces": int(tail_off[-1]), "num_rem_sequences": n_rseq, "tail_tokens": tail_tokens,
+            "remainder": remainder, "min_log2": int(min_log2)}
+
+
+def fill_block(lengths, layout: dict, *, lo: int, hi: int, min_log2: int, max_log2: int, seed: int,
+               out: dict | None = None, layout_base: int = 0) -> dict:
+    """Second pass over rows ``lo:hi`` (``lengths`` holds exactly those rows): their pieces, at final places.
+
+    With ``out`` (the global arrays of :func:`decompose_lengths`) pieces are written in place; without it a
+    block-local dict is returned: ``full_*`` arrays for the block's bucket pieces (global positions
+    ``piece_off[lo]:piece_off[hi]``) and ``rem_*`` arrays for its remainder pieces (global positions
+    ``num_full + tail_off[lo]:num_full + tail_off[hi]``), each with ``row``, ``start``, ``length``, ``sequence``
+    and ``full_log2``. ``layout_base`` is the global row of ``layout``'s first entry (for a layout sliced to a
+    block: its arrays then hold rows ``lo:hi`` plus the end of the last).
+    """
+    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+    if len(lengths) != hi - lo:
+        raise ValueError(f"lengths has {len(lengths)} rows but the block is rows [{lo}, {hi})")
+    a, b = lo - layout_base, hi - layout_base
+    po, to, tp = (layout[k][a : b + 1] for k in ("piece_off", "tail_off", "tail_pos"))
+    if len(po) != hi - lo + 1:
+        raise ValueError(f"layout does not cover rows [{lo}, {hi}] (layout_base={layout_base})")
+    nf_total = layout["num_full"]
+    if out is None:
+        nf = int(po[-1] - po[0])
+        nr = int(to[-1] - to[0])
+        buf = {k: np.empty(nf + nr, np.int64) for k in ("row", "start", "length", "sequence")}
+        log2 = np.empty(nf, np.int64)
+        full_shift, rem_base, rem_shift = int(po[0]), nf, int(to[0])
+    else:
+        buf = out
+        log2 = out["sequence_log2"]
+        full_shift, rem_base, rem_shift = 0, nf_total, 0
+    _fill(lengths, np.int64(lo), np.int64(min_log2), np.int64(max_log2), _seed64(seed),
+          np.int64(_POLICY_CODE[layout["remainder"]]), np.int64(1 << int(min_log2)),
+          po, to, tp, np.int64(nf_total),
+          buf["row"], buf["start"], buf["length"], buf["sequence"], log2,
+          np.int64(full_shift), np.int64(rem_base), np.int64(rem_shift))
+    if out is not None:
+        return out
+    res = {f"full_{k}": v[:nf] for k, v in buf.items()}
+    res.update({f"rem_{k}": v[nf:] for k, v in buf.items()})
+    res["full_log2"] = log2
+    return res
+
+
+def empty_output(layout: dict) -> dict:
+    """The global output arrays for a layout, uninitialised (filled by :func:`fill_block`)."""
+    n = layout["num_full"] + layout["num_rem_pieces"]
+    s = layout["num_full"] + layout["num_rem_sequences"]
+    out = {k: np.empty(n, np.int64) for k in ("row", "start", "length", "sequence")}
+    out["sequence_log2"] = np.empty(s, np.int64)
+    return out
+
+
+def finish_output(out: dict, layout: dict, lengths, counts, tail) -> dict:
+    """Complete the global arrays once every block is filled: remainder sequences' ``sequence_log2``,
+    ``sequence_tokens``, ``sequence_offsets`` and the token/document counts (see :func:`decompose_lengths`)."""
+    nf, min_log2, policy = layout["num_full"], layout["min_log2"], layout["remainder"]
+    cap = 1 << min_log2
+    n_rseq = layout["num_rem_sequences"]
+    s = nf + n_rseq
+    seq_log2 = out["sequence_log2"]
+    seq_log2[nf:] = min_log2
+    tokens = np.empty(s, np.int64)
+    tokens[:nf] = out["length"][:nf]
+    if policy == "pack" and n_rseq:
+        tokens[nf:] = cap
+        tokens[-1] = layout["tail_tokens"] - (n_rseq - 1) * cap
+    elif policy == "pad":
+        tokens[nf:] = out["length"][nf:]
+    out["sequence_tokens"] = tokens
+    out["sequence_offsets"] = _offsets_from_sorted(out["sequence"], np.int64(s))
+    total = int(np.asarray(lengths).sum())
+    kept = int(tokens.sum())
+    if policy == "drop":
+        # the EOS (a document's last token) survives only when nothing is left over at its end
+        eos_kept = int(np.count_nonzero(np.asarray(tail) == 0))
+        dropped_docs = int(np.count_nonzero(np.asarray(counts) == 0))
     else:
         eos_kept = int(np.count_nonzero(lengths))
         dropped_docs = 0
-    return {
-        "row": row, "start": start, "length": length, "sequence": sequence,
-        "sequence_log2": seq_log2, "sequence_tokens": seq_tokens, "sequence_offsets": seq_off,
-        "documents": int(len(lengths)), "tokens": total, "kept_tokens": kept, "dropped_tokens": total - kept,
-        "dropped_documents": dropped_docs, "eos_kept": eos_kept,
-        "padded_tokens": int((np.left_shift(np.int64(1), seq_log2) - seq_tokens).sum()),
-    }
+    out.update(documents=int(len(lengths)), tokens=total, kept_tokens=kept, dropped_tokens=total - kept,
+               dropped_documents=dropped_docs, eos_kept=eos_kept,
+               padded_tokens=int(((np.int64(1) << seq_log2) - tokens).sum()))
+    return out
 
 
 def decompose_lengths(lengths, *, min_log2: int = 8, max_log2: int = 13, remainder: str = "pack",
                       seed: int = 0) -> dict:
     """Decompose documents of the given lengths into power-of-two training sequences.
+
+    Bucket pieces come first (one sequence each, in row then position order), then the remainder pieces of
+    the policy (in row order; with ``"pack"`` consecutive tails share a sequence).
 
     Args:
         lengths: int ``[N]`` tokens per document, EOS included, each ``>= 1``.
@@ -276,18 +352,26 @@ def decompose_lengths(lengths, *, min_log2: int = 8, max_log2: int = 13, remaind
         seed: seed of the size draws for documents of ``2^(max_log2+1)`` tokens or more.
 
     Returns:
-        the dict of :func:`assemble_pieces`: piece arrays ``row``, ``start``, ``length``, ``sequence``; sequence
-        arrays ``sequence_log2``, ``sequence_tokens``, ``sequence_offsets``; token and document counts.
+        dict of int64 arrays, per piece ``[P]`` (sorted by sequence): ``row``, ``start``, ``length``,
+        ``sequence``; per sequence ``[S]``: ``sequence_log2``, ``sequence_tokens`` (real tokens; less than
+        ``2^k`` only for padded remainder sequences); ``sequence_offsets`` ``[S+1]`` (pieces of sequence ``s``
+        are ``sequence_offsets[s]:sequence_offsets[s+1]``); and ints ``documents``, ``tokens``,
+        ``kept_tokens``, ``dropped_tokens``, ``dropped_documents`` (no token kept), ``eos_kept`` (documents
+        whose last token is kept), ``padded_tokens``.
 
     Raises:
         ValueError: ``min_log2 > max_log2``, an unknown ``remainder``, a length ``<= 0`` (names the row).
+        TypeError: non-integer lengths or seed.
     """
     min_log2, max_log2 = _check_log2(min_log2, max_log2)
     if remainder not in REMAINDER_POLICIES:
         raise ValueError(f"remainder must be one of {REMAINDER_POLICIES} (got {remainder=})")
     lengths = check_doc_lengths(lengths)
-    p_row, p_start, p_log2, tail = split_documents(lengths, min_log2=min_log2, max_log2=max_log2, seed=seed)
-    return assemble_pieces(lengths, p_row, p_start, p_log2, tail, min_log2=min_log2, remainder=remainder)
+    counts, tail = scan_documents(lengths, min_log2=min_log2, max_log2=max_log2, seed=seed)
+    layout = plan_layout(counts, tail, min_log2=min_log2, remainder=remainder)
+    out = empty_output(layout)
+    fill_block(lengths, layout, lo=0, hi=len(lengths), min_log2=min_log2, max_log2=max_log2, seed=seed, out=out)
+    return finish_output(out, layout, lengths, counts, tail)
 
 
 @njit

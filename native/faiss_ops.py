@@ -80,7 +80,7 @@ def _check_int(value, name: str, lo: int) -> int:
 
 
 def kmeans(x: ArrayLike, k: int, *, niter: int = 20, seed: int = 0, gpu: bool | str = "auto",
-           max_points_per_centroid: int = 256) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+           max_points_per_centroid: int = 256, nredo: int = 1) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
     """Lloyd's k-means with FAISS, then the nearest centroid of every point.
 
     Training subsamples to ``k * max_points_per_centroid`` points (FAISS's default behaviour, seeded by
@@ -94,6 +94,7 @@ def kmeans(x: ArrayLike, k: int, *, niter: int = 20, seed: int = 0, gpu: bool | 
         seed: integer seed of the initialisation and the subsample.
         gpu: ``"auto"`` (GPU when visible), ``True`` (require a GPU) or ``False`` (CPU).
         max_points_per_centroid: training subsample cap per centroid, ``>= 1``.
+        nredo: independent runs (random initialisations); the one with the lowest objective is kept.
 
     Returns:
         ``(centroids, assignment)``: float32 ``[k, d]`` and int64 ``[n]`` with values in ``[0, k)``.
@@ -110,6 +111,7 @@ def kmeans(x: ArrayLike, k: int, *, niter: int = 20, seed: int = 0, gpu: bool | 
         raise ValueError(f"k must be <= the number of points n={n} (got {k=}); use fewer clusters")
     niter = _check_int(niter, "niter", 1)
     max_points_per_centroid = _check_int(max_points_per_centroid, "max_points_per_centroid", 1)
+    nredo = _check_int(nredo, "nredo", 1)
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_)):
         raise TypeError(f"seed must be an int (got {type(seed).__name__})")
     use_gpu = _resolve_gpu(gpu)
@@ -117,6 +119,7 @@ def kmeans(x: ArrayLike, k: int, *, niter: int = 20, seed: int = 0, gpu: bool | 
         d,
         k,
         niter=niter,
+        nredo=nredo,
         seed=int(seed) & 0x7FFFFFFF,  # FAISS stores the seed as a C int
         gpu=use_gpu,
         max_points_per_centroid=max_points_per_centroid,

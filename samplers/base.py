@@ -91,18 +91,18 @@ def even_out(plan: Plan, world_size: int, drop_last: bool) -> Plan:
 
     ``drop_last=False`` splits the largest batches in two (rows and order kept; a split batch only gets
     smaller, so any budget still holds). ``drop_last=True`` drops the trailing ``B % world_size`` batches and
-    counts their rows under ``dropped["uneven_tail"]``.
+    counts their rows under ``dropped["uneven_tail"]``. When an epoch has too few rows to split (fewer rows
+    than the next multiple of ``world_size``), the tail is dropped and counted under
+    ``dropped["uneven_tail_too_few_rows_to_split"]``.
     """
     nb = plan.num_batches
     if nb % world_size == 0:
         return plan
+    if not drop_last and len(plan.indices) < -(-nb // world_size) * world_size:
+        # too few rows to split into the next multiple (tiny epochs): drop the tail instead, and count it
+        return _drop_tail(plan, nb % world_size, "uneven_tail_too_few_rows_to_split")
     if drop_last:
-        keep = nb - nb % world_size
-        dropped = dict(plan.dropped)
-        lost = int(plan.offsets[-1] - plan.offsets[keep])
-        dropped["uneven_tail"] = dropped.get("uneven_tail", 0) + lost
-        groups = None if plan.groups is None else plan.groups[:keep]
-        return Plan(plan.indices[: plan.offsets[keep]], plan.offsets[: keep + 1], groups, dropped, plan.repeated)
+        return _drop_tail(plan, nb % world_size, "uneven_tail")
     sizes = split_to_multiple(plan.sizes, world_size)
     groups = None
     if plan.groups is not None:
@@ -111,6 +111,15 @@ def even_out(plan: Plan, world_size: int, drop_last: bool) -> Plan:
         owner = np.searchsorted(plan.offsets, new_off[:-1], side="right") - 1
         groups = plan.groups[owner]
     return Plan.from_sizes(plan.indices, sizes, groups=groups, dropped=plan.dropped, repeated=plan.repeated)
+
+
+def _drop_tail(plan: Plan, count: int, reason: str) -> Plan:
+    keep = plan.num_batches - count
+    dropped = dict(plan.dropped)
+    lost = int(plan.offsets[-1] - plan.offsets[keep])
+    dropped[reason] = dropped.get(reason, 0) + lost
+    groups = None if plan.groups is None else plan.groups[:keep]
+    return Plan(plan.indices[: plan.offsets[keep]], plan.offsets[: keep + 1], groups, dropped, plan.repeated)
 
 
 def group_steps(plan: Plan, world_size: int, drop_last: bool, step_order: NDArray[np.int64] | None = None,
@@ -268,6 +277,8 @@ class BatchSamplerBase:
         return state
 
     def load_state_dict(self, state: Mapping) -> None:
+        if state.get("sampler", type(self).__name__) != type(self).__name__:
+            raise ValueError(f"state was saved by {state['sampler']}, not {type(self).__name__}")
         expected = {"version", "sampler", "seed", "epoch", "batches_yielded", "world_size", *self._state_keys}
         unknown = set(state) - expected
         missing = expected - set(state)

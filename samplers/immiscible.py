@@ -43,6 +43,7 @@ from native.rng import mix_seed
 
 __all__ = ["ImmiscibleCollate", "METHODS", "assign_linear", "knn_noise", "knn_noise_exact", "plain_noise"]
 
+_PAIR_BLOCK = 1 << 14  # (a, r^2) candidate pairs per block in knn_noise_exact on the CPU
 _DEFAULT_CHUNK = 1 << 22  # candidate values materialised at once by knn_noise (fp32: 16 MiB, ~32 MiB peak)
 
 
@@ -206,34 +207,67 @@ def knn_noise(
 
 
 def _chi2(df: int, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """Exact chi-square(df) draws in fp64 (Marsaglia and Tsang's gamma sampler, 2000) from ``generator``.
+    """Exact chi-square(df) draws, fp64 (Marsaglia and Tsang's gamma sampler, 2000), from ``generator``.
 
-    torch's own gamma sampler takes no generator; this one does, so results are reproducible. Rejection
-    rounds redraw only the rejected entries (acceptance > 95 % for every shape). For shape < 1, Gamma(a) is
-    drawn as Gamma(a + 1) * U^(1/a).
+    torch's own gamma sampler takes no generator; this one does, so results are reproducible. The normal
+    and uniform inputs are fp32 draws (as are brute-force candidates), the acceptance test is fp64 (it
+    cancels badly in fp32 for large df). Only the few rejected entries (< 5 % for any df) are redrawn. For
+    shape < 1, Gamma(a) is drawn as Gamma(a + 1) * U^(1/a).
     """
-    n = math.prod(shape)
     if df == 0:
         return torch.zeros(shape, dtype=torch.float64, device=device)
     alpha = df / 2.0
     a = alpha + 1.0 if alpha < 1.0 else alpha
     d = a - 1.0 / 3.0
     c = 1.0 / math.sqrt(9.0 * d)
-    out = torch.empty(n, dtype=torch.float64, device=device)
-    todo = torch.arange(n, device=device)
-    while todo.numel():
-        m = todo.numel()
-        z = torch.randn(m, generator=generator, dtype=torch.float64, device=device)
-        u = torch.rand(m, generator=generator, dtype=torch.float64, device=device)
-        v = (1.0 + c * z) ** 3
+
+    def propose(m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        z = torch.randn(m, generator=generator, dtype=torch.float32, device=device).double()
+        u = torch.rand(m, generator=generator, dtype=torch.float32, device=device).double()
+        v = (1.0 + c * z).pow_(3)
         pos = v > 0
-        logv = torch.log(torch.where(pos, v, torch.ones_like(v)))
-        ok = pos & (torch.log(u) < 0.5 * z * z + d - d * v + d * logv)
-        out[todo[ok]] = d * v[ok]
+        logv = torch.where(pos, v, 1.0).log_()
+        ok = pos & (u.log_() < 0.5 * z * z + d - d * v + d * logv)
+        return v.mul_(d), ok
+
+    n = math.prod(shape)
+    out, ok = propose(n)
+    todo = torch.nonzero(~ok).flatten()
+    while todo.numel():
+        val, ok = propose(todo.numel())
+        out[todo[ok]] = val[ok]
         todo = todo[~ok]
     if alpha < 1.0:
         out *= torch.rand(n, generator=generator, dtype=torch.float64, device=device) ** (1.0 / alpha)
-    return (2.0 * out).view(shape)
+    return out.mul_(2.0).view(shape)
+
+
+def _select_pairs(
+    s: torch.Tensor, k: int, D: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, draw k pairs (a ~ N(0, 1), r^2 ~ chi2(D - 1)) and keep the one minimising (a - s)^2 + r^2.
+
+    Rows go in blocks of about ``_PAIR_BLOCK`` candidates: small temporaries stay in cache and avoid the
+    page faults that fresh multi-MB allocations cost on every call.
+
+    Args:
+        s: fp64 [B] row norms.
+
+    Returns:
+        (a*, r*): two fp64 [B] tensors, the selected projection and the selected orthogonal radius.
+    """
+    B = s.shape[0]
+    a_sel = torch.empty(B, dtype=torch.float64, device=s.device)
+    r_sel = torch.empty(B, dtype=torch.float64, device=s.device)
+    rows = B if s.device.type == "cuda" else max(1, _PAIR_BLOCK // k)
+    for i0 in range(0, B, rows):
+        b = min(rows, B - i0)
+        a = torch.randn((b, k), generator=generator, dtype=torch.float32, device=s.device).double()
+        r2 = _chi2(D - 1, (b, k), generator, s.device)
+        j = ((a - s[i0 : i0 + b, None]).square_() + r2).argmin(dim=1, keepdim=True)
+        a_sel[i0 : i0 + b] = a.gather(1, j).squeeze(1)
+        r_sel[i0 : i0 + b] = r2.gather(1, j).squeeze(1).sqrt_()
+    return a_sel, r_sel
 
 
 @torch.no_grad()
@@ -264,12 +298,7 @@ def knn_noise_exact(x: torch.Tensor, k: int, *, generator: torch.Generator | Non
     x32 = xf.to(torch.float32)
     s = torch.linalg.vector_norm(x32, dim=1)  # [B] fp32
     _check_finite(s)
-    s64 = s.to(torch.float64)
-    a = torch.randn((B, k), generator=generator, dtype=torch.float64, device=dev)
-    r2 = _chi2(D - 1, (B, k), generator, dev)
-    j = ((a - s64[:, None]).square() + r2).argmin(dim=1, keepdim=True)
-    a_sel = a.gather(1, j).squeeze(1)
-    r_sel = r2.gather(1, j).squeeze(1).sqrt()
+    a_sel, r_sel = _select_pairs(s.to(torch.float64), k, D, generator)
     g = torch.randn((B, D), generator=generator, dtype=torch.float32, device=dev)
     zero = s == 0
     if bool(zero.any()):
@@ -279,7 +308,11 @@ def knn_noise_exact(x: torch.Tensor, k: int, *, generator: torch.Generator | Non
         s = torch.where(zero, torch.ones_like(s), s)
     # n = a* u + r* (g - (g.u) u) / |g - (g.u) u|, with u = x / s, written as alpha g + beta x in one pass.
     s64 = s.to(torch.float64)
-    p = (g.unsqueeze(1) @ x32.unsqueeze(2)).view(B).to(torch.float64) / s64  # g.u
+    if dev.type == "cpu":
+        p = (g.unsqueeze(1) @ x32.unsqueeze(2)).view(B)
+    else:  # elementwise, so a TF32 matmul setting cannot touch it
+        p = torch.linalg.vecdot(g, x32, dim=1)
+    p = p.to(torch.float64) / s64  # g.u
     g2 = torch.linalg.vector_norm(g, dim=1).to(torch.float64).square()
     gperp = (g2 - p * p).clamp_min(0.0).sqrt()
     alpha = torch.where(gperp > 0, r_sel / gperp.clamp_min(1e-300), torch.zeros_like(gperp))

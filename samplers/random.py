@@ -14,7 +14,8 @@ class RandomBatchSampler(BatchSamplerBase):
 
     Without ``drop_last`` every row appears exactly once per epoch across ranks; when the rows do not fill
     ``world_size`` full batches at the last step, the last batches are shortened (each keeps >= 1 row) so every
-    rank yields the same number of batches. With ``drop_last`` every batch is full and the remainder is
+    rank yields the same number of batches (when even that is impossible, e.g. 3 rows in batches of 1 over 2
+    ranks, the rows past the last whole step are dropped and counted). With ``drop_last`` every batch is full and the remainder is
     dropped and counted (``stats()["dropped"]["incomplete_batch"]``).
 
     Args:
@@ -49,5 +50,6 @@ class RandomBatchSampler(BatchSamplerBase):
         order = permutation(n, self.epoch_seed(epoch)) if self.shuffle else np.arange(n, dtype=np.int64)
         sizes = fixed_sizes(n, self.batch_size, self.world_size, self.drop_last)
         kept = int(sizes.sum())
-        dropped = {"incomplete_batch": n - kept} if kept < n else {}
+        reason = "incomplete_batch" if self.drop_last else "uneven_tail_too_few_rows_to_split"
+        dropped = {reason: n - kept} if kept < n else {}
         return Plan.from_sizes(order, sizes, dropped=dropped)

@@ -21,7 +21,7 @@ def main() -> None:
 
     \b
     Example:
-      datapipe ingest /usr/lib/python3.11/**/*.py --text-column text --out corpus
+      datapipe ingest "/usr/lib/python3.11/**/*.py" --out corpus
       datapipe inspect corpus --plot lengths.png
     """
 

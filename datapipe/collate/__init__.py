@@ -10,7 +10,7 @@ Both are Numba kernels writing straight into the output arrays, then ``torch.fro
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ import torch
 from datapipe.dataset import Batch, Ragged
 from native.ragged import pack_ragged, pad_ragged
 
-__all__ = ["default", "pad", "packed", "ragged_column"]
+__all__ = ["PackedCollate", "PadCollate", "default", "pad", "packed", "ragged_column"]
 
 
 def ragged_column(batch, column: str) -> Ragged:
@@ -57,8 +57,54 @@ def _extras(batch, skip: set) -> dict:
     return out
 
 
+class PadCollate:
+    """Right-padding collate function (picklable, so it works with spawn/forkserver workers); see :func:`pad`."""
+
+    def __init__(self, pad_id: int = 0, pad_to_multiple_of: int | None = None, *, column: str = "input_ids",
+                 max_length: int | None = None, label_pad: int = -100, keep_columns: bool = True):
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be >= 1 (got {pad_to_multiple_of=})")
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be >= 1 (got {max_length=})")
+        self.pad_id, self.pad_to_multiple_of, self.column = pad_id, pad_to_multiple_of, column
+        self.max_length, self.label_pad, self.keep_columns = max_length, label_pad, keep_columns
+
+    def __call__(self, batch) -> dict:
+        r = ragged_column(batch, self.column)
+        width = None
+        if self.max_length is not None:
+            width = min(int(r.lengths.max()) if len(r) else 0, self.max_length)
+        ids, mask, labels = pad_ragged(r.values, r.offsets, pad_id=self.pad_id, width=width,
+                                       pad_to_multiple_of=self.pad_to_multiple_of, label_pad=self.label_pad)
+        out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+               "labels": torch.from_numpy(labels)}
+        if self.keep_columns:
+            out.update(_extras(batch, {self.column, *out}))
+        return out
+
+
+class PackedCollate:
+    """Padding-free collate function (picklable); see :func:`packed`."""
+
+    def __init__(self, *, column: str = "input_ids", label_pad: int = -100, keep_columns: bool = True):
+        self.column, self.label_pad, self.keep_columns = column, label_pad, keep_columns
+
+    def __call__(self, batch) -> dict:
+        r = ragged_column(batch, self.column)
+        ids, pos, labels = pack_ragged(r.values, r.offsets, label_pad=self.label_pad)
+        lengths = r.lengths
+        cu = np.zeros(len(lengths) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=cu[1:])
+        out = {"input_ids": torch.from_numpy(ids), "cu_seqlens": torch.from_numpy(cu),
+               "position_ids": torch.from_numpy(pos), "max_seqlen": int(lengths.max()) if len(lengths) else 0,
+               "labels": torch.from_numpy(labels)}
+        if self.keep_columns:
+            out.update(_extras(batch, {self.column, *out}))
+        return out
+
+
 def pad(pad_id: int = 0, pad_to_multiple_of: int | None = None, *, column: str = "input_ids",
-        max_length: int | None = None, label_pad: int = -100, keep_columns: bool = True) -> Callable:
+        max_length: int | None = None, label_pad: int = -100, keep_columns: bool = True) -> PadCollate:
     """A collate function giving right-padded tensors.
 
     Args:
@@ -72,25 +118,11 @@ def pad(pad_id: int = 0, pad_to_multiple_of: int | None = None, *, column: str =
     Returns:
         ``collate(batch) -> dict`` with int64 ``input_ids``, ``attention_mask``, ``labels`` of shape ``[B, L]``.
     """
-
-    def collate(batch) -> dict:
-        r = ragged_column(batch, column)
-        width = None
-        if max_length is not None:
-            width = min(int(r.lengths.max()) if len(r) else 0, max_length)
-        ids, mask, labels = pad_ragged(r.values, r.offsets, pad_id=pad_id, width=width,
-                                       pad_to_multiple_of=pad_to_multiple_of, label_pad=label_pad)
-        out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
-               "labels": torch.from_numpy(labels)}
-        if keep_columns:
-            out.update(_extras(batch, {column, *out}))
-        return out
-
-    collate.__name__ = collate.__qualname__ = "pad_collate"
-    return collate
+    return PadCollate(pad_id, pad_to_multiple_of, column=column, max_length=max_length, label_pad=label_pad,
+                      keep_columns=keep_columns)
 
 
-def packed(*, column: str = "input_ids", label_pad: int = -100, keep_columns: bool = True) -> Callable:
+def packed(*, column: str = "input_ids", label_pad: int = -100, keep_columns: bool = True) -> PackedCollate:
     """A padding-free collate function: the batch's sequences back to back, with ``cu_seqlens``.
 
     Returns:
@@ -98,22 +130,7 @@ def packed(*, column: str = "input_ids", label_pad: int = -100, keep_columns: bo
         ``position_ids`` int64 ``[T]`` (restarting at 0 for each sequence), ``max_seqlen`` (int), ``labels`` int64
         ``[T]`` (-100 at each sequence's first token).
     """
-
-    def collate(batch) -> dict:
-        r = ragged_column(batch, column)
-        ids, pos, labels = pack_ragged(r.values, r.offsets, label_pad=label_pad)
-        lengths = r.lengths
-        cu = np.zeros(len(lengths) + 1, dtype=np.int32)
-        np.cumsum(lengths, out=cu[1:])
-        out = {"input_ids": torch.from_numpy(ids), "cu_seqlens": torch.from_numpy(cu),
-               "position_ids": torch.from_numpy(pos), "max_seqlen": int(lengths.max()) if len(lengths) else 0,
-               "labels": torch.from_numpy(labels)}
-        if keep_columns:
-            out.update(_extras(batch, {column, *out}))
-        return out
-
-    collate.__name__ = collate.__qualname__ = "packed_collate"
-    return collate
+    return PackedCollate(column=column, label_pad=label_pad, keep_columns=keep_columns)
 
 
 def default(batch):

@@ -1,0 +1,328 @@
+"""Build, store and open the dataset-decomposition index of a dataset directory.
+
+Implements the data side of "Dataset Decomposition: Faster LLM Training with Variable Sequence Length
+Curriculum" (Pouransari et al., NeurIPS 2024): every document is cut into pieces of ``2^k`` tokens (bucket
+``D_k``), and the tails are packed, padded or dropped (``native.decompose``). The index is stored beside the
+dataset, zero-copy (no token is rewritten)::
+
+    <dataset_dir>/decomposition/
+        manifest.json     parameters, per-bucket counts, token/EOS counts, checksums; written last
+        pieces.arrow      int64 row, start, length, sequence    (one entry per piece, sorted by sequence)
+        sequences.arrow   int64 log2, tokens, first_piece       (one entry per training sequence)
+        buckets/k08.arrow ...  with --materialize: fixed_size_list<int32>[2^k] token rows, one file per bucket
+
+The directory is built under a temporary name and swapped in whole, so readers never see half an index. The
+manifest records the dataset's index checksum: an index built for another version of the dataset is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import types
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from numpy.typing import NDArray
+
+from datapipe.dataset import ArrowDataset
+from datapipe.format import DatasetError, atomic_write_text, file_checksum, verify_checksum
+from native.decompose import REMAINDER_POLICIES, _check_log2, check_doc_lengths, decompose_lengths
+
+__all__ = ["DECOMPOSITION_DIR", "DecomposedIndex", "bucket_histogram_lines", "decompose", "plot_buckets"]
+
+DECOMPOSITION_DIR = "decomposition"
+FORMAT_NAME = "datapipe.decomposition"
+FORMAT_VERSION = 1
+ENGINES = ("local", "ray")
+_PIECE_COLS = ("row", "start", "length", "sequence")
+
+
+def _write_table(path: Path, columns: dict[str, NDArray]) -> dict:
+    table = pa.table({k: pa.array(np.ascontiguousarray(v)) for k, v in columns.items()})
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table, max_chunksize=max(1, table.num_rows))
+    return {"file": path.name, "rows": table.num_rows, "bytes": path.stat().st_size, "checksum": file_checksum(path)}
+
+
+def _read_table(path: Path) -> pa.Table:
+    try:
+        return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DatasetError(f"{path}: cannot open ({e}); rebuild with `datapipe decompose`") from None
+
+
+def _column(table: pa.Table, name: str, path: Path) -> NDArray[np.int64]:
+    if name not in table.column_names:
+        raise DatasetError(f"{path}: no column {name!r}; rebuild with `datapipe decompose`")
+    col = table.column(name)
+    arr = col.chunk(0).to_numpy() if col.num_chunks == 1 else col.to_numpy()
+    return arr
+
+
+def _dataset_lengths(ds: ArrowDataset) -> NDArray[np.int64]:
+    idx_file = ds.path / (ds.manifest.get("index") or {}).get("file", "index.arrow")
+    lengths = ds.index.get("length")
+    if lengths is None:
+        raise DatasetError(f"{idx_file}: no 'length' column; write the dataset with token ids in 'input_ids' so "
+                           "datapipe derives it")
+    try:
+        return check_doc_lengths(lengths, name="length")
+    except (TypeError, ValueError) as e:
+        raise DatasetError(f"{idx_file}: column 'length': {e}") from None
+
+
+def _fingerprint(ds: ArrowDataset) -> dict:
+    meta = ds.manifest.get("index") or {}
+    return {"num_rows": int(len(ds)), "index_checksum": meta.get("checksum")}
+
+
+def decompose(dataset_dir: str | os.PathLike, *, min_log2: int = 8, max_log2: int = 13, remainder: str = "pack",
+              seed: int = 0, engine: str = "local", materialize: bool = False, ray_address: str | None = None,
+              num_blocks: int | None = None, progress: Callable[[str, float], None] | None = None
+              ) -> DecomposedIndex:
+    """Decompose a dataset into power-of-two buckets and store the index beside it.
+
+    Args:
+        dataset_dir: a dataset directory (``datapipe.write_dataset``) whose index has a ``length`` column
+            (tokens per document, EOS included).
+        min_log2, max_log2: bucket sizes ``2^min_log2 .. 2^max_log2`` tokens.
+        remainder: ``"pack"`` (tails packed padding-free into ``2^min_log2`` sequences), ``"pad"`` or ``"drop"``.
+        seed: seed of the size draws for long documents.
+        engine: ``"local"`` (one process) or ``"ray"`` (the same kernels over Ray Data blocks; byte-identical).
+        materialize: also write per-bucket token files (``buckets/kNN.arrow``) so a sequence is one
+            contiguous ``2^k`` slice.
+        ray_address: Ray cluster address for ``engine="ray"`` (default: a local cluster).
+        num_blocks: Ray blocks (default: one per CPU of the cluster).
+        progress: called as ``progress(stage, fraction)`` while building.
+
+    Returns:
+        the opened :class:`DecomposedIndex`.
+
+    Raises:
+        ValueError: bad parameters (``min_log2 > max_log2``, unknown ``remainder`` or ``engine``).
+        DatasetError: no dataset, no ``length`` column, or a document of length 0 (names the file and row).
+    """
+    min_log2, max_log2 = _check_log2(min_log2, max_log2)
+    if remainder not in REMAINDER_POLICIES:
+        raise ValueError(f"remainder must be one of {REMAINDER_POLICIES} (got {remainder=})")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES} (got {engine=})")
+    report = progress or (lambda stage, frac: None)
+    ds = ArrowDataset.open(dataset_dir)
+    lengths = _dataset_lengths(ds)
+    if len(lengths) == 0:
+        raise DatasetError(f"{ds.path}: the dataset has no rows")
+    report("decompose", 0.0)
+    if engine == "local":
+        arrays = decompose_lengths(lengths, min_log2=min_log2, max_log2=max_log2, remainder=remainder, seed=seed)
+    else:
+        from datapipe.engines_ray import decompose_lengths_ray
+
+        arrays = decompose_lengths_ray(lengths, min_log2=min_log2, max_log2=max_log2, remainder=remainder,
+                                       seed=seed, ray_address=ray_address, num_blocks=num_blocks)
+    report("decompose", 1.0)
+    params = {"min_log2": min_log2, "max_log2": max_log2, "remainder": remainder, "seed": int(seed)}
+    write_index(ds, arrays, params, materialize=materialize, progress=report)
+    return DecomposedIndex.open(ds.path)
+
+
+def write_index(ds: ArrowDataset, arrays: dict, params: dict, *, materialize: bool = False,
+                progress: Callable[[str, float], None] | None = None) -> Path:
+    """Write the decomposition of ``ds`` (the dict of ``native.decompose.decompose_lengths``) atomically."""
+    out = ds.path / DECOMPOSITION_DIR
+    tmp = ds.path / f".{DECOMPOSITION_DIR}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    try:
+        files = {
+            "pieces": _write_table(tmp / "pieces.arrow", {k: arrays[k] for k in _PIECE_COLS}),
+            "sequences": _write_table(tmp / "sequences.arrow", {
+                "log2": arrays["sequence_log2"], "tokens": arrays["sequence_tokens"],
+                "first_piece": arrays["sequence_offsets"][:-1]}),
+        }
+        log2, tokens = arrays["sequence_log2"], arrays["sequence_tokens"]
+        ks = range(params["min_log2"], params["max_log2"] + 1)
+        seq_counts = np.bincount(log2, minlength=params["max_log2"] + 1)
+        tok_counts = np.bincount(log2, weights=tokens, minlength=params["max_log2"] + 1)
+        manifest = {
+            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "params": params,
+            "dataset": _fingerprint(ds),
+            "num_pieces": int(len(arrays["row"])), "num_sequences": int(len(log2)),
+            "buckets": {str(k): {"sequences": int(seq_counts[k]), "tokens": int(tok_counts[k])} for k in ks},
+            "counts": {k: int(arrays[k]) for k in ("documents", "tokens", "kept_tokens", "dropped_tokens",
+                                                    "dropped_documents", "eos_kept", "padded_tokens")},
+            "files": files, "materialized": None,
+        }
+        if materialize:
+            from datapipe.collate.decomposed import materialize_buckets
+
+            manifest["materialized"] = materialize_buckets(ds, arrays, params, tmp / "buckets", progress=progress)
+        atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=1))
+        if out.exists():
+            trash = ds.path / f".{DECOMPOSITION_DIR}.old-{uuid.uuid4().hex[:12]}"
+            os.rename(out, trash)
+            os.rename(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+class DecomposedIndex:
+    """The stored decomposition of a dataset: memory-mapped int64 arrays, one entry per piece or sequence.
+
+    Attributes:
+        row, start, length, sequence: int64 ``[P]`` per piece (sorted by ``sequence``): its document, first
+            token in the document, tokens (``2^k`` for bucket pieces), and the training sequence it belongs to.
+        sequence_log2: int64 ``[S]`` the ``k`` of each sequence (a sequence has ``2^k`` token slots).
+        sequence_tokens: int64 ``[S]`` real tokens of each sequence (``< 2^k`` only for padded remainders).
+        sequence_offsets: int64 ``[S+1]``: pieces of sequence ``s`` are ``sequence_offsets[s]:[s+1]``.
+        min_log2, max_log2, remainder, seed: the build parameters; ``params`` holds them as a dict.
+        bucket_sequences, bucket_tokens: ``{k: count}`` per bucket; ``counts``: documents, tokens, kept/dropped
+            tokens, dropped documents, EOS kept, padded tokens.
+        dataset_path, path: the dataset directory and the decomposition directory.
+    """
+
+    def __init__(self, dataset_dir: str | os.PathLike, *, verify: bool = False) -> None:
+        self.dataset_path = Path(dataset_dir)
+        self.path = self.dataset_path / DECOMPOSITION_DIR
+        mpath = self.path / "manifest.json"
+        if not mpath.exists():
+            raise FileNotFoundError(f"{self.path}: no decomposition here; run `datapipe decompose "
+                                    f"{self.dataset_path}` first")
+        try:
+            m = json.loads(mpath.read_text())
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{mpath}: not valid JSON ({e})") from None
+        if m.get("format") != FORMAT_NAME or m.get("format_version", 0) > FORMAT_VERSION:
+            raise DatasetError(f"{mpath}: not a decomposition this datapipe reads (format {m.get('format')!r}, "
+                               f"version {m.get('format_version')})")
+        self.manifest = m
+        ds_manifest = self.dataset_path / "manifest.json"
+        if ds_manifest.exists():
+            ds = ArrowDataset.open(self.dataset_path)
+            if _fingerprint(ds) != m["dataset"]:
+                raise DatasetError(f"{mpath}: built for another version of the dataset ({m['dataset']} vs "
+                                   f"{_fingerprint(ds)}); rerun `datapipe decompose {self.dataset_path}`")
+        for meta in m["files"].values():
+            p = self.path / meta["file"]
+            if not p.exists() or p.stat().st_size != meta["bytes"]:
+                raise DatasetError(f"{p}: missing or truncated ({meta['bytes']} bytes expected); rerun "
+                                   "`datapipe decompose`")
+            if verify:
+                verify_checksum(p, meta["checksum"])
+        pp = self.path / m["files"]["pieces"]["file"]
+        pieces = _read_table(pp)
+        for k in _PIECE_COLS:
+            setattr(self, k, _column(pieces, k, pp))
+        sp = self.path / m["files"]["sequences"]["file"]
+        seqs = _read_table(sp)
+        self.sequence_log2 = _column(seqs, "log2", sp)
+        self.sequence_tokens = _column(seqs, "tokens", sp)
+        self.sequence_offsets = np.append(_column(seqs, "first_piece", sp), np.int64(len(self.row)))
+        self.params = dict(m["params"])
+        self.min_log2 = int(self.params["min_log2"])
+        self.max_log2 = int(self.params["max_log2"])
+        self.remainder = self.params["remainder"]
+        self.seed = int(self.params["seed"])
+        self.bucket_sequences = {int(k): v["sequences"] for k, v in m["buckets"].items()}
+        self.bucket_tokens = {int(k): v["tokens"] for k, v in m["buckets"].items()}
+        self.counts = dict(m["counts"])
+        self.materialized = m.get("materialized")
+
+    @classmethod
+    def open(cls, dataset_dir: str | os.PathLike, *, verify: bool = False) -> DecomposedIndex:
+        """Open the decomposition stored in ``dataset_dir`` (``verify`` also checks file checksums)."""
+        return cls(dataset_dir, verify=verify)
+
+    @staticmethod
+    def exists(dataset_dir: str | os.PathLike) -> bool:
+        return (Path(dataset_dir) / DECOMPOSITION_DIR / "manifest.json").exists()
+
+    @property
+    def num_sequences(self) -> int:
+        return int(len(self.sequence_log2))
+
+    @property
+    def num_pieces(self) -> int:
+        return int(len(self.row))
+
+    def __len__(self) -> int:
+        return self.num_sequences
+
+    def pieces_of(self, sequence: int) -> slice:
+        """The piece positions of one sequence."""
+        return slice(int(self.sequence_offsets[sequence]), int(self.sequence_offsets[sequence + 1]))
+
+    def histogram_lines(self) -> list[str]:
+        """Human-readable bucket histogram (what ``datapipe inspect`` prints)."""
+        c = self.counts
+        tok = max(c["tokens"], 1)
+        docs = max(c["documents"], 1)
+        lines = [f"decomposition  2^{self.min_log2}..2^{self.max_log2}, remainder={self.remainder}, seed={self.seed}: "
+                 f"{self.num_sequences:,} sequences from {self.num_pieces:,} pieces",
+                 f"  tokens kept {c['kept_tokens']:,} / {c['tokens']:,} ({100 * c['kept_tokens'] / tok:.2f} %), "
+                 f"EOS kept {c['eos_kept']:,} / {c['documents']:,} ({100 * c['eos_kept'] / docs:.2f} %), "
+                 f"padding {c['padded_tokens']:,}"]
+        top = max(self.bucket_tokens.values(), default=0) or 1
+        for k in sorted(self.bucket_tokens):
+            t = self.bucket_tokens[k]
+            bar = "#" * int(round(30 * t / top))
+            lines.append(f"  D_{k:<2d} {1 << k:>6,} tok  {self.bucket_sequences[k]:>12,} seq  {t:>15,} tok "
+                         f"{100 * t / tok:5.1f} %  {bar}")
+        return lines
+
+    def __repr__(self) -> str:
+        return (f"DecomposedIndex({str(self.dataset_path)!r}, sequences={self.num_sequences}, "
+                f"pieces={self.num_pieces}, params={self.params})")
+
+
+def bucket_histogram_lines(dataset_dir: str | os.PathLike) -> list[str]:
+    """The bucket histogram of the decomposition stored in ``dataset_dir``; ``[]`` when there is none."""
+    if not DecomposedIndex.exists(dataset_dir):
+        return []
+    return DecomposedIndex.open(dataset_dir).histogram_lines()
+
+
+def plot_buckets(dataset_dir: str | os.PathLike, ax=None):
+    """Bar chart of tokens per bucket on a matplotlib axis (a new figure when ``ax`` is None); returns the axis.
+
+    Does nothing (returns ``ax``) when the dataset has no decomposition.
+    """
+    if not DecomposedIndex.exists(dataset_dir):
+        return ax
+    idx = DecomposedIndex.open(dataset_dir)
+    if ax is None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        _, ax = plt.subplots(figsize=(6, 3.5))
+    ks = sorted(idx.bucket_tokens)
+    ax.bar([str(1 << k) for k in ks], [idx.bucket_tokens[k] for k in ks], color="tab:blue")
+    ax.set_xlabel("sequence length (tokens), bucket D_k")
+    ax.set_ylabel("tokens")
+    c = idx.counts
+    ax.set_title(f"decomposition ({idx.remainder}): {100 * c['kept_tokens'] / max(c['tokens'], 1):.2f} % tokens "
+                 "kept", fontsize=9)
+    return ax
+
+
+class _CallableModule(types.ModuleType):
+    """``datapipe.decompose`` is both this module and the function: importing the module (``from
+    datapipe.decompose import ...``) binds the package attribute to the module, so the module forwards calls."""
+
+    def __call__(self, *args, **kwargs) -> DecomposedIndex:
+        return decompose(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,255 @@
+"""Variable sequence length curriculum over a decomposed dataset.
+
+Implements the sampler of "Dataset Decomposition: Faster LLM Training with Variable Sequence Length
+Curriculum" (Pouransari et al., NeurIPS 2024). Every training sequence lives in a bucket ``D_k`` of
+``2^k``-token sequences. Each optimisation step takes one bucket and gives every rank a batch of
+``tokens_per_batch / 2^k`` sequences of it, so tokens per step are constant while the sequence length varies.
+Within a cycle, the bucket of each step is drawn with probability ``o_k * remaining_k / sum_j o_j *
+remaining_j`` (``remaining`` counts the bucket's steps not yet taken), so every bucket is used up by the end of
+the cycle; ``cycles=c`` splits each bucket into ``c`` slices, one per cycle. Curricula (odds ``o_k``):
+
+* ``"uniform"``: ``o_k = 1`` (buckets sampled in proportion to their size);
+* ``"grow-linear"``: ``o_k = max - k + 1``;
+* ``"grow-p2"``: ``o_k = 2^(max - k)`` (short sequences first, the paper's best);
+* a dict ``{k: o_k}``: odds per bucket; a bucket with odds 0 (or missing) is left out and counted.
+
+Unlike the reference (same seed on every rank, only a warning on mismatch), the bucket of a step comes from a
+plan shared by all ranks, so they cannot disagree. Sequences that do not fill a whole step of their bucket in a
+cycle are dropped (and counted under ``dropped["incomplete_step"]``) or, with ``incomplete="repeat"``, the
+step is filled with sequences of the same slice (counted under ``repeated``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from numpy.typing import NDArray
+
+from native.decompose import curriculum_order
+from native.rng import mix_seed, permutation
+from samplers.base import BatchSamplerBase, Plan
+
+__all__ = ["CURRICULA", "DecomposedBatchSampler", "curriculum_odds"]
+
+CURRICULA = ("uniform", "grow-linear", "grow-p2")
+_G = 64  # group id = cycle * _G + k
+
+
+def curriculum_odds(curriculum: str | Mapping, buckets: NDArray[np.int64], max_log2: int) -> NDArray[np.float64]:
+    """Odds ``o_k`` of every bucket ``k`` in ``buckets`` for a named curriculum or a dict of odds."""
+    ks = np.asarray(buckets, dtype=np.int64)
+    if isinstance(curriculum, Mapping):
+        bad = [k for k in curriculum if not isinstance(k, (int, np.integer)) or k < 0]
+        if bad:
+            raise ValueError(f"curriculum dict keys must be bucket log2 sizes k (ints >= 0) (got {bad})")
+        odds = np.array([float(curriculum.get(int(k), 0.0)) for k in ks])
+        if not np.isfinite(odds).all() or (odds < 0).any():
+            raise ValueError(f"curriculum odds must be finite and >= 0 (got {dict(curriculum)})")
+        return odds
+    if curriculum == "uniform":
+        return np.ones(len(ks))
+    if curriculum == "grow-linear":
+        return (max_log2 - ks + 1).astype(np.float64)
+    if curriculum == "grow-p2":
+        return np.exp2(max_log2 - ks).astype(np.float64)
+    raise ValueError(f"curriculum must be one of {CURRICULA} or a dict {{k: odds}} (got {curriculum=})")
+
+
+class DecomposedBatchSampler(BatchSamplerBase):
+    """Batches of sequence ids of one bucket per step, constant tokens per step, a length curriculum.
+
+    Args:
+        index: any object with an int64 ``sequence_log2`` array ``[S]`` (the ``k`` of each sequence), such as
+            ``datapipe.DecomposedIndex``; optional attributes ``max_log2`` (else the largest ``k`` present),
+            ``sequence_tokens`` ``[S]`` (real tokens), and piece arrays ``sequence`` and ``length`` (for the
+            attention cost of packed sequences in :meth:`stats`).
+        tokens_per_batch: tokens in each batch a rank yields; a multiple of ``2^max_log2``. A batch of
+            bucket ``k`` holds ``tokens_per_batch >> k`` sequences.
+        curriculum: ``"grow-p2"`` (default), ``"grow-linear"``, ``"uniform"`` or a dict ``{k: odds}``.
+        cycles: number of curriculum cycles per epoch; each uses a disjoint ``1/cycles`` slice of every bucket.
+        incomplete: ``"drop"`` (default) the sequences of a bucket slice that do not fill a whole step, or
+            ``"repeat"`` sequences of the slice to fill it.
+        seed, rank, world_size: as in every sampler.
+
+    Yields:
+        int64 arrays of sequence ids, ``tokens_per_batch >> k`` of them, all of one bucket ``k``; every rank's
+        batch at a step has the same ``k``.
+    """
+
+    _state_keys = ("num_sequences", "tokens_per_batch", "cycles", "curriculum_name", "incomplete")
+
+    def __init__(self, index, *, tokens_per_batch: int, curriculum: str | Mapping = "grow-p2", cycles: int = 1,
+                 incomplete: str = "drop", seed: int = 0, rank: int | None = None,
+                 world_size: int | None = None) -> None:
+        super().__init__(seed=seed, rank=rank, world_size=world_size, drop_last=True)
+        log2 = getattr(index, "sequence_log2", None)
+        if log2 is None:
+            raise TypeError(f"index must have a 'sequence_log2' array (got {type(index).__name__})")
+        log2 = np.asarray(log2)
+        if log2.ndim != 1 or log2.dtype.kind not in "iu":
+            raise TypeError(f"index.sequence_log2 must be a 1-D integer array (got {log2.dtype}, {log2.shape})")
+        if len(log2) == 0:
+            raise ValueError("index has no sequences (every bucket is empty); decompose a non-empty dataset")
+        self.sequence_log2 = log2.astype(np.int64, copy=False)
+        if self.sequence_log2.min() < 0 or self.sequence_log2.max() >= _G:
+            raise ValueError(f"index.sequence_log2 must be in [0, {_G}) (got {self.sequence_log2.min()}.."
+                             f"{self.sequence_log2.max()})")
+        max_log2 = getattr(index, "max_log2", None)
+        self.max_log2 = int(self.sequence_log2.max() if max_log2 is None else max_log2)
+        if self.sequence_log2.max() > self.max_log2:
+            raise ValueError(f"index has sequences of 2^{self.sequence_log2.max()} > 2^max_log2={self.max_log2}")
+        unit = 1 << self.max_log2
+        if not isinstance(tokens_per_batch, (int, np.integer)) or tokens_per_batch < unit or tokens_per_batch % unit:
+            raise ValueError(
+                f"tokens_per_batch must be a positive multiple of 2^max_log2={unit} so every bucket gets whole "
+                f"sequences (got {tokens_per_batch=}); e.g. tokens_per_batch={unit * 8}"
+            )
+        if not isinstance(cycles, (int, np.integer)) or cycles < 1:
+            raise ValueError(f"cycles must be an integer >= 1 (got {cycles=})")
+        if incomplete not in ("drop", "repeat"):
+            raise ValueError(f"incomplete must be 'drop' or 'repeat' (got {incomplete=})")
+        self.tokens_per_batch = int(tokens_per_batch)
+        self.cycles = int(cycles)
+        self.incomplete = incomplete
+        self.num_sequences = len(self.sequence_log2)
+        order = np.argsort(self.sequence_log2, kind="stable")
+        ks, starts = np.unique(self.sequence_log2[order], return_index=True)
+        bounds = np.append(starts, len(order))
+        self._members = {int(k): order[bounds[i] : bounds[i + 1]] for i, k in enumerate(ks)}
+        if isinstance(curriculum, Mapping):
+            empty = [int(k) for k, o in curriculum.items() if o and int(k) not in self._members]
+            if empty:
+                raise ValueError(f"curriculum gives odds to empty bucket(s) k={empty}: the index has no sequence of "
+                                 f"2^k tokens there (non-empty buckets: {sorted(self._members)})")
+            self.curriculum_name = "custom:" + ",".join(f"{int(k)}={float(v):g}" for k, v in sorted(curriculum.items()))
+        else:
+            self.curriculum_name = str(curriculum)
+        self.buckets = np.array(sorted(self._members), dtype=np.int64)
+        self.odds = curriculum_odds(curriculum, self.buckets, self.max_log2)
+        self._tokens = getattr(index, "sequence_tokens", None)
+        self._index = index
+        if self._build_plan(0).num_batches == 0:
+            raise ValueError(
+                f"no bucket fills one step of {self.world_size} batch(es) of {self.tokens_per_batch} tokens "
+                f"(sequences per bucket: { {k: len(v) for k, v in self._members.items()} }); lower tokens_per_batch, "
+                "cycles or world_size, or use incomplete='repeat'"
+            )
+
+    # ---- plan ---------------------------------------------------------------------------------------------
+    def batch_size(self, k: int) -> int:
+        """Sequences per batch in bucket ``k``."""
+        return self.tokens_per_batch >> int(k)
+
+    def _build_plan(self, epoch: int) -> Plan:
+        seed = self.epoch_seed(epoch)
+        W, C = self.world_size, self.cycles
+        shuffled = {}
+        for k, m in self._members.items():
+            shuffled[k] = m[permutation(len(m), mix_seed(seed, k))]
+        parts, sizes, groups = [], [], []
+        dropped = {}
+        repeated = 0
+        for c in range(C):
+            for k, o in zip(self.buckets.tolist(), self.odds.tolist()):
+                seqs = shuffled[k]
+                sl = seqs[c * len(seqs) // C : (c + 1) * len(seqs) // C]
+                if o == 0:
+                    dropped["zero_odds"] = dropped.get("zero_odds", 0) + len(sl)
+                    continue
+                b = self.batch_size(k)
+                per_step = b * W
+                steps = len(sl) // per_step
+                if len(sl) % per_step and self.incomplete == "repeat":
+                    steps += 1
+                    repeated += steps * per_step - len(sl)
+                    sl = np.resize(sl, steps * per_step)
+                else:
+                    lost = len(sl) - steps * per_step
+                    if lost:
+                        dropped["incomplete_step"] = dropped.get("incomplete_step", 0) + lost
+                if steps == 0:
+                    continue
+                parts.append(sl[: steps * per_step])
+                sizes.append(np.full(steps * W, b, np.int64))
+                groups.append(np.full(steps * W, c * _G + k, np.int64))
+        if not parts:
+            return Plan(np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(0, np.int64), dropped)
+        plan = Plan.from_sizes(np.concatenate(parts), np.concatenate(sizes), groups=np.concatenate(groups),
+                               dropped=dropped)
+        if repeated:
+            plan.repeated["incomplete_step"] = repeated
+        return plan
+
+    def _step_order_kw(self, plan: Plan) -> dict:
+        """The curriculum: cycle after cycle, each cycle's steps drawn bucket by bucket with the odds."""
+        W = self.world_size
+        g = plan.groups[::W]  # one entry per step, steps laid out group after group in order of appearance
+        uniq, first, counts = np.unique(g, return_index=True, return_counts=True)
+        o = np.argsort(first)
+        uniq, first, counts = uniq[o], first[o], counts[o]
+        seed = self.epoch_seed(None, 0xC0BB)
+        out = []
+        odds_of = dict(zip(self.buckets.tolist(), self.odds.tolist()))
+        for c in range(self.cycles):
+            sel = np.flatnonzero(uniq // _G == c)
+            if not len(sel):
+                continue
+            ks = uniq[sel] % _G
+            draws = curriculum_order(counts[sel], np.array([odds_of[int(k)] for k in ks]), mix_seed(seed, c))
+            steps = np.empty(len(draws), np.int64)
+            for i, s in enumerate(sel):
+                pos = np.flatnonzero(draws == i)
+                steps[pos] = first[s] + np.arange(len(pos))
+            out.append(steps)
+        return {"step_order": np.concatenate(out) if out else np.zeros(0, np.int64)}
+
+    # ---- statistics ---------------------------------------------------------------------------------------
+    def _sequence_cost(self) -> NDArray[np.float64]:
+        """Attention cost ``sum L^2`` of every sequence, over its document segments when the index has pieces."""
+        if getattr(self, "_cost", None) is None:
+            seq = getattr(self._index, "sequence", None)
+            length = getattr(self._index, "length", None)
+            if seq is not None and length is not None and len(seq) == len(length):
+                L = np.asarray(length, dtype=np.float64)
+                self._cost = np.bincount(np.asarray(seq), weights=L * L, minlength=self.num_sequences)
+            else:
+                self._cost = np.exp2(2.0 * self.sequence_log2)
+        return self._cost
+
+    def stats(self) -> dict:
+        """Plan statistics: per bucket sequences, steps and tokens; steps; tokens per step; attention cost."""
+        out = super().stats()
+        plan = self.global_plan()
+        W = self.world_size
+        ks = plan.groups % _G if plan.num_batches else np.zeros(0, np.int64)
+        real = (np.asarray(self._tokens, dtype=np.int64) if self._tokens is not None
+                else np.left_shift(np.int64(1), self.sequence_log2))
+        step_of_row = np.repeat(np.arange(plan.num_batches) // W, plan.sizes)
+        steps = plan.num_batches // W
+        cost = np.bincount(step_of_row, weights=self._sequence_cost()[plan.indices], minlength=steps)
+        tok = np.bincount(step_of_row, weights=real[plan.indices], minlength=steps)
+        per_bucket = {}
+        row_k = np.repeat(ks, plan.sizes)
+        for k in self.buckets.tolist():
+            sel = ks == k
+            rows = plan.indices[row_k == k]
+            per_bucket[int(k)] = {"sequences": int(len(rows)), "steps": int(sel.sum() // W),
+                                  "tokens": int(real[rows].sum()), "batch_size": self.batch_size(k),
+                                  "available_sequences": int(len(self._members[k]))}
+        total_tokens = float(tok.sum())
+        out.update(
+            curriculum=self.curriculum_name, cycles=self.cycles, tokens_per_batch=self.tokens_per_batch,
+            steps=int(steps), tokens_per_step=self.tokens_per_batch * W,
+            real_tokens_per_step_mean=float(tok.mean()) if steps else 0.0,
+            tokens=int(total_tokens), buckets=per_bucket,
+            tokens_per_bucket={k: v["tokens"] for k, v in per_bucket.items()},
+            attention_cost_per_step=cost,  # float64 [steps]: sum of L^2 over the step's sequences (all ranks)
+            attention_cost_per_step_mean=float(cost.mean()) if steps else 0.0,
+            attention_cost_per_token=float(cost.sum() / total_tokens) if total_tokens else 0.0,
+            # concat-and-chunk at 2^max_log2 costs 2^max_log2 per token (full causal attention per chunk)
+            attention_cost_vs_concat_chunk=float(cost.sum() / total_tokens / (1 << self.max_log2))
+            if total_tokens else 0.0,
+            step_log2=ks[::W].copy() if steps else np.zeros(0, np.int64),
+        )
+        return out

@@ -1,0 +1,478 @@
+"""NGAME batches: mini-batches that are unions of clusters of close points, refreshed from an embedding bank.
+
+Implements "NGAME: Negative Mining-aware Mini-batching for Extreme Classification" (Dahiya et al., WSDM 2023).
+Points that are close in the current encoder's embedding space are put in the same batch, so the other points'
+positive labels are hard in-batch negatives at no extra encoding cost. The clusters come from balanced
+hierarchical 2-means (:func:`native.balanced_kmeans.balanced_kmeans`) over a memory bank that the training loop
+fills with the embeddings it computes anyway (:meth:`NGAMEBatchSampler.update_embeddings`), and are refreshed
+every ``refresh_every`` epochs after ``warmup_epochs`` of random batches. Unlike the reference (one GPU), the
+plan is shared across ranks: rank 0 gathers the bank, clusters, and broadcasts the cluster ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from native.balanced_kmeans import balanced_kmeans
+from native.batching import fixed_sizes
+from native.rng import permutation
+from samplers.base import BatchSamplerBase, Plan, take_batches
+
+__all__ = ["NGAMEBatchSampler", "positive_mask"]
+
+_DYNAMIC_KEYS = ("clustered_epoch", "cluster_size_now", "clusters_digest", "bank_dirty")
+
+
+def _parse_schedule(schedule, cluster_size: int) -> list[tuple[int, int]]:
+    if schedule is None:
+        return [(0, cluster_size)]
+    items = sorted((schedule.items() if isinstance(schedule, Mapping) else schedule), key=lambda kv: kv[0])
+    out = [] if items and items[0][0] == 0 else [(0, cluster_size)]
+    for e, c in items:
+        if not isinstance(e, (int, np.integer)) or e < 0 or not isinstance(c, (int, np.integer)) or c < 1:
+            raise ValueError(f"cluster_size_schedule entries must be (epoch >= 0, cluster_size >= 1) (got {(e, c)!r})")
+        out.append((int(e), int(c)))
+    return out
+
+
+def _digest(ids: NDArray[np.int64] | None) -> str:
+    return "" if ids is None else hashlib.blake2b(np.ascontiguousarray(ids).tobytes(), digest_size=8).hexdigest()
+
+
+# ---- torch.distributed plumbing: rank 0 merges the banks, clusters, and broadcasts the ids ---------------------
+class _Group:
+    def __init__(self, dist, rank: int, world: int, device) -> None:
+        self.dist, self.rank, self.world, self.device = dist, rank, world, device
+
+
+def dist_group(world_size: int) -> _Group | None:
+    """The initialised default process group when its size is ``world_size > 1``, else None."""
+    if world_size <= 1:
+        return None
+    try:
+        import torch
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover
+        return None
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() != world_size:
+        return None
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return _Group(dist, dist.get_rank(), world_size, dev)
+
+
+def any_rank(group: _Group, flag: bool) -> bool:
+    import torch
+
+    t = torch.tensor([int(flag)], dtype=torch.int64, device=group.device)
+    group.dist.all_reduce(t, op=group.dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def sync_bank_to_rank0(group: _Group, bank: NDArray | None, stamp: NDArray[np.int64]) -> NDArray | None:
+    """Merge the ranks' banks on rank 0: each row from the rank that wrote it last (lowest rank on ties).
+
+    Collective. Returns the merged float32 ``[n, d]`` bank on rank 0 when every row has an embedding somewhere,
+    else None (and None on other ranks).
+    """
+    import torch
+
+    dist, dev = group.dist, group.device
+    d = torch.tensor([0 if bank is None else bank.shape[1]], dtype=torch.int64, device=dev)
+    dist.all_reduce(d, op=dist.ReduceOp.MAX)
+    d = int(d.item())
+    if d == 0:
+        return None
+    st = torch.from_numpy(stamp).to(dev)
+    newest = st.clone()
+    dist.all_reduce(newest, op=dist.ReduceOp.MAX)
+    claim = torch.where((st == newest) & (st >= 0), group.rank, group.world)
+    dist.all_reduce(claim, op=dist.ReduceOp.MIN)
+    mine = (claim == group.rank).cpu().numpy()
+    contrib = np.zeros((len(stamp), d), dtype=np.float32)
+    if bank is not None:
+        if bank.shape[1] != d:
+            raise ValueError(f"rank {group.rank} has a bank of dimension {bank.shape[1]} but another rank has {d}")
+        contrib[mine] = bank[mine]
+    t = torch.from_numpy(contrib).to(dev)
+    dist.reduce(t, dst=0, op=dist.ReduceOp.SUM)
+    if group.rank != 0 or bool((newest < 0).any()):
+        return None
+    return t.cpu().numpy()
+
+
+def broadcast_ids(group: _Group, ids: NDArray[np.int64] | None, n: int) -> NDArray[np.int64] | None:
+    """Broadcast rank 0's cluster ids (or its 'no clustering') to every rank. Collective."""
+    import torch
+
+    ok = torch.tensor([int(ids is not None)], dtype=torch.int64, device=group.device)
+    group.dist.broadcast(ok, src=0)
+    if not ok.item():
+        return None
+    buf = torch.from_numpy(ids) if group.rank == 0 else torch.empty(n, dtype=torch.int64)
+    buf = buf.to(group.device)
+    group.dist.broadcast(buf, src=0)
+    return buf.cpu().numpy().astype(np.int64)
+
+
+class NGAMEBatchSampler(BatchSamplerBase):
+    """Batches of ``batch_size // cluster_size`` whole balanced clusters, re-clustered from a memory bank.
+
+    Epochs before the first clustering are random batches of ``batch_size``. A refresh is *due* at epoch ``e``
+    when ``e >= warmup_epochs`` and ``(e - warmup_epochs) % refresh_every == 0``; :meth:`set_epoch` then
+    re-clusters if the bank changed since the last clustering (:meth:`update_embeddings`, or ``embeddings``
+    given here) and every row has an embedding (else the refresh is skipped and counted in ``stats()``). A
+    change of cluster size in ``cluster_size_schedule`` also re-clusters. A clustered epoch shuffles the
+    clusters (seeded by seed and epoch) and takes ``batch_size // cluster_size`` of them per batch, so batches
+    hold at most ``batch_size`` rows (clusters have ``floor(n/K)`` or ``ceil(n/K)`` rows, ``K =
+    ceil(n / cluster_size)``); the last batch may hold fewer clusters.
+
+    Multi-rank: with an initialised torch.distributed group (gloo or nccl) whose size is ``world_size``, every
+    rank must call ``update_embeddings`` with the rows it encoded and call ``set_epoch``/``refresh`` at the
+    same points; rank 0 then gathers the freshest embedding of every row, clusters, and broadcasts the cluster
+    ids, so all ranks slice the same plan. Without a process group every rank clusters its own bank (give each
+    rank the same embeddings).
+
+    Resuming: ``state_dict()`` holds ints and strings (the cursor, the epoch of the current clustering, its
+    cluster size and a digest of the ids). Save the clustering and the bank beside the checkpoint with
+    :meth:`save_clusters` and call :meth:`load_clusters` before :meth:`load_state_dict`; when the bank only
+    holds the ``embeddings`` given at construction, the clustering is recomputed instead.
+
+    Args:
+        num_items: rows in the dataset.
+        batch_size: rows per batch, a multiple of every cluster size used.
+        cluster_size: rows per cluster (default: the largest divisor of ``batch_size`` that is ``<= 16``).
+        cluster_size_schedule: ``{epoch: cluster_size}`` (or ``(epoch, size)`` pairs): the cluster size from
+            that epoch on (NGAME grows it over training, e.g. ``{0: 2, 10: 4, 20: 8}``).
+        refresh_every: re-cluster every this many epochs (NGAME's tau = 5).
+        warmup_epochs: random-batch epochs before the first clustering.
+        embeddings: optional ``[num_items, d]`` initial bank (e.g. from a pre-trained encoder).
+        seed: integer seed, the same on every rank.
+        rank, world_size: default to torch.distributed, else 0 and 1.
+        drop_last: drop the last batch when it holds fewer clusters (or rows) than a full one, and trailing
+            batches that do not fill a step of ``world_size``; counted in ``stats()["dropped"]``.
+        bank_dtype: the bank's dtype (float16 halves its size; float32 for exactness).
+        niter: 2-means iterations per split. device: where to cluster (``"auto"``: CUDA when visible).
+    """
+
+    _state_keys = ("num_items", "batch_size", "refresh_every", "warmup_epochs", "schedule")
+
+    def __init__(self, num_items: int, *, batch_size: int, cluster_size: int | None = None,
+                 cluster_size_schedule: Mapping[int, int] | list[tuple[int, int]] | None = None,
+                 refresh_every: int = 5, warmup_epochs: int = 0, embeddings: ArrayLike | None = None,
+                 seed: int = 0, rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
+                 bank_dtype=np.float16, niter: int = 10, device: str = "auto") -> None:
+        super().__init__(seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
+        for name, v, lo in (("num_items", num_items, 0), ("batch_size", batch_size, 1),
+                            ("refresh_every", refresh_every, 1), ("warmup_epochs", warmup_epochs, 0)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo} (got {name}={v!r})")
+        if not drop_last and self.world_size > num_items:
+            raise ValueError(f"world_size={self.world_size} is larger than num_items={num_items}: some rank would "
+                             "get no rows; use fewer ranks or more data")
+        self.num_items, self.batch_size = int(num_items), int(batch_size)
+        self.refresh_every, self.warmup_epochs = int(refresh_every), int(warmup_epochs)
+        if cluster_size is None:
+            cluster_size = max(c for c in range(1, min(16, self.batch_size) + 1) if self.batch_size % c == 0)
+        if not isinstance(cluster_size, (int, np.integer)) or cluster_size < 1:
+            raise ValueError(f"cluster_size must be an integer >= 1 (got {cluster_size=})")
+        self._schedule = _parse_schedule(cluster_size_schedule, int(cluster_size))
+        for e, c in self._schedule:
+            if self.batch_size % c:
+                raise ValueError(
+                    f"batch_size must be a multiple of cluster_size so that batches are unions of whole clusters "
+                    f"(got batch_size={self.batch_size}, cluster_size={c} from epoch {e}); use batch_size="
+                    f"{max(c, self.batch_size // c * c)} or a cluster size dividing {self.batch_size}")
+        self.schedule = ",".join(f"{e}:{c}" for e, c in self._schedule)
+        self.bank_dtype = np.dtype(bank_dtype)
+        if self.bank_dtype.kind != "f":
+            raise ValueError(f"bank_dtype must be a float dtype (got {bank_dtype=})")
+        self.niter, self.device = int(niter), device
+        self._bank: NDArray | None = None  # [n, d] memory bank
+        self._stamp = np.full(self.num_items, -1, dtype=np.int64)  # when each row was last written; -1: never
+        self._bank_dirty = False  # written since the last clustering
+        self._bank_updates = 0  # update_embeddings calls since construction (0: bank == constructor embeddings)
+        self._ids: NDArray[np.int64] | None = None
+        self._clustered_epoch = -1
+        self._cluster_size_now = 0
+        self._counts = {"refreshes": 0, "refreshes_skipped_incomplete_bank": 0}
+        if embeddings is not None:
+            emb = self._check_embeddings(embeddings, self.num_items, "embeddings")
+            if emb.shape[0] != self.num_items:
+                raise ValueError(f"embeddings must have shape [num_items={self.num_items}, d] (got {emb.shape})")
+            self._bank = emb.astype(self.bank_dtype)
+            self._stamp[:] = 0
+            self._bank_dirty = True
+        self._maybe_refresh(0)
+
+    # ---- configuration helpers ----------------------------------------------------------------------------
+    def cluster_size_at(self, epoch: int) -> int:
+        """The cluster size the schedule gives for ``epoch``."""
+        return [c for e, c in self._schedule if e <= epoch][-1]
+
+    def refresh_due(self, epoch: int) -> bool:
+        """Whether ``epoch`` is a refresh epoch (``>= warmup_epochs`` and on the ``refresh_every`` grid)."""
+        return epoch >= self.warmup_epochs and (epoch - self.warmup_epochs) % self.refresh_every == 0
+
+    @staticmethod
+    def _check_embeddings(embeddings, rows: int, name: str) -> NDArray:
+        if hasattr(embeddings, "detach"):  # a torch tensor
+            embeddings = embeddings.detach().float().cpu().numpy()
+        emb = np.asarray(embeddings)
+        if emb.ndim != 2 or emb.shape[0] != rows or emb.shape[1] < 1:
+            raise ValueError(f"{name} must be a [{rows}, d] matrix with d >= 1 (got shape {emb.shape})")
+        if not np.issubdtype(emb.dtype, np.number):
+            raise TypeError(f"{name} must be numeric (got dtype {emb.dtype})")
+        finite = np.isfinite(emb).all(axis=1)
+        if not finite.all():
+            raise ValueError(f"{name} has NaN or inf values (first at row {int(np.flatnonzero(~finite)[0])} of "
+                             f"{name}); fix the encoder output before updating the bank")
+        return emb
+
+    # ---- memory bank --------------------------------------------------------------------------------------
+    def update_embeddings(self, indices: ArrayLike, embeddings: ArrayLike) -> None:
+        """Write the embeddings of rows ``indices`` into the memory bank (e.g. from the training forward pass).
+
+        Args:
+            indices: int ``[k]`` row indices in ``[0, num_items)`` (a batch this sampler yielded).
+            embeddings: ``[k, d]`` finite floats (numpy or torch); ``d`` is fixed by the first call.
+
+        Raises:
+            ValueError: indices out of range, shape mismatch, NaN/inf values.
+        """
+        if hasattr(indices, "detach"):
+            indices = indices.detach().cpu().numpy()
+        idx = np.asarray(indices)
+        if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+            raise ValueError(f"indices must be a 1-D integer array (got shape {idx.shape}, dtype {idx.dtype})")
+        idx = idx.astype(np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_items):
+            raise ValueError(f"indices must be in [0, num_items={self.num_items}) (got min {idx.min()}, "
+                             f"max {idx.max()})")
+        emb = self._check_embeddings(embeddings, len(idx), "embeddings")
+        if self._bank is None:
+            self._bank = np.zeros((self.num_items, emb.shape[1]), dtype=self.bank_dtype)
+        elif emb.shape[1] != self._bank.shape[1]:
+            raise ValueError(f"embeddings have dimension {emb.shape[1]} but the bank holds dimension "
+                             f"{self._bank.shape[1]}; use the same encoder output size throughout")
+        self._bank[idx] = emb.astype(self.bank_dtype)
+        # later writes win when ranks' banks are merged: (epoch, position in the epoch) orders them
+        self._stamp[idx] = (self.epoch << 32) + self._yielded + 1
+        self._bank_dirty = True
+        self._bank_updates += 1
+
+    # ---- clustering ---------------------------------------------------------------------------------------
+    def _cluster(self, epoch: int) -> NDArray[np.int64] | None:
+        """Cluster the bank for ``epoch`` (rank 0 when distributed, ids broadcast). None if the bank is incomplete."""
+        cs = self.cluster_size_at(epoch)
+        seed = self.epoch_seed(epoch, 0xC105)
+        group = dist_group(self.world_size)
+        if group is None:
+            if self._bank is None or (self._stamp < 0).any():
+                return None
+            return balanced_kmeans(self._bank, cs, seed=seed, niter=self.niter, device=self.device)
+        bank = sync_bank_to_rank0(group, self._bank, self._stamp)
+        ids = None
+        if group.rank == 0 and bank is not None:
+            ids = balanced_kmeans(bank, cs, seed=seed, niter=self.niter, device=self.device)
+        return broadcast_ids(group, ids, self.num_items)
+
+    def _set_clustering(self, ids: NDArray[np.int64] | None, epoch: int, cluster_size: int) -> None:
+        self._ids = ids
+        self._clustered_epoch = epoch if ids is not None else -1
+        self._cluster_size_now = cluster_size if ids is not None else 0
+        self._cache = None
+
+    def refresh(self) -> None:
+        """Re-cluster now from the memory bank; the current epoch's plan uses the new clusters.
+
+        Raises:
+            ValueError: batches of this epoch were already yielded, or some rows have no embedding yet.
+        """
+        if self._yielded:
+            raise ValueError(f"refresh() called after {self._yielded} batches of epoch {self.epoch} were yielded; "
+                             "call it between epochs (before iterating), or let set_epoch() refresh when due")
+        ids = self._cluster(self.epoch)
+        if ids is None:
+            missing = int((self._stamp < 0).sum()) if self._bank is not None else self.num_items
+            raise ValueError(f"refresh() needs an embedding for every row: {missing} of {self.num_items} rows have "
+                             "none (on rank 0 after merging ranks); call update_embeddings() for them first")
+        self._apply(ids, self.epoch)
+
+    def _apply(self, ids: NDArray[np.int64], epoch: int) -> None:
+        self._set_clustering(ids, epoch, self.cluster_size_at(epoch))
+        self._bank_dirty = False
+        self._counts["refreshes"] += 1
+
+    def _maybe_refresh(self, epoch: int) -> None:
+        if epoch == self._clustered_epoch:
+            return
+        size_change = self._ids is not None and self.cluster_size_at(epoch) != self._cluster_size_now
+        if not (size_change or self.refresh_due(epoch)):
+            return
+        if not size_change:
+            group = dist_group(self.world_size)
+            dirty = any_rank(group, self._bank_dirty) if group is not None else self._bank_dirty
+            if not dirty:
+                return
+        ids = self._cluster(epoch)
+        if ids is None:
+            self._counts["refreshes_skipped_incomplete_bank"] += 1
+            return
+        self._apply(ids, epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch; re-clusters first when a refresh is due and the bank changed (see the class doc)."""
+        super().set_epoch(epoch)
+        self._maybe_refresh(self.epoch)
+
+    # ---- plan ---------------------------------------------------------------------------------------------
+    def _build_plan(self, epoch: int) -> Plan:
+        n, B = self.num_items, self.batch_size
+        if self._ids is None:
+            order = permutation(n, self.epoch_seed(epoch))
+            sizes = fixed_sizes(n, B, self.world_size, self.drop_last)
+            kept = int(sizes.sum())
+            return Plan.from_sizes(order, sizes, dropped={"incomplete_batch": n - kept} if kept < n else {})
+        ids = self._ids
+        csizes = np.bincount(ids, minlength=int(ids.max()) + 1 if n else 0).astype(np.int64)
+        K = len(csizes)
+        clusters = Plan.from_sizes(np.argsort(ids, kind="stable"), csizes)
+        shuffled = take_batches(clusters, permutation(K, self.epoch_seed(epoch, 0xC1)))
+        per = B // self._cluster_size_now
+        if self.drop_last and K % per:
+            K -= K % per
+        batch_sizes = np.add.reduceat(shuffled.sizes[:K], np.arange(0, K, per)) if K else np.zeros(0, np.int64)
+        kept = int(batch_sizes.sum())
+        return Plan.from_sizes(shuffled.indices, batch_sizes.astype(np.int64),
+                               dropped={"incomplete_batch": n - kept} if kept < n else {})
+
+    # ---- state --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.update(clustered_epoch=self._clustered_epoch, cluster_size_now=self._cluster_size_now,
+                     clusters_digest=_digest(self._ids), bank_dirty=int(self._bank_dirty))
+        return state
+
+    def load_state_dict(self, state: Mapping) -> None:
+        missing = [k for k in _DYNAMIC_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"NGAMEBatchSampler.load_state_dict: missing keys {missing}; pass the dict returned "
+                             "by state_dict()")
+        ce, cs, dig = int(state["clustered_epoch"]), int(state["cluster_size_now"]), str(state["clusters_digest"])
+        if ce < 0:
+            self._set_clustering(None, -1, 0)
+        elif _digest(self._ids) != dig:
+            if self._bank is None or self._bank_updates or (self._stamp < 0).any() or self.cluster_size_at(ce) != cs:
+                raise ValueError(
+                    f"the state was saved with the clustering of epoch {ce} (digest {dig}) which this sampler does "
+                    "not hold; call load_clusters(path) with the file save_clusters() wrote at checkpoint time")
+            ids = self._cluster(ce)  # the bank still holds the constructor's embeddings: recompute
+            if _digest(ids) != dig:
+                raise ValueError(f"recomputing the clustering of epoch {ce} gave digest {_digest(ids)}, not {dig}; "
+                                 "construct the sampler with the same embeddings or call load_clusters(path)")
+            self._set_clustering(ids, ce, cs)
+        self._bank_dirty = bool(state["bank_dirty"])
+        super().load_state_dict({k: v for k, v in state.items() if k not in _DYNAMIC_KEYS})
+
+    def save_clusters(self, path: str | os.PathLike, *, include_bank: bool = True) -> None:
+        """Write the clustering (and by default the memory bank) to ``path`` (an ``.npz``, written atomically)."""
+        arrays = {"num_items": np.int64(self.num_items), "clustered_epoch": np.int64(self._clustered_epoch),
+                  "cluster_size_now": np.int64(self._cluster_size_now), "bank_dirty": np.int64(self._bank_dirty),
+                  "ids": self._ids if self._ids is not None else np.zeros(0, np.int64)}
+        if include_bank and self._bank is not None:
+            arrays.update(bank=self._bank, stamp=self._stamp)
+        tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+
+    def load_clusters(self, path: str | os.PathLike) -> None:
+        """Restore what :meth:`save_clusters` wrote (call before :meth:`load_state_dict`)."""
+        with np.load(path, allow_pickle=False) as z:
+            if int(z["num_items"]) != self.num_items:
+                raise ValueError(f"{os.fspath(path)} holds clusters of {int(z['num_items'])} rows, not "
+                                 f"num_items={self.num_items}")
+            ids = np.array(z["ids"], dtype=np.int64)
+            if "bank" in z:
+                self._bank = np.array(z["bank"])
+                self._stamp = np.array(z["stamp"], dtype=np.int64)
+                self._bank_updates = 1  # the bank no longer is the constructor's
+            self._bank_dirty = bool(int(z["bank_dirty"]))
+            ce = int(z["clustered_epoch"])
+            self._set_clustering(ids if ce >= 0 else None, ce, int(z["cluster_size_now"]))
+
+    # ---- statistics ---------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        out = super().stats()
+        csizes = np.bincount(self._ids) if self._ids is not None and len(self._ids) else np.zeros(0, np.int64)
+        out.update({
+            "clustered": self._ids is not None,
+            "clustered_epoch": self._clustered_epoch,
+            "cluster_size": self._cluster_size_now,
+            "num_clusters": int(len(csizes)),
+            "min_cluster_size": int(csizes.min()) if len(csizes) else 0,
+            "max_cluster_size": int(csizes.max()) if len(csizes) else 0,
+            "bank_bytes": int(self._bank.nbytes) if self._bank is not None else 0,
+            "bank_dim": int(self._bank.shape[1]) if self._bank is not None else 0,
+            "bank_rows_filled": int((self._stamp >= 0).sum()),
+            "bank_dirty": self._bank_dirty,
+            **self._counts,
+        })
+        return out
+
+
+def positive_mask(batch_rows: ArrayLike, label_indptr: ArrayLike, label_indices: ArrayLike, *,
+                  batch_labels: ArrayLike | None = None):
+    """The in-batch positive mask from the full (CSR) label matrix, for NGAME's in-batch loss.
+
+    Args:
+        batch_rows: int ``[B]`` row indices of the batch.
+        label_indptr: int ``[n + 1]`` CSR row pointer of the row -> label matrix.
+        label_indices: int ``[nnz]`` label ids of every row, row after row.
+        batch_labels: optional int ``[B]``: the label sampled for each row (the batch's label candidates).
+
+    Returns:
+        torch.bool ``[B, B]``: ``mask[i, j]`` is True when rows ``i`` and ``j`` share a positive label (so
+        ``mask[i, i]`` is True for every row with a label), or, with ``batch_labels``, when
+        ``batch_labels[j]`` is a positive label of row ``i``.
+
+    Raises:
+        ValueError: malformed CSR arrays, rows out of range, ``batch_labels`` of the wrong length.
+    """
+    import torch
+
+    rows = np.asarray(batch_rows)
+    if rows.ndim != 1 or (rows.size and not np.issubdtype(rows.dtype, np.integer)):
+        raise ValueError(f"batch_rows must be a 1-D integer array (got shape {rows.shape}, dtype {rows.dtype})")
+    indptr = np.asarray(label_indptr, dtype=np.int64)
+    indices = np.asarray(label_indices)
+    if indptr.ndim != 1 or len(indptr) < 1 or indptr[0] != 0 or (np.diff(indptr) < 0).any() \
+            or indptr[-1] > len(indices):
+        raise ValueError("label_indptr must be a 1-D non-decreasing CSR pointer starting at 0 and ending at most at "
+                         f"len(label_indices)={len(indices)}")
+    n = len(indptr) - 1
+    rows = rows.astype(np.int64)
+    if rows.size and (rows.min() < 0 or rows.max() >= n):
+        raise ValueError(f"batch_rows must be in [0, {n}) (got min {rows.min()}, max {rows.max()})")
+    B = len(rows)
+    starts, lens = indptr[rows], indptr[rows + 1] - indptr[rows]
+    owner = np.repeat(np.arange(B), lens)
+    pos = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens) + np.repeat(starts, lens)
+    labels = np.asarray(indices[pos], dtype=np.int64)
+    if batch_labels is not None:
+        bl = np.asarray(batch_labels, dtype=np.int64)
+        if bl.shape != (B,):
+            raise ValueError(f"batch_labels must have shape [{B}] like batch_rows (got {bl.shape})")
+        uniq, inv = np.unique(np.concatenate([labels, bl]), return_inverse=True)
+    else:
+        uniq, inv = np.unique(labels, return_inverse=True)
+    A = torch.zeros((B, len(uniq)), dtype=torch.float32)
+    A[torch.from_numpy(owner), torch.from_numpy(inv[: len(labels)])] = 1.0
+    if batch_labels is not None:
+        return A[:, torch.from_numpy(inv[len(labels):])] > 0
+    return (A @ A.T) > 0

@@ -1,0 +1,338 @@
+"""TAS-Balanced: topic-aware batches of queries with balanced margin sampling of (positive, negative) pairs.
+
+"Efficiently Teaching an Effective Dense Retriever with Balanced Topic Aware Sampling" (Hofstätter, Lin, Yang,
+Lin and Hanbury, SIGIR 2021). Queries are clustered once (``native.kmeans`` on baseline-encoder embeddings);
+each batch is drawn from ``clusters_per_batch`` clusters, and each query's training pair is drawn uniformly
+over the *non-empty* bins of its teacher margins, then uniformly inside the bin.
+
+Unlike the reference loader (an infinite stream seeded by global RNGs, where queries repeat), an epoch here is
+finite and covers every query exactly once across ranks:
+
+1. the queries of every cluster are shuffled and cut into chunks of ``m = ceil(batch_size / clusters_per_batch)``;
+2. the full chunks are shuffled and grouped ``clusters_per_batch`` at a time: one *pure* batch per group (at
+   most ``clusters_per_batch`` clusters; when ``batch_size`` is not a multiple of it, the last ``< clusters_per_batch``
+   rows of the group go to the pool);
+3. **top-up**: each cluster's remainder (``size % m`` queries), the full chunks left over when their count is
+   not a multiple of ``clusters_per_batch``, and those overflow rows form a *pool* of pieces; the pieces are
+   shuffled (each stays contiguous, so it keeps its cluster) and cut into batches of ``batch_size``. These
+   top-up batches may mix more than ``clusters_per_batch`` clusters, as the reference does when a cluster runs
+   short; ``stats()`` counts them (``topup_batches``, ``batches_over_cluster_limit``);
+4. the batch order is shuffled; the base class evens the batch count out across ranks.
+
+Queries with no pairs (when ``pairs`` is given) are left out and counted under ``dropped["no_pairs"]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from native.rng import permutation, shuffle_segments
+from native.tas import bin_table, draw_pairs, margin_bins
+from samplers.base import BatchSamplerBase, Plan, take_batches
+
+__all__ = ["PairTable", "TopicAwareBatchSampler"]
+
+_STRATEGIES = ("balanced", "random")
+
+
+def _int_array(x: ArrayLike, name: str) -> NDArray[np.int64]:
+    arr = np.asarray(x)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (got shape {arr.shape})")
+    if arr.dtype.kind not in "iu" and not (arr.size == 0 and arr.dtype.kind == "f"):
+        raise TypeError(f"{name} must be an integer array (got dtype {arr.dtype})")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairTable:
+    """Per-query (positive, negative) training pairs with teacher margins, in CSR form.
+
+    The pairs of query ``q`` are rows ``offsets[q]:offsets[q+1]`` of ``pos_id``, ``neg_id`` and ``margin``.
+
+    Attributes:
+        offsets: int64 ``[Q+1]``, from 0 to ``P``, non-decreasing.
+        pos_id: int64 ``[P]`` positive passage ids.
+        neg_id: int64 ``[P]`` negative passage ids.
+        margin: float64 ``[P]`` teacher margins ``s_pos - s_neg`` (finite).
+    """
+
+    offsets: NDArray[np.int64]
+    pos_id: NDArray[np.int64]
+    neg_id: NDArray[np.int64]
+    margin: NDArray[np.float64]
+
+    def __post_init__(self) -> None:
+        off = _int_array(self.offsets, "offsets")
+        pos = _int_array(self.pos_id, "pos_id")
+        neg = _int_array(self.neg_id, "neg_id")
+        mar = np.asarray(self.margin)
+        if mar.ndim != 1:
+            raise ValueError(f"margin must be 1-D (got shape {mar.shape})")
+        if mar.dtype.kind not in "fiu":
+            raise TypeError(f"margin must be numeric (got dtype {mar.dtype})")
+        mar = np.ascontiguousarray(mar, dtype=np.float64)
+        if len(off) < 1 or off[0] != 0:
+            raise ValueError("offsets must be non-empty and start at 0 (offsets[q]:offsets[q+1] are query q's pairs)")
+        if np.any(np.diff(off) < 0):
+            q = int(np.flatnonzero(np.diff(off) < 0)[0])
+            raise ValueError(f"offsets must be non-decreasing (offsets[{q}]={off[q]} > offsets[{q + 1}]={off[q + 1]})")
+        n = int(off[-1])
+        for name, arr in (("pos_id", pos), ("neg_id", neg), ("margin", mar)):
+            if len(arr) != n:
+                raise ValueError(f"{name} has {len(arr)} rows but offsets[-1]={n}; they must match")
+        bad = np.flatnonzero(~np.isfinite(mar))
+        if len(bad):
+            raise ValueError(f"margin has NaN/inf at pair row {int(bad[0])} ({len(bad)} rows in all)")
+        for name, arr in (("offsets", off), ("pos_id", pos), ("neg_id", neg), ("margin", mar)):
+            arr.setflags(write=False)
+            object.__setattr__(self, name, arr)
+
+    @classmethod
+    def from_arrays(cls, query: ArrayLike, pos_id: ArrayLike, neg_id: ArrayLike, margin: ArrayLike, *,
+                    num_queries: int) -> PairTable:
+        """Build a table from one row per pair, in any order (rows are grouped by query, stably).
+
+        Args:
+            query: int ``[P]`` query index of each pair, in ``[0, num_queries)``.
+            pos_id, neg_id: int ``[P]`` passage ids.
+            margin: float ``[P]`` teacher margins (``s_pos - s_neg``).
+            num_queries: number of queries ``Q`` (the length of the sampler's ``cluster_ids``).
+
+        Raises:
+            ValueError: a pair names a query outside ``[0, num_queries)`` (the first such row is named).
+        """
+        if not isinstance(num_queries, (int, np.integer)) or num_queries < 0:
+            raise ValueError(f"num_queries must be an integer >= 0 (got {num_queries=})")
+        q = _int_array(query, "query")
+        bad = np.flatnonzero((q < 0) | (q >= num_queries))
+        if len(bad):
+            r = int(bad[0])
+            raise ValueError(
+                f"pair row {r} names query {int(q[r])}, which is not in [0, {num_queries}) "
+                f"({len(bad)} rows name unknown queries); every pair must belong to a known query"
+            )
+        order = np.argsort(q, kind="stable")
+        offsets = np.zeros(int(num_queries) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(q, minlength=int(num_queries)), out=offsets[1:])
+        take = lambda a, name: np.asarray(a)[order] if len(np.asarray(a)) == len(q) else _len_error(name, a, q)  # noqa: E731
+        return cls(offsets, take(pos_id, "pos_id"), take(neg_id, "neg_id"), take(margin, "margin"))
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.offsets[-1])
+
+    def __len__(self) -> int:
+        return self.num_pairs
+
+    def counts(self) -> NDArray[np.int64]:
+        """Pairs per query, int64 ``[Q]``."""
+        return np.diff(self.offsets)
+
+    def query_of(self, rows: ArrayLike) -> NDArray[np.int64]:
+        """The query of each pair row: int64 array shaped like ``rows``."""
+        r = np.asarray(rows, dtype=np.int64)
+        if r.size and (r.min() < 0 or r.max() >= self.num_pairs):
+            raise IndexError(f"pair rows must lie in [0, {self.num_pairs})")
+        return np.searchsorted(self.offsets, r, side="right").astype(np.int64) - 1
+
+
+def _len_error(name, a, q):
+    raise ValueError(f"{name} has {len(np.asarray(a))} rows but query has {len(q)}; they must match")
+
+
+class TopicAwareBatchSampler(BatchSamplerBase):
+    """Topic-aware batches (TAS), optionally with balanced margin sampling of one pair per query (TAS-Balanced).
+
+    Args:
+        cluster_ids: int ``[Q]`` cluster of each query (``native.kmeans(...)[1]``), ``>= 0``; any ids.
+        batch_size: queries per batch, ``>= 1``.
+        clusters_per_batch: clusters a (non-top-up) batch draws from, ``1 <= clusters_per_batch <= batch_size``.
+        pairs: optional :class:`PairTable` over the same ``Q`` queries. Without it the sampler yields int64
+            query indices; with it, int64 pair-table rows, one per query (``pairs.query_of(batch)`` gives the
+            queries back).
+        margin_bins: equal-width margin bins per query for ``strategy="balanced"``.
+        strategy: ``"balanced"`` (uniform over non-empty margin bins, then over pairs in the bin) or
+            ``"random"`` (uniform over the query's pairs).
+        seed, rank, world_size, drop_last: as in every sampler. ``drop_last`` also drops the last, partial
+            top-up batch (counted under ``dropped["incomplete_batch"]``).
+    """
+
+    _state_keys = ("num_queries", "batch_size", "clusters_per_batch", "strategy", "margin_bins")
+
+    def __init__(self, cluster_ids: ArrayLike, *, batch_size: int, clusters_per_batch: int = 1,
+                 pairs: PairTable | None = None, margin_bins: int = 10, strategy: str = "balanced", seed: int = 0,
+                 rank: int | None = None, world_size: int | None = None, drop_last: bool = False) -> None:
+        super().__init__(seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
+        cl = _int_array(cluster_ids, "cluster_ids")
+        if len(cl) == 0:
+            raise ValueError("cluster_ids is empty: there are no queries to sample")
+        if cl.min() < 0:
+            r = int(np.flatnonzero(cl < 0)[0])
+            raise ValueError(f"cluster_ids must be >= 0 (query {r} has cluster {int(cl[r])})")
+        for name, v in (("batch_size", batch_size), ("clusters_per_batch", clusters_per_batch),
+                        ("margin_bins", margin_bins)):
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1 (got {name}={v!r})")
+        if clusters_per_batch > batch_size:
+            raise ValueError(f"clusters_per_batch must be <= batch_size (got {clusters_per_batch=}, {batch_size=})")
+        if strategy not in _STRATEGIES:
+            raise ValueError(f"strategy must be one of {_STRATEGIES} (got {strategy=})")
+        if pairs is not None and not isinstance(pairs, PairTable):
+            raise TypeError(f"pairs must be a samplers.PairTable or None (got {type(pairs).__name__})")
+        self.num_queries = len(cl)
+        self.batch_size = int(batch_size)
+        self.clusters_per_batch = int(clusters_per_batch)
+        self.margin_bins = int(margin_bins)
+        self.strategy = strategy
+        self.pairs = pairs
+        self._cluster_uniq, self._cluster = np.unique(cl, return_inverse=True)
+        self._cluster = self._cluster.astype(np.int64)
+        eligible = np.ones(len(cl), dtype=bool)
+        if pairs is not None:
+            if pairs.num_queries != self.num_queries:
+                raise ValueError(
+                    f"pairs covers {pairs.num_queries} queries but cluster_ids has {self.num_queries}; pair "
+                    "tables name queries by their index in cluster_ids (build it with num_queries=len(cluster_ids))"
+                )
+            eligible = pairs.counts() > 0
+            self._bins = margin_bins_of(pairs, self.margin_bins)
+            self._table = bin_table(pairs.offsets, self._bins, self.margin_bins)
+        self._no_pairs = int((~eligible).sum())
+        # queries sorted by cluster (stable), and the offsets of each non-empty cluster in that order
+        rows = np.flatnonzero(eligible).astype(np.int64)
+        self._rows = rows[np.argsort(self._cluster[rows], kind="stable")]
+        sizes = np.bincount(self._cluster[self._rows], minlength=len(self._cluster_uniq))
+        sizes = sizes[sizes > 0]
+        self._cl_off = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        if len(self._rows) == 0:
+            raise ValueError("no query has a pair: every query in pairs has offsets[q] == offsets[q+1]")
+        if not drop_last and self.world_size > len(self._rows):
+            raise ValueError(f"world_size={self.world_size} is larger than the {len(self._rows)} usable queries")
+
+    # ---- plan ---------------------------------------------------------------------------------------------
+    def _topic_batches(self, seed: int) -> tuple[Plan, int]:
+        """Pure and top-up batches of query indices, in shuffled order; returns (plan, number of top-ups)."""
+        bs, cpb = self.batch_size, self.clusters_per_batch
+        m = -(-bs // cpb)
+        cl_off = self._cl_off
+        order = shuffle_segments(self._rows, cl_off, seed ^ 0x1)
+        sizes = np.diff(cl_off)
+        nfull = sizes // m
+        rem = sizes - nfull * m
+        nf = int(nfull.sum())
+        first = np.cumsum(nfull) - nfull
+        cstart = np.repeat(cl_off[:-1], nfull) + m * (np.arange(nf, dtype=np.int64) - np.repeat(first, nfull))
+        cstart = cstart[permutation(nf, seed ^ 0x2)]
+        ng = nf // cpb
+        grp = (cstart[: ng * cpb].reshape(ng, cpb)[:, :, None] + np.arange(m)).reshape(ng, cpb * m)
+        pure = grp[:, :bs].ravel()
+        # the pool: remainders, leftover chunks, overflow rows; each piece stays contiguous when shuffled
+        has_rem = rem > 0
+        p_start = np.concatenate([(cl_off[:-1] + nfull * m)[has_rem], cstart[ng * cpb:]]).astype(np.int64)
+        p_len = np.concatenate([rem[has_rem], np.full(nf - ng * cpb, m, dtype=np.int64)]).astype(np.int64)
+        first = np.cumsum(p_len) - p_len
+        piece_pos = np.repeat(p_start, p_len) + np.arange(int(p_len.sum()), dtype=np.int64) - np.repeat(first, p_len)
+        piece_id = np.repeat(np.arange(len(p_len), dtype=np.int64), p_len)
+        over = cpb * m - bs
+        if over and ng:  # batch_size not a multiple of clusters_per_batch: each group's last `over` rows
+            piece_pos = np.concatenate([piece_pos, grp[:, bs:].ravel()])
+            piece_id = np.concatenate([piece_id, np.repeat(np.arange(ng, dtype=np.int64) + len(p_len), over)])
+        npieces = len(p_len) + (ng if over else 0)
+        rank = permutation(npieces, seed ^ 0x3)
+        pool_pos = piece_pos[np.argsort(rank[piece_id], kind="stable")] if npieces else piece_pos
+        npool = len(pool_pos)
+        n_top = -(-npool // bs)
+        top_sizes = np.full(n_top, bs, dtype=np.int64)
+        dropped = {}
+        if n_top and npool % bs:
+            if self.drop_last:
+                top_sizes = top_sizes[:-1]
+                dropped["incomplete_batch"] = npool % bs
+                pool_pos = pool_pos[: len(top_sizes) * bs]
+                n_top -= 1
+            else:
+                top_sizes[-1] = npool % bs
+        idx = order[np.concatenate([pure, pool_pos])]
+        all_sizes = np.concatenate([np.full(ng, bs, dtype=np.int64), top_sizes])
+        plan = Plan.from_sizes(idx, all_sizes, dropped=dropped)
+        plan = take_batches(plan, permutation(plan.num_batches, seed ^ 0x4))
+        return plan, n_top
+
+    def _build_plan(self, epoch: int) -> Plan:
+        seed = self.epoch_seed(epoch)
+        plan, self._n_topup = self._topic_batches(seed)
+        if self._no_pairs:
+            plan.dropped["no_pairs"] = self._no_pairs
+        if self.pairs is not None:
+            rows = draw_pairs(plan.indices, self.pairs.offsets, self._table, seed ^ 0x5,
+                              balanced=self.strategy == "balanced")
+            plan = Plan(rows, plan.offsets, None, plan.dropped, plan.repeated)
+        return plan
+
+    # ---- helpers ------------------------------------------------------------------------------------------
+    def queries_of(self, batch: ArrayLike) -> NDArray[np.int64]:
+        """Query indices of a yielded batch (the batch itself without ``pairs``)."""
+        b = np.asarray(batch, dtype=np.int64)
+        return b if self.pairs is None else self.pairs.query_of(b)
+
+    def stats(self) -> dict:
+        """Base statistics plus topic purity per batch and, with pairs, the margin-bin histogram of drawn pairs.
+
+        Keys added: ``num_clusters``; ``topic_purity`` (float64 ``[B]``: share of each batch's largest
+        cluster), ``topic_purity_mean``, ``topic_purity_min``; ``clusters_in_batch_max``;
+        ``batches_over_cluster_limit`` (batches with more than ``clusters_per_batch`` clusters, top-ups only);
+        ``topup_batches``; with pairs: ``margin_bin_histogram`` (int64 ``[margin_bins]``, drawn pairs by the bin
+        of their query's margins), ``margin_bin_histogram_all_pairs``, ``equal_margin_queries``.
+        """
+        out = super().stats()
+        plan = self.global_plan()
+        q = self.queries_of(plan.indices)
+        nb, c = plan.num_batches, len(self._cluster_uniq)
+        out["num_clusters"] = int(len(self._cl_off) - 1)
+        out["topup_batches"] = int(getattr(self, "_n_topup", 0))
+        if nb:
+            key = np.repeat(np.arange(nb, dtype=np.int64), plan.sizes) * c + self._cluster[q]
+            uk, cnt = np.unique(key, return_counts=True)
+            ub = uk // c
+            starts = np.searchsorted(ub, np.arange(nb))
+            distinct = np.bincount(ub, minlength=nb)
+            purity = np.maximum.reduceat(cnt, starts) / plan.sizes
+            out.update(topic_purity=purity, topic_purity_mean=float(purity.mean()),
+                       topic_purity_min=float(purity.min()), clusters_in_batch_max=int(distinct.max()),
+                       batches_over_cluster_limit=int((distinct > self.clusters_per_batch).sum()))
+        else:
+            out.update(topic_purity=np.zeros(0), topic_purity_mean=0.0, topic_purity_min=0.0,
+                       clusters_in_batch_max=0, batches_over_cluster_limit=0)
+        if self.pairs is not None:
+            nbins = self.margin_bins
+            out["margin_bin_histogram"] = np.bincount(self._bins[plan.indices], minlength=nbins).astype(np.int64)
+            out["margin_bin_histogram_all_pairs"] = np.bincount(self._bins, minlength=nbins).astype(np.int64)
+            _, qbin_off, _, _, _ = self._table
+            cnt = self.pairs.counts()
+            out["equal_margin_queries"] = int(((np.diff(qbin_off) == 1) & (cnt > 1)
+                                               & _equal_margins(self.pairs)).sum())
+            out["queries_without_pairs"] = self._no_pairs
+        return out
+
+
+def _equal_margins(pairs: PairTable) -> NDArray[np.bool_]:
+    off, m = pairs.offsets, pairs.margin
+    nonempty = np.diff(off) > 0
+    out = np.zeros(pairs.num_queries, dtype=bool)
+    if pairs.num_pairs:
+        starts = off[:-1][nonempty]
+        out[nonempty] = np.maximum.reduceat(m, starts) == np.minimum.reduceat(m, starts)
+    return out
+
+
+def margin_bins_of(pairs: PairTable, num_bins: int) -> NDArray[np.int64]:
+    """Bin of every pair of ``pairs`` among its query's ``num_bins`` equal-width margin bins (int64 ``[P]``)."""
+    return margin_bins(pairs.offsets, pairs.margin, num_bins)
