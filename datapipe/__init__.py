@@ -6,7 +6,7 @@ Names are imported lazily so ``import datapipe`` is cheap and torch loads only w
 
 from __future__ import annotations
 
-import importlib
+from native._lazy import attach
 
 _LAZY = {
     "datapipe.writer": ("write_dataset",),
@@ -19,23 +19,5 @@ _LAZY = {
     "datapipe.tas_ingest": ("ingest_tas",),
 }
 _MODULES = ("collate",)
-_WHERE = {name: mod for mod, names in _LAZY.items() for name in names}
 
-__all__ = sorted([*_WHERE, *_MODULES])
-
-
-def __getattr__(name: str):
-    if name in _MODULES:
-        module = importlib.import_module(f"datapipe.{name}")
-        globals()[name] = module
-        return module
-    mod = _WHERE.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'datapipe' has no attribute {name!r}")
-    value = getattr(importlib.import_module(mod), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__, _WHERE = attach(__name__, _LAZY, _MODULES)

@@ -2,29 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
+from native._lazy import attach
 
 _LAZY = {
     "mixtures.schedules": ("Constant", "DomainUpsampling", "Linear", "Piecewise"),
 }
 _MODULES = ("regmix", "schedules")
-_WHERE = {name: mod for mod, names in _LAZY.items() for name in names}
 
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    if name in _MODULES:
-        module = importlib.import_module(f"mixtures.{name}")
-        globals()[name] = module
-        return module
-    mod = _WHERE.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'mixtures' has no attribute {name!r}")
-    value = getattr(importlib.import_module(mod), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__) | set(_MODULES))
+__getattr__, __dir__, __all__, _WHERE = attach(__name__, _LAZY, _MODULES)

@@ -5,7 +5,7 @@ Names are imported lazily so that ``import native`` stays cheap and a kernel com
 
 from __future__ import annotations
 
-import importlib
+from native._lazy import attach
 
 _LAZY = {
     # module: names
@@ -16,19 +16,6 @@ _LAZY = {
     "native.decompose": ("decompose_lengths",),
     "native.balanced_kmeans": ("balanced_kmeans",),
 }
-_WHERE = {name: mod for mod, names in _LAZY.items() for name in names}
+_MODULES = ()
 
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    mod = _WHERE.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'native' has no attribute {name!r}")
-    value = getattr(importlib.import_module(mod), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__, _WHERE = attach(__name__, _LAZY, _MODULES)

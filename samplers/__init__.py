@@ -6,7 +6,7 @@ batch, for its rank. Names are imported lazily so ``import samplers`` does not i
 
 from __future__ import annotations
 
-import importlib
+from native._lazy import attach
 
 _LAZY = {
     "samplers.base": ("BatchSamplerBase", "Plan"),
@@ -22,23 +22,5 @@ _LAZY = {
 }
 _MODULES = ("base", "calibrate", "decomposed", "duration", "immiscible", "mixture", "ngame", "packing",
             "random", "token_budget", "topic_aware")
-_WHERE = {name: mod for mod, names in _LAZY.items() for name in names}
 
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    if name in _MODULES:
-        module = importlib.import_module(f"samplers.{name}")
-        globals()[name] = module
-        return module
-    mod = _WHERE.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'samplers' has no attribute {name!r}")
-    value = getattr(importlib.import_module(mod), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__) | set(_MODULES))
+__getattr__, __dir__, __all__, _WHERE = attach(__name__, _LAZY, _MODULES)
