@@ -15,6 +15,7 @@ _LAZY = {
     "native.faiss_ops": ("kmeans", "knn_search"),
     "native.decompose": ("decompose_lengths",),
     "native.balanced_kmeans": ("balanced_kmeans",),
+    "native.duration": ("assign_buckets_2d", "bucket_batches", "pack_best_fit"),
 }
 _MODULES = ()
 

@@ -15,12 +15,12 @@ _LAZY = {
     "samplers.decomposed": ("DecomposedBatchSampler",),
     "samplers.duration": ("DurationBucketSampler", "estimate_duration_bins", "estimate_duration_bins_2d"),
     "samplers.packing": ("PackedDurationSampler",),
-    "samplers.calibrate": ("calibrate_batch_sizes",),
+    "samplers.calibrate": ("BatchShape", "BatchShape2D", "calibrate_batch_sizes"),
     "samplers.topic_aware": ("PairTable", "TopicAwareBatchSampler"),
     "samplers.ngame": ("NGAMEBatchSampler",),
     "samplers.mixture": ("MixtureBatchSampler",),
 }
-_MODULES = ("base", "calibrate", "decomposed", "duration", "immiscible", "mixture", "ngame", "packing",
+_MODULES = ("base", "bins", "calibrate", "decomposed", "duration", "immiscible", "mixture", "ngame", "packing",
             "random", "token_budget", "topic_aware")
 
 __getattr__, __dir__, __all__, _WHERE = attach(__name__, _LAZY, _MODULES)

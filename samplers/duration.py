@@ -39,13 +39,15 @@ class DurationBucketSampler(BatchSamplerBase):
     ``cost(m) = m + m**2 / quadratic_duration`` (just ``m`` without the quadratic term), ``n <= max_cuts`` and
     ``n <= bucket_batch_sizes[bucket]`` when given. Steps are shuffled, so buckets come in random order.
 
-    Dropped cuts are counted in ``stats()["dropped"]``, never silent:
+    Dropped cuts are counted in ``stats()["discarded"]`` (by reason in ``stats()["dropped"]``), never silent:
 
     * ``longer_than_max_duration``: ``cost(d) > max_duration`` (``on_long="error"`` raises instead);
     * ``outside_2d_bins``: 2D only, no bucket holds the cut's (duration, tokens) (with ``strict_2d=True``, any
       cut whose tokens exceed its duration bin's sub-buckets; otherwise it is promoted to the next larger
-      bucket that holds it, counted in ``stats()["promoted"]``);
-    * ``uneven_tail``: ``drop_last=True`` and a bucket's batches do not fill a last step across ranks.
+      bucket that holds it, counted in ``stats()["promoted"]`` and ``stats()["promoted_by_reason"]``);
+    * ``uneven_tail``: ``drop_last=True`` and a bucket's batches do not fill a last step across ranks;
+    * ``uneven_tail_too_few_rows_to_split``: a bucket's batches cannot be split into a multiple of
+      ``world_size`` (only when its batches hold one cut each, e.g. cuts near ``max_duration``).
 
     Durations must be finite and ``> 0`` (NaN, inf, zero or negative raise a ``ValueError`` naming the row).
     A bucket holding fewer cuts than ``world_size`` cannot give every rank a batch at its step; its cuts are
@@ -242,8 +244,9 @@ class DurationBucketSampler(BatchSamplerBase):
     def stats(self) -> dict:
         """Plan statistics over all ranks: those of every sampler plus ``padding_fraction`` (of the padded
         seconds), ``duration`` / ``padded_duration`` (s), ``batches_per_bucket`` and ``cuts_per_bucket``
-        (lists, one per bucket), ``promoted`` (reason -> cuts), ``discarded`` (= ``dropped``), ``bins``; in 2D
-        also ``token_padding_fraction``."""
+        (lists, one per bucket), ``promoted`` (cuts moved to a larger bucket; ``promoted_by_reason`` splits
+        it), ``discarded`` (cuts left out this epoch; ``dropped`` gives the reasons), ``bins``; in 2D also
+        ``token_padding_fraction``."""
         out = super().stats()
         plan = self.global_plan()
         d = self.durations[plan.indices]
@@ -262,8 +265,9 @@ class DurationBucketSampler(BatchSamplerBase):
             num_buckets=self.num_buckets,
             batches_per_bucket=np.bincount(plan.groups, minlength=self.num_buckets).tolist(),
             cuts_per_bucket=np.diff(self._bucket_offsets).tolist(),
-            promoted=dict(self.promoted),
-            discarded=dict(plan.dropped),
+            promoted=int(sum(self.promoted.values())),
+            promoted_by_reason=dict(self.promoted),
+            discarded=int(sum(plan.dropped.values())),
             bins=self.bins.tolist(),
         )
         if self.is_2d:

@@ -18,7 +18,8 @@ import torch
 from datapipe.dataset import Batch, Ragged
 from native.ragged import pack_ragged, pad_ragged
 
-__all__ = ["PackedCollate", "PadCollate", "default", "pad", "packed", "ragged_column"]
+__all__ = ["PackedCollate", "PadCollate", "collate_features", "default", "features_collator", "pad", "packed",
+           "ragged_column"]
 
 
 def ragged_column(batch, column: str) -> Ragged:
@@ -147,3 +148,6 @@ def default(batch):
                 out[k] = v
         return out
     return torch.utils.data.default_collate(batch)
+
+
+from datapipe.collate.features import collate_features, features_collator  # noqa: E402  (needs the helpers above)

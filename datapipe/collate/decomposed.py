@@ -153,12 +153,21 @@ class DecomposedDataset(torch.utils.data.Dataset):
         if k not in self._buckets:
             info = meta["buckets"][str(k)]
             t = pa.ipc.open_file(pa.memory_map(str(Path(self.index.path) / "buckets" / info["file"]), "r")).read_all()
-            col = t.column("input_ids").combine_chunks()
-            vals = col.values.to_numpy()
-            self._buckets[k] = (vals.reshape(-1, 1 << k), t.column("sequence").to_numpy())
-        rows, seqs = self._buckets[k]
+            # zero-copy [rows, 2^k] views of the memory-mapped record batches (one per chunk of rows)
+            views = [c.values.to_numpy().reshape(-1, 1 << k) for c in t.column("input_ids").chunks]
+            starts = np.cumsum([0] + [len(v) for v in views])
+            self._buckets[k] = (views, starts, t.column("sequence").to_numpy())
+        views, starts, seqs = self._buckets[k]
         pos = np.searchsorted(seqs, seq)
-        return rows[pos]
+        if len(pos) == 0 or (pos >= len(seqs)).any() or (seqs[np.minimum(pos, len(seqs) - 1)] != seq).any():
+            raise DatasetError(f"{self.index.path}/buckets: sequence(s) missing from the materialized bucket {k}; "
+                               "rerun `datapipe decompose --materialize`")
+        chunk = np.searchsorted(starts, pos, side="right") - 1
+        out = np.empty((len(seq), 1 << k), dtype=np.int32)
+        for c in np.unique(chunk):
+            sel = chunk == c
+            out[sel] = views[c][pos[sel] - starts[c]]
+        return out
 
     def __getitems__(self, seq_ids) -> dict:
         seq = np.asarray(seq_ids, dtype=np.int64).reshape(-1)

@@ -11,7 +11,7 @@ dicts (each ``features`` a ``[T, F]`` array, or flat with ``feature_dim``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -128,7 +128,7 @@ def collate_features(batch, *, column: str | None = None, feature_dim: int | Non
     return out
 
 
-def features_collator(**options) -> callable:
+def features_collator(**options) -> Callable:
     """``collate_features`` with its options bound, for ``DataLoader(collate_fn=...)``."""
 
     def collate(batch) -> dict:

@@ -166,7 +166,7 @@ def test_pack_best_fit_matches_reference(n, capacity, max_items, nwin, seed):
     rows = rng.permutation(n).astype(np.int64)
     windows = np.unique(np.concatenate([[0], np.sort(rng.integers(0, n + 1, nwin - 1)), [n]])).astype(np.int64)
     idx, off = pack_best_fit(rows, dur, capacity, window_offsets=windows, max_items=max_items)
-    scale = min(1e3, 2**22 / capacity)
+    scale = min(1e3, 2**17 / capacity)
     ref = []
     for a, b in zip(windows[:-1], windows[1:]):
         ref += ref_bfd(rows[a:b], dur, capacity, scale, max_items or 10**18)
