@@ -16,7 +16,7 @@ _LAZY = {
     "datapipe.ingestion": ("ingest",),
     "datapipe.decompose": ("DecomposedIndex", "decompose"),
     "datapipe.audio": ("import_lhotse_cuts", "ingest_audio"),
-    "datapipe.tas_ingest": ("ingest_tas",),
+    "datapipe.tas_ingest": ("cluster_embeddings", "ingest_tas", "load_pair_table", "save_pair_table"),
 }
 _MODULES = ("collate",)
 

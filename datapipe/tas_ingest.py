@@ -37,7 +37,8 @@ _QUERY_FIELDS = ("qid", "text")
 _PAIR_FIELDS = ("s_pos", "s_neg", "qid", "pid_pos", "pid_neg")
 
 
-def _first_bad_line(path: Path, fields: tuple[str, ...], floats: tuple[int, ...] = (), ints: tuple[int, ...] = ()) -> str:
+def _first_bad_line(path: Path, fields: tuple[str, ...], floats: tuple[int, ...] = (),
+                    ints: tuple[int, ...] = ()) -> str:
     """Scan a TSV in Python to name the first malformed line (only called once a fast parse has failed)."""
     lineno = 0
     with open(path, encoding="utf-8", errors="strict") as f:
@@ -104,7 +105,8 @@ def read_queries_tsv(path: str | os.PathLike) -> pa.Table:
     if len(vc[0]) != t.num_rows:
         dup_val = vc[0].filter(pc.greater(vc[1], 1))[0].as_py()
         lines = np.flatnonzero(pc.equal(qid, dup_val).to_numpy(zero_copy_only=False))[:2] + 1
-        raise DatasetError(f"{path}: qid {dup_val!r} appears twice (lines {lines[0]} and {lines[1]}); qids must be unique")
+        raise DatasetError(f"{path}: qid {dup_val!r} appears twice (lines {lines[0]} and {lines[1]}); "
+                           "qids must be unique")
     return t
 
 

@@ -11,6 +11,8 @@ The results contract is the same on both: float32 centroids/distances, int64 ass
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
@@ -53,6 +55,22 @@ def _resolve_gpu(gpu: bool | str) -> bool:
     return bool(gpu)
 
 
+@contextlib.contextmanager
+def _omp_threads(faiss, num_threads: int | None):
+    """Run FAISS's CPU code with ``num_threads`` OpenMP threads, restoring the previous count afterwards."""
+    if num_threads is None:
+        yield
+        return
+    if isinstance(num_threads, (bool, np.bool_)) or not isinstance(num_threads, (int, np.integer)) or num_threads < 1:
+        raise ValueError(f"num_threads must be an integer >= 1 or None (got {num_threads=})")
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(int(num_threads))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 def _as_matrix(x: ArrayLike, name: str) -> NDArray[np.float32]:
     """Validate a [n, d] finite numeric matrix; returns float32, C-contiguous."""
     arr = np.asarray(x)
@@ -80,7 +98,8 @@ def _check_int(value, name: str, lo: int) -> int:
 
 
 def kmeans(x: ArrayLike, k: int, *, niter: int = 20, seed: int = 0, gpu: bool | str = "auto",
-           max_points_per_centroid: int = 256, nredo: int = 1) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+           max_points_per_centroid: int = 256, nredo: int = 1,
+           num_threads: int | None = None) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
     """Lloyd's k-means with FAISS, then the nearest centroid of every point.
 
     Training subsamples to ``k * max_points_per_centroid`` points (FAISS's default behaviour, seeded by
@@ -95,6 +114,8 @@ def kmeans(x: ArrayLike, k: int, *, niter: int = 20, seed: int = 0, gpu: bool | 
         gpu: ``"auto"`` (GPU when visible), ``True`` (require a GPU) or ``False`` (CPU).
         max_points_per_centroid: training subsample cap per centroid, ``>= 1``.
         nredo: independent runs (random initialisations); the one with the lowest objective is kept.
+        num_threads: OpenMP threads for the CPU path (``None``: FAISS's default, all cores). On a machine shared
+            with other busy processes, fewer threads can be much faster (OpenMP threads wait on each other).
 
     Returns:
         ``(centroids, assignment)``: float32 ``[k, d]`` and int64 ``[n]`` with values in ``[0, k)``.
@@ -126,14 +147,15 @@ def kmeans(x: ArrayLike, k: int, *, niter: int = 20, seed: int = 0, gpu: bool | 
         min_points_per_centroid=1,  # silence FAISS's "provide at least 39 points per centroid" warning
         verbose=False,
     )
-    km.train(xs)
+    with _omp_threads(faiss, num_threads):
+        km.train(xs)
     centroids = np.ascontiguousarray(km.centroids, dtype=np.float32).reshape(k, d)
-    _, assignment = knn_search(centroids, 1, queries=xs, gpu=use_gpu)
+    _, assignment = knn_search(centroids, 1, queries=xs, gpu=use_gpu, num_threads=num_threads)
     return centroids, assignment[:, 0].astype(np.int64, copy=False)
 
 
 def knn_search(x: ArrayLike, k: int, *, queries: ArrayLike | None = None, gpu: bool | str = "auto",
-               metric: str = "l2") -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+               metric: str = "l2", num_threads: int | None = None) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
     """Exact k-nearest neighbours of ``queries`` among the rows of ``x`` (a flat, brute-force index).
 
     Args:
@@ -144,6 +166,7 @@ def knn_search(x: ArrayLike, k: int, *, queries: ArrayLike | None = None, gpu: b
         gpu: ``"auto"``, ``True`` or ``False`` as in :func:`kmeans`.
         metric: ``"l2"`` (squared Euclidean distance, ascending) or ``"ip"`` (inner product, descending; use
             L2-normalised vectors for cosine similarity).
+        num_threads: OpenMP threads for the CPU path, as in :func:`kmeans`.
 
     Returns:
         ``(distances, indices)``: float32 ``[q, k]`` and int64 ``[q, k]``, best first. Ties between equal
@@ -169,8 +192,9 @@ def knn_search(x: ArrayLike, k: int, *, queries: ArrayLike | None = None, gpu: b
     if use_gpu:
         res = faiss.StandardGpuResources()
         index = faiss.index_cpu_to_gpu(res, 0, index)
-    index.add(base)
-    dist, idx = index.search(q, k)
+    with _omp_threads(faiss, num_threads):
+        index.add(base)
+        dist, idx = index.search(q, k)
     return np.ascontiguousarray(dist, dtype=np.float32), np.ascontiguousarray(idx, dtype=np.int64)
 
 

@@ -11,7 +11,8 @@ finite and covers every query exactly once across ranks:
 1. the queries of every cluster are shuffled and cut into chunks of ``m = ceil(batch_size / clusters_per_batch)``;
 2. the full chunks are shuffled and grouped ``clusters_per_batch`` at a time: one *pure* batch per group (at
    most ``clusters_per_batch`` clusters; when ``batch_size`` is not a multiple of it, the last ``< clusters_per_batch``
-   rows of the group go to the pool);
+   rows of the group go to the pool). A cluster thus fills a share of the batches proportional to its size (the
+   reference draws clusters uniformly with replacement, which over-samples the queries of small clusters);
 3. **top-up**: each cluster's remainder (``size % m`` queries), the full chunks left over when their count is
    not a multiple of ``clusters_per_batch``, and those overflow rows form a *pool* of pieces; the pieces are
    shuffled (each stays contiguous, so it keeps its cluster) and cut into batches of ``batch_size``. These
@@ -118,8 +119,13 @@ class PairTable:
         order = np.argsort(q, kind="stable")
         offsets = np.zeros(int(num_queries) + 1, dtype=np.int64)
         np.cumsum(np.bincount(q, minlength=int(num_queries)), out=offsets[1:])
-        take = lambda a, name: np.asarray(a)[order] if len(np.asarray(a)) == len(q) else _len_error(name, a, q)  # noqa: E731
-        return cls(offsets, take(pos_id, "pos_id"), take(neg_id, "neg_id"), take(margin, "margin"))
+        cols = []
+        for name, a in (("pos_id", pos_id), ("neg_id", neg_id), ("margin", margin)):
+            a = np.asarray(a)
+            if a.ndim != 1 or len(a) != len(q):
+                raise ValueError(f"{name} has shape {a.shape} but query has {len(q)} rows; they must match")
+            cols.append(a[order])
+        return cls(offsets, *cols)
 
     @property
     def num_queries(self) -> int:
@@ -142,10 +148,6 @@ class PairTable:
         if r.size and (r.min() < 0 or r.max() >= self.num_pairs):
             raise IndexError(f"pair rows must lie in [0, {self.num_pairs})")
         return np.searchsorted(self.offsets, r, side="right").astype(np.int64) - 1
-
-
-def _len_error(name, a, q):
-    raise ValueError(f"{name} has {len(np.asarray(a))} rows but query has {len(q)}; they must match")
 
 
 class TopicAwareBatchSampler(BatchSamplerBase):
@@ -193,6 +195,7 @@ class TopicAwareBatchSampler(BatchSamplerBase):
         self.margin_bins = int(margin_bins)
         self.strategy = strategy
         self.pairs = pairs
+        self._n_topup = 0  # set by each plan (the same for every epoch: it depends on cluster sizes only)
         self._cluster_uniq, self._cluster = np.unique(cl, return_inverse=True)
         self._cluster = self._cluster.astype(np.int64)
         eligible = np.ones(len(cl), dtype=bool)
@@ -239,7 +242,7 @@ class TopicAwareBatchSampler(BatchSamplerBase):
         p_start = np.concatenate([(cl_off[:-1] + nfull * m)[has_rem], cstart[ng * cpb:]]).astype(np.int64)
         p_len = np.concatenate([rem[has_rem], np.full(nf - ng * cpb, m, dtype=np.int64)]).astype(np.int64)
         first = np.cumsum(p_len) - p_len
-        piece_pos = np.repeat(p_start, p_len) + np.arange(int(p_len.sum()), dtype=np.int64) - np.repeat(first, p_len)
+        piece_pos = np.repeat(p_start - first, p_len) + np.arange(int(p_len.sum()), dtype=np.int64)
         piece_id = np.repeat(np.arange(len(p_len), dtype=np.int64), p_len)
         over = cpb * m - bs
         if over and ng:  # batch_size not a multiple of clusters_per_batch: each group's last `over` rows
@@ -297,7 +300,7 @@ class TopicAwareBatchSampler(BatchSamplerBase):
         q = self.queries_of(plan.indices)
         nb, c = plan.num_batches, len(self._cluster_uniq)
         out["num_clusters"] = int(len(self._cl_off) - 1)
-        out["topup_batches"] = int(getattr(self, "_n_topup", 0))
+        out["topup_batches"] = int(self._n_topup)
         if nb:
             key = np.repeat(np.arange(nb, dtype=np.int64), plan.sizes) * c + self._cluster[q]
             uk, cnt = np.unique(key, return_counts=True)
@@ -315,10 +318,7 @@ class TopicAwareBatchSampler(BatchSamplerBase):
             nbins = self.margin_bins
             out["margin_bin_histogram"] = np.bincount(self._bins[plan.indices], minlength=nbins).astype(np.int64)
             out["margin_bin_histogram_all_pairs"] = np.bincount(self._bins, minlength=nbins).astype(np.int64)
-            _, qbin_off, _, _, _ = self._table
-            cnt = self.pairs.counts()
-            out["equal_margin_queries"] = int(((np.diff(qbin_off) == 1) & (cnt > 1)
-                                               & _equal_margins(self.pairs)).sum())
+            out["equal_margin_queries"] = int((_equal_margins(self.pairs) & (self.pairs.counts() > 1)).sum())
             out["queries_without_pairs"] = self._no_pairs
         return out
 

@@ -89,4 +89,9 @@ def cluster_cmd(source, k, out, column, niter, seed, gpu):
                f"median {int(np.median(sizes))}, max {sizes.max()})")
 
 
-COMMANDS = [tas]
+# the top-level spelling, `datapipe cluster ...`: the same command under the root group
+cluster_top = click.Command("cluster", callback=cluster_cmd.callback, params=cluster_cmd.params,
+                            help=cluster_cmd.help.replace("datapipe tas cluster", "datapipe cluster"),
+                            short_help="Cluster embeddings with FAISS k-means (GPU when visible).")
+
+COMMANDS = [tas, cluster_top]

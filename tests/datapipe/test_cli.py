@@ -40,3 +40,19 @@ def test_every_command_has_help_with_example():
     for name, cmd in main.commands.items():
         r = runner.invoke(main, [name, "--help"])
         assert r.exit_code == 0 and "Example" in r.output, name
+
+
+def test_top_level_cluster_command(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(4, 8)) * 10
+    x = (centers[rng.integers(0, 4, 400)] + rng.normal(size=(400, 8))).astype(np.float32)
+    np.save(tmp_path / "emb.npy", x)
+    out = tmp_path / "clusters.arrow"
+    r = CliRunner().invoke(main, ["cluster", str(tmp_path / "emb.npy"), "--k", "4", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    t = pa.ipc.open_file(pa.memory_map(str(out))).read_all()
+    ids = t.column(t.column_names[-1]).to_numpy()
+    assert len(ids) == 400 and len(np.unique(ids)) == 4

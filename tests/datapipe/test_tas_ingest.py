@@ -147,7 +147,8 @@ def test_cli_ingest_and_cluster(tsvs, tmp_path):
                              "--gpu", "no"])
     assert r.exit_code == 0, r.output
     assert "40 queries in 4 clusters" in r.output
-    r = runner.invoke(main, ["tas", "cluster", str(tmp_path / "e.npy"), "--k", "41", "--out", str(tmp_path / "c.arrow")])
+    r = runner.invoke(main, ["tas", "cluster", str(tmp_path / "e.npy"), "--k", "41",
+                             "--out", str(tmp_path / "c.arrow")])
     assert r.exit_code != 0 and "k must be <= the number of points n=40" in r.output
     (tmp_path / "bad.tsv").write_text("1\t2\tq77\t1\t2\n")
     r = runner.invoke(main, ["tas", "ingest", str(tsvs[0]), str(tmp_path / "bad.tsv"), "--out", str(tmp_path / "d2")])

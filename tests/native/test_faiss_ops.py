@@ -154,8 +154,8 @@ def test_knn_search_agrees_with_brute_force(n, q, d, k, metric, seed):
     ref_d, _ = brute_knn(base, queries, k, metric)
     # distances agree (ties may order indices differently); the indices reach those distances
     np.testing.assert_allclose(dist, ref_d, rtol=1e-4, atol=1e-4)
-    d_of_idx = (((queries[:, None, :].astype(np.float64) - base[idx].astype(np.float64)) ** 2).sum(-1)
-                if metric == "l2" else np.einsum("qd,qkd->qk", queries.astype(np.float64), base[idx].astype(np.float64)))
+    q64, b64 = queries.astype(np.float64), base[idx].astype(np.float64)
+    d_of_idx = ((q64[:, None, :] - b64) ** 2).sum(-1) if metric == "l2" else np.einsum("qd,qkd->qk", q64, b64)
     np.testing.assert_allclose(d_of_idx, ref_d, rtol=1e-4, atol=1e-4)
 
 
@@ -188,3 +188,17 @@ def test_kmeans_on_blobs_as_good_as_numpy_lloyd(seed):
     c, a = native.kmeans(x, 9, niter=30, seed=seed, nredo=5, gpu=False)
     _, _, ref = lloyd_reference(x.astype(np.float64), 9, restarts=5, seed=seed)
     assert inertia(x.astype(np.float64), c.astype(np.float64), a) <= ref * 1.05
+
+
+def test_num_threads_gives_the_same_result_and_restores_the_setting():
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    x = np.random.default_rng(8).normal(size=(300, 5)).astype(np.float32)
+    c1, a1 = native.kmeans(x, 4, seed=2, gpu=False, num_threads=1)
+    c2, a2 = native.kmeans(x, 4, seed=2, gpu=False)
+    np.testing.assert_array_equal(a1, a2)
+    np.testing.assert_allclose(c1, c2, rtol=1e-5, atol=1e-5)
+    assert faiss.omp_get_max_threads() == before
+    with pytest.raises(ValueError, match="num_threads must be an integer >= 1"):
+        native.knn_search(x, 2, num_threads=0)

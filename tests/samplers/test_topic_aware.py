@@ -336,3 +336,8 @@ def test_real_gloo_group_covers_every_query_once(tmp_path):
     rows = np.concatenate([np.load(tmp_path / f"rank{r}.npy") for r in range(2)])
     assert sorted(rows.tolist()) == list(range(200))
     assert np.load(tmp_path / "len0.npy")[0] == np.load(tmp_path / "len1.npy")[0]
+
+
+def test_from_arrays_length_mismatch():
+    with pytest.raises(ValueError, match=r"neg_id has shape \(1,\) but query has 2 rows"):
+        PairTable.from_arrays([0, 1], [1, 2], [3], [0.1, 0.2], num_queries=2)
