@@ -15,7 +15,7 @@ _LAZY = {
     "native.faiss_ops": ("assign", "gpu_available", "kmeans", "knn", "knn_search"),
     "native.tas": ("bin_table", "draw_pairs", "margin_bins"),
     "native.decompose": ("decompose_lengths",),
-    "native.balanced_kmeans": ("balanced_kmeans",),
+    "native.balanced": ("balanced_kmeans", "leaf_sizes"),
     "native.duration": ("assign_buckets_2d", "bucket_batches", "pack_best_fit"),
 }
 _MODULES = ()

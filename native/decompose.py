@@ -116,8 +116,10 @@ def _layout(counts, tail, policy, cap):
 
 @njit(parallel=True)
 def _fill(lengths, row_offset, min_log2, max_log2, seed, policy, cap, piece_off, tail_off, tail_pos,
-          n_full_total, out_row, out_start, out_len, out_seq, out_log2, full_shift, rem_base, rem_shift):
-    # pass 2: replay each document's draws (same stream as _scan) and write its pieces at their final places
+          n_full_total, out_row, out_start, out_len, out_seq, out_log2, full_shift, rem_base, rem_shift,
+          write_seq, seq_tokens, seq_off):
+    # pass 2: replay each document's draws (same stream as _scan) and write its pieces at their final places;
+    # with write_seq (global output) also each sequence's tokens and first piece, so no later pass is needed
     n = lengths.shape[0]
     lo = np.int64(1) << min_log2
     big = np.int64(1) << (max_log2 + 1)
@@ -139,6 +141,9 @@ def _fill(lengths, row_offset, min_log2, max_log2, seed, policy, cap, piece_off,
             out_len[o] = np.int64(1) << k
             out_seq[o] = j
             out_log2[o] = k
+            if write_seq:
+                seq_tokens[j] = np.int64(1) << k
+                seq_off[j] = j
             pos += np.int64(1) << k
             rem -= np.int64(1) << k
             j += 1
@@ -150,6 +155,9 @@ def _fill(lengths, row_offset, min_log2, max_log2, seed, policy, cap, piece_off,
             out_start[o] = pos
             out_len[o] = rem
             out_seq[o] = n_full_total + tail_off[i]
+            if write_seq:
+                seq_tokens[n_full_total + tail_off[i]] = rem
+                seq_off[n_full_total + tail_off[i]] = o
             continue
         c = tail_pos[i]
         while rem > 0:
@@ -158,6 +166,8 @@ def _fill(lengths, row_offset, min_log2, max_log2, seed, policy, cap, piece_off,
             out_start[o] = pos
             out_len[o] = take
             out_seq[o] = n_full_total + c // cap
+            if write_seq and c % cap == 0:
+                seq_off[n_full_total + c // cap] = o
             o += 1
             pos += take
             rem -= take
@@ -181,6 +191,8 @@ def _check_log2(min_log2: int, max_log2: int) -> tuple[int, int]:
             raise ValueError(f"{name} must be an integer in [0, {_MAX_LOG2}] (got {name}={v!r})")
     if min_log2 > max_log2:
         raise ValueError(f"min_log2 must be <= max_log2 (got {min_log2=}, {max_log2=})")
+    if max_log2 - min_log2 > 30:  # the size draw takes an integer below 2^(span+1) with 32-bit precision
+        raise ValueError(f"max_log2 - min_log2 must be <= 30 (got {min_log2=}, {max_log2=})")
     return int(min_log2), int(max_log2)
 
 
@@ -278,15 +290,18 @@ def fill_block(lengths, layout: dict, *, lo: int, hi: int, min_log2: int, max_lo
         buf = {k: np.empty(nf + nr, np.int64) for k in ("row", "start", "length", "sequence")}
         log2 = np.empty(nf, np.int64)
         full_shift, rem_base, rem_shift = int(po[0]), nf, int(to[0])
+        write_seq, seq_tokens, seq_off = False, np.empty(1, np.int64), np.empty(1, np.int64)
     else:
         buf = out
         log2 = out["sequence_log2"]
         full_shift, rem_base, rem_shift = 0, nf_total, 0
+        write_seq, seq_tokens, seq_off = True, out["sequence_tokens"], out["sequence_offsets"]
+        out["sequences_filled"] = lo == 0 and hi == len(layout["piece_off"]) - 1
     _fill(lengths, np.int64(lo), np.int64(min_log2), np.int64(max_log2), _seed64(seed),
           np.int64(_POLICY_CODE[layout["remainder"]]), np.int64(1 << int(min_log2)),
           po, to, tp, np.int64(nf_total),
           buf["row"], buf["start"], buf["length"], buf["sequence"], log2,
-          np.int64(full_shift), np.int64(rem_base), np.int64(rem_shift))
+          np.int64(full_shift), np.int64(rem_base), np.int64(rem_shift), write_seq, seq_tokens, seq_off)
     if out is not None:
         return out
     res = {f"full_{k}": v[:nf] for k, v in buf.items()}
@@ -301,29 +316,37 @@ def empty_output(layout: dict) -> dict:
     s = layout["num_full"] + layout["num_rem_sequences"]
     out = {k: np.empty(n, np.int64) for k in ("row", "start", "length", "sequence")}
     out["sequence_log2"] = np.empty(s, np.int64)
+    out["sequence_tokens"] = np.empty(s, np.int64)
+    out["sequence_offsets"] = np.empty(s + 1, np.int64)
     return out
 
 
 def finish_output(out: dict, layout: dict, lengths, counts, tail) -> dict:
-    """Complete the global arrays once every block is filled: remainder sequences' ``sequence_log2``,
-    ``sequence_tokens``, ``sequence_offsets`` and the token/document counts (see :func:`decompose_lengths`)."""
+    """Complete the global arrays once every block is filled: remainder sequences' ``sequence_log2`` and
+    ``sequence_tokens``, ``sequence_offsets`` and the token/document counts (see :func:`decompose_lengths`).
+
+    When one :func:`fill_block` call wrote all rows into ``out``, the per-sequence arrays are already filled and
+    only the remainder part is completed (no pass over the pieces)."""
     nf, min_log2, policy = layout["num_full"], layout["min_log2"], layout["remainder"]
     cap = 1 << min_log2
     n_rseq = layout["num_rem_sequences"]
     s = nf + n_rseq
+    filled = bool(out.pop("sequences_filled", False))
     seq_log2 = out["sequence_log2"]
     seq_log2[nf:] = min_log2
-    tokens = np.empty(s, np.int64)
-    tokens[:nf] = out["length"][:nf]
+    tokens = out["sequence_tokens"]
+    if not filled:
+        tokens[:nf] = out["length"][:nf]
+        out["sequence_offsets"] = _offsets_from_sorted(out["sequence"], np.int64(s))
+        if policy == "pad":
+            tokens[nf:] = out["length"][nf:]
+    out["sequence_offsets"][s] = len(out["row"])
     if policy == "pack" and n_rseq:
         tokens[nf:] = cap
         tokens[-1] = layout["tail_tokens"] - (n_rseq - 1) * cap
-    elif policy == "pad":
-        tokens[nf:] = out["length"][nf:]
-    out["sequence_tokens"] = tokens
-    out["sequence_offsets"] = _offsets_from_sorted(out["sequence"], np.int64(s))
-    total = int(np.asarray(lengths).sum())
-    kept = int(tokens.sum())
+    lengths = np.asarray(lengths)
+    total = int(lengths.sum())
+    dropped = int(np.asarray(tail).sum()) if policy == "drop" else 0
     if policy == "drop":
         # the EOS (a document's last token) survives only when nothing is left over at its end
         eos_kept = int(np.count_nonzero(np.asarray(tail) == 0))
@@ -331,9 +354,9 @@ def finish_output(out: dict, layout: dict, lengths, counts, tail) -> dict:
     else:
         eos_kept = int(np.count_nonzero(lengths))
         dropped_docs = 0
-    out.update(documents=int(len(lengths)), tokens=total, kept_tokens=kept, dropped_tokens=total - kept,
+    out.update(documents=int(len(lengths)), tokens=total, kept_tokens=total - dropped, dropped_tokens=dropped,
                dropped_documents=dropped_docs, eos_kept=eos_kept,
-               padded_tokens=int(((np.int64(1) << seq_log2) - tokens).sum()))
+               padded_tokens=int(n_rseq * cap - layout["tail_tokens"]) if policy != "drop" else 0)
     return out
 
 

@@ -17,8 +17,8 @@ _LAZY = {
     "samplers.packing": ("PackedDurationSampler",),
     "samplers.calibrate": ("BatchShape", "BatchShape2D", "calibrate_batch_sizes"),
     "samplers.topic_aware": ("PairTable", "TopicAwareBatchSampler"),
-    "samplers.ngame": ("NGAMEBatchSampler",),
-    "samplers.mixture": ("MixtureBatchSampler",),
+    "samplers.ngame": ("NGAMEBatchSampler", "positive_mask"),
+    "samplers.mixture": ("MixtureBatchSampler", "largest_remainder_counts"),
 }
 _MODULES = ("base", "bins", "calibrate", "decomposed", "duration", "immiscible", "mixture", "ngame", "packing",
             "random", "token_budget", "topic_aware")

@@ -3,7 +3,7 @@
 Implements "NGAME: Negative Mining-aware Mini-batching for Extreme Classification" (Dahiya et al., WSDM 2023).
 Points that are close in the current encoder's embedding space are put in the same batch, so the other points'
 positive labels are hard in-batch negatives at no extra encoding cost. The clusters come from balanced
-hierarchical 2-means (:func:`native.balanced_kmeans.balanced_kmeans`) over a memory bank that the training loop
+hierarchical 2-means (:func:`native.balanced.balanced_kmeans`) over a memory bank that the training loop
 fills with the embeddings it computes anyway (:meth:`NGAMEBatchSampler.update_embeddings`), and are refreshed
 every ``refresh_every`` epochs after ``warmup_epochs`` of random batches. Unlike the reference (one GPU), the
 plan is shared across ranks: rank 0 gathers the bank, clusters, and broadcasts the cluster ids.
@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from native.balanced_kmeans import balanced_kmeans
+from native.balanced import balanced_kmeans
 from native.batching import fixed_sizes
 from native.rng import permutation
 from samplers.base import BatchSamplerBase, Plan, take_batches
@@ -155,7 +155,8 @@ class NGAMEBatchSampler(BatchSamplerBase):
         rank, world_size: default to torch.distributed, else 0 and 1.
         drop_last: drop the last batch when it holds fewer clusters (or rows) than a full one, and trailing
             batches that do not fill a step of ``world_size``; counted in ``stats()["dropped"]``.
-        bank_dtype: the bank's dtype (float16 halves its size; float32 for exactness).
+        bank_dtype: the bank's dtype (float16 halves its size). The bank stores L2-normalised rows, as the
+            clustering is by cosine similarity.
         niter: 2-means iterations per split. device: where to cluster (``"auto"``: CUDA when visible).
     """
 
@@ -202,9 +203,7 @@ class NGAMEBatchSampler(BatchSamplerBase):
         self._counts = {"refreshes": 0, "refreshes_skipped_incomplete_bank": 0}
         if embeddings is not None:
             emb = self._check_embeddings(embeddings, self.num_items, "embeddings")
-            if emb.shape[0] != self.num_items:
-                raise ValueError(f"embeddings must have shape [num_items={self.num_items}, d] (got {emb.shape})")
-            self._bank = emb.astype(self.bank_dtype)
+            self._bank = self._to_bank(emb)
             self._stamp[:] = 0
             self._bank_dirty = True
         self._maybe_refresh(0)
@@ -213,6 +212,11 @@ class NGAMEBatchSampler(BatchSamplerBase):
     def cluster_size_at(self, epoch: int) -> int:
         """The cluster size the schedule gives for ``epoch``."""
         return [c for e, c in self._schedule if e <= epoch][-1]
+
+    @property
+    def cluster_ids(self) -> NDArray[np.int64] | None:
+        """int64 ``[num_items]``: the cluster of every row in the current clustering (a copy), or None before one."""
+        return None if self._ids is None else self._ids.copy()
 
     def refresh_due(self, epoch: int) -> bool:
         """Whether ``epoch`` is a refresh epoch (``>= warmup_epochs`` and on the ``refresh_every`` grid)."""
@@ -234,6 +238,11 @@ class NGAMEBatchSampler(BatchSamplerBase):
         return emb
 
     # ---- memory bank --------------------------------------------------------------------------------------
+    def _to_bank(self, emb: NDArray) -> NDArray:
+        # clustering is by cosine, so the bank keeps directions: unit rows lose nothing to float16's range
+        emb = emb.astype(np.float32)
+        return (emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)).astype(self.bank_dtype)
+
     def update_embeddings(self, indices: ArrayLike, embeddings: ArrayLike) -> None:
         """Write the embeddings of rows ``indices`` into the memory bank (e.g. from the training forward pass).
 
@@ -259,7 +268,7 @@ class NGAMEBatchSampler(BatchSamplerBase):
         elif emb.shape[1] != self._bank.shape[1]:
             raise ValueError(f"embeddings have dimension {emb.shape[1]} but the bank holds dimension "
                              f"{self._bank.shape[1]}; use the same encoder output size throughout")
-        self._bank[idx] = emb.astype(self.bank_dtype)
+        self._bank[idx] = self._to_bank(emb)
         # later writes win when ranks' banks are merged: (epoch, position in the epoch) orders them
         self._stamp[idx] = (self.epoch << 32) + self._yielded + 1
         self._bank_dirty = True
@@ -364,9 +373,8 @@ class NGAMEBatchSampler(BatchSamplerBase):
             raise ValueError(f"NGAMEBatchSampler.load_state_dict: missing keys {missing}; pass the dict returned "
                              "by state_dict()")
         ce, cs, dig = int(state["clustered_epoch"]), int(state["cluster_size_now"]), str(state["clusters_digest"])
-        if ce < 0:
-            self._set_clustering(None, -1, 0)
-        elif _digest(self._ids) != dig:
+        ids = self._ids
+        if ce >= 0 and _digest(ids) != dig:
             if self._bank is None or self._bank_updates or (self._stamp < 0).any() or self.cluster_size_at(ce) != cs:
                 raise ValueError(
                     f"the state was saved with the clustering of epoch {ce} (digest {dig}) which this sampler does "
@@ -375,7 +383,7 @@ class NGAMEBatchSampler(BatchSamplerBase):
             if _digest(ids) != dig:
                 raise ValueError(f"recomputing the clustering of epoch {ce} gave digest {_digest(ids)}, not {dig}; "
                                  "construct the sampler with the same embeddings or call load_clusters(path)")
-            self._set_clustering(ids, ce, cs)
+        self._set_clustering(ids if ce >= 0 else None, ce, cs)
         self._bank_dirty = bool(state["bank_dirty"])
         super().load_state_dict({k: v for k, v in state.items() if k not in _DYNAMIC_KEYS})
 

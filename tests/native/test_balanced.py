@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from native.balanced_kmeans import balanced_kmeans, init_pairs, leaf_sizes
+from native.balanced import balanced_kmeans, init_pairs, leaf_sizes
 
 DEVICES = ["cpu", "torch-cpu"]
 

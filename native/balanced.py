@@ -194,7 +194,8 @@ def _split_block_torch(torch, xs, perm, starts, sizes, lefts, pairs, niter: int)
         prev = in_left
         lsum = torch.bmm((in_left & valid).to(X.dtype)[:, None, :], X)[:, 0, :]
         rsum = total - lsum
-        w = lsum / lsum.norm(dim=1, keepdim=True).clamp_min(1e-12) - rsum / rsum.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        w = (lsum / lsum.norm(dim=1, keepdim=True).clamp_min(1e-12)
+             - rsum / rsum.norm(dim=1, keepdim=True).clamp_min(1e-12))
     return order
 
 
