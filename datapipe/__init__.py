@@ -14,7 +14,8 @@ _LAZY = {
     "datapipe.loader": ("DataLoader",),
     "datapipe.tokenize": ("ByteTokenizer", "load_tokenizer"),
     "datapipe.ingestion": ("ingest",),
-    "datapipe.decompose": ("DecomposedIndex", "decompose"),
+    "datapipe.decomposition": ("DecomposedIndex", "decompose"),
+    "datapipe.collate.decomposed": ("DecomposedDataset",),
     "datapipe.audio": ("import_lhotse_cuts", "ingest_audio"),
     "datapipe.tas_ingest": ("cluster_embeddings", "ingest_tas", "load_pair_table", "save_pair_table"),
 }

@@ -14,7 +14,7 @@ from datapipe.format import DatasetError
 def _decomposition_lines(path) -> list[str]:
     # the decomposition module is optional here: inspect shows its buckets when a decomposition exists
     try:
-        mod = importlib.import_module("datapipe.decompose")
+        mod = importlib.import_module("datapipe.decomposition")
     except ImportError:
         return []
     fn = getattr(mod, "bucket_histogram_lines", None)
@@ -83,7 +83,7 @@ def plot_summary(path: str | os.PathLike, png: str | os.PathLike) -> None:
     lengths = ds.index.get("length")
     plot_buckets = None
     try:
-        plot_buckets = getattr(importlib.import_module("datapipe.decompose"), "plot_buckets", None)
+        plot_buckets = getattr(importlib.import_module("datapipe.decomposition"), "plot_buckets", None)
     except ImportError:
         pass
     has_dec = plot_buckets is not None and os.path.isdir(os.path.join(ds.path, "decomposition"))

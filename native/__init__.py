@@ -14,7 +14,7 @@ _LAZY = {
     "native.ragged": ("gather_ragged", "pack_ragged", "pad_ragged"),
     "native.faiss_ops": ("assign", "gpu_available", "kmeans", "knn", "knn_search"),
     "native.tas": ("bin_table", "draw_pairs", "margin_bins"),
-    "native.decompose": ("decompose_lengths",),
+    "native.decompose": ("curriculum_order", "decompose_lengths"),
     "native.balanced": ("balanced_kmeans", "leaf_sizes"),
     "native.duration": ("assign_buckets_2d", "bucket_batches", "pack_best_fit"),
 }

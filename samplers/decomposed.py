@@ -70,7 +70,8 @@ class DecomposedBatchSampler(BatchSamplerBase):
         cycles: number of curriculum cycles per epoch; each uses a disjoint ``1/cycles`` slice of every bucket.
         incomplete: ``"drop"`` (default) the sequences of a bucket slice that do not fill a whole step, or
             ``"repeat"`` sequences of the slice to fill it.
-        seed, rank, world_size: as in every sampler.
+        seed, rank, world_size: as in every sampler. ``drop_last`` (when given) overrides ``incomplete``:
+            ``True`` is ``"drop"``, ``False`` is ``"repeat"``.
 
     Yields:
         int64 arrays of sequence ids, ``tokens_per_batch >> k`` of them, all of one bucket ``k``; every rank's
@@ -81,8 +82,10 @@ class DecomposedBatchSampler(BatchSamplerBase):
 
     def __init__(self, index, *, tokens_per_batch: int, curriculum: str | Mapping = "grow-p2", cycles: int = 1,
                  incomplete: str = "drop", seed: int = 0, rank: int | None = None,
-                 world_size: int | None = None) -> None:
+                 world_size: int | None = None, drop_last: bool | None = None) -> None:
         super().__init__(seed=seed, rank=rank, world_size=world_size, drop_last=True)
+        if drop_last is not None:  # the contract's name: drop_last=False keeps every sequence (repeats fill)
+            incomplete = "drop" if drop_last else "repeat"
         log2 = getattr(index, "sequence_log2", None)
         if log2 is None:
             raise TypeError(f"index must have a 'sequence_log2' array (got {type(index).__name__})")
@@ -129,7 +132,7 @@ class DecomposedBatchSampler(BatchSamplerBase):
         self.odds = curriculum_odds(curriculum, self.buckets, self.max_log2)
         self._tokens = getattr(index, "sequence_tokens", None)
         self._index = index
-        if self._build_plan(0).num_batches == 0:
+        if self.global_plan().num_batches == 0:  # builds (and caches) the plan of the current epoch
             raise ValueError(
                 f"no bucket fills one step of {self.world_size} batch(es) of {self.tokens_per_batch} tokens "
                 f"(sequences per bucket: { {k: len(v) for k, v in self._members.items()} }); lower tokens_per_batch, "

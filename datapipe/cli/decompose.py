@@ -26,7 +26,7 @@ def decompose_cmd(dataset_dir, min_log2, max_log2, remainder, seed, engine, ray_
       datapipe inspect stdlib_ds        # shows the bucket histogram
     """
     from datapipe.cli._progress import progress_bar
-    from datapipe.decompose import decompose
+    from datapipe.decomposition import decompose
 
     try:
         with progress_bar("decomposing", total=100) as update:

@@ -18,7 +18,7 @@ import torch
 from datapipe.dataset import Batch, Ragged
 from native.ragged import pack_ragged, pad_ragged
 
-__all__ = ["PackedCollate", "PadCollate", "collate_features", "default", "features_collator", "pad", "packed",
+__all__ = ["DecomposedDataset", "PackedCollate", "PadCollate", "collate_decomposed", "collate_features", "default", "features_collator", "pad", "packed",
            "ragged_column"]
 
 
@@ -151,3 +151,4 @@ def default(batch):
 
 
 from datapipe.collate.features import collate_features, features_collator  # noqa: E402  (needs the helpers above)
+from datapipe.collate.decomposed import DecomposedDataset, collate_decomposed  # noqa: E402

@@ -8,11 +8,11 @@ document; packed remainder sequences hold several documents' tails back to back,
 Tokens come from the dataset's memory-mapped shards (zero-copy index) or, after ``--materialize``, from the
 per-bucket files where every sequence is one contiguous ``2^k`` row.
 
-Use it with ``collate_fn=collate_decomposed`` (the dataset already returns the collated batch)::
+The dataset returns the collated batch; ``datapipe.DataLoader``'s default collate passes it through (with a
+plain ``torch.utils.data.DataLoader`` give ``collate_fn=collate_decomposed``)::
 
     ds = DecomposedDataset(ArrowDataset.open(path))
-    loader = DataLoader(ds, batch_sampler=DecomposedBatchSampler(ds.index, tokens_per_batch=65536),
-                        collate_fn=collate_decomposed)
+    loader = datapipe.DataLoader(ds, batch_sampler=DecomposedBatchSampler(ds.index, tokens_per_batch=65536))
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import pyarrow as pa
 import torch
 from numpy.typing import NDArray
 
-from datapipe.dataset import ArrowDataset
+from datapipe.dataset import ArrowDataset, Batch
 from datapipe.format import DatasetError, file_checksum
 
 __all__ = ["DecomposedDataset", "collate_decomposed", "gather_sequences", "materialize_buckets"]
@@ -120,14 +120,14 @@ class DecomposedDataset(torch.utils.data.Dataset):
     segment's first token), ``attention_mask`` int64 ``[b, 2^k]`` (0 at padding), ``position_ids`` int64
     ``[b, 2^k]`` (restarting at each segment), ``cu_seqlens`` int32 ``[segments+1]`` over the flattened
     ``b * 2^k`` tokens (padding is a segment of its own), ``max_seqlen`` int, ``sequence_ids`` int64 ``[b]``,
-    ``log2`` int.
+    ``log2`` int (a ``datapipe.dataset.Batch``, i.e. a dict).
     """
 
     def __init__(self, dataset, index=None, *, pad_id: int = 0, label_pad: int = -100,
                  column: str = "input_ids") -> None:
         self.dataset = dataset if isinstance(dataset, ArrowDataset) else ArrowDataset.open(dataset)
         if index is None:
-            from datapipe.decompose import DecomposedIndex
+            from datapipe.decomposition import DecomposedIndex
 
             index = DecomposedIndex.open(self.dataset.path)
         self.index = index
@@ -188,10 +188,12 @@ class DecomposedDataset(torch.utils.data.Dataset):
         if ids is None:
             ids, pieces = gather_sequences(self.dataset, self.index, seq, pad_id=self.pad_id, column=self.column)
         cu, pos, labels, mask, max_seqlen = _boundaries(self.index, seq, pieces, L, self.label_pad, ids)
-        return {"input_ids": torch.from_numpy(ids.astype(np.int64)), "labels": torch.from_numpy(labels),
-                "attention_mask": torch.from_numpy(mask.astype(np.int64)), "position_ids": torch.from_numpy(pos),
-                "cu_seqlens": torch.from_numpy(cu), "max_seqlen": max_seqlen,
-                "sequence_ids": torch.from_numpy(seq.copy()), "log2": k}
+        # a Batch, so datapipe.DataLoader's default collate passes the tensors through unchanged
+        return Batch({"input_ids": torch.from_numpy(ids.astype(np.int64)), "labels": torch.from_numpy(labels),
+                      "attention_mask": torch.from_numpy(mask.astype(np.int64)),
+                      "position_ids": torch.from_numpy(pos), "cu_seqlens": torch.from_numpy(cu),
+                      "max_seqlen": max_seqlen, "sequence_ids": torch.from_numpy(seq.copy()), "log2": k},
+                     len(seq), seq)
 
     def __getitem__(self, i):
         if isinstance(i, (int, np.integer)):
@@ -199,9 +201,10 @@ class DecomposedDataset(torch.utils.data.Dataset):
         return self.__getitems__(i)
 
 
-def collate_decomposed(batch):
-    """The loader's ``collate_fn`` for :class:`DecomposedDataset`: the batch is already collated."""
-    return batch
+def collate_decomposed(batch) -> dict:
+    """A ``collate_fn`` for :class:`DecomposedDataset` (optional with ``datapipe.DataLoader``, whose default
+    collate does the same): the batch is already collated, returned as a plain dict."""
+    return dict(batch)
 
 
 def materialize_buckets(ds: ArrowDataset, arrays: dict, params: dict, out_dir: str | os.PathLike, *,

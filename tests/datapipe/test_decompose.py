@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 import datapipe
 from datapipe.collate.decomposed import DecomposedDataset, collate_decomposed
-from datapipe.decompose import DecomposedIndex, bucket_histogram_lines, plot_buckets
+from datapipe.decomposition import DecomposedIndex, bucket_histogram_lines, plot_buckets
 from datapipe.format import DatasetError
 from native.decompose import decompose_lengths
 from samplers.decomposed import DecomposedBatchSampler
@@ -123,6 +123,10 @@ def test_dataloader_with_workers(corpus):
     got = [b["sequence_ids"].numpy() for b in loader]
     ref = list(sampler)
     assert len(got) == len(ref) and all(np.array_equal(a, b) for a, b in zip(got, ref))
+    # the loader's default collate passes the batch through too
+    plain = datapipe.DataLoader(DecomposedDataset(path), batch_sampler=sampler)
+    first = next(iter(plain))
+    assert first["input_ids"].shape[1] == 1 << first["log2"] and first["cu_seqlens"].dtype.is_signed
 
 
 def test_mixed_buckets_in_one_batch_are_refused(corpus):

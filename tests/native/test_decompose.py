@@ -111,6 +111,7 @@ def check_invariants(got, lengths, lo_k, hi_k, remainder):
     k = got["sequence_log2"]
     assert ((k >= lo_k) & (k <= hi_k)).all()
     np.testing.assert_array_equal(np.bincount(seq, weights=length, minlength=S), got["sequence_tokens"])
+    assert got["padded_tokens"] == int(((1 << k) - got["sequence_tokens"]).sum())
     full = got["sequence_tokens"] == (1 << k)
     short = np.flatnonzero(~full)
     assert (k[short] == lo_k).all()
@@ -201,6 +202,7 @@ def test_reference_rule_loses_tokens_we_keep():
 @pytest.mark.parametrize("kw,exc,match", [
     (dict(min_log2=9, max_log2=8), ValueError, "min_log2 must be <= max_log2"),
     (dict(min_log2=-1), ValueError, "min_log2 must be an integer"),
+    (dict(min_log2=0, max_log2=31), ValueError, "must be <= 30"),
     (dict(max_log2=2.5), ValueError, "max_log2 must be an integer"),
     (dict(remainder="keep"), ValueError, "remainder must be one of"),
     (dict(seed=1.5), TypeError, "seed must be an int"),

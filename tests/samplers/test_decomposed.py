@@ -61,14 +61,15 @@ def test_dropped_sequences_are_counted_and_change_each_epoch():
     st0 = s.stats()
     assert st0["dropped"]["incomplete_step"] > 0
     assert st0["rows"] + st0["dropped_rows"] == len(INDEX.sequence_log2)
-    seen0 = set(np.concatenate(s.global_plan().indices[None]).ravel().tolist())
+    seen0 = set(s.global_plan().indices.tolist())
     s.set_epoch(1)
     seen1 = set(s.global_plan().indices.tolist())
     assert seen0 != seen1  # the bucket's shuffle decides which sequences miss the last step
 
 
-def test_incomplete_repeat_keeps_every_sequence():
-    samplers, per_rank = run_ranks(INDEX, 2, tokens_per_batch=T, incomplete="repeat")
+@pytest.mark.parametrize("kw", [dict(incomplete="repeat"), dict(drop_last=False)])
+def test_incomplete_repeat_keeps_every_sequence(kw):
+    samplers, per_rank = run_ranks(INDEX, 2, tokens_per_batch=T, **kw)
     allseq = np.concatenate([np.concatenate(b) for b in per_rank])
     assert set(allseq.tolist()) == set(range(len(INDEX.sequence_log2)))
     st_ = samplers[0].stats()

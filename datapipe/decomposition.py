@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
-import types
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -315,14 +313,3 @@ def plot_buckets(dataset_dir: str | os.PathLike, ax=None):
     ax.set_title(f"decomposition ({idx.remainder}): {100 * c['kept_tokens'] / max(c['tokens'], 1):.2f} % tokens "
                  "kept", fontsize=9)
     return ax
-
-
-class _CallableModule(types.ModuleType):
-    """``datapipe.decompose`` is both this module and the function: importing the module (``from
-    datapipe.decompose import ...``) binds the package attribute to the module, so the module forwards calls."""
-
-    def __call__(self, *args, **kwargs) -> DecomposedIndex:
-        return decompose(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
