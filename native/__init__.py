@@ -16,6 +16,7 @@ _LAZY = {
     "native.tas": ("bin_table", "draw_pairs", "margin_bins"),
     "native.decompose": ("curriculum_order", "decompose_lengths"),
     "native.balanced": ("balanced_kmeans", "leaf_sizes"),
+    "native.feistel": ("feistel_index", "feistel_permute", "stream_batches"),
     "native.duration": ("assign_buckets_2d", "bucket_batches", "pack_best_fit"),
 }
 _MODULES = ()

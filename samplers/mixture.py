@@ -19,25 +19,37 @@ Definitions:
 * Within a domain rows come from a fresh seeded permutation each pass; the passes a run needs are counted
   (``stats()["passes"]``) and ``max_repeat`` (passes allowed per domain) raises a clear error up front.
 * Nothing is dropped; rows of the last, partial pass of a domain that a run does not reach are reported as
-  ``stats()["unused_rows_last_pass"]``, and repeated row slots as ``plan.repeated["domain_repeat"]``.
+  ``stats()["unused_rows_last_pass"]``, and repeated row slots as ``stats()["repeated"]["domain_repeat"]``.
 
-The plan is a pure function of (sizes, schedule, seed, epoch, batch_size, total_steps, world_size), so resume
-(also across phase boundaries) recomputes it and skips what was consumed.
+Memory: nothing the size of the run or of a domain is materialised. The sampler keeps the per-batch counts
+(``[total_steps * world_size, D]`` in the smallest unsigned dtype holding ``batch_size``) and per-step stream
+positions (int64 ``[total_steps + 1, D]``). Domain ``d`` is read as a *stream*: pass after pass of a stateless
+Feistel permutation of its rows (``native.feistel``, seeded by ``mix_seed(seed, epoch, d, pass)``); batch ``b``
+takes the next ``counts[b, d]`` stream positions after those of all earlier batches, so any batch is computed
+on its own in O(batch_size) time. A 200k-step, 8-rank, 1024-row-batch run over a 1e9-row domain needs ~26 MB
+instead of a materialised plan's 12.2 GiB of rows (~76 GiB peak while building it) and 8 GB per permutation pass
+(benchmarks/results/bench_mixture.md).
+
+Every batch is a pure function of (sizes, schedule, seed, epoch, batch_size, total_steps, world_size, batch id),
+so resume (also across phase boundaries) is O(1): it starts computing at the saved cursor.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 from numpy.typing import NDArray
 
-from native.rng import mix_seed, permutation, shuffle_segments
+from native.feistel import mix_prefix, stream_batches
 from samplers.base import BatchSamplerBase, Plan
 
 __all__ = ["MixtureBatchSampler", "largest_remainder_counts"]
 
 MODES = ("stratified", "random")
+_COUNT_CHUNK = 1 << 15  # batches per chunk when drawing the counts
+_ITER_CHUNK = 32  # steps computed per kernel call while iterating
+_MAX_PLAN_ROWS = 1 << 28  # global_plan() refuses to materialise more rows (2 GiB)
 
 
 def largest_remainder_counts(weights: NDArray[np.float64], total: int,
@@ -68,6 +80,23 @@ def largest_remainder_counts(weights: NDArray[np.float64], total: int,
     ranks = np.empty_like(order)
     np.put_along_axis(ranks, order, np.broadcast_to(np.arange(w.shape[1]), w.shape).copy(), axis=1)
     return base + (ranks < short[:, None])
+
+
+def _constant_runs(schedule, total_steps: int) -> list[int] | None:
+    """Sorted first steps of the constant runs of a known piecewise-constant schedule (``Constant``,
+    ``Piecewise``, ``DomainUpsampling`` with the library's ``weights_at``), else None (ask every step)."""
+    try:
+        from mixtures.schedules import Constant, Piecewise
+    except ImportError:  # pragma: no cover - mixtures ships with samplers
+        return None
+    cls = type(schedule)
+    if isinstance(schedule, Constant) and cls.weights_at is Constant.weights_at:
+        return [0]
+    if (isinstance(schedule, Piecewise) and cls.weights_at is Piecewise.weights_at
+            and cls.phase_starts is Piecewise.phase_starts and cls.phase_at is Piecewise.phase_at):
+        starts = sorted({0, *(int(x) for x in schedule.phase_starts(total_steps) if 0 <= x < total_steps)})
+        return starts
+    return None
 
 
 class MixtureBatchSampler(BatchSamplerBase):
@@ -126,9 +155,10 @@ class MixtureBatchSampler(BatchSamplerBase):
         self.mode = mode
         self.max_repeat = max_repeat
         self._weights = self._schedule_weights()
-        self._counts_cache: tuple[int, NDArray[np.int64]] | None = None
+        self._tables_cache: tuple[tuple[int, int], tuple] | None = None  # keyed by (seed, epoch)
+        self._plan_cache: tuple[tuple[int, int], Plan] | None = None
         self._row_map: NDArray[np.int64] | None = None  # concatenation position -> dataset row (from_domains)
-        self._check_repeat(self.counts(0))
+        self._tables(0)  # draws epoch 0's counts and checks max_repeat up front
 
     @classmethod
     def from_domains(cls, domain_of_row, schedule, **kwargs) -> MixtureBatchSampler:
@@ -161,34 +191,64 @@ class MixtureBatchSampler(BatchSamplerBase):
     # ---- composition ---------------------------------------------------------------------------------------------
     def _schedule_weights(self) -> NDArray[np.float64]:
         """``[total_steps, D]`` weights (the schedule is pure, so they are computed once)."""
-        W = np.empty((self.total_steps, len(self.domains)), dtype=np.float64)
-        for s in range(self.total_steps):
-            w = np.asarray(self.schedule.weights_at(s, self.total_steps), dtype=np.float64)
-            if w.shape != (len(self.domains),):
-                raise ValueError(f"schedule.weights_at({s}) returned shape {w.shape}, expected ({len(self.domains)},)")
-            if not np.all(np.isfinite(w)) or np.any(w < 0) or abs(w.sum() - 1.0) > 1e-6:
-                raise ValueError(f"schedule.weights_at({s}) must be finite, >= 0 and sum to 1 (got {w.tolist()})")
-            W[s] = w / w.sum()
+        D, T = len(self.domains), self.total_steps
+        W = np.empty((T, D), dtype=np.float64)
+        starts = _constant_runs(self.schedule, T)  # steps where a piecewise-constant schedule changes
+        steps = range(T) if starts is None else starts
+        ends = None if starts is None else [*starts[1:], T]
+        for i, s in enumerate(steps):
+            w = np.asarray(self.schedule.weights_at(s, T), dtype=np.float64)
+            if w.shape != (D,):
+                raise ValueError(f"schedule.weights_at({s}) returned shape {w.shape}, expected ({D},)")
+            if ends is None:
+                W[s] = w
+            else:
+                W[s : ends[i]] = w
+        sums = W.sum(axis=1)
+        bad = ~(np.all(np.isfinite(W), axis=1) & np.all(W >= 0, axis=1) & (np.abs(sums - 1.0) <= 1e-6))
+        if bad.any():
+            s = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"schedule.weights_at({s}) must be finite, >= 0 and sum to 1 (got {W[s].tolist()})")
+        W /= sums[:, None]
         return W
+
+    def _tables(self, epoch: int) -> tuple[NDArray, NDArray[np.int64], NDArray[np.int64]]:
+        """Counts of an epoch: ``(counts [B, D] (smallest unsigned dtype holding batch_size), step_prefix int64
+        [total_steps + 1, D] (stream position of each domain at the start of each step), need int64 [D])``.
+
+        Computed in chunks of batches so that no temporary is larger than a chunk; the random draws are the same
+        as in one go (a single Generator consumed in order).
+        """
+        if self._tables_cache is not None and self._tables_cache[0] == (self.seed, epoch):
+            return self._tables_cache[1]
+        T, W, D, bs = self.total_steps, self.world_size, len(self.domains), self.batch_size
+        dtype = np.uint8 if bs <= 0xFF else np.uint16 if bs <= 0xFFFF else np.uint32 if bs <= 0xFFFFFFFF else np.int64
+        counts = np.empty((T * W, D), dtype=dtype)
+        step_prefix = np.zeros((T + 1, D), dtype=np.int64)
+        rng = np.random.default_rng(self.epoch_seed(epoch, 0xC0FFEE))
+        spc = max(1, _COUNT_CHUNK // W)  # steps per chunk
+        for s0 in range(0, T, spc):
+            s1 = min(T, s0 + spc)
+            Wb = np.repeat(self._weights[s0:s1], W, axis=0)  # batch s * W + r uses step s's weights
+            if self.mode == "stratified":
+                c = largest_remainder_counts(Wb, bs, rng.random(Wb.shape))
+            else:
+                c = rng.multinomial(bs, Wb).astype(np.int64)
+            counts[s0 * W : s1 * W] = c
+            step_prefix[s0 + 1 : s1 + 1] = c.reshape(s1 - s0, W, D).sum(axis=1)
+        np.cumsum(step_prefix, axis=0, out=step_prefix)
+        need = step_prefix[-1].copy()
+        self._check_repeat(need)
+        self._tables_cache = ((self.seed, epoch), (counts, step_prefix, need))
+        return counts, step_prefix, need
 
     def counts(self, epoch: int | None = None) -> NDArray[np.int64]:
         """Rows per domain of every global batch of an epoch: int64 ``[total_steps * world_size, D]``."""
-        epoch = self.epoch if epoch is None else epoch
-        if self._counts_cache is not None and self._counts_cache[0] == epoch:
-            return self._counts_cache[1]
-        Wb = np.repeat(self._weights, self.world_size, axis=0)  # batch s * W + r uses step s's weights
-        rng = np.random.default_rng(self.epoch_seed(epoch, 0xC0FFEE))
-        if self.mode == "stratified":
-            c = largest_remainder_counts(Wb, self.batch_size, rng.random(Wb.shape))
-        else:
-            c = rng.multinomial(self.batch_size, Wb).astype(np.int64)
-        self._counts_cache = (epoch, c)
-        return c
+        return self._tables(self.epoch if epoch is None else epoch)[0].astype(np.int64)
 
-    def _check_repeat(self, counts: NDArray[np.int64]) -> None:
+    def _check_repeat(self, need: NDArray[np.int64]) -> None:
         if self.max_repeat is None:
             return
-        need = counts.sum(axis=0)
         passes = need / self.sizes
         bad = np.flatnonzero(passes > self.max_repeat + 1e-12)
         if len(bad):
@@ -198,50 +258,93 @@ class MixtureBatchSampler(BatchSamplerBase):
                 f"{int(self.sizes[d])} rows) but max_repeat={self.max_repeat}; lower its weight, add rows, shorten "
                 f"total_steps or raise max_repeat")
 
-    # ---- plan ----------------------------------------------------------------------------------------------------
-    def _build_plan(self, epoch: int) -> Plan:
-        counts = self.counts(epoch)
-        self._check_repeat(counts)
-        nb = len(counts)
-        rows_parts, batch_parts = [], []
-        repeated = 0
-        for d in range(len(self.domains)):
-            need = int(counts[:, d].sum())
-            if need == 0:
-                continue
-            size = int(self.sizes[d])
-            passes = -(-need // size)
-            repeated += max(0, need - size)
-            stream = np.concatenate([permutation(size, mix_seed(self.seed, epoch, d, p)) for p in range(passes)])
-            rows_parts.append(stream[:need] + self.offsets[d])
-            batch_parts.append(np.repeat(np.arange(nb, dtype=np.int64), counts[:, d]))
-        rows = np.concatenate(rows_parts) if rows_parts else np.zeros(0, np.int64)
-        which = np.concatenate(batch_parts) if batch_parts else np.zeros(0, np.int64)
-        rows = rows[np.argsort(which, kind="stable")]  # batch by batch, domain blocks in order
-        sizes = np.full(nb, self.batch_size, dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        rows = shuffle_segments(rows, offsets, self.epoch_seed(epoch, 0xBA7C4))  # mix domains inside a batch
+    # ---- rows, computed on demand --------------------------------------------------------------------------------
+    def _global_batches(self, epoch: int, batch_ids: NDArray[np.int64]) -> NDArray[np.int64]:
+        """Rows of global batches ``batch_ids`` (batch ``b`` is step ``b // world_size``, rank ``b % world_size``)
+        of an epoch, batch after batch: int64 ``[len(batch_ids) * batch_size]``.
+
+        Domain ``d``'s rows of batch ``b`` are its stream positions ``[start, start + counts[b, d])`` where
+        ``start`` = rows of ``d`` in all earlier batches; stream position ``k`` is row
+        ``feistel_permute(k % size, size, mix_seed(seed, epoch, d, k // size))`` of the domain. The batch's rows
+        are then shuffled with seed ``mix_seed(epoch_seed(epoch, 0xBA7C4), b)``.
+        """
+        counts, step_prefix, _ = self._tables(epoch)
+        W, D = self.world_size, len(self.domains)
+        b = np.asarray(batch_ids, dtype=np.int64)
+        s, r = b // W, b % W
+        per_rank = counts.reshape(self.total_steps, W, D)[s].astype(np.int64)  # [k, W, D]
+        before = np.cumsum(per_rank, axis=1) - per_rank  # rows of earlier ranks in the same step
+        starts = step_prefix[s] + before[np.arange(len(b)), r]
+        prefixes = np.array([mix_prefix(self.seed, epoch, d) for d in range(D)], dtype=np.uint64)
+        rows = stream_batches(starts, counts[b], self.sizes, self.offsets[:-1], prefixes, b,
+                              mix_prefix(self.epoch_seed(epoch, 0xBA7C4)))
         if self._row_map is not None:
             rows = self._row_map[rows]
-        return Plan(rows.astype(np.int64), offsets, repeated={"domain_repeat": repeated} if repeated else {})
+        return rows
+
+    def _repeated(self, need: NDArray[np.int64]) -> dict:
+        rep = int(np.maximum(need - self.sizes, 0).sum())
+        return {"domain_repeat": rep} if rep else {}
+
+    def _build_plan(self, epoch: int) -> Plan:
+        """The materialised global plan (small runs only: ``total_steps * world_size * batch_size`` rows)."""
+        nb = self.total_steps * self.world_size
+        if nb * self.batch_size > _MAX_PLAN_ROWS:
+            raise ValueError(f"global_plan() would materialise {nb * self.batch_size} rows (> {_MAX_PLAN_ROWS}); "
+                             "iterate the sampler instead, it computes batches on demand")
+        rows = self._global_batches(epoch, np.arange(nb, dtype=np.int64))
+        offsets = np.arange(nb + 1, dtype=np.int64) * self.batch_size
+        return Plan(rows, offsets, repeated=self._repeated(self._tables(epoch)[2]))
+
+    def global_plan(self) -> Plan:
+        """The global plan of the current epoch (every rank's batches, step-major), materialised: for small runs,
+        tests and inspection. Iteration never builds it."""
+        if self._plan_cache is None or self._plan_cache[0] != (self.seed, self.epoch):
+            self._plan_cache = ((self.seed, self.epoch), self._build_plan(self.epoch))
+        return self._plan_cache[1]
+
+    # ---- iteration -----------------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[NDArray[np.int64]]:
+        epoch, W, r, T, bs = self.epoch, self.world_size, self.rank, self.total_steps, self.batch_size
+        self._tables(epoch)
+        for s0 in range(self._yielded, T, _ITER_CHUNK):
+            s1 = min(T, s0 + _ITER_CHUNK)
+            rows = self._global_batches(epoch, np.arange(s0, s1, dtype=np.int64) * W + r)
+            for j in range(s1 - s0):
+                self._yielded = s0 + j + 1
+                yield rows[j * bs : (j + 1) * bs].copy()
+        # a finished pass starts the next pass of the same epoch from its beginning, as torch samplers do
+        self._yielded = 0
+
+    def __len__(self) -> int:
+        return self.total_steps
 
     # ---- statistics ----------------------------------------------------------------------------------------------
     def stats(self) -> dict:
-        """Base statistics plus passes per domain, realised vs target weights and the unused rows of last passes."""
-        out = super().stats()
-        counts = self.counts()
-        need = counts.sum(axis=0)
+        """Plan statistics (computed from the counts, without materialising the plan) plus passes per domain,
+        realised vs target weights and the unused rows of last passes."""
+        need = self._tables(self.epoch)[2]
+        nb = self.total_steps * self.world_size
         total = max(1, int(need.sum()))
         passes = need / self.sizes
-        out.update(
-            mode=self.mode,
-            total_steps=self.total_steps,
-            domains=list(self.domains),
-            passes={d: float(p) for d, p in zip(self.domains, passes)},
-            full_passes={d: int(-(-int(n) // int(s))) if n else 0 for d, n, s in zip(self.domains, need, self.sizes)},
-            target_weights={d: float(w) for d, w in zip(self.domains, self._weights.mean(axis=0))},
-            realised_weights={d: int(n) / total for d, n in zip(self.domains, need)},
-            unused_rows_last_pass={d: int((-int(n)) % int(s)) if n else int(s)
-                                   for d, n, s in zip(self.domains, need, self.sizes)},
-        )
-        return out
+        return {
+            "epoch": self.epoch,
+            "num_batches": nb,
+            "batches_per_rank": self.total_steps,
+            "rows": nb * self.batch_size,
+            "mean_batch_size": float(self.batch_size),
+            "min_batch_size": self.batch_size,
+            "max_batch_size": self.batch_size,
+            "dropped_rows": 0,
+            "dropped": {},
+            "repeated": self._repeated(need),
+            "mode": self.mode,
+            "total_steps": self.total_steps,
+            "domains": list(self.domains),
+            "passes": {d: float(p) for d, p in zip(self.domains, passes)},
+            "full_passes": {d: int(-(-int(n) // int(s))) if n else 0 for d, n, s in zip(self.domains, need, self.sizes)},
+            "target_weights": {d: float(w) for d, w in zip(self.domains, self._weights.mean(axis=0))},
+            "realised_weights": {d: int(n) / total for d, n in zip(self.domains, need)},
+            "unused_rows_last_pass": {d: int((-int(n)) % int(s)) if n else int(s)
+                                      for d, n, s in zip(self.domains, need, self.sizes)},
+        }

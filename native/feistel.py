@@ -1,0 +1,241 @@
+"""Stateless seeded permutations of ``[0, n)``: a Feistel network with cycle walking.
+
+An index shuffle that needs no memory: position ``i`` of a seeded permutation of ``[0, n)`` is computed on its
+own, in O(1) time and space, so a sampler can walk a billion-row domain in a fresh random order each pass
+without materialising an 800 MB permutation. The construction is the classic one of Luby and Rackoff, "How to
+construct pseudorandom permutations from pseudorandom functions" (SIAM J. Comput., 1988), on the next even
+power of two ``m >= n``, restricted to ``[0, n)`` by cycle walking (Black and Rogaway, "Ciphers with arbitrary
+finite domains", CT-RSA 2002), as in grain's and MosaicML streaming's index shuffles. Round functions are
+SplitMix64 finalisers keyed by round keys drawn from the seed.
+
+Since ``m < 4 n``, cycle walking takes fewer than 4 network evaluations per index on average.
+
+The module also holds the kernel that reads a *permuted stream*: the concatenation of fresh permutations of a
+domain's rows, pass after pass (pass ``p`` keyed by ``mix_seed(*prefix, p)``), and assembles fixed-composition
+batches from it (:func:`stream_batches`), which is what ``samplers.MixtureBatchSampler`` iterates with.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+from native._config import njit
+
+__all__ = ["feistel_index", "feistel_permute", "mix_prefix", "mix_step", "stream_batches"]
+
+#: Feistel rounds; 8 keeps small domains (n of a few elements) close to uniform over seeds.
+ROUNDS = 8
+#: Largest ``n`` supported (the network works on at most 62 bits).
+MAX_N = 1 << 62
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_MASK63 = np.uint64((1 << 63) - 1)
+_MIX_INIT = 0x243F6A8885A308D3
+
+
+@njit
+def _fmix(z: np.uint64) -> np.uint64:
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+@njit
+def _round_keys(seed: np.uint64) -> np.ndarray:
+    keys = np.empty(ROUNDS, dtype=np.uint64)
+    s = np.uint64(seed)
+    for r in range(ROUNDS):
+        s = s + _GOLDEN
+        keys[r] = _fmix(s)
+    return keys
+
+
+@njit
+def _half_bits(n: np.int64) -> np.int64:
+    """Half the bits of the network domain: the smallest ``h >= 1`` with ``4**h >= n``."""
+    h = 1
+    while (np.int64(1) << (2 * h)) < n:
+        h += 1
+    return h
+
+
+@njit
+def _feistel_keyed(i: np.int64, n: np.int64, h: np.int64, keys: np.ndarray) -> np.int64:
+    """Image of ``i`` (in ``[0, n)``) under the keyed network on ``[0, 4**h)``, cycle-walked into ``[0, n)``."""
+    mask = np.uint64((1 << h) - 1)
+    uh = np.uint64(h)
+    x = np.uint64(i)
+    while True:
+        left = x >> uh
+        right = x & mask
+        for r in range(ROUNDS):
+            f = _fmix(right ^ keys[r]) & mask
+            left, right = right, left ^ f
+        x = (left << uh) | right
+        if x < np.uint64(n):
+            return np.int64(x)
+
+
+@njit
+def feistel_index(i: np.int64, n: np.int64, seed: np.uint64) -> np.int64:
+    """Position ``i`` of the seeded permutation of ``[0, n)`` (scalar kernel, callable from other kernels).
+
+    Args:
+        i: position in ``[0, n)``.
+        n: domain size, ``1 <= n <= 2**62``.
+        seed: uint64 seed.
+
+    Returns:
+        the permuted element, in ``[0, n)``.
+    """
+    if n <= 1:
+        return np.int64(0)
+    return _feistel_keyed(i, n, _half_bits(n), _round_keys(seed))
+
+
+@njit
+def _feistel_permute(indices: np.ndarray, n: np.int64, seed: np.uint64) -> np.ndarray:
+    out = np.empty(indices.shape[0], dtype=np.int64)
+    if n <= 1:
+        out[:] = 0
+        return out
+    h = _half_bits(n)
+    keys = _round_keys(seed)
+    for k in range(indices.shape[0]):
+        out[k] = _feistel_keyed(indices[k], n, h, keys)
+    return out
+
+
+def feistel_permute(indices: NDArray[np.int64], n: int, seed: int) -> NDArray[np.int64]:
+    """Map positions to elements of a seeded permutation of ``[0, n)`` without materialising it.
+
+    ``feistel_permute(np.arange(n), n, seed)`` is a permutation of ``range(n)``; any subset of positions costs
+    O(len(indices)) time and no other memory. Bitwise reproducible for a seed on every machine.
+
+    Args:
+        indices: int64 ``[k]`` positions, each in ``[0, n)``.
+        n: domain size, ``1 <= n <= 2**62``.
+        seed: any integer (taken modulo 2**64).
+
+    Returns:
+        int64 ``[k]``: the elements at those positions.
+    """
+    if not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_N:
+        raise ValueError(f"n must be an integer in [1, 2**62] (got {n=})")
+    idx = np.ascontiguousarray(indices, dtype=np.int64)
+    if idx.ndim != 1:
+        raise ValueError(f"indices must be 1-D (got shape {idx.shape})")
+    if len(idx) and (idx.min() < 0 or idx.max() >= n):
+        raise ValueError(f"indices must lie in [0, n) = [0, {n}) (got min {idx.min()}, max {idx.max()})")
+    return _feistel_permute(idx, np.int64(n), np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF))
+
+
+# ---- seeds inside kernels ------------------------------------------------------------------------------------
+@njit
+def mix_step(h: np.uint64, part: np.uint64) -> np.uint64:
+    """One step of ``native.rng.mix_seed``'s fold: ``mix_seed(*parts, p) == mix_step(mix_prefix(*parts), p) & (2**63-1)``."""
+    h = h ^ (part + _GOLDEN + (h << np.uint64(6)) + (h >> np.uint64(2)))
+    return _fmix(h + _GOLDEN)
+
+
+def mix_prefix(*parts: int) -> int:
+    """The unmasked fold state of ``native.rng.mix_seed(*parts)``, to be continued in a kernel by :func:`mix_step`."""
+    h = _MIX_INIT
+    m = 0xFFFFFFFFFFFFFFFF
+    for p in parts:
+        h ^= ((int(p) & m) + 0x9E3779B97F4A7C15 + ((h << 6) & m) + (h >> 2)) & m
+        z = (h + 0x9E3779B97F4A7C15) & m
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+        h = z ^ (z >> 31)
+    return h
+
+
+# ---- permuted streams ----------------------------------------------------------------------------------------
+@njit
+def _stream_fill(out: np.ndarray, at: np.int64, start: np.int64, count: np.int64, size: np.int64,
+                 offset: np.int64, prefix: np.uint64) -> None:
+    """Rows of stream positions ``[start, start + count)`` written to ``out[at:]``; pass ``p`` is keyed by
+    ``mix_step(prefix, p) & 2**63-1``."""
+    h = _half_bits(size) if size > 1 else np.int64(1)
+    k = start
+    end = start + count
+    while k < end:
+        p = k // size
+        i = k - p * size
+        stop = min(end, (p + 1) * size)
+        if size > 1:
+            keys = _round_keys(mix_step(prefix, np.uint64(p)) & _MASK63)
+            for q in range(i, i + (stop - k)):
+                out[at] = _feistel_keyed(q, size, h, keys) + offset
+                at += 1
+        else:
+            for q in range(stop - k):
+                out[at] = offset
+                at += 1
+        k = stop
+
+
+@njit
+def _shuffle(a: np.ndarray, seed: np.uint64) -> None:
+    s = seed
+    for i in range(a.shape[0] - 1, 0, -1):
+        s = s + _GOLDEN
+        r = _fmix(s) >> np.uint64(32)
+        j = np.int64((r * np.uint64(i + 1)) >> np.uint64(32))
+        t = a[i]
+        a[i] = a[j]
+        a[j] = t
+
+
+@njit
+def _stream_batches(starts: np.ndarray, counts: np.ndarray, sizes: np.ndarray, offsets: np.ndarray,
+                    prefixes: np.ndarray, batch_ids: np.ndarray, shuffle_prefix: np.uint64) -> np.ndarray:
+    nb, nd = counts.shape
+    total = 0
+    for b in range(nb):
+        for d in range(nd):
+            total += counts[b, d]
+    out = np.empty(total, dtype=np.int64)
+    at = 0
+    for b in range(nb):
+        first = at
+        for d in range(nd):
+            c = np.int64(counts[b, d])
+            if c > 0:
+                _stream_fill(out, at, starts[b, d], c, sizes[d], offsets[d], prefixes[d])
+                at += c
+        _shuffle(out[first:at], mix_step(shuffle_prefix, np.uint64(batch_ids[b])) & _MASK63)
+    return out
+
+
+def stream_batches(starts: NDArray[np.int64], counts: NDArray, sizes: NDArray[np.int64], offsets: NDArray[np.int64],
+                   prefixes: NDArray[np.uint64], batch_ids: NDArray[np.int64], shuffle_prefix: int) -> NDArray[np.int64]:
+    """Assemble batches from per-domain permuted streams, batch after batch.
+
+    Domain ``d``'s stream is pass 0, pass 1, ... of fresh permutations of its ``sizes[d]`` rows; pass ``p`` is
+    ``feistel_permute(., sizes[d], mix_step(prefixes[d], p) & 2**63-1)``, i.e. ``mix_seed(*parts_d, p)`` when
+    ``prefixes[d] == mix_prefix(*parts_d)``. Batch ``b`` takes stream positions
+    ``[starts[b, d], starts[b, d] + counts[b, d])`` of each domain (plus ``offsets[d]``), then its rows are
+    shuffled with seed ``mix_step(shuffle_prefix, batch_ids[b]) & 2**63-1``.
+
+    Args:
+        starts: int64 ``[B, D]`` first stream position per batch and domain.
+        counts: integer ``[B, D]`` rows per batch and domain (any integer dtype).
+        sizes: int64 ``[D]`` rows per domain (``>= 1``).
+        offsets: int64 ``[D]`` first row of each domain.
+        prefixes: uint64 ``[D]`` pass-seed prefixes.
+        batch_ids: int64 ``[B]`` ids that seed the in-batch shuffles.
+        shuffle_prefix: integer prefix of the in-batch shuffle seeds.
+
+    Returns:
+        int64 ``[counts.sum()]``: the rows, batch after batch.
+    """
+    return _stream_batches(np.ascontiguousarray(starts, dtype=np.int64), np.ascontiguousarray(counts),
+                           np.ascontiguousarray(sizes, dtype=np.int64), np.ascontiguousarray(offsets, dtype=np.int64),
+                           np.ascontiguousarray(prefixes, dtype=np.uint64),
+                           np.ascontiguousarray(batch_ids, dtype=np.int64),
+                           np.uint64(int(shuffle_prefix) & 0xFFFFFFFFFFFFFFFF))
