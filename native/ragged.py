@@ -87,7 +87,7 @@ def _pad(values, offsets, width, pad_id, label_pad, out_ids, out_mask, out_label
 
 
 def pad_ragged(values: NDArray, offsets: NDArray, *, pad_id: int = 0, width: int | None = None,
-               pad_to_multiple_of: int | None = None, label_pad: int = -100
+               pad_to_multiple_of: int | None = None, label_pad: int = -100, alloc=np.empty
                ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
     """Lay a ragged batch out as a right-padded matrix.
 
@@ -96,6 +96,8 @@ def pad_ragged(values: NDArray, offsets: NDArray, *, pad_id: int = 0, width: int
         pad_id: id written into padding; label_pad: label written into padding.
         width: fixed width (rows longer are truncated); default the longest row.
         pad_to_multiple_of: round the width up to a multiple of this.
+        alloc: ``alloc(shape, dtype) -> array`` for the outputs (e.g. views of shared-memory tensors, so a
+            DataLoader worker's batch crosses to the main process without another copy).
 
     Returns:
         ``(input_ids int64 [B, L], attention_mask int64 [B, L], labels int64 [B, L])``.
@@ -106,9 +108,9 @@ def pad_ragged(values: NDArray, offsets: NDArray, *, pad_id: int = 0, width: int
     if pad_to_multiple_of:
         L = -(-L // pad_to_multiple_of) * pad_to_multiple_of
     B = len(lengths)
-    ids = np.empty((B, L), dtype=np.int64)
-    mask = np.empty((B, L), dtype=np.int64)
-    labels = np.empty((B, L), dtype=np.int64)
+    ids = alloc((B, L), np.int64)
+    mask = alloc((B, L), np.int64)
+    labels = alloc((B, L), np.int64)
     _pad(values, offsets, L, pad_id, label_pad, ids, mask, labels)
     return ids, mask, labels
 
@@ -126,12 +128,13 @@ def _pack(values, offsets, label_pad, out_ids, out_pos, out_labels):
             out_labels[a + j] = label_pad if j == 0 else v
 
 
-def pack_ragged(values: NDArray, offsets: NDArray, *, label_pad: int = -100
+def pack_ragged(values: NDArray, offsets: NDArray, *, label_pad: int = -100, alloc=np.empty
                 ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
     """Padding-free layout of a ragged batch (flash-attention varlen / HF ``DataCollatorWithFlattening`` style).
 
     Args:
         values: flat token ids ``[T]`` (rows back to back); offsets: ``[B+1]`` starting at 0.
+        alloc: ``alloc(shape, dtype) -> array`` for the outputs (see :func:`pad_ragged`).
 
     Returns:
         ``(input_ids int64 [T], position_ids int64 [T], labels int64 [T])``; labels are the ids with
@@ -142,8 +145,8 @@ def pack_ragged(values: NDArray, offsets: NDArray, *, label_pad: int = -100
         values = values[offsets[0] : offsets[-1]]
         offsets = offsets - offsets[0]
     T = int(offsets[-1]) if len(offsets) else 0
-    ids = np.empty(T, dtype=np.int64)
-    pos = np.empty(T, dtype=np.int64)
-    labels = np.empty(T, dtype=np.int64)
+    ids = alloc(T, np.int64)
+    pos = alloc(T, np.int64)
+    labels = alloc(T, np.int64)
     _pack(values, offsets, label_pad, ids, pos, labels)
     return ids, pos, labels

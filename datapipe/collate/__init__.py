@@ -22,6 +22,22 @@ __all__ = ["DecomposedDataset", "PackedCollate", "PadCollate", "collate_decompos
            "ragged_column"]
 
 
+def _outputs():
+    """``(alloc, to_tensor)``: outputs in shared memory inside a DataLoader worker (as torch's default_collate
+    does), so the batch crosses to the main process without another copy; plain memory elsewhere."""
+    if torch.utils.data.get_worker_info() is None:
+        return np.empty, torch.from_numpy
+    made: dict[int, torch.Tensor] = {}
+
+    def alloc(shape, dtype):
+        t = torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype).share_memory_()
+        a = t.numpy()
+        made[id(a)] = t
+        return a
+
+    return alloc, lambda a: made.pop(id(a)) if id(a) in made else torch.from_numpy(a)
+
+
 def ragged_column(batch, column: str) -> Ragged:
     """Column ``column`` of a batch (a :class:`Batch`, a dict of columns, or a list of per-row dicts) as Ragged."""
     if isinstance(batch, Mapping):
@@ -75,10 +91,11 @@ class PadCollate:
         width = None
         if self.max_length is not None:
             width = min(int(r.lengths.max()) if len(r) else 0, self.max_length)
+        alloc, tensor = _outputs()
         ids, mask, labels = pad_ragged(r.values, r.offsets, pad_id=self.pad_id, width=width,
-                                       pad_to_multiple_of=self.pad_to_multiple_of, label_pad=self.label_pad)
-        out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
-               "labels": torch.from_numpy(labels)}
+                                       pad_to_multiple_of=self.pad_to_multiple_of, label_pad=self.label_pad,
+                                       alloc=alloc)
+        out = {"input_ids": tensor(ids), "attention_mask": tensor(mask), "labels": tensor(labels)}
         if self.keep_columns:
             out.update(_extras(batch, {self.column, *out}))
         return out
@@ -92,13 +109,13 @@ class PackedCollate:
 
     def __call__(self, batch) -> dict:
         r = ragged_column(batch, self.column)
-        ids, pos, labels = pack_ragged(r.values, r.offsets, label_pad=self.label_pad)
+        alloc, tensor = _outputs()
+        ids, pos, labels = pack_ragged(r.values, r.offsets, label_pad=self.label_pad, alloc=alloc)
         lengths = r.lengths
         cu = np.zeros(len(lengths) + 1, dtype=np.int32)
         np.cumsum(lengths, out=cu[1:])
-        out = {"input_ids": torch.from_numpy(ids), "cu_seqlens": torch.from_numpy(cu),
-               "position_ids": torch.from_numpy(pos), "max_seqlen": int(lengths.max()) if len(lengths) else 0,
-               "labels": torch.from_numpy(labels)}
+        out = {"input_ids": tensor(ids), "cu_seqlens": torch.from_numpy(cu), "position_ids": tensor(pos),
+               "max_seqlen": int(lengths.max()) if len(lengths) else 0, "labels": tensor(labels)}
         if self.keep_columns:
             out.update(_extras(batch, {self.column, *out}))
         return out
