@@ -146,6 +146,10 @@ class DataLoader(tud.DataLoader):
             self._delivered = 0
         self._started, self._explicit = True, False
         skip = self._delivered
+        if hasattr(self.collate_fn, "set_epoch"):
+            # e.g. ImmiscibleCollate keys its noise by (rows, epoch); persistent workers keep the copy they got
+            # at their start, so such a collate should not rely on it there
+            self.collate_fn.set_epoch(self._epoch)
         if not self._iterable:
             self._wrapped.epoch, self._wrapped.skip = self._epoch, skip
         base = super().__iter__()

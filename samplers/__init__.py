@@ -18,6 +18,7 @@ _LAZY = {
     "samplers.calibrate": ("BatchShape", "BatchShape2D", "calibrate_batch_sizes"),
     "samplers.topic_aware": ("PairTable", "TopicAwareBatchSampler"),
     "samplers.ngame": ("NGAMEBatchSampler", "positive_mask"),
+    "samplers.immiscible": ("ImmiscibleCollate", "assign_linear", "knn_noise", "knn_noise_exact", "plain_noise"),
     "samplers.mixture": ("MixtureBatchSampler", "largest_remainder_counts"),
 }
 _MODULES = ("base", "bins", "calibrate", "decomposed", "duration", "immiscible", "mixture", "ngame", "packing",

@@ -9,7 +9,7 @@ instead of pairing each training image with an independent Gaussian noise, pair 
   an exact N(0, I) multiset. Cost: a B x B x D GEMM plus an O(B^3) serial solve.
 - :func:`knn_noise` (the 2025 paper): for each image draw k candidate noises and keep the nearest one.
   Purely local (works at B = 1); brute force costs B * k * D Gaussian draws.
-- :func:`knn_noise_exact`: the same distribution as :func:`knn_noise` at a cost independent of k. For x of
+- :func:`knn_noise_exact`: the same distribution as :func:`knn_noise`, at about the cost of one randn. For x of
   dimension D with unit direction u, a candidate n ~ N(0, I) splits into a = u.n ~ N(0, 1) and
   r^2 = |n - a u|^2 ~ chi2(D - 1), independent, with the direction of n - a u uniform on the sphere
   orthogonal to u. Since |x - n|^2 = |x|^2 - 2 a |x| + a^2 + r^2, the nearest of k candidates depends only on
@@ -23,8 +23,8 @@ Here each rank (each loader worker, in fact) solves its own B x B problem: the g
 O((W B)^3) serially, blocks every rank on a gather/scatter of full images each step, and ties the noise to
 the global batch composition; per-rank LA keeps the exact-Gaussian multiset guarantee and needs no
 communication. It gives a smaller distance reduction than the global problem would (the pool is B, not W B);
-where more reduction is wanted, raise k in :func:`knn_noise_exact`, which is local and costs the same for
-any k.
+where more reduction is wanted, raise k in :func:`knn_noise_exact`, which is local and costs one
+``randn(B, D)`` plus O(B k) scalar draws (flat in k while k is well below D / 4).
 
 All distances are accumulated in fp32 (fp64 for the per-candidate scalars and for the CUDA cost GEMM, which
 would otherwise be subject to TF32), for fp16/bf16 inputs too; the noise is returned in the input's dtype.
@@ -32,6 +32,7 @@ would otherwise be subject to TF32), for fp16/bf16 inputs too; the noise is retu
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -44,6 +45,7 @@ from native.rng import mix_seed
 __all__ = ["ImmiscibleCollate", "METHODS", "assign_linear", "knn_noise", "knn_noise_exact", "plain_noise"]
 
 _PAIR_BLOCK = 1 << 14  # (a, r^2) candidate pairs per block in knn_noise_exact on the CPU
+_DOT_BLOCK = 1 << 18  # fp32 values per block of row-wise dot products on the CPU
 _DEFAULT_CHUNK = 1 << 22  # candidate values materialised at once by knn_noise (fp32: 16 MiB, ~32 MiB peak)
 
 
@@ -134,17 +136,17 @@ def assign_linear(
             )
         noise = noise.to(device=x.device, dtype=x.dtype)
     nf = noise.reshape(noise.shape[0], -1)
-    B = xf.shape[0]
-    if B == 1:
-        return noise.clone()
     # fp32 costs from the values actually returned; the GEMM in fp64 on CUDA (TF32 would cost ~3 digits).
     work = torch.float64 if x.device.type == "cuda" else torch.float32
     xw = xf.to(work)
     nw = nf.to(work)
-    x2 = torch.linalg.vector_norm(xw, dim=1).square_()
+    x2 = torch.linalg.vector_norm(xw, dim=1)
+    n2 = torch.linalg.vector_norm(nw, dim=1)
     _check_finite(x2)
-    _check_finite(torch.linalg.vector_norm(nw, dim=1), "noise")
-    n2 = torch.linalg.vector_norm(nw, dim=1).square_()
+    _check_finite(n2, "noise")
+    if xf.shape[0] == 1:
+        return noise.clone()
+    x2, n2 = x2.square_(), n2.square_()
     d2 = torch.addmm(x2[:, None] + n2[None, :], xw, nw.T, beta=1.0, alpha=-2.0)
     cost = d2.clamp_min_(0.0).sqrt_().to(torch.float32).cpu().numpy()
     _, cols = linear_sum_assignment(cost)
@@ -270,6 +272,30 @@ def _select_pairs(
     return a_sel, r_sel
 
 
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products of two fp32 [B, D] tensors, as fp32 [B].
+
+    CUDA: elementwise, so a TF32 matmul setting cannot touch it. CPU: in cache-sized blocks of at least two
+    rows. A torch reduction with two or more outputs sums each output serially (threads split the outputs),
+    so the result is bitwise the same for any thread count (loader workers run 1 thread, the main process
+    several); a single-output reduction may be split across threads, hence no one-row blocks, and B = 1
+    goes through a matmul. One whole-batch product would instead cost a B x D temporary and its page faults.
+    """
+    if a.device.type != "cpu":
+        return torch.linalg.vecdot(a, b, dim=1)
+    B, D = a.shape
+    if B == 1:
+        return (a @ b.T).view(1)
+    out = torch.empty(B, dtype=torch.float32)
+    rows = max(2, _DOT_BLOCK // D)
+    starts = list(range(0, B, rows))
+    if B - starts[-1] < 2:  # a one-row tail joins the previous block
+        starts.pop()
+    for i0, i1 in zip(starts, starts[1:] + [B]):
+        torch.linalg.vecdot(a[i0:i1], b[i0:i1], dim=1, out=out[i0:i1])
+    return out
+
+
 @torch.no_grad()
 def knn_noise_exact(x: torch.Tensor, k: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
     """Nearest-of-k Gaussian noise with the law of :func:`knn_noise`, at a cost independent of ``k``.
@@ -308,11 +334,7 @@ def knn_noise_exact(x: torch.Tensor, k: int, *, generator: torch.Generator | Non
         s = torch.where(zero, torch.ones_like(s), s)
     # n = a* u + r* (g - (g.u) u) / |g - (g.u) u|, with u = x / s, written as alpha g + beta x in one pass.
     s64 = s.to(torch.float64)
-    if dev.type == "cpu":
-        p = (g.unsqueeze(1) @ x32.unsqueeze(2)).view(B)
-    else:  # elementwise, so a TF32 matmul setting cannot touch it
-        p = torch.linalg.vecdot(g, x32, dim=1)
-    p = p.to(torch.float64) / s64  # g.u
+    p = _rowdot(g, x32).to(torch.float64) / s64  # g.u
     g2 = torch.linalg.vector_norm(g, dim=1).to(torch.float64).square()
     gperp = (g2 - p * p).clamp_min(0.0).sqrt()
     alpha = torch.where(gperp > 0, r_sel / gperp.clamp_min(1e-300), torch.zeros_like(gperp))
@@ -356,12 +378,17 @@ class ImmiscibleCollate:
     """Collate wrapper adding immiscible ``noise`` aligned with ``batch[key]``.
 
     ``noise[i]`` is the noise for ``batch[key][i]``, same shape and dtype. Each call draws from a fresh
-    generator seeded by ``mix_seed(seed, rank, worker_id, epoch, call_index)``, so the noise is a
-    deterministic function of the seed, differs across ranks and loader workers, and does not repeat across
-    epochs if ``set_epoch`` is called before each epoch (needed only with non-persistent workers, which are
-    re-created from this object every epoch and would otherwise restart their call counter). The rank is
-    read when the object is built (in the training process, where torch.distributed is initialised), not
-    in workers, which may not see the process group.
+    generator whose seed is a pure function of the configuration, never of torch's global RNG:
+
+    - when the samples carry their row indices (``samples.indices``, as the ``Batch`` that
+      ``ArrowDataset.__getitems__`` returns does): ``mix_seed(seed, rank, epoch, hash(indices))``. The noise
+      is then a function of the rows in the batch, so it is the same whatever ``num_workers`` is and after a
+      ``DataLoader`` resume;
+    - otherwise: ``mix_seed(seed, rank, worker_id, epoch, call_index)``, distinct per worker and call.
+
+    Call ``set_epoch`` before each epoch (or let the loader do it) so epochs draw new noise; with shuffled
+    batches the row-keyed seed changes anyway. The rank is read when the object is built (in the training
+    process, where torch.distributed is initialised), not in workers, which may not see the process group.
 
     Example:
         >>> collate = ImmiscibleCollate(default_collate, key="pixel_values", method="knn-exact", k=64)
@@ -370,26 +397,29 @@ class ImmiscibleCollate:
         ...     loss = model.loss(batch["pixel_values"], noise=batch["noise"])
 
     Args:
-        base_collate: function from a list of samples to a Mapping holding ``key``; None uses
-            ``torch.utils.data.default_collate``.
-        key: the batch entry to draw noise for (float tensor or numpy array [B, ...]).
+        base_collate: function from the loader's samples to a Mapping holding ``key``; None uses
+            ``torch.utils.data.default_collate`` (for an ``ArrowDataset`` pass ``datapipe.collate.default``).
+        key: the batch entry to draw noise for: a float tensor or numpy array [B, ...], or a list of equally
+            shaped rows (stacked; the stacked tensor replaces the list in the output).
         method: one of ``METHODS``: "knn-exact" (default), "knn", "linear" or "plain".
         k: candidates per row for the KNN methods, ``>= 1`` (the papers use 4 for CIFAR-10 pixels and 64
             for Stable Diffusion latents).
         seed: base seed.
         rank: rank to mix into the seed; None reads torch.distributed (0 when not initialised).
+        shape: per-row shape to view ``batch[key]`` as (e.g. ``(1, 8, 8)`` for images stored flat).
         noise_key: name of the added entry.
     """
 
     def __init__(
         self,
-        base_collate: Callable[[list[Any]], Mapping[str, Any]] | None = None,
+        base_collate: Callable[[Any], Mapping[str, Any]] | None = None,
         key: str = "pixel_values",
         method: str = "knn-exact",
         k: int = 4,
         seed: int = 0,
         *,
         rank: int | None = None,
+        shape: tuple[int, ...] | None = None,
         noise_key: str = "noise",
     ) -> None:
         if method not in METHODS:
@@ -406,24 +436,27 @@ class ImmiscibleCollate:
         self.rank = _dist_rank() if rank is None else int(rank)
         if self.rank < 0:
             raise ValueError(f"rank must be >= 0 (got rank={self.rank})")
+        self.shape = None if shape is None else tuple(int(d) for d in shape)
         self.noise_key = noise_key
         self.epoch = 0
         self._calls = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Start epoch ``epoch``: restarts the call counter under a new seed stream."""
+        """Start epoch ``epoch``: new seeds, and the call counter restarts."""
         self.epoch = int(epoch)
         self._calls = 0
 
-    def _generator(self, device: torch.device) -> torch.Generator:
+    def _seed(self, samples: Any) -> int:
+        indices = getattr(samples, "indices", None)
+        if isinstance(indices, np.ndarray) and indices.dtype.kind in "iu":
+            digest = hashlib.blake2b(np.ascontiguousarray(indices, dtype=np.int64).tobytes(), digest_size=8)
+            return mix_seed(self.seed, self.rank, self.epoch, 1, int.from_bytes(digest.digest(), "little"))
         info = torch.utils.data.get_worker_info()
         worker = -1 if info is None else info.id
-        g = torch.Generator(device=device)
-        g.manual_seed(mix_seed(self.seed, self.rank, worker, self.epoch, self._calls))
         self._calls += 1
-        return g
+        return mix_seed(self.seed, self.rank, self.epoch, 0, worker, self._calls - 1)
 
-    def __call__(self, samples: list[Any]) -> dict[str, Any]:
+    def __call__(self, samples: Any) -> dict[str, Any]:
         batch = self.base_collate(samples)
         if not isinstance(batch, Mapping):
             raise TypeError(f"base_collate must return a Mapping holding {self.key!r} (got {type(batch).__name__})")
@@ -431,10 +464,30 @@ class ImmiscibleCollate:
             raise KeyError(f"batch has no entry {self.key!r} (entries: {sorted(batch)}); set key=")
         if self.noise_key in batch:
             raise ValueError(f"batch already has an entry {self.noise_key!r}; pick another noise_key")
-        x = batch[self.key]
-        if isinstance(x, np.ndarray):
-            x = torch.from_numpy(x)
-        out = dict(batch)
+        x = _as_tensor(batch[self.key], self.key)
+        if self.shape is not None:
+            if x.numel() != x.shape[0] * math.prod(self.shape):
+                raise ValueError(f"batch[{self.key!r}] rows of shape {tuple(x.shape[1:])} cannot be viewed as "
+                                 f"shape={self.shape}")
+            x = x.reshape(x.shape[0], *self.shape)
         _check_x(x, f"batch[{self.key!r}]")
-        out[self.noise_key] = METHODS[self.method](x, self.k, self._generator(x.device))
+        g = torch.Generator(device=x.device)
+        g.manual_seed(self._seed(samples))
+        out = dict(batch)
+        out[self.key] = x
+        out[self.noise_key] = METHODS[self.method](x, self.k, g)
         return out
+
+
+def _as_tensor(v: Any, key: str) -> torch.Tensor:
+    if isinstance(v, torch.Tensor):
+        return v
+    if isinstance(v, np.ndarray):
+        return torch.from_numpy(v)
+    if isinstance(v, (list, tuple)) and v:
+        rows = [r if isinstance(r, torch.Tensor) else torch.as_tensor(np.asarray(r)) for r in v]
+        if len({tuple(r.shape) for r in rows}) != 1:
+            raise ValueError(f"batch[{key!r}] rows differ in shape ({sorted({tuple(r.shape) for r in rows})[:3]}); "
+                             "noise needs equally shaped rows")
+        return torch.stack(rows)
+    return v  # _check_x reports what it is

@@ -102,3 +102,19 @@ def test_accepts_every_torch_argument(small_ds):
     for name, p in theirs.items():
         assert ours[name].default == p.default or name == "self", name
     assert isinstance(datapipe.DataLoader(small_ds), tud.DataLoader)
+
+
+def test_epoch_is_forwarded_to_a_collate_with_set_epoch(small_ds):
+    class Tagged:
+        epoch = None
+
+        def set_epoch(self, e):
+            self.epoch = e
+
+        def __call__(self, batch):
+            return torch.tensor([self.epoch])
+
+    tag = Tagged()
+    loader = datapipe.DataLoader(small_ds, batch_size=50, collate_fn=tag)
+    assert [b.item() for b in loader] == [0, 0]
+    assert [b.item() for b in loader] == [1, 1]

@@ -243,6 +243,28 @@ def test_deterministic_under_generator(name: str) -> None:
     assert not torch.equal(a, c)
 
 
+@pytest.mark.parametrize("shape", [(300, 3, 32, 32), (2, 65536), (5, 7)])
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_bitwise_same_noise_on_one_or_several_threads(name: str, shape: tuple[int, ...]) -> None:
+    """Loader workers run 1 thread, the main process several: the noise must not depend on it."""
+    x = torch.randn(shape, generator=_gen(0))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ALL[name](x, _gen(1))
+        torch.set_num_threads(2)
+        two = ALL[name](x, _gen(1))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+def test_collate_accepts_numpy_batches() -> None:
+    col = ImmiscibleCollate(lambda s: {"pixel_values": np.stack(s)}, k=4, seed=0, rank=0)
+    batch = col([np.ones((2, 4), dtype=np.float32) * i for i in range(3)])
+    assert isinstance(batch["noise"], torch.Tensor) and batch["noise"].shape == (3, 2, 4)
+
+
 def test_fp16_large_d_distances_do_not_overflow() -> None:
     """D = 16384 in fp16: squared norms reach ~3e4 and the reference's fp16 costs near overflow; ours do not."""
     x = (torch.rand(8, 4, 64, 64, generator=_gen(0)) * 2 - 1).half()
@@ -280,8 +302,11 @@ def test_property_exact_and_la(B: int, D: int, k: int, seed: int, scale: float) 
 # ---------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("fn", [knn_noise, knn_noise_exact])
-@pytest.mark.parametrize(("k", "err", "match"), [(0, ValueError, "k must be >= 1"), (-3, ValueError, "k must be >= 1"),
-                                                  (2.5, TypeError, "k must be an int"), (True, TypeError, "k must be an int")])
+@pytest.mark.parametrize(
+    ("k", "err", "match"),
+    [(0, ValueError, "k must be >= 1"), (-3, ValueError, "k must be >= 1"),
+     (2.5, TypeError, "k must be an int"), (True, TypeError, "k must be an int")],
+)
 def test_bad_k(fn, k, err, match) -> None:
     with pytest.raises(err, match=match):
         fn(torch.randn(2, 3), k)
@@ -424,3 +449,56 @@ def test_collate_rank_from_gloo_group(tmp_path) -> None:
     for r in (0, 1):
         ref = ImmiscibleCollate(None, k=4, seed=9, rank=r)([{"pixel_values": xi} for xi in x])["noise"]
         assert torch.equal(ref, got[r]["noise"])
+
+
+def _digits_dataset(tmp_path, n: int = 120):
+    import pyarrow as pa
+    from sklearn.datasets import load_digits
+
+    from datapipe import ArrowDataset, write_dataset
+
+    x = load_digits().data[:n].astype(np.float32) / 8 - 1
+    table = pa.table({"pixel_values": pa.array(list(x), type=pa.list_(pa.float32())), "label": np.arange(n)})
+    return ArrowDataset.open(write_dataset(table, tmp_path / "digits", shard_rows=50)), x
+
+
+def test_collate_on_arrow_dataset_is_worker_and_resume_invariant(tmp_path) -> None:
+    """Real Arrow shards through datapipe.DataLoader: noise keyed by rows, same for any num_workers and resume."""
+    from datapipe import DataLoader
+    from datapipe.collate import default
+
+    ds, x = _digits_dataset(tmp_path)
+
+    def loader(workers: int) -> DataLoader:
+        col = ImmiscibleCollate(default, key="pixel_values", k=4, seed=3, rank=0, shape=(1, 8, 8))
+        return DataLoader(ds, batch_size=16, shuffle=True, num_workers=workers, collate_fn=col, seed=11)
+
+    ref = list(loader(0))
+    assert len(ref) == 8
+    for b in ref:  # images come back as [B, 1, 8, 8] rows of the dataset, noise aligned with them
+        assert b["noise"].shape == b["pixel_values"].shape == (len(b["label"]), 1, 8, 8)
+        np.testing.assert_array_equal(b["pixel_values"].reshape(len(b["label"]), 64).numpy(), x[b["label"].numpy()])
+    two = list(loader(2))
+    assert all(torch.equal(a["noise"], b["noise"]) for a, b in zip(ref, two))
+    first = loader(2)
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+    state = first.state_dict()
+    del it
+    resumed = loader(2)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert len(rest) == 5
+    assert all(torch.equal(a["noise"], b["noise"]) for a, b in zip(ref[3:], rest))
+    assert not any(torch.equal(ref[i]["noise"], ref[j]["noise"]) for i in range(8) for j in range(i))
+
+
+def test_collate_stacks_row_lists_and_checks_shape() -> None:
+    col = ImmiscibleCollate(lambda s: {"pixel_values": list(s)}, k=2, rank=0, shape=(2, 3))
+    out = col([torch.ones(6), torch.zeros(6)])
+    assert out["pixel_values"].shape == out["noise"].shape == (2, 2, 3)
+    with pytest.raises(ValueError, match="rows differ in shape"):
+        ImmiscibleCollate(lambda s: {"pixel_values": list(s)}, rank=0)([torch.ones(6), torch.ones(5)])
+    with pytest.raises(ValueError, match="cannot be viewed as shape"):
+        ImmiscibleCollate(lambda s: {"pixel_values": list(s)}, rank=0, shape=(4, 4))([torch.ones(6)])
