@@ -29,8 +29,9 @@ import pyarrow as pa
 from numpy.typing import NDArray
 
 from datapipe.dataset import ArrowDataset
-from datapipe.format import DatasetError, atomic_write_text, file_checksum, verify_checksum
-from native.decompose import REMAINDER_POLICIES, _check_log2, check_doc_lengths, decompose_lengths
+from datapipe.format import DatasetError, _hasher, atomic_write_text, verify_checksum
+from native.decompose import (REMAINDER_POLICIES, _check_log2, bucket_totals, check_doc_lengths,
+                              decompose_lengths)
 
 __all__ = ["DECOMPOSITION_DIR", "DecomposedIndex", "bucket_histogram_lines", "decompose", "plot_buckets"]
 
@@ -41,11 +42,40 @@ ENGINES = ("local", "ray")
 _PIECE_COLS = ("row", "start", "length", "sequence")
 
 
+class _HashingSink:
+    """A binary file that hashes what it writes (the manifest checksum without reading the file back)."""
+
+    def __init__(self, f) -> None:
+        self._f = f
+        self.algo, self._h = _hasher()
+        self.closed = False
+
+    def write(self, data) -> int:
+        self._h.update(data)
+        return self._f.write(data)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        self.closed = True
+
+    def checksum(self) -> str:
+        return f"{self.algo}:{self._h.hexdigest()}"
+
+
 def _write_table(path: Path, columns: dict[str, NDArray]) -> dict:
+    # pa.array over a contiguous int64 numpy array is zero-copy: the only copy is the write itself
     table = pa.table({k: pa.array(np.ascontiguousarray(v)) for k, v in columns.items()})
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
-        w.write_table(table, max_chunksize=max(1, table.num_rows))
-    return {"file": path.name, "rows": table.num_rows, "bytes": path.stat().st_size, "checksum": file_checksum(path)}
+    with open(path, "wb", buffering=0) as f:
+        hs = _HashingSink(f)
+        with pa.PythonFile(hs, mode="w") as sink, pa.ipc.new_file(sink, table.schema) as w:
+            w.write_table(table, max_chunksize=max(1, table.num_rows))
+        size = f.tell()
+    return {"file": path.name, "rows": table.num_rows, "bytes": size, "checksum": hs.checksum()}
 
 
 def _read_table(path: Path) -> pa.Table:
@@ -145,8 +175,7 @@ def write_index(ds: ArrowDataset, arrays: dict, params: dict, *, materialize: bo
         }
         log2, tokens = arrays["sequence_log2"], arrays["sequence_tokens"]
         ks = range(params["min_log2"], params["max_log2"] + 1)
-        seq_counts = np.bincount(log2, minlength=params["max_log2"] + 1)
-        tok_counts = np.bincount(log2, weights=tokens, minlength=params["max_log2"] + 1)
+        seq_counts, tok_counts = bucket_totals(log2, tokens, params["max_log2"])
         manifest = {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "params": params,
             "dataset": _fingerprint(ds),

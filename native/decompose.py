@@ -24,35 +24,38 @@ import numpy as np
 from numpy.typing import NDArray
 
 from native._config import njit
-from native.rng import rand_below, rand_uniform, splitmix64
+from native.rng import rand_uniform
 
-__all__ = ["REMAINDER_POLICIES", "curriculum_order", "decompose_lengths", "empty_output", "fill_block", "finish_output",
-           "plan_layout", "scan_documents"]
+__all__ = ["REMAINDER_POLICIES", "bucket_totals", "curriculum_order", "decompose_lengths", "empty_output", "fill_block",
+           "finish_output", "plan_layout", "scan_documents"]
 
 REMAINDER_POLICIES = ("pack", "pad", "drop")
 _MAX_LOG2 = 40
+_BLOCK_ROWS = 32768  # rows per block of the one-process path (many more blocks than cores)
+_MAX_BLOCKS = 1024
 
 
-@njit
-def _doc_state(seed: np.uint64, row: np.int64, state: np.ndarray) -> None:
-    # a well-mixed, independent stream per (seed, row): hash the row, then xor in the seed
-    state[0] = np.uint64(row)
-    h = splitmix64(state)
-    state[0] = h ^ seed
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
 
 
-@njit
-def _draw_log2(state: np.ndarray, min_log2: np.int64, max_log2: np.int64) -> np.int64:
-    # P(k) = 2^(max-k) / (2^(m+1) - 1), m = max - min: draw r in [0, 2^(m+1) - 1); j = floor(log2(r + 1))
-    m = max_log2 - min_log2
-    r = rand_below(state, (np.int64(1) << (m + 1)) - 1) + 1
-    j = np.int64(0)
-    while (np.int64(1) << (j + 1)) <= r:
-        j += 1
-    return max_log2 - j
+# The random stream is ``native.rng``'s SplitMix64 (state hashed from the row, then xor the seed; one
+# ``rand_below`` per size draw) with the state kept in a register instead of a one-element array: the same
+# numbers, no allocation per document. The state is derived only for documents long enough to draw.
+@njit(inline="always")
+def _mix(z: np.uint64) -> np.uint64:
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
 
 
-@njit
+@njit(inline="always")
+def _doc_seed(seed: np.uint64, row: np.int64) -> np.uint64:
+    return _mix(np.uint64(row) + _GOLDEN) ^ seed
+
+
+@njit(inline="always")
 def _floor_log2(x: np.int64) -> np.int64:
     k = np.int64(0)
     while (np.int64(1) << (k + 1)) <= x:
@@ -60,31 +63,122 @@ def _floor_log2(x: np.int64) -> np.int64:
     return k
 
 
+@njit(inline="always")
+def _draw_log2(s: np.uint64, min_log2: np.int64, max_log2: np.int64):
+    # P(k) = 2^(max-k) / (2^(m+1) - 1), m = max - min: draw r in [0, 2^(m+1) - 1); j = floor(log2(r + 1)).
+    # Returns (next state, k).
+    s = s + _GOLDEN
+    n = np.uint64((np.int64(1) << (max_log2 - min_log2 + 1)) - 1)
+    r = np.int64(((_mix(s) >> np.uint64(32)) * n) >> np.uint64(32)) + 1
+    return s, max_log2 - _floor_log2(r)
+
+
+@njit(inline="always")
+def _count_tail(length, row, min_log2, max_log2, seed):
+    # bucket pieces of one document and the tail left at its end; below 2^(max+1) tokens the pieces are the
+    # set bits of the length from 2^min up (its binary decomposition), so only long documents draw
+    rem = length
+    c = np.int64(0)
+    big = np.int64(1) << (max_log2 + 1)
+    if rem >= big:
+        s = _doc_seed(seed, row)
+        while rem >= big:
+            s, k = _draw_log2(s, min_log2, max_log2)
+            rem -= np.int64(1) << k
+            c += 1
+    x = rem >> min_log2
+    while x:
+        x &= x - 1
+        c += 1
+    return c, rem & ((np.int64(1) << min_log2) - 1)
+
+
+@njit(inline="always")
+def _rem_pieces(a, t, cap_log2):
+    # packed remainder pieces of a tail of t tokens at concatenated position a: one, plus one per multiple of
+    # cap strictly inside (a, a + t)
+    return 1 + ((a + t - 1) >> cap_log2) - (a >> cap_log2)
+
+
+@njit(inline="always")
+def _fill_doc(length, row, min_log2, max_log2, seed, policy, j, o, c, nf, out_row, out_start, out_len, out_seq,
+              out_log2, write_seq, seq_tokens, seq_off, full_shift, rem_seq):
+    # one document: bucket pieces at j - full_shift (sequence j), then its tail's remainder pieces at o (packed
+    # at concatenated tail position c, or padded as sequence rem_seq); returns the next (j, o, c)
+    cap = np.int64(1) << min_log2
+    big = np.int64(1) << (max_log2 + 1)
+    rem = length
+    pos = np.int64(0)
+    if rem >= big:
+        s = _doc_seed(seed, row)
+        while rem >= big:
+            s, k = _draw_log2(s, min_log2, max_log2)
+            p = np.int64(1) << k
+            w = j - full_shift
+            out_row[w] = row
+            out_start[w] = pos
+            out_len[w] = p
+            out_seq[w] = j
+            out_log2[w] = k
+            if write_seq:
+                seq_tokens[j] = p
+                seq_off[j] = j
+            pos += p
+            rem -= p
+            j += 1
+    if rem >= cap:
+        for k in range(max_log2, min_log2 - 1, -1):
+            p = np.int64(1) << k
+            if rem & p:
+                w = j - full_shift
+                out_row[w] = row
+                out_start[w] = pos
+                out_len[w] = p
+                out_seq[w] = j
+                out_log2[w] = k
+                if write_seq:
+                    seq_tokens[j] = p
+                    seq_off[j] = j
+                pos += p
+                j += 1
+        rem &= cap - 1
+    if rem == 0 or policy == 2:
+        return j, o, c
+    if policy == 1:
+        out_row[o] = row
+        out_start[o] = pos
+        out_len[o] = rem
+        out_seq[o] = rem_seq
+        if write_seq:
+            seq_tokens[rem_seq] = rem
+            seq_off[rem_seq] = o
+        return j, o + 1, c
+    while rem > 0:
+        take = min(rem, cap - (c & (cap - 1)))
+        out_row[o] = row
+        out_start[o] = pos
+        out_len[o] = take
+        out_seq[o] = nf + (c >> min_log2)
+        if write_seq and (c & (cap - 1)) == 0:
+            seq_off[nf + (c >> min_log2)] = o
+        o += 1
+        pos += take
+        rem -= take
+        c += take
+    return j, o, c
+
+
 _POLICY_CODE = {"pack": 0, "pad": 1, "drop": 2}
 
 
 @njit(parallel=True)
 def _scan(lengths, row_offset, min_log2, max_log2, seed):
-    # pass 1: pieces per document and the tail left at its end
+    # pass 1 (block API): pieces per document and the tail left at its end
     n = lengths.shape[0]
     counts = np.empty(n, dtype=np.int64)
     tail = np.empty(n, dtype=np.int64)
-    lo = np.int64(1) << min_log2
-    big = np.int64(1) << (max_log2 + 1)
     for i in numba.prange(n):
-        state = np.empty(1, dtype=np.uint64)
-        _doc_state(seed, row_offset + i, state)
-        rem = lengths[i]
-        c = np.int64(0)
-        while rem >= lo:
-            if rem >= big:
-                k = _draw_log2(state, min_log2, max_log2)
-            else:
-                k = _floor_log2(rem)
-            rem -= np.int64(1) << k
-            c += 1
-        counts[i] = c
-        tail[i] = rem
+        counts[i], tail[i] = _count_tail(lengths[i], row_offset + i, min_log2, max_log2, seed)
     return counts, tail
 
 
@@ -118,60 +212,95 @@ def _layout(counts, tail, policy, cap):
 def _fill(lengths, row_offset, min_log2, max_log2, seed, policy, cap, piece_off, tail_off, tail_pos,
           n_full_total, out_row, out_start, out_len, out_seq, out_log2, full_shift, rem_base, rem_shift,
           write_seq, seq_tokens, seq_off):
-    # pass 2: replay each document's draws (same stream as _scan) and write its pieces at their final places;
-    # with write_seq (global output) also each sequence's tokens and first piece, so no later pass is needed
+    # pass 2 (block API): replay each document's draws and write its pieces at their final places; with
+    # write_seq (global output) also each sequence's tokens and first piece, so no later pass is needed
     n = lengths.shape[0]
-    lo = np.int64(1) << min_log2
-    big = np.int64(1) << (max_log2 + 1)
     for i in numba.prange(n):
-        state = np.empty(1, dtype=np.uint64)
-        row = row_offset + i
-        _doc_state(seed, row, state)
-        rem = lengths[i]
-        pos = np.int64(0)
-        j = piece_off[i]
-        while rem >= lo:
-            if rem >= big:
-                k = _draw_log2(state, min_log2, max_log2)
-            else:
-                k = _floor_log2(rem)
-            o = j - full_shift
-            out_row[o] = row
-            out_start[o] = pos
-            out_len[o] = np.int64(1) << k
-            out_seq[o] = j
-            out_log2[o] = k
-            if write_seq:
-                seq_tokens[j] = np.int64(1) << k
-                seq_off[j] = j
-            pos += np.int64(1) << k
-            rem -= np.int64(1) << k
-            j += 1
-        if rem == 0 or policy == 2:
-            continue
-        o = rem_base + tail_off[i] - rem_shift
-        if policy == 1:
-            out_row[o] = row
-            out_start[o] = pos
-            out_len[o] = rem
-            out_seq[o] = n_full_total + tail_off[i]
-            if write_seq:
-                seq_tokens[n_full_total + tail_off[i]] = rem
-                seq_off[n_full_total + tail_off[i]] = o
-            continue
-        c = tail_pos[i]
-        while rem > 0:
-            take = min(rem, cap - c % cap)
-            out_row[o] = row
-            out_start[o] = pos
-            out_len[o] = take
-            out_seq[o] = n_full_total + c // cap
-            if write_seq and c % cap == 0:
-                seq_off[n_full_total + c // cap] = o
-            o += 1
-            pos += take
-            rem -= take
-            c += take
+        _fill_doc(lengths[i], row_offset + i, min_log2, max_log2, seed, policy, piece_off[i],
+                  rem_base + tail_off[i] - rem_shift, tail_pos[i], n_full_total, out_row, out_start, out_len,
+                  out_seq, out_log2, write_seq, seq_tokens, seq_off, full_shift, n_full_total + tail_off[i])
+
+
+# ---- one-process fast path: block-parallel layout, no per-document layout arrays --------------------------------
+@njit(parallel=True)
+def _plan_blocks(lengths, edges, min_log2, max_log2, seed, policy):
+    # per block of rows: bucket pieces, tail tokens, non-empty tails, documents with no bucket piece and the
+    # token total (pass 1), then its first piece / tail position / remainder piece (block prefix sums; for
+    # "pack" a second pass counts the block's packed pieces from its first tail position). Integer sums only.
+    nb = edges.shape[0] - 1
+    stats = np.zeros((nb, 5), dtype=np.int64)
+    for b in numba.prange(nb):
+        pieces = tails = nonempty = bare = tokens = np.int64(0)
+        for i in range(edges[b], edges[b + 1]):
+            L = lengths[i]
+            c, t = _count_tail(L, i, min_log2, max_log2, seed)
+            pieces += c
+            tails += t
+            tokens += L
+            if t > 0:
+                nonempty += 1
+            if c == 0:
+                bare += 1
+        stats[b, 0] = pieces
+        stats[b, 1] = tails
+        stats[b, 2] = nonempty
+        stats[b, 3] = bare
+        stats[b, 4] = tokens
+    base = np.zeros((nb + 1, 3), dtype=np.int64)  # piece, tail position, remainder piece
+    for b in range(nb):
+        base[b + 1, 0] = base[b, 0] + stats[b, 0]
+        base[b + 1, 1] = base[b, 1] + (stats[b, 1] if policy != 2 else 0)
+    rem = np.zeros(nb, dtype=np.int64)
+    if policy == 1:
+        for b in range(nb):
+            rem[b] = stats[b, 2]
+    elif policy == 0:
+        for b in numba.prange(nb):
+            a = base[b, 1]
+            r = np.int64(0)
+            for i in range(edges[b], edges[b + 1]):
+                L = lengths[i]
+                if L < (np.int64(1) << (max_log2 + 1)):
+                    t = L & ((np.int64(1) << min_log2) - 1)
+                else:
+                    t = _count_tail(L, i, min_log2, max_log2, seed)[1]
+                if t:
+                    r += _rem_pieces(a, t, min_log2)
+                    a += t
+            rem[b] = r
+    for b in range(nb):
+        base[b + 1, 2] = base[b, 2] + rem[b]
+    return stats, base
+
+
+@njit(parallel=True)
+def _fill_blocks(lengths, edges, base, min_log2, max_log2, seed, policy, nf, out_row, out_start, out_len,
+                 out_seq, out_log2, seq_tokens, seq_off):
+    nb = edges.shape[0] - 1
+    for b in numba.prange(nb):
+        j, c, r = base[b, 0], base[b, 1], base[b, 2]
+        o = nf + r
+        for i in range(edges[b], edges[b + 1]):
+            j, o2, c = _fill_doc(lengths[i], i, min_log2, max_log2, seed, policy, j, o, c, nf, out_row, out_start,
+                                 out_len, out_seq, out_log2, True, seq_tokens, seq_off, np.int64(0), nf + r)
+            r += o2 - o
+            o = o2
+
+
+@njit(parallel=True)
+def _bucket_totals(log2, tokens, num_k):
+    # sequences and tokens per k (integer sums per thread-block, then added)
+    n = log2.shape[0]
+    nb = max(1, min(64, n // 65536))
+    part = np.zeros((nb, 2, num_k), dtype=np.int64)
+    for b in numba.prange(nb):
+        for s in range(b * n // nb, (b + 1) * n // nb):
+            part[b, 0, log2[s]] += 1
+            part[b, 1, log2[s]] += tokens[s]
+    out = np.zeros((2, num_k), dtype=np.int64)
+    for b in range(nb):
+        out += part[b]
+    return out
 
 
 @njit
@@ -310,6 +439,26 @@ def fill_block(lengths, layout: dict, *, lo: int, hi: int, min_log2: int, max_lo
     return res
 
 
+def bucket_totals(sequence_log2, sequence_tokens, max_log2: int) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Sequences and real tokens per bucket ``k`` (integer sums, one parallel pass).
+
+    Args:
+        sequence_log2, sequence_tokens: int64 ``[S]`` (``0 <= sequence_log2 <= max_log2``).
+        max_log2: the largest ``k``.
+
+    Returns:
+        ``(sequences, tokens)``: int64 ``[max_log2 + 1]`` each.
+    """
+    log2 = np.ascontiguousarray(sequence_log2, dtype=np.int64)
+    tokens = np.ascontiguousarray(sequence_tokens, dtype=np.int64)
+    if len(log2) != len(tokens):
+        raise ValueError(f"sequence_log2 and sequence_tokens differ in length ({len(log2)} vs {len(tokens)})")
+    if len(log2) and not 0 <= int(log2.min()) <= int(log2.max()) <= max_log2:
+        raise ValueError(f"sequence_log2 must lie in [0, {max_log2}] (got {int(log2.min())}..{int(log2.max())})")
+    tot = _bucket_totals(log2, tokens, np.int64(max_log2 + 1))
+    return tot[0], tot[1]
+
+
 def empty_output(layout: dict) -> dict:
     """The global output arrays for a layout, uninitialised (filled by :func:`fill_block`)."""
     n = layout["num_full"] + layout["num_rem_pieces"]
@@ -390,11 +539,41 @@ def decompose_lengths(lengths, *, min_log2: int = 8, max_log2: int = 13, remaind
     if remainder not in REMAINDER_POLICIES:
         raise ValueError(f"remainder must be one of {REMAINDER_POLICIES} (got {remainder=})")
     lengths = check_doc_lengths(lengths)
-    counts, tail = scan_documents(lengths, min_log2=min_log2, max_log2=max_log2, seed=seed)
-    layout = plan_layout(counts, tail, min_log2=min_log2, remainder=remainder)
-    out = empty_output(layout)
-    fill_block(lengths, layout, lo=0, hi=len(lengths), min_log2=min_log2, max_log2=max_log2, seed=seed, out=out)
-    return finish_output(out, layout, lengths, counts, tail)
+    seed64 = _seed64(seed)
+    # the same output as scan_documents + plan_layout + fill_block + finish_output (the block API the Ray engine
+    # uses), with the layout kept per block of rows instead of per document: pass 1 counts, pass 2 fills, both
+    # over blocks in parallel; outputs are allocated once, by numpy (huge pages), and written once
+    n = len(lengths)
+    nb = max(1, min(_MAX_BLOCKS, -(-n // _BLOCK_ROWS)))
+    edges = (np.arange(nb + 1, dtype=np.int64) * n) // nb
+    lo_k, hi_k, code = np.int64(min_log2), np.int64(max_log2), np.int64(_POLICY_CODE[remainder])
+    with numba.parallel_chunksize(1):  # blocks handed out one at a time: a busy core does not hold the rest
+        stats, base = _plan_blocks(lengths, edges, lo_k, hi_k, seed64, code)
+    nf, n_rp = int(base[nb, 0]), int(base[nb, 2])
+    tail_tokens = int(stats[:, 1].sum())
+    cap = 1 << min_log2
+    n_rseq = -(-tail_tokens // cap) if remainder == "pack" else n_rp if remainder == "pad" else 0
+    s = nf + n_rseq
+    out = {k: np.empty(nf + n_rp, np.int64) for k in ("row", "start", "length", "sequence")}
+    out["sequence_log2"] = seq_log2 = np.empty(s, np.int64)
+    out["sequence_tokens"] = tokens = np.empty(s, np.int64)
+    out["sequence_offsets"] = seq_off = np.empty(s + 1, np.int64)
+    with numba.parallel_chunksize(1):
+        _fill_blocks(lengths, edges, base, lo_k, hi_k, seed64, code, np.int64(nf), out["row"], out["start"],
+                     out["length"], out["sequence"], seq_log2, tokens, seq_off)
+    seq_log2[nf:] = min_log2
+    seq_off[s] = nf + n_rp
+    if remainder == "pack" and n_rseq:
+        tokens[nf:] = cap
+        tokens[-1] = tail_tokens - (n_rseq - 1) * cap
+    total = int(stats[:, 4].sum())
+    drop = remainder == "drop"
+    dropped = tail_tokens if drop else 0
+    out.update(documents=n, tokens=total, kept_tokens=total - dropped, dropped_tokens=dropped,
+               dropped_documents=int(stats[:, 3].sum()) if drop else 0,
+               eos_kept=n - int(stats[:, 2].sum()) if drop else n,
+               padded_tokens=n_rseq * cap - tail_tokens if not drop else 0)
+    return out
 
 
 @njit

@@ -7,8 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from native.decompose import (curriculum_order, decompose_lengths, empty_output, fill_block, finish_output,
-                              plan_layout, scan_documents)
+import native.decompose as nd
+from native.decompose import (bucket_totals, curriculum_order, decompose_lengths, empty_output, fill_block,
+                              finish_output, plan_layout, scan_documents)
 
 M64 = (1 << 64) - 1
 
@@ -188,6 +189,81 @@ def test_blocks_give_the_same_output_as_one_pass():
     got = finish_output(out, layout, lengths, counts, tail)
     for k, v in whole.items():
         assert (v.tobytes() == got[k].tobytes()) if isinstance(v, np.ndarray) else v == got[k], k
+
+
+def _block_api(lengths, blocks, remainder, **kw):
+    """decompose_lengths rebuilt from the per-document block API (what the Ray engine runs)."""
+    parts = [scan_documents(lengths[a:b], row_offset=a, **kw) for a, b in blocks]
+    counts = np.concatenate([p[0] for p in parts])
+    tail = np.concatenate([p[1] for p in parts])
+    layout = plan_layout(counts, tail, min_log2=kw["min_log2"], remainder=remainder)
+    out = empty_output(layout)
+    for a, b in blocks:
+        blk = fill_block(lengths[a:b], layout, lo=a, hi=b, **kw)
+        nf = len(blk["full_row"])
+        f0, r0 = int(layout["piece_off"][a]), layout["num_full"] + int(layout["tail_off"][a])
+        for k in ("row", "start", "length", "sequence"):
+            out[k][f0 : f0 + nf] = blk[f"full_{k}"]
+            out[k][r0 : r0 + len(blk["rem_row"])] = blk[f"rem_{k}"]
+        out["sequence_log2"][f0 : f0 + nf] = blk["full_log2"]
+    return finish_output(out, layout, lengths, counts, tail)
+
+
+@settings(max_examples=50, deadline=None)
+@given(lengths=st.lists(st.integers(1, 3000), min_size=1, max_size=80), lo_k=st.integers(0, 5),
+       span=st.integers(0, 4), remainder=st.sampled_from(["pack", "pad", "drop"]), seed=st.integers(0, 2**64 - 1),
+       block_rows=st.integers(1, 9), cut=st.integers(0, 80))
+def test_property_block_parallel_path_equals_per_document_layout(lengths, lo_k, span, remainder, seed, block_rows,
+                                                                 cut):
+    # decompose_lengths lays out blocks of _BLOCK_ROWS rows (prefix sums per block, the packed tail position
+    # carried across blocks); tiny blocks put block edges everywhere, inside packed sequences included
+    lengths = np.array(lengths, dtype=np.int64)
+    kw = {"min_log2": lo_k, "max_log2": lo_k + span, "seed": seed}
+    cut = min(cut, len(lengths))
+    ref = _block_api(lengths, [(a, b) for a, b in ((0, cut), (cut, len(lengths))) if b > a], remainder, **kw)
+    old = nd._BLOCK_ROWS
+    nd._BLOCK_ROWS = block_rows
+    try:
+        got = decompose_lengths(lengths, remainder=remainder, **kw)
+    finally:
+        nd._BLOCK_ROWS = old
+    assert list(got) == list(ref)
+    for k, v in ref.items():
+        if isinstance(v, np.ndarray):
+            assert got[k].dtype == np.int64 and got[k].tobytes() == v.tobytes(), k
+        else:
+            assert type(got[k]) is int and got[k] == v, k
+
+
+@pytest.mark.parametrize("remainder", ["pack", "pad", "drop"])
+def test_many_blocks_match_reference_with_long_documents(remainder):
+    # documents far beyond 2^(max+1) (many size draws) spread over 1,024 blocks
+    rng = np.random.default_rng(5)
+    lengths = np.maximum(1, rng.lognormal(6.0, 2.0, 3000).astype(np.int64))
+    old = nd._BLOCK_ROWS
+    nd._BLOCK_ROWS = 2
+    try:
+        got = check_against_reference(lengths, 3, 7, remainder, seed=2**64 - 3)
+    finally:
+        nd._BLOCK_ROWS = old
+    assert (lengths >= 1 << 8).sum() > 300
+    check_invariants(got, lengths, 3, 7, remainder)
+
+
+def test_bucket_totals_match_bincount():
+    rng = np.random.default_rng(0)
+    log2 = rng.integers(2, 9, 200_000)
+    tokens = rng.integers(1, 1 << 9, 200_000)
+    seqs, toks = bucket_totals(log2, tokens, 10)
+    assert seqs.dtype == toks.dtype == np.int64 and len(seqs) == len(toks) == 11
+    np.testing.assert_array_equal(seqs, np.bincount(log2, minlength=11))
+    np.testing.assert_array_equal(toks, np.bincount(log2, weights=tokens, minlength=11).astype(np.int64))
+    empty = bucket_totals(np.zeros(0, np.int64), np.zeros(0, np.int64), 3)
+    assert empty[0].tolist() == empty[1].tolist() == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match=r"sequence_log2 must lie in \[0, 3\] \(got 2\.\.4\)"):
+        bucket_totals(np.array([2, 4]), np.array([1, 1]), 3)
+    with pytest.raises(ValueError, match="differ in length"):
+        bucket_totals(np.array([2, 3]), np.array([1]), 3)
 
 
 def test_reference_rule_loses_tokens_we_keep():
