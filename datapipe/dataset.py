@@ -220,9 +220,10 @@ class ArrowDataset(torch.utils.data.Dataset):
                 offsets = np.zeros(B + 1, dtype=np.int64)
                 np.cumsum(lengths, out=offsets[1:])
                 values = np.empty(offsets[-1], dtype=touched[0][0].ragged[name][1].dtype)
+                parallel = B > 64 and torch.utils.data.get_worker_info() is None  # workers are parallel already
                 for sh, pos, loc in touched:
                     off, val = sh.ragged[name]
-                    gather_values(off, val, loc, pos, offsets, values)
+                    gather_values(off, val, loc, pos, offsets, values, parallel=parallel)
                 cols[name] = Ragged(values, offsets)
             elif touched and all(name in sh.flat for sh, _, _ in touched):
                 out = np.empty(B, dtype=touched[0][0].flat[name].dtype)

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from datapipe.collate._pool import POOL
 from datapipe.dataset import Batch, Ragged
 from native.ragged import pack_ragged, pad_ragged
 
@@ -24,9 +25,9 @@ __all__ = ["DecomposedDataset", "PackedCollate", "PadCollate", "collate_decompos
 
 def _outputs():
     """``(alloc, to_tensor)``: outputs in shared memory inside a DataLoader worker (as torch's default_collate
-    does), so the batch crosses to the main process without another copy; plain memory elsewhere."""
+    does), so the batch crosses to the main process without another copy; recycled buffers elsewhere."""
     if torch.utils.data.get_worker_info() is None:
-        return np.empty, torch.from_numpy
+        return POOL.alloc, torch.from_numpy
     made: dict[int, torch.Tensor] = {}
 
     def alloc(shape, dtype):
@@ -94,7 +95,7 @@ class PadCollate:
         alloc, tensor = _outputs()
         ids, mask, labels = pad_ragged(r.values, r.offsets, pad_id=self.pad_id, width=width,
                                        pad_to_multiple_of=self.pad_to_multiple_of, label_pad=self.label_pad,
-                                       alloc=alloc)
+                                       alloc=alloc, parallel=torch.utils.data.get_worker_info() is None)
         out = {"input_ids": tensor(ids), "attention_mask": tensor(mask), "labels": tensor(labels)}
         if self.keep_columns:
             out.update(_extras(batch, {self.column, *out}))
@@ -110,7 +111,8 @@ class PackedCollate:
     def __call__(self, batch) -> dict:
         r = ragged_column(batch, self.column)
         alloc, tensor = _outputs()
-        ids, pos, labels = pack_ragged(r.values, r.offsets, label_pad=self.label_pad, alloc=alloc)
+        ids, pos, labels = pack_ragged(r.values, r.offsets, label_pad=self.label_pad, alloc=alloc,
+                                       parallel=torch.utils.data.get_worker_info() is None)
         lengths = r.lengths
         cu = np.zeros(len(lengths) + 1, dtype=np.int32)
         np.cumsum(lengths, out=cu[1:])

@@ -50,3 +50,27 @@ def test_rows_as_lists_and_tensors():
 def test_max_length_truncates():
     out = collate.pad(max_length=2)([{"input_ids": [1, 2, 3]}, {"input_ids": [4]}])
     assert out["input_ids"].tolist() == [[1, 2], [4, 0]]
+
+
+def test_recycled_buffers_never_alias_live_batches(small_ds):
+    import gc
+
+    from datapipe.collate._pool import BufferPool
+
+    pool = BufferPool()
+    a = pool.alloc((4, 8), np.int64)
+    a[:] = 7
+    b = pool.alloc((4, 8), np.int64)  # a is alive: b must not share its memory
+    assert not np.shares_memory(a, b)
+    base = a.base
+    del a
+    gc.collect()
+    c = pool.alloc((2, 8), np.int64)  # a's buffer came back and is reused
+    assert c.base is base and pool.idle_bytes == 0
+    # every batch of an epoch kept alive stays intact while later batches are produced
+    f = collate.pad()
+    idx = [np.arange(i, i + 10) for i in range(0, 80, 10)]
+    kept = [f(small_ds.__getitems__(i)) for i in idx]
+    for i, out in zip(idx, kept):
+        fresh = f(small_ds.__getitems__(i))
+        assert torch.equal(out["input_ids"], fresh["input_ids"]) and torch.equal(out["labels"], fresh["labels"])

@@ -4,7 +4,7 @@ from hypothesis import given, settings, strategies as st
 
 from native.ragged import gather_ragged, pack_ragged, pad_ragged
 
-rows_st = st.lists(st.lists(st.integers(0, 1000), max_size=12), min_size=1, max_size=30)
+rows_st = st.lists(st.lists(st.integers(0, 1000), max_size=12), min_size=1, max_size=100)
 
 
 def to_ragged(rows):
@@ -15,21 +15,21 @@ def to_ragged(rows):
 
 
 @settings(max_examples=50, deadline=None)
-@given(rows=rows_st, data=st.data())
-def test_gather_matches_python(rows, data):
+@given(rows=rows_st, data=st.data(), parallel=st.booleans())
+def test_gather_matches_python(rows, data, parallel):
     vals, off = to_ragged(rows)
-    take = data.draw(st.lists(st.integers(0, len(rows) - 1), max_size=40))
-    v, o = gather_ragged(vals, off.astype(np.int32), np.array(take, dtype=np.int64))
+    take = data.draw(st.lists(st.integers(0, len(rows) - 1), max_size=150))
+    v, o = gather_ragged(vals, off.astype(np.int32), np.array(take, dtype=np.int64), parallel=parallel)
     ref = [rows[t] for t in take]
     assert [v[o[i] : o[i + 1]].tolist() for i in range(len(take))] == ref
     assert v.dtype == np.int32
 
 
 @settings(max_examples=50, deadline=None)
-@given(rows=rows_st, pad_id=st.integers(-5, 5), mult=st.one_of(st.none(), st.integers(1, 8)))
-def test_pad_matches_python(rows, pad_id, mult):
+@given(rows=rows_st, pad_id=st.integers(-5, 5), mult=st.one_of(st.none(), st.integers(1, 8)), parallel=st.booleans())
+def test_pad_matches_python(rows, pad_id, mult, parallel):
     vals, off = to_ragged(rows)
-    ids, mask, labels = pad_ragged(vals, off, pad_id=pad_id, pad_to_multiple_of=mult)
+    ids, mask, labels = pad_ragged(vals, off, pad_id=pad_id, pad_to_multiple_of=mult, parallel=parallel)
     L = max(len(r) for r in rows)
     if mult:
         L = -(-L // mult) * mult
@@ -41,10 +41,10 @@ def test_pad_matches_python(rows, pad_id, mult):
 
 
 @settings(max_examples=50, deadline=None)
-@given(rows=rows_st)
-def test_pack_matches_python(rows):
+@given(rows=rows_st, parallel=st.booleans())
+def test_pack_matches_python(rows, parallel):
     vals, off = to_ragged(rows)
-    ids, pos, labels = pack_ragged(vals, off)
+    ids, pos, labels = pack_ragged(vals, off, parallel=parallel)
     assert ids.tolist() == [v for r in rows for v in r]
     assert pos.tolist() == [j for r in rows for j in range(len(r))]
     assert labels.tolist() == [(-100 if j == 0 else v) for r in rows for j, v in enumerate(r)]
