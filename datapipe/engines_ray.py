@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from native.decompose import empty_output, fill_block, finish_output, plan_layout, scan_documents
+from native.decompose_blocks import empty_output, fill_block, finish_output, plan_layout, scan_documents
 
 __all__ = ["decompose_lengths_ray"]
 

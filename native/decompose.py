@@ -24,10 +24,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from native._config import njit
-from native.rng import rand_uniform
 
-__all__ = ["REMAINDER_POLICIES", "bucket_totals", "curriculum_order", "decompose_lengths", "empty_output", "fill_block",
-           "finish_output", "plan_layout", "scan_documents"]
+__all__ = ["REMAINDER_POLICIES", "bucket_totals", "check_doc_lengths", "decompose_lengths"]
 
 REMAINDER_POLICIES = ("pack", "pad", "drop")
 _MAX_LOG2 = 40
@@ -171,56 +169,6 @@ def _fill_doc(length, row, min_log2, max_log2, seed, policy, j, o, c, nf, out_ro
 _POLICY_CODE = {"pack": 0, "pad": 1, "drop": 2}
 
 
-@njit(parallel=True)
-def _scan(lengths, row_offset, min_log2, max_log2, seed):
-    # pass 1 (block API): pieces per document and the tail left at its end
-    n = lengths.shape[0]
-    counts = np.empty(n, dtype=np.int64)
-    tail = np.empty(n, dtype=np.int64)
-    for i in numba.prange(n):
-        counts[i], tail[i] = _count_tail(lengths[i], row_offset + i, min_log2, max_log2, seed)
-    return counts, tail
-
-
-@njit
-def _layout(counts, tail, policy, cap):
-    # prefix sums: first bucket piece, first remainder piece and concatenated tail position of every document
-    n = counts.shape[0]
-    piece_off = np.empty(n + 1, dtype=np.int64)
-    tail_off = np.empty(n + 1, dtype=np.int64)
-    tail_pos = np.empty(n + 1, dtype=np.int64)
-    piece_off[0] = 0
-    tail_off[0] = 0
-    tail_pos[0] = 0
-    for i in range(n):
-        piece_off[i + 1] = piece_off[i] + counts[i]
-        t = tail[i]
-        if policy == 2 or t == 0:
-            npieces = 0
-        elif policy == 1:
-            npieces = 1
-        else:
-            a = tail_pos[i]
-            # one piece, plus one more for every multiple of cap strictly inside (a, a + t)
-            npieces = 1 + (a + t - 1) // cap - a // cap
-        tail_off[i + 1] = tail_off[i] + npieces
-        tail_pos[i + 1] = tail_pos[i] + (t if policy != 2 else 0)
-    return piece_off, tail_off, tail_pos
-
-
-@njit(parallel=True)
-def _fill(lengths, row_offset, min_log2, max_log2, seed, policy, cap, piece_off, tail_off, tail_pos,
-          n_full_total, out_row, out_start, out_len, out_seq, out_log2, full_shift, rem_base, rem_shift,
-          write_seq, seq_tokens, seq_off):
-    # pass 2 (block API): replay each document's draws and write its pieces at their final places; with
-    # write_seq (global output) also each sequence's tokens and first piece, so no later pass is needed
-    n = lengths.shape[0]
-    for i in numba.prange(n):
-        _fill_doc(lengths[i], row_offset + i, min_log2, max_log2, seed, policy, piece_off[i],
-                  rem_base + tail_off[i] - rem_shift, tail_pos[i], n_full_total, out_row, out_start, out_len,
-                  out_seq, out_log2, write_seq, seq_tokens, seq_off, full_shift, n_full_total + tail_off[i])
-
-
 # ---- one-process fast path: block-parallel layout, no per-document layout arrays --------------------------------
 @njit(parallel=True)
 def _plan_blocks(lengths, edges, min_log2, max_log2, seed, policy):
@@ -344,99 +292,10 @@ def check_doc_lengths(lengths, *, name: str = "lengths", allow_zero: bool = Fals
     return arr
 
 
-def scan_documents(lengths, *, min_log2: int = 8, max_log2: int = 13, seed: int = 0,
-                   row_offset: int = 0) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-    """First pass of the decomposition over a block of documents.
-
-    Args:
-        lengths: int ``[n]`` tokens per document (EOS included), ``>= 0``.
-        min_log2, max_log2: piece sizes ``2^k``, ``min_log2 <= k <= max_log2``.
-        seed: seed of the size draws; a document's draws depend only on ``(seed, row)``.
-        row_offset: global row id of ``lengths[0]``.
-
-    Returns:
-        ``(counts, tail)``: int64 ``[n]`` bucket pieces per document, and tokens left at its end
-        (``< 2^min_log2``).
-    """
-    min_log2, max_log2 = _check_log2(min_log2, max_log2)
-    lengths = check_doc_lengths(lengths, allow_zero=True)
-    return _scan(lengths, np.int64(row_offset), np.int64(min_log2), np.int64(max_log2), _seed64(seed))
-
-
 def _seed64(seed: int) -> np.uint64:
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int (got {type(seed).__name__})")
     return np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF)
-
-
-def plan_layout(counts, tail, *, min_log2: int, remainder: str = "pack") -> dict:
-    """Where every document's pieces go in the output (prefix sums over all documents, in row order).
-
-    Returns:
-        dict: int64 ``piece_off``, ``tail_off``, ``tail_pos`` ``[N+1]`` and the ints ``num_full`` (bucket
-        pieces = bucket sequences), ``num_rem_pieces``, ``num_rem_sequences``, ``tail_tokens``.
-    """
-    if remainder not in REMAINDER_POLICIES:
-        raise ValueError(f"remainder must be one of {REMAINDER_POLICIES} (got {remainder=})")
-    cap = 1 << int(min_log2)
-    counts = np.ascontiguousarray(counts, dtype=np.int64)
-    tail = np.ascontiguousarray(tail, dtype=np.int64)
-    piece_off, tail_off, tail_pos = _layout(counts, tail, np.int64(_POLICY_CODE[remainder]), np.int64(cap))
-    tail_tokens = int(tail_pos[-1])
-    if remainder == "pack":
-        n_rseq = -(-tail_tokens // cap)
-    elif remainder == "pad":
-        n_rseq = int(tail_off[-1])
-    else:
-        n_rseq = 0
-    return {"piece_off": piece_off, "tail_off": tail_off, "tail_pos": tail_pos, "num_full": int(piece_off[-1]),
-            "num_rem_pieces": int(tail_off[-1]), "num_rem_sequences": n_rseq, "tail_tokens": tail_tokens,
-            "remainder": remainder, "min_log2": int(min_log2)}
-
-
-def fill_block(lengths, layout: dict, *, lo: int, hi: int, min_log2: int, max_log2: int, seed: int,
-               out: dict | None = None, layout_base: int = 0) -> dict:
-    """Second pass over rows ``lo:hi`` (``lengths`` holds exactly those rows): their pieces, at final places.
-
-    With ``out`` (the global arrays of :func:`decompose_lengths`) pieces are written in place; without it a
-    block-local dict is returned: ``full_*`` arrays for the block's bucket pieces (global positions
-    ``piece_off[lo]:piece_off[hi]``) and ``rem_*`` arrays for its remainder pieces (global positions
-    ``num_full + tail_off[lo]:num_full + tail_off[hi]``), each with ``row``, ``start``, ``length``, ``sequence``
-    and ``full_log2``. ``layout_base`` is the global row of ``layout``'s first entry (for a layout sliced to a
-    block: its arrays then hold rows ``lo:hi`` plus the end of the last).
-    """
-    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
-    if len(lengths) != hi - lo:
-        raise ValueError(f"lengths has {len(lengths)} rows but the block is rows [{lo}, {hi})")
-    a, b = lo - layout_base, hi - layout_base
-    po, to, tp = (layout[k][a : b + 1] for k in ("piece_off", "tail_off", "tail_pos"))
-    if len(po) != hi - lo + 1:
-        raise ValueError(f"layout does not cover rows [{lo}, {hi}] (layout_base={layout_base})")
-    nf_total = layout["num_full"]
-    if out is None:
-        nf = int(po[-1] - po[0])
-        nr = int(to[-1] - to[0])
-        buf = {k: np.empty(nf + nr, np.int64) for k in ("row", "start", "length", "sequence")}
-        log2 = np.empty(nf, np.int64)
-        full_shift, rem_base, rem_shift = int(po[0]), nf, int(to[0])
-        write_seq, seq_tokens, seq_off = False, np.empty(1, np.int64), np.empty(1, np.int64)
-    else:
-        buf = out
-        log2 = out["sequence_log2"]
-        full_shift, rem_base, rem_shift = 0, nf_total, 0
-        write_seq, seq_tokens, seq_off = True, out["sequence_tokens"], out["sequence_offsets"]
-        out["sequences_filled"] = lo == 0 and hi == len(layout["piece_off"]) - 1
-    _fill(lengths, np.int64(lo), np.int64(min_log2), np.int64(max_log2), _seed64(seed),
-          np.int64(_POLICY_CODE[layout["remainder"]]), np.int64(1 << int(min_log2)),
-          po, to, tp, np.int64(nf_total),
-          buf["row"], buf["start"], buf["length"], buf["sequence"], log2,
-          np.int64(full_shift), np.int64(rem_base), np.int64(rem_shift), write_seq, seq_tokens, seq_off)
-    if out is not None:
-        return out
-    res = {f"full_{k}": v[:nf] for k, v in buf.items()}
-    res.update({f"rem_{k}": v[nf:] for k, v in buf.items()})
-    res["full_log2"] = log2
-    return res
 
 
 def bucket_totals(sequence_log2, sequence_tokens, max_log2: int) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
@@ -457,56 +316,6 @@ def bucket_totals(sequence_log2, sequence_tokens, max_log2: int) -> tuple[NDArra
         raise ValueError(f"sequence_log2 must lie in [0, {max_log2}] (got {int(log2.min())}..{int(log2.max())})")
     tot = _bucket_totals(log2, tokens, np.int64(max_log2 + 1))
     return tot[0], tot[1]
-
-
-def empty_output(layout: dict) -> dict:
-    """The global output arrays for a layout, uninitialised (filled by :func:`fill_block`)."""
-    n = layout["num_full"] + layout["num_rem_pieces"]
-    s = layout["num_full"] + layout["num_rem_sequences"]
-    out = {k: np.empty(n, np.int64) for k in ("row", "start", "length", "sequence")}
-    out["sequence_log2"] = np.empty(s, np.int64)
-    out["sequence_tokens"] = np.empty(s, np.int64)
-    out["sequence_offsets"] = np.empty(s + 1, np.int64)
-    return out
-
-
-def finish_output(out: dict, layout: dict, lengths, counts, tail) -> dict:
-    """Complete the global arrays once every block is filled: remainder sequences' ``sequence_log2`` and
-    ``sequence_tokens``, ``sequence_offsets`` and the token/document counts (see :func:`decompose_lengths`).
-
-    When one :func:`fill_block` call wrote all rows into ``out``, the per-sequence arrays are already filled and
-    only the remainder part is completed (no pass over the pieces)."""
-    nf, min_log2, policy = layout["num_full"], layout["min_log2"], layout["remainder"]
-    cap = 1 << min_log2
-    n_rseq = layout["num_rem_sequences"]
-    s = nf + n_rseq
-    filled = bool(out.pop("sequences_filled", False))
-    seq_log2 = out["sequence_log2"]
-    seq_log2[nf:] = min_log2
-    tokens = out["sequence_tokens"]
-    if not filled:
-        tokens[:nf] = out["length"][:nf]
-        out["sequence_offsets"] = _offsets_from_sorted(out["sequence"], np.int64(s))
-        if policy == "pad":
-            tokens[nf:] = out["length"][nf:]
-    out["sequence_offsets"][s] = len(out["row"])
-    if policy == "pack" and n_rseq:
-        tokens[nf:] = cap
-        tokens[-1] = layout["tail_tokens"] - (n_rseq - 1) * cap
-    lengths = np.asarray(lengths)
-    total = int(lengths.sum())
-    dropped = int(np.asarray(tail).sum()) if policy == "drop" else 0
-    if policy == "drop":
-        # the EOS (a document's last token) survives only when nothing is left over at its end
-        eos_kept = int(np.count_nonzero(np.asarray(tail) == 0))
-        dropped_docs = int(np.count_nonzero(np.asarray(counts) == 0))
-    else:
-        eos_kept = int(np.count_nonzero(lengths))
-        dropped_docs = 0
-    out.update(documents=int(len(lengths)), tokens=total, kept_tokens=total - dropped, dropped_tokens=dropped,
-               dropped_documents=dropped_docs, eos_kept=eos_kept,
-               padded_tokens=int(n_rseq * cap - layout["tail_tokens"]) if policy != "drop" else 0)
-    return out
 
 
 def decompose_lengths(lengths, *, min_log2: int = 8, max_log2: int = 13, remainder: str = "pack",
@@ -574,57 +383,3 @@ def decompose_lengths(lengths, *, min_log2: int = 8, max_log2: int = 13, remaind
                eos_kept=n - int(stats[:, 2].sum()) if drop else n,
                padded_tokens=n_rseq * cap - tail_tokens if not drop else 0)
     return out
-
-
-@njit
-def _curriculum_order(counts, odds, seed):
-    K = counts.shape[0]
-    rem = counts.copy()
-    total = np.int64(0)
-    for k in range(K):
-        total += rem[k]
-    out = np.empty(total, dtype=np.int64)
-    state = np.empty(1, dtype=np.uint64)
-    state[0] = seed
-    w = np.empty(K, dtype=np.float64)
-    for s in range(total):
-        tw = 0.0
-        for k in range(K):
-            w[k] = odds[k] * rem[k]
-            tw += w[k]
-        u = rand_uniform(state) * tw
-        pick = -1
-        acc = 0.0
-        for k in range(K):
-            if rem[k] > 0:
-                pick = k  # the last non-empty bucket catches rounding at the top end
-                acc += w[k]
-                if u < acc:
-                    break
-        out[s] = pick
-        rem[pick] -= 1
-    return out
-
-
-def curriculum_order(counts, odds, seed: int) -> NDArray[np.int64]:
-    """The bucket of every step of a cycle: at each step bucket ``i`` is drawn with probability
-    ``odds[i] * remaining[i] / sum_j odds[j] * remaining[j]`` (the paper's sampling rule; ``remaining`` counts
-    the bucket's steps not yet taken), so every bucket is used up by the end of the cycle.
-
-    Args:
-        counts: int ``[K]`` steps per bucket, ``>= 0``.
-        odds: float ``[K]`` odds per bucket, ``> 0`` where ``counts > 0``.
-        seed: integer seed.
-
-    Returns:
-        int64 ``[sum(counts)]`` bucket positions ``0..K-1``, each ``i`` exactly ``counts[i]`` times.
-    """
-    counts = np.ascontiguousarray(counts, dtype=np.int64)
-    odds = np.ascontiguousarray(odds, dtype=np.float64)
-    if counts.shape != odds.shape or counts.ndim != 1:
-        raise ValueError(f"counts and odds must be 1-D of one shape (got {counts.shape} and {odds.shape})")
-    if (counts < 0).any():
-        raise ValueError("counts must be >= 0")
-    if ((odds <= 0) & (counts > 0)).any() or not np.isfinite(odds).all():
-        raise ValueError(f"odds must be finite and > 0 for every non-empty bucket (got {odds.tolist()})")
-    return _curriculum_order(counts, odds, np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF))

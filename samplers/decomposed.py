@@ -26,7 +26,7 @@ from collections.abc import Mapping
 import numpy as np
 from numpy.typing import NDArray
 
-from native.decompose import curriculum_order
+from native.curriculum import curriculum_order
 from native.rng import mix_seed, permutation
 from samplers.base import BatchSamplerBase, Plan
 

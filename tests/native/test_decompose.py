@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import native.decompose as nd
-from native.decompose import (bucket_totals, curriculum_order, decompose_lengths, empty_output, fill_block,
-                              finish_output, plan_layout, scan_documents)
+from native.curriculum import curriculum_order
+from native.decompose import bucket_totals, decompose_lengths
+from native.decompose_blocks import empty_output, fill_block, finish_output, plan_layout, scan_documents
 
 M64 = (1 << 64) - 1
 
