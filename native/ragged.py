@@ -21,26 +21,26 @@ def _gather_lengths(offsets, rows, pos, out_lengths):
         out_lengths[pos[i]] = offsets[r + 1] - offsets[r]
 
 
+@njit(inline="always")
+def _gather_row(offsets, values, rows, pos, out_offsets, out_values, i):
+    r = rows[i]
+    a = offsets[r]
+    n = offsets[r + 1] - a
+    o = out_offsets[pos[i]]
+    for j in range(n):
+        out_values[o + j] = values[a + j]
+
+
 @njit
 def _gather_values(offsets, values, rows, pos, out_offsets, out_values):
     for i in range(rows.shape[0]):
-        r = rows[i]
-        a = offsets[r]
-        n = offsets[r + 1] - a
-        o = out_offsets[pos[i]]
-        for j in range(n):
-            out_values[o + j] = values[a + j]
+        _gather_row(offsets, values, rows, pos, out_offsets, out_values, i)
 
 
 @njit(parallel=True)
 def _gather_values_parallel(offsets, values, rows, pos, out_offsets, out_values):
     for i in numba.prange(rows.shape[0]):
-        r = rows[i]
-        a = offsets[r]
-        n = offsets[r + 1] - a
-        o = out_offsets[pos[i]]
-        for j in range(n):
-            out_values[o + j] = values[a + j]
+        _gather_row(offsets, values, rows, pos, out_offsets, out_values, i)
 
 
 def gather_lengths(offsets: NDArray, rows: NDArray[np.int64], pos: NDArray[np.int64], out_lengths: NDArray[np.int64]) -> None:
@@ -111,17 +111,7 @@ def _pad(values, offsets, width, pad_id, label_pad, out_ids, out_mask, out_label
 def _pad_parallel(values, offsets, width, pad_id, label_pad, out_ids, out_mask, out_labels):
     # rows are independent and only copied: the result is the same for any thread count
     for b in numba.prange(offsets.shape[0] - 1):
-        a = offsets[b]
-        n = min(offsets[b + 1] - a, width)
-        for j in range(n):
-            v = values[a + j]
-            out_ids[b, j] = v
-            out_mask[b, j] = 1
-            out_labels[b, j] = v
-        for j in range(n, width):
-            out_ids[b, j] = pad_id
-            out_mask[b, j] = 0
-            out_labels[b, j] = label_pad
+        _pad_row(values, offsets, width, pad_id, label_pad, out_ids, out_mask, out_labels, b)
 
 
 def pad_ragged(values: NDArray, offsets: NDArray, *, pad_id: int = 0, width: int | None = None,
@@ -155,30 +145,27 @@ def pad_ragged(values: NDArray, offsets: NDArray, *, pad_id: int = 0, width: int
     return ids, mask, labels
 
 
+@njit(inline="always")
+def _pack_row(values, offsets, label_pad, out_ids, out_pos, out_labels, b):
+    a = offsets[b]
+    n = offsets[b + 1] - a
+    for j in range(n):
+        v = values[a + j]
+        out_ids[a + j] = v
+        out_pos[a + j] = j
+        out_labels[a + j] = label_pad if j == 0 else v
+
+
 @njit
 def _pack(values, offsets, label_pad, out_ids, out_pos, out_labels):
-    B = offsets.shape[0] - 1
-    for b in range(B):
-        a = offsets[b]
-        n = offsets[b + 1] - a
-        for j in range(n):
-            v = values[a + j]
-            out_ids[a + j] = v
-            out_pos[a + j] = j
-            out_labels[a + j] = label_pad if j == 0 else v
+    for b in range(offsets.shape[0] - 1):
+        _pack_row(values, offsets, label_pad, out_ids, out_pos, out_labels, b)
 
 
 @njit(parallel=True)
 def _pack_parallel(values, offsets, label_pad, out_ids, out_pos, out_labels):
-    B = offsets.shape[0] - 1
-    for b in numba.prange(B):
-        a = offsets[b]
-        n = offsets[b + 1] - a
-        for j in range(n):
-            v = values[a + j]
-            out_ids[a + j] = v
-            out_pos[a + j] = j
-            out_labels[a + j] = label_pad if j == 0 else v
+    for b in numba.prange(offsets.shape[0] - 1):
+        _pack_row(values, offsets, label_pad, out_ids, out_pos, out_labels, b)
 
 
 def pack_ragged(values: NDArray, offsets: NDArray, *, label_pad: int = -100, alloc=np.empty,
