@@ -212,6 +212,7 @@ class BatchSamplerBase:
         self.drop_last = bool(drop_last)
         self.epoch = 0
         self._yielded = 0  # batches of the current epoch already handed out by this rank
+        self._resume_at = 0  # where the next iter() starts: set by load_state_dict, else a pass starts at 0
         self._cache: tuple[int, Plan, Plan] | None = None  # (epoch, global plan, rank plan)
 
     # ---- to implement -------------------------------------------------------------------------------------
@@ -242,9 +243,16 @@ class BatchSamplerBase:
         return self._plans()[0]
 
     # ---- iteration ----------------------------------------------------------------------------------------
+    def _begin_pass(self) -> int:
+        """Where a new ``iter()`` starts: the restored cursor after ``load_state_dict``, else the epoch's start
+        (as a torch sampler: a new ``iter()`` is a new pass, also after an abandoned one)."""
+        start, self._resume_at = self._resume_at, 0
+        self._yielded = start
+        return start
+
     def __iter__(self) -> Iterator[NDArray[np.int64]]:
         plan = self._plans()[1]
-        start = self._yielded
+        start = self._begin_pass()
         off, idx = plan.offsets, plan.indices
         for b in range(start, plan.num_batches):
             self._yielded = b + 1
@@ -259,7 +267,7 @@ class BatchSamplerBase:
         if not isinstance(epoch, (int, np.integer)) or epoch < 0:
             raise ValueError(f"epoch must be an integer >= 0 (got {epoch=})")
         if int(epoch) != self.epoch:
-            self._yielded = 0
+            self._yielded = self._resume_at = 0
         self.epoch = int(epoch)
 
     # ---- state --------------------------------------------------------------------------------------------
@@ -305,7 +313,7 @@ class BatchSamplerBase:
         n = len(self)
         if not 0 <= int(state["batches_yielded"]) <= n:
             raise ValueError(f"batches_yielded={state['batches_yielded']} is outside [0, {n}] for epoch {self.epoch}")
-        self._yielded = int(state["batches_yielded"])
+        self._yielded = self._resume_at = int(state["batches_yielded"])
 
     # ---- statistics ---------------------------------------------------------------------------------------
     def stats(self) -> dict:

@@ -307,7 +307,7 @@ class MixtureBatchSampler(BatchSamplerBase):
     def __iter__(self) -> Iterator[NDArray[np.int64]]:
         epoch, W, r, T, bs = self.epoch, self.world_size, self.rank, self.total_steps, self.batch_size
         self._tables(epoch)
-        for s0 in range(self._yielded, T, _ITER_CHUNK):
+        for s0 in range(self._begin_pass(), T, _ITER_CHUNK):
             s1 = min(T, s0 + _ITER_CHUNK)
             rows = self._global_batches(epoch, np.arange(s0, s1, dtype=np.int64) * W + r)
             for j in range(s1 - s0):

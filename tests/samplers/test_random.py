@@ -87,3 +87,16 @@ def test_state_is_small_ints_and_strings():
     st_ = s.state_dict()
     assert all(isinstance(v, (int, str)) for v in st_.values())
     assert st_["batches_yielded"] == 1
+
+
+def test_new_iter_is_a_new_pass_unless_restored():
+    s = samplers.RandomBatchSampler(40, 4, seed=1)
+    full = [b.tolist() for b in s]
+    it = iter(s)
+    next(it), next(it)
+    assert s.state_dict()["batches_yielded"] == 2
+    assert [b.tolist() for b in s] == full  # an abandoned pass does not shorten the next one
+    t = samplers.RandomBatchSampler(40, 4, seed=1)
+    t.load_state_dict({**s.state_dict(), "batches_yielded": 3})
+    assert [b.tolist() for b in t] == full[3:]  # a restored cursor does
+    assert [b.tolist() for b in t] == full
