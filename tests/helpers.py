@@ -105,3 +105,30 @@ def assert_exactly_once(batches_per_rank: list[list[np.ndarray]], num_rows: int,
     assert len(np.unique(allrows)) == len(allrows), "a row appears twice"
     assert len(allrows) == num_rows - dropped, f"{len(allrows)} rows seen, expected {num_rows - dropped}"
     assert allrows.min(initial=0) >= 0 and allrows.max(initial=-1) < num_rows
+
+
+def free_port() -> int:
+    """A free TCP port on loopback, for a test's torch.distributed rendezvous."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_ranks_with_queue(target, world_size: int = 2, timeout: float = 120):
+    """Start ``world_size`` spawned processes ``target(rank, world_size, port, queue)`` (a real gloo group is the
+    target's to make), return the first object put on the queue, and check every process exited cleanly."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, world_size, port, q)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    got = q.get(timeout=timeout)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0, f"rank process exited with {p.exitcode}"
+    return got

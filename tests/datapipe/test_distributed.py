@@ -2,19 +2,13 @@
 they see every row exactly once; rank and world size come from torch.distributed."""
 
 import os
-import socket
 
 import numpy as np
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import datapipe
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import free_port
 
 
 def _worker(rank, world, port, path, out):
@@ -43,7 +37,7 @@ def test_two_ranks_disjoint_rows(tmp_path):
     rng = np.random.default_rng(0)
     rows = [{"input_ids": rng.integers(0, 9, rng.integers(1, 30)).tolist(), "row": i} for i in range(211)]
     path = datapipe.write_dataset(rows, tmp_path / "ds", shard_rows=50)
-    mp.start_processes(_worker, args=(2, _free_port(), str(path), str(tmp_path)), nprocs=2, join=True,
+    mp.start_processes(_worker, args=(2, free_port(), str(path), str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
     r0, r1 = np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy")
     assert len(np.intersect1d(r0, r1)) == 0

@@ -4,19 +4,21 @@ exact resume, errors. The index is the kernel's output (any object with the arra
 from __future__ import annotations
 
 import os
-import socket
 import types
 
 import numpy as np
 import pytest
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from native.decompose import decompose_lengths
 from samplers.decomposed import DecomposedBatchSampler
-from tests.helpers import assert_exactly_once, assert_sampler_resumes_exactly
+from tests.helpers import (
+    assert_exactly_once,
+    assert_sampler_resumes_exactly,
+    run_ranks_with_queue,
+)
 
 
 def make_index(n=3000, lo_k=4, hi_k=9, remainder="pack", seed=0, sigma=1.2):
@@ -204,18 +206,7 @@ def _worker(rank, world, port, out):
 
 
 def test_gloo_ranks_agree():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    gathered = q.get(timeout=120)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    gathered = run_ranks_with_queue(_worker, 2)
     (r0, w0, ks0, b0), (r1, w1, ks1, b1) = gathered
     assert (r0, r1, w0, w1) == (0, 1, 2, 2)
     assert ks0 == ks1 and len(b0) == len(b1)

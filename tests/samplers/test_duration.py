@@ -3,17 +3,23 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import socket
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from samplers import DurationBucketSampler, estimate_duration_bins, estimate_duration_bins_2d
-from tests.helpers import assert_exactly_once, assert_sampler_resumes_exactly
+from samplers import (
+    DurationBucketSampler,
+    estimate_duration_bins,
+    estimate_duration_bins_2d,
+)
+from tests.helpers import (
+    assert_exactly_once,
+    assert_sampler_resumes_exactly,
+    run_ranks_with_queue,
+)
 
 
 def issue_durations(n: int, seed: int = 0) -> np.ndarray:
@@ -305,18 +311,7 @@ def _gloo_worker(rank, world, port, out):
 
 
 def test_gloo_ranks_agree_on_buckets_and_split_the_cuts():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_gloo_worker, args=(r, 2, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    gathered = q.get(timeout=120)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    gathered = run_ranks_with_queue(_gloo_worker, 2)
     (r0, w0, k0, b0), (r1, w1, k1, b1) = gathered
     assert (r0, r1, w0, w1) == (0, 1, 2, 2)
     assert k0 == k1 and len(b0) == len(b1) > 0

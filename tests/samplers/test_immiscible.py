@@ -165,7 +165,7 @@ def test_la_per_coordinate_variance_band() -> None:
 
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_la_returns_permutation_of_given_noise_and_is_optimal(dtype: torch.dtype) -> None:
-    B, D = 40, 24
+    B = 40
     x = torch.randn(B, 2, 3, 4, generator=_gen(0)).to(dtype)
     noise = torch.randn(B, 2, 3, 4, generator=_gen(1)).to(dtype)
     out = assign_linear(x, noise)

@@ -12,7 +12,11 @@ from hypothesis import strategies as st
 from mixtures.schedules import Constant, DomainUpsampling, Linear
 from samplers import MixtureBatchSampler
 from samplers.mixture import largest_remainder_counts
-from tests.helpers import assert_batches_equal, assert_sampler_resumes_exactly
+from tests.helpers import (
+    assert_batches_equal,
+    assert_sampler_resumes_exactly,
+    free_port,
+)
 
 SIZES = {"web": 50, "code": 30, "math": 11}
 BASE = {"web": 0.62, "code": 0.27, "math": 0.11}  # remainders without ties at the batch sizes used
@@ -252,13 +256,10 @@ def _gloo_worker(rank, world, port, out):
 
 
 def test_real_gloo_group_ranks_follow_the_global_plan(tmp_path):
-    import socket
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     mp.start_processes(_gloo_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     for r in range(2):
         ref = np.stack(list(MixtureBatchSampler(SIZES, DomainUpsampling(BASE, UP, final_fraction=0.25), batch_size=6,

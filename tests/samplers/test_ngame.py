@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from hypothesis import strategies as st
 
 from native.balanced import balanced_kmeans
 from samplers.ngame import NGAMEBatchSampler, positive_mask
-from tests.helpers import assert_exactly_once, assert_sampler_resumes_exactly
+from tests.helpers import assert_exactly_once, assert_sampler_resumes_exactly, free_port
 
 
 def emb_of(n: int, d: int = 8, seed: int = 0) -> np.ndarray:
@@ -213,12 +212,6 @@ def test_load_state_dict_rejects_other_config():
 
 
 # ---- a real 2-process gloo group ------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        return sk.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -240,7 +233,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_two_gloo_ranks_share_rank0_plan(tmp_path):
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     r = [np.load(tmp_path / f"rank{k}.npz") for k in range(2)]
     n, s0 = 203, 3
     for key in ("e0", "e1"):
