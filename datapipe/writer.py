@@ -73,11 +73,21 @@ def _iter_rows(rows: Iterable[Mapping]) -> Iterator[tuple[str, pa.RecordBatch]]:
         yield from _rows_batch(chunk, keys, start)
 
 
+def _plain(v):
+    """Torch tensors (and anything with ``.numpy()``) become numpy arrays, which Arrow converts."""
+    if hasattr(v, "detach") and hasattr(v, "numpy"):
+        return v.detach().cpu().numpy()
+    return v
+
+
 def _rows_batch(chunk, keys, start):
     try:
         t = pa.Table.from_pylist(chunk)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-        raise DatasetError(f"rows {start}..{start + len(chunk) - 1}: cannot convert to Arrow ({e})") from None
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        try:
+            t = pa.Table.from_pylist([{k: _plain(v) for k, v in row.items()} for row in chunk])
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise DatasetError(f"rows {start}..{start + len(chunk) - 1}: cannot convert to Arrow ({e})") from None
     for b in t.select(keys).to_batches():
         yield f"rows[{start}:]", b
 

@@ -162,3 +162,12 @@ def test_token_ids_cast_to_int32_with_overflow_check(tmp_path):
     t = pa.table({"input_ids": pa.array([[1, 2**40]], pa.list_(pa.int64()))})
     with pytest.raises(DatasetError):
         datapipe.write_dataset(t, tmp_path / "ds")
+
+
+def test_rows_with_numpy_arrays_and_torch_tensors(tmp_path):
+    import torch
+
+    rows = [{"input_ids": np.arange(i, dtype=np.int64), "t": torch.tensor([float(i)])} for i in range(6)]
+    ds = datapipe.ArrowDataset.open(datapipe.write_dataset(rows, tmp_path / "ds", shard_rows=4))
+    assert ds[5]["input_ids"].tolist() == list(range(5)) and ds[5]["t"].tolist() == [5.0]
+    assert ds.index["length"].tolist() == list(range(6))
