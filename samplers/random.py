@@ -34,7 +34,7 @@ class RandomBatchSampler(BatchSamplerBase):
             raise ValueError(f"num_rows must be an integer >= 0 (got {num_rows=})")
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1 (got {batch_size=})")
-        if not drop_last and self.world_size > num_rows:
+        if not drop_last and 0 < num_rows < self.world_size:
             raise ValueError(
                 f"world_size={self.world_size} is larger than num_rows={num_rows}: some rank would get no rows; "
                 "use fewer ranks or more data"

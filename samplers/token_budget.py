@@ -70,7 +70,7 @@ class TokenBudgetBatchSampler(BatchSamplerBase):
                 f"({len(too_long)} rows in all); raise max_tokens or use on_long='drop'"
             )
         self._keep = np.flatnonzero(self.lengths <= self.max_tokens)
-        if not drop_last and self.world_size > len(self._keep):
+        if not drop_last and 0 < len(self._keep) < self.world_size:
             raise ValueError(f"world_size={self.world_size} is larger than the {len(self._keep)} usable rows")
 
     def _build_plan(self, epoch: int) -> Plan:

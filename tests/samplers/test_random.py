@@ -100,3 +100,12 @@ def test_new_iter_is_a_new_pass_unless_restored():
     t.load_state_dict({**s.state_dict(), "batches_yielded": 3})
     assert [b.tolist() for b in t] == full[3:]  # a restored cursor does
     assert [b.tolist() for b in t] == full
+
+
+def test_empty_dataset_gives_no_batches():
+    s = samplers.RandomBatchSampler(0, 4, world_size=2, rank=1)
+    assert len(s) == 0 and list(s) == []
+    t = samplers.TokenBudgetBatchSampler(np.zeros(0, np.int64), 8)
+    assert len(t) == 0 and list(t) == [] and t.stats()["rows"] == 0
+    u = samplers.TokenBudgetBatchSampler(np.array([50, 60]), 8)  # every row too long: dropped and counted
+    assert len(u) == 0 and u.stats()["dropped"] == {"longer_than_max_tokens": 2}
