@@ -23,15 +23,24 @@ __all__ = ["DecomposedDataset", "PackedCollate", "PadCollate", "collate_decompos
            "ragged_column"]
 
 
-def _outputs():
+def _outputs(count: int = 3):
     """``(alloc, to_tensor)``: outputs in shared memory inside a DataLoader worker (as torch's default_collate
-    does), so the batch crosses to the main process without another copy; recycled buffers elsewhere."""
+    does), so the batch crosses to the main process without another copy; recycled buffers elsewhere.
+
+    In a worker, the ``count`` outputs of one batch (same shape and dtype) are views of one shared-memory
+    tensor: one segment and one file descriptor cross per batch instead of one per output."""
     if torch.utils.data.get_worker_info() is None:
         return POOL.alloc, torch.from_numpy
     made: dict[int, torch.Tensor] = {}
+    block: list = []
 
     def alloc(shape, dtype):
-        t = torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype).share_memory_()
+        shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+        if not block or block[0].shape[1:] != shape or block[1] >= count:
+            tdtype = torch.from_numpy(np.empty(0, dtype)).dtype
+            block[:] = [torch.empty((count, *shape), dtype=tdtype).share_memory_(), 0]
+        t = block[0][block[1]]
+        block[1] += 1
         a = t.numpy()
         made[id(a)] = t
         return a

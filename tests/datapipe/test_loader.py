@@ -118,3 +118,13 @@ def test_epoch_is_forwarded_to_a_collate_with_set_epoch(small_ds):
     loader = datapipe.DataLoader(small_ds, batch_size=50, collate_fn=tag)
     assert [b.item() for b in loader] == [0, 0]
     assert [b.item() for b in loader] == [1, 1]
+
+
+@pytest.mark.parametrize("make_collate", [collate.pad, collate.packed])
+def test_workers_deliver_the_same_tensors_as_the_main_process(small_ds, make_collate):
+    def run(workers):
+        sampler = samplers.RandomBatchSampler(len(small_ds), 16, seed=2)
+        return to_plain(list(datapipe.DataLoader(small_ds, batch_sampler=sampler, num_workers=workers,
+                                                 collate_fn=make_collate())))
+
+    assert run(0) == run(2)
