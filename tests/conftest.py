@@ -7,3 +7,10 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+
+# CI runs the same hypothesis examples every time (a red CI must be reproducible); local runs explore new ones.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
