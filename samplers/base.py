@@ -23,7 +23,8 @@ from numpy.typing import NDArray
 from native.batching import split_to_multiple
 from native.rng import mix_seed
 
-__all__ = ["BatchSamplerBase", "Plan", "deal", "even_out", "group_steps", "resolve_rank", "resolve_world"]
+__all__ = ["BatchSamplerBase", "Plan", "check_lengths", "deal", "even_out", "group_steps", "resolve_rank",
+           "resolve_world"]
 
 STATE_VERSION = 1
 
@@ -55,11 +56,41 @@ class Plan:
     def sizes(self) -> NDArray[np.int64]:
         return np.diff(self.offsets)
 
+    def padding(self, values: NDArray) -> tuple[float, float]:
+        """``(real, padded)`` totals of a per-row size (tokens, seconds) under this plan: padded counts every
+        row of a batch at the batch's largest size, as a ``[B, max]`` layout does."""
+        v = values[self.indices]
+        if not self.num_batches:
+            return float(v.sum()), 0.0
+        return float(v.sum()), float((np.maximum.reduceat(v, self.offsets[:-1]) * self.sizes).sum())
+
     @classmethod
     def from_sizes(cls, indices: NDArray, sizes: NDArray, **kw) -> Plan:
         offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
         np.cumsum(sizes, out=offsets[1:])
         return cls(np.ascontiguousarray(indices[: offsets[-1]], dtype=np.int64), offsets, **kw)
+
+
+def check_lengths(lengths, name: str = "lengths", n: int | None = None) -> NDArray[np.int64]:
+    """Validate a metadata array of per-row counts (tokens, frames): 1-D (``n`` rows when given), finite whole
+    numbers, ``>= 0``. Returns int64; errors name the parameter and the first bad row."""
+    arr = np.asarray(lengths)
+    if arr.ndim != 1 or (n is not None and len(arr) != n):
+        want = f"({n},)" if n is not None else "1-D"
+        raise ValueError(f"{name} must have shape {want} (got shape {arr.shape})")
+    if arr.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(arr))
+        if len(bad):
+            raise ValueError(f"{name} has NaN/inf at row {int(bad[0])} ({len(bad)} rows in all)")
+        bad = np.flatnonzero(arr != np.round(arr))
+        if len(bad):
+            raise ValueError(f"{name} must be whole numbers: row {int(bad[0])} has {arr[bad[0]]}")
+    elif arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be integers (got dtype {arr.dtype})")
+    neg = np.flatnonzero(arr < 0)
+    if len(neg):
+        raise ValueError(f"{name} has a negative value {arr[neg[0]]} at row {int(neg[0])}")
+    return arr.astype(np.int64)
 
 
 def resolve_world(rank: int | None, world_size: int | None) -> tuple[int, int]:

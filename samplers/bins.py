@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from samplers.base import check_lengths
+
 __all__ = ["check_durations", "estimate_duration_bins", "estimate_duration_bins_2d"]
 
 
@@ -41,23 +43,6 @@ def check_durations(durations: ArrayLike, name: str = "durations") -> NDArray[np
             "remove empty or broken cuts before sampling"
         )
     return arr
-
-
-def check_lengths(lengths: ArrayLike, n: int, name: str = "output_lengths") -> NDArray[np.int64]:
-    """Validate non-negative integer lengths of ``n`` rows. Returns int64."""
-    arr = np.asarray(lengths)
-    if arr.shape != (n,):
-        raise ValueError(f"{name} must have shape ({n},) like durations (got {arr.shape})")
-    if arr.dtype.kind == "f":
-        bad = np.flatnonzero(~np.isfinite(arr) | (arr != np.round(arr)))
-        if len(bad):
-            raise ValueError(f"{name} must be whole numbers: row {int(bad[0])} has {arr[bad[0]]}")
-    elif arr.dtype.kind not in "iu":
-        raise TypeError(f"{name} must be integers (got dtype {arr.dtype})")
-    bad = np.flatnonzero(arr < 0)
-    if len(bad):
-        raise ValueError(f"{name} must be >= 0: row {int(bad[0])} has {arr[bad[0]]}")
-    return arr.astype(np.int64)
 
 
 def _equal_mass_starts(sizes: NDArray[np.float64], parts: int) -> NDArray[np.int64]:
@@ -127,7 +112,7 @@ def estimate_duration_bins_2d(durations: ArrayLike, output_lengths: ArrayLike, n
         with ``return_max_tps`` also float64 ``[K]``.
     """
     d = check_durations(durations)
-    tok = check_lengths(output_lengths, len(d))
+    tok = check_lengths(output_lengths, "output_lengths", len(d))
     if not isinstance(num_buckets, (int, np.integer)) or not 1 <= num_buckets <= len(d):
         raise ValueError(f"num_buckets must be an integer in [1, {len(d)}] (got {num_buckets=})")
     if not isinstance(num_sub_buckets, (int, np.integer)) or num_sub_buckets < 1:

@@ -18,8 +18,8 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from native.duration import assign_buckets_2d, bucket_batches
-from samplers.base import BatchSamplerBase, Plan
-from samplers.bins import check_durations, check_lengths, estimate_duration_bins, estimate_duration_bins_2d
+from samplers.base import BatchSamplerBase, Plan, check_lengths
+from samplers.bins import check_durations, estimate_duration_bins, estimate_duration_bins_2d
 
 __all__ = ["DurationBucketSampler", "estimate_duration_bins", "estimate_duration_bins_2d"]
 
@@ -107,7 +107,7 @@ class DurationBucketSampler(BatchSamplerBase):
         self.chunk_batches = int(chunk_batches)
         self.shuffle = bool(shuffle)
         self.strict_2d = bool(strict_2d)
-        self.output_lengths = None if output_lengths is None else check_lengths(output_lengths, n)
+        self.output_lengths = None if output_lengths is None else check_lengths(output_lengths, "output_lengths", n)
         self.bins = self._resolve_bins(bucket_bins, num_buckets, num_sub_buckets)
         self.is_2d = self.bins.ndim == 2
         self.num_buckets = len(self.bins) if self.is_2d else len(self.bins) + 1
@@ -249,14 +249,7 @@ class DurationBucketSampler(BatchSamplerBase):
         ``token_padding_fraction``."""
         out = super().stats()
         plan = self.global_plan()
-        d = self.durations[plan.indices]
-        starts = plan.offsets[:-1]
-        if plan.num_batches:
-            maxes = np.maximum.reduceat(d, starts)
-            padded = float((maxes * plan.sizes).sum())
-        else:
-            padded = 0.0
-        real = float(d.sum())
+        real, padded = plan.padding(self.durations)
         out.update(
             duration=real,
             padded_duration=padded,
@@ -271,7 +264,6 @@ class DurationBucketSampler(BatchSamplerBase):
             bins=self.bins.tolist(),
         )
         if self.is_2d:
-            t = self.output_lengths[plan.indices]
-            tp = float((np.maximum.reduceat(t, starts) * plan.sizes).sum()) if plan.num_batches else 0.0
-            out["token_padding_fraction"] = 1.0 - float(t.sum()) / tp if tp else 0.0
+            t, tp = plan.padding(self.output_lengths)
+            out["token_padding_fraction"] = 1.0 - t / tp if tp else 0.0
         return out

@@ -12,24 +12,7 @@ from numpy.typing import ArrayLike
 
 from native.batching import budget_cuts
 from native.rng import permutation
-from samplers.base import BatchSamplerBase, Plan, take_batches
-
-
-def check_lengths(lengths: ArrayLike, name: str = "lengths") -> np.ndarray:
-    """Validate a metadata array of non-negative lengths; returns int64."""
-    arr = np.asarray(lengths)
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-D (got shape {arr.shape})")
-    if arr.dtype.kind == "f":
-        bad = np.flatnonzero(~np.isfinite(arr))
-        if len(bad):
-            raise ValueError(f"{name} has NaN/inf at row {int(bad[0])} ({len(bad)} rows in all)")
-    elif arr.dtype.kind not in "iu":
-        raise TypeError(f"{name} must be integers (got dtype {arr.dtype})")
-    neg = np.flatnonzero(arr < 0)
-    if len(neg):
-        raise ValueError(f"{name} has a negative value {arr[neg[0]]} at row {int(neg[0])}")
-    return arr.astype(np.int64)
+from samplers.base import BatchSamplerBase, Plan, check_lengths, take_batches
 
 
 class TokenBudgetBatchSampler(BatchSamplerBase):
@@ -95,10 +78,7 @@ class TokenBudgetBatchSampler(BatchSamplerBase):
     def stats(self) -> dict:
         out = super().stats()
         plan = self.global_plan()
-        L = self.lengths[plan.indices]
-        maxes = np.maximum.reduceat(L, plan.offsets[:-1]) if plan.num_batches else np.zeros(0, np.int64)
-        padded = int((maxes * plan.sizes).sum())
-        real = int(L.sum())
+        real, padded = (int(x) for x in plan.padding(self.lengths))
         out.update(
             tokens=real,
             padded_tokens=padded,

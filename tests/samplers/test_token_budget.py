@@ -59,3 +59,17 @@ def test_bad_lengths():
         samplers.TokenBudgetBatchSampler(np.array([3]), 0)
     with pytest.raises(ValueError, match="row 0 has length 30 > max_tokens=10"):
         samplers.TokenBudgetBatchSampler(np.array([30, 2]), 10, on_long="error")
+
+
+@pytest.mark.parametrize("lengths,n,err,match", [
+    ([1.5, 2.0], None, ValueError, "lengths must be whole numbers: row 0 has 1.5"),
+    ([[1, 2]], None, ValueError, r"lengths must have shape 1-D"),
+    ([1, 2], 3, ValueError, r"lengths must have shape \(3,\)"),
+    (["a"], None, TypeError, "lengths must be integers"),
+])
+def test_shared_length_validator(lengths, n, err, match):
+    from samplers.base import check_lengths
+
+    with pytest.raises(err, match=match):
+        check_lengths(np.array(lengths), "lengths", n)
+    assert check_lengths(np.array([3.0, 0.0])).tolist() == [3, 0]
