@@ -99,6 +99,22 @@ def _rem_pieces(a, t, cap_log2):
 
 
 @njit(inline="always")
+def _put_piece(row, pos, k, j, full_shift, out_row, out_start, out_len, out_seq, out_log2, write_seq, seq_tokens,
+               seq_off):
+    # bucket piece j (its own training sequence j) of 2^k tokens at pos in document row
+    p = np.int64(1) << k
+    w = j - full_shift
+    out_row[w] = row
+    out_start[w] = pos
+    out_len[w] = p
+    out_seq[w] = j
+    out_log2[w] = k
+    if write_seq:
+        seq_tokens[j] = p
+        seq_off[j] = j
+
+
+@njit(inline="always")
 def _fill_doc(length, row, min_log2, max_log2, seed, policy, j, o, c, nf, out_row, out_start, out_len, out_seq,
               out_log2, write_seq, seq_tokens, seq_off, full_shift, rem_seq):
     # one document: bucket pieces at j - full_shift (sequence j), then its tail's remainder pieces at o (packed
@@ -112,15 +128,8 @@ def _fill_doc(length, row, min_log2, max_log2, seed, policy, j, o, c, nf, out_ro
         while rem >= big:
             s, k = _draw_log2(s, min_log2, max_log2)
             p = np.int64(1) << k
-            w = j - full_shift
-            out_row[w] = row
-            out_start[w] = pos
-            out_len[w] = p
-            out_seq[w] = j
-            out_log2[w] = k
-            if write_seq:
-                seq_tokens[j] = p
-                seq_off[j] = j
+            _put_piece(row, pos, k, j, full_shift, out_row, out_start, out_len, out_seq, out_log2, write_seq,
+                       seq_tokens, seq_off)
             pos += p
             rem -= p
             j += 1
@@ -128,15 +137,8 @@ def _fill_doc(length, row, min_log2, max_log2, seed, policy, j, o, c, nf, out_ro
         for k in range(max_log2, min_log2 - 1, -1):
             p = np.int64(1) << k
             if rem & p:
-                w = j - full_shift
-                out_row[w] = row
-                out_start[w] = pos
-                out_len[w] = p
-                out_seq[w] = j
-                out_log2[w] = k
-                if write_seq:
-                    seq_tokens[j] = p
-                    seq_off[j] = j
+                _put_piece(row, pos, k, j, full_shift, out_row, out_start, out_len, out_seq, out_log2, write_seq,
+                           seq_tokens, seq_off)
                 pos += p
                 j += 1
         rem &= cap - 1
