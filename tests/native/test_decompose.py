@@ -174,27 +174,15 @@ def test_blocks_give_the_same_output_as_one_pass():
     lengths = np.maximum(1, rng.lognormal(5, 1.5, 2000).astype(np.int64))
     kw = dict(min_log2=3, max_log2=9, seed=11)
     whole = decompose_lengths(lengths, remainder="pack", **kw)
-    parts = [scan_documents(lengths[a:b], row_offset=a, **kw) for a, b in ((0, 700), (700, 1999), (1999, 2000))]
-    counts = np.concatenate([p[0] for p in parts])
-    tail = np.concatenate([p[1] for p in parts])
-    layout = plan_layout(counts, tail, min_log2=3, remainder="pack")
-    out = empty_output(layout)
-    for a, b in ((1999, 2000), (0, 700), (700, 1999)):  # any order
-        blk = fill_block(lengths[a:b], layout, lo=a, hi=b, **kw)
-        nf = len(blk["full_row"])
-        f0, r0 = int(layout["piece_off"][a]), layout["num_full"] + int(layout["tail_off"][a])
-        for k in ("row", "start", "length", "sequence"):
-            out[k][f0 : f0 + nf] = blk[f"full_{k}"]
-            out[k][r0 : r0 + len(blk["rem_row"])] = blk[f"rem_{k}"]
-        out["sequence_log2"][f0 : f0 + nf] = blk["full_log2"]
-    got = finish_output(out, layout, lengths, counts, tail)
+    got = _block_api(lengths, ((1999, 2000), (0, 700), (700, 1999)), "pack", **kw)  # blocks filled in any order
     for k, v in whole.items():
         assert (v.tobytes() == got[k].tobytes()) if isinstance(v, np.ndarray) else v == got[k], k
 
 
 def _block_api(lengths, blocks, remainder, **kw):
-    """decompose_lengths rebuilt from the per-document block API (what the Ray engine runs)."""
-    parts = [scan_documents(lengths[a:b], row_offset=a, **kw) for a, b in blocks]
+    """decompose_lengths rebuilt from the per-document block API (what the Ray engine runs); blocks are scanned in
+    row order and filled in the order given."""
+    parts = [scan_documents(lengths[a:b], row_offset=a, **kw) for a, b in sorted(blocks)]
     counts = np.concatenate([p[0] for p in parts])
     tail = np.concatenate([p[1] for p in parts])
     layout = plan_layout(counts, tail, min_log2=kw["min_log2"], remainder=remainder)
