@@ -150,7 +150,7 @@ def main() -> None:
         bs, ds, ks = [128, 256, 512, 1024], [3072, 16384], K_SET
     rows = run(bs, ds, ks, args.repeats, args.brute_max)
     cmd = "python benchmarks/bench_immiscible.py " + " ".join(sys.argv[1:])
-    md = [f"# bench_immiscible\n",
+    md = ["# bench_immiscible\n",
           f"Command: `{cmd.strip()}`, {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC, "
           f"torch {torch.__version__}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
           f"{args.threads} thread(s), CPU. Times: medians of {args.repeats} repeats, methods interleaved (brute KNN: "
