@@ -1,5 +1,5 @@
 """One epoch of random 256-document batches: datapipe (ArrowDataset + DataLoader) vs a Hugging Face
-``datasets.Dataset`` with ``with_format("torch")`` + ``torch.utils.data.DataLoader``.
+``datasets.Dataset`` with ``with_format("torch")`` + ``torch.utils.data.DataLoader``, and vs the memory floor.
 
 Both sides get the *same* batches of row indices (one seeded ``RandomBatchSampler`` drives both loaders) and
 deliver the same tensors, checked equal on every batch of a verification pass:
@@ -7,10 +7,16 @@ deliver the same tensors, checked equal on every batch of a verification pass:
 * padded: ``input_ids``, ``attention_mask``, ``labels`` int64 ``[B, L]``;
 * packed: flat ``input_ids``, ``position_ids``, ``labels`` int64 ``[T]``, ``cu_seqlens`` int32 ``[B+1]``, ``max_seqlen``.
 
-Corpus: the Python standard library's ``.py`` files, byte-tokenized, cut at blank lines into documents of at most
-``--max-doc`` tokens (the same rows on both sides). Prints tokens/s and ratios (medians over ``--repeats``).
+Memory floor: the same output bytes (three int64 arrays of each batch's shape) written by ``numpy.copyto`` from
+contiguous int32 tokens into recycled buffers, batch by batch; ``floor`` is that time over datapipe's time.
 
-    python benchmarks/bench_loader.py [--repeats 3] [--workers 0 2] [--out benchmarks/results/bench_loader.md]
+Settings: ``0`` workers (``datapipe.DataLoader``), ``threads`` (``datapipe.prefetch.ThreadPrefetcher`` with 2
+threads, 2 batches ahead, around ``collate(dataset.__getitems__(rows))``, compared with HF at 0 workers), ``2``
+workers. Corpora: the Python standard library's ``.py`` files, byte-tokenized, cut at blank lines into documents of
+at most ``--max-doc`` tokens; and a synthetic one with lognormal lengths (mean ~600 tokens). Prints tokens/s and
+ratios (medians over ``--repeats``).
+
+    python benchmarks/bench_loader.py [--repeats 3] [--corpora stdlib lognormal] [--out benchmarks/results/bench_loader.md]
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import tempfile
 import time
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.utils.data as tud
 
@@ -30,18 +37,21 @@ import datapipe
 import samplers
 from datapipe import collate
 from datapipe.demo import stdlib_files
-
+from datapipe.prefetch import ThreadPrefetcher
 
 NOTE = """
-Both loaders deliver the same tensors (checked batch by batch before timing). With workers, both sides are
-bound by torch's worker-to-main transfer (each batch's tensors travel through new shared-memory segments; datapipe's
-collators write straight into them) and by 3 processes sharing 2 cores: datapipe's whole data path costs ~1 ms per
-batch in-process, so for token batches `num_workers=0` is the fastest setting here, and workers pay off only for
-heavy per-row transforms.
+Both loaders deliver the same tensors (checked batch by batch before timing). `floor` is the memory floor's time
+over datapipe's: numpy writing the same output bytes (three int64 arrays per batch, from contiguous int32 tokens)
+into recycled buffers, one thread; datapipe's kernels may use both cores at 0 workers, so it can exceed 100 %.
+`threads` is `datapipe.prefetch.ThreadPrefetcher(lambda rows: collate(ds.__getitems__(rows)), sampler, depth=2,
+num_threads=2)` used directly (the `DataLoader(prefetch=)` wiring is not in this measurement); its ratio is against
+HF at 0 workers. With workers, both sides are bound by torch's worker-to-main transfer and by 3 processes sharing 2
+cores, so for token batches 0 workers or threads are the fast settings here; workers pay off for heavy per-row
+Python transforms.
 """
 
 
-def corpus(max_doc: int) -> list[np.ndarray]:
+def stdlib_corpus(max_doc: int) -> list[np.ndarray]:
     docs = []
     for f in stdlib_files():
         data = open(f, "rb").read()
@@ -57,6 +67,13 @@ def corpus(max_doc: int) -> list[np.ndarray]:
         if buf:
             docs.append(buf)
     return [np.append(np.frombuffer(d, dtype=np.uint8).astype(np.int32), np.int32(256)) for d in docs]
+
+
+def lognormal_corpus(n: int, mean: float = 600.0, sigma: float = 1.0, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    lengths = np.maximum(1, rng.lognormal(np.log(mean) - sigma**2 / 2, sigma, n).astype(np.int64))
+    flat = rng.integers(0, 50_000, int(lengths.sum()), dtype=np.int32)
+    return np.split(flat, np.cumsum(lengths)[:-1])
 
 
 def hf_pad(batch):
@@ -87,73 +104,116 @@ def run_epoch(loader) -> tuple[float, int]:
     return time.perf_counter() - t0, tokens
 
 
+def floor_epoch(flat: np.ndarray, shapes: list[tuple], bufs: list[np.ndarray]) -> float:
+    """numpy writing each batch's three int64 outputs (``shapes``) from contiguous int32 tokens, recycled buffers."""
+    t0 = time.perf_counter()
+    at = 0
+    for shape in shapes:
+        n = int(np.prod(shape))
+        if at + n > len(flat):
+            at = 0
+        src = flat[at : at + n].reshape(shape)
+        at += n
+        for b in bufs:
+            np.copyto(b[:n].reshape(shape), src)
+    return time.perf_counter() - t0
+
+
 def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(
         (torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]) for k in a)
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--max-doc", type=int, default=4096)
-    ap.add_argument("--out", default=None, help="write the markdown table here too")
-    args = ap.parse_args(argv)
-
+def bench_corpus(label: str, docs: list[np.ndarray], args, tmp: str) -> list[tuple]:
     import datasets
 
-    docs = corpus(args.max_doc)
     n = len(docs)
-    tmp = tempfile.mkdtemp(prefix="bench_loader_")
-    ours = datapipe.ArrowDataset.open(datapipe.write_dataset(({"input_ids": d} for d in docs), os.path.join(tmp, "ds")))
-    import pyarrow as pa
-
-    hf = datasets.Dataset(pa.table({"input_ids": pa.array(docs, type=pa.list_(pa.int32()))}))
-    hf = hf.with_format("torch")
-    total_tokens = int(sum(len(d) for d in docs))
-    print(f"corpus: {n:,} documents, {total_tokens:,} tokens (stdlib .py, byte-level, <= {args.max_doc} tokens each)")
+    ours = datapipe.ArrowDataset.open(datapipe.write_dataset(({"input_ids": d} for d in docs), os.path.join(tmp, label)))
+    hf = datasets.Dataset(pa.table({"input_ids": pa.array(docs, type=pa.list_(pa.int32()))})).with_format("torch")
+    lengths = np.array([len(d) for d in docs], dtype=np.int64)
+    total = int(lengths.sum())
+    flat = np.concatenate(docs)
+    print(f"{label}: {n:,} documents, {total:,} tokens, mean {total / n:.0f}", flush=True)
 
     def sampler():
         return samplers.RandomBatchSampler(n, args.batch_size, seed=0, rank=0, world_size=1)
 
+    plan = list(sampler())
+    shapes = {"padded": [(len(b), int(lengths[b].max())) for b in plan], "packed": [(int(lengths[b].sum()),) for b in plan]}
     layouts = {"padded": (collate.pad(pad_id=0, keep_columns=False), hf_pad),
                "packed": (collate.packed(keep_columns=False), hf_packed)}
-    # verification pass: identical tensors for every batch
-    for name, (ours_fn, hf_fn) in layouts.items():
+    for name, (ours_fn, hf_fn) in layouts.items():  # verification pass: identical tensors for every batch
         a = datapipe.DataLoader(ours, batch_sampler=sampler(), collate_fn=ours_fn)
         b = tud.DataLoader(hf, batch_sampler=sampler(), collate_fn=hf_fn)
-        for x, y in zip(a, b):
-            assert same(x, y), f"{name}: outputs differ"
-    print("verified: both loaders deliver identical tensors for every batch (padded and packed)")
+        for x, y in zip(a, b, strict=True):
+            assert same(x, y), f"{label} {name}: outputs differ"
+        with ThreadPrefetcher(lambda rows, f=ours_fn: f(ours.__getitems__(rows)), sampler()) as it:
+            for x, y in zip(it, tud.DataLoader(hf, batch_sampler=sampler(), collate_fn=hf_fn), strict=True):
+                assert same(x, y), f"{label} {name}: thread-prefetched outputs differ"
+    print("  verified: identical tensors for every batch (padded and packed, 0 workers and threads)", flush=True)
 
-    rows = []
-    for workers in args.workers:
+    rows, hf0 = [], {}
+    for setting in args.settings:
+        workers = 0 if setting == "threads" else int(setting)
         for name, (ours_fn, hf_fn) in layouts.items():
-            t_ours, t_hf = [], []
+            t_ours, t_hf, t_floor = [], [], []
+            bufs = [np.empty(max(int(np.prod(s)) for s in shapes[name]), dtype=np.int64) for _ in range(3)]
             for _ in range(args.repeats):
-                dl = datapipe.DataLoader(ours, batch_sampler=sampler(), collate_fn=ours_fn, num_workers=workers)
+                if setting == "threads":
+                    dl = ThreadPrefetcher(lambda rows, f=ours_fn: f(ours.__getitems__(rows)), sampler(), depth=2,
+                                          num_threads=2)
+                else:
+                    dl = datapipe.DataLoader(ours, batch_sampler=sampler(), collate_fn=ours_fn, num_workers=workers)
                 t, tok = run_epoch(dl)
-                assert tok == total_tokens
+                assert tok == total
                 t_ours.append(t)
-                dl = tud.DataLoader(hf, batch_sampler=sampler(), collate_fn=hf_fn, num_workers=workers)
-                t, tok = run_epoch(dl)
-                assert tok == total_tokens
-                t_hf.append(t)
-            mo, mh = statistics.median(t_ours), statistics.median(t_hf)
-            rows.append((name, workers, total_tokens / mo / 1e6, total_tokens / mh / 1e6, mh / mo))
-            print(f"{name:>6} workers={workers}: datapipe {total_tokens / mo / 1e6:8.1f} M tok/s, "
-                  f"HF+torch {total_tokens / mh / 1e6:7.1f} M tok/s, ratio {mh / mo:5.1f}x", flush=True)
+                if setting != "threads":
+                    t, tok = run_epoch(tud.DataLoader(hf, batch_sampler=sampler(), collate_fn=hf_fn, num_workers=workers))
+                    assert tok == total
+                    t_hf.append(t)
+                t_floor.append(floor_epoch(flat, shapes[name], bufs))
+            mo, mf = statistics.median(t_ours), statistics.median(t_floor)
+            mh = statistics.median(t_hf) if t_hf else hf0[name]
+            if setting == "0":
+                hf0[name] = mh
+            rows.append((name, setting, total / mo / 1e6, total / mh / 1e6, mh / mo, mf / mo))
+            print(f"  {name:>6} {setting:>7}: datapipe {total / mo / 1e6:7.1f} M tok/s, HF+torch {total / mh / 1e6:6.1f}"
+                  f" M tok/s, ratio {mh / mo:5.1f}x, floor {mf * 1e3:6.1f} ms = {100 * mf / mo:5.1f} % of datapipe's "
+                  f"{mo * 1e3:6.1f} ms", flush=True)
+    return [(label, *r[:6]) for r in rows]
 
-    table = ["| layout | workers | datapipe (M tokens/s) | HF datasets + torch DataLoader (M tokens/s) | ratio |",
-             "|---|---|---|---|---|"]
-    table += [f"| {a} | {w} | {o:.1f} | {h:.1f} | **{r:.1f}x** |" for a, w, o, h, r in rows]
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--settings", nargs="+", default=["0", "threads", "2"], help="worker counts and/or 'threads'")
+    ap.add_argument("--corpora", nargs="+", default=["stdlib", "lognormal"], choices=["stdlib", "lognormal"])
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--max-doc", type=int, default=4096)
+    ap.add_argument("--lognormal-docs", type=int, default=50_000)
+    ap.add_argument("--out", default=None, help="write the markdown table here too")
+    args = ap.parse_args(argv)
+    # the threads row is compared with HF at 0 workers: measure that first
+    args.settings = ["0", *[s for s in args.settings if s != "0"]] if "threads" in args.settings else args.settings
+
+    tmp = tempfile.mkdtemp(prefix="bench_loader_")
+    rows, corpora = [], []
+    for c in args.corpora:
+        docs = stdlib_corpus(args.max_doc) if c == "stdlib" else lognormal_corpus(args.lognormal_docs)
+        desc = (f"stdlib .py, byte-level, <= {args.max_doc} tokens each" if c == "stdlib"
+                else "lognormal lengths, sigma 1, random ids")
+        corpora.append(f"{c}: {len(docs):,} documents, {sum(len(d) for d in docs):,} tokens ({desc})")
+        rows += bench_corpus(c, docs, args, tmp)
+
+    table = ["| corpus | layout | workers | datapipe (M tokens/s) | HF datasets + torch DataLoader (M tokens/s) | ratio "
+             "| memory floor |", "|---|---|---|---|---|---|---|"]
+    table += [f"| {c} | {a} | {w} | {o:.1f} | {h:.1f} | **{r:.1f}x** | {100 * f:.0f} % |" for c, a, w, o, h, r, f in rows]
     print("\n".join(table))
     if args.out:
         with open(args.out, "w") as f:
             f.write(f"Command: `python benchmarks/bench_loader.py {' '.join(sys.argv[1:])}`\n\n")
-            f.write(f"Corpus: {n:,} documents, {total_tokens:,} tokens; batches of {args.batch_size} random documents; "
-                    f"medians of {args.repeats} epochs; 2-core shared machine.\n\n")
+            f.write(f"Corpora: {'; '.join(corpora)}. Batches of {args.batch_size} random documents; medians of "
+                    f"{args.repeats} epochs; 2-core shared machine; {time.strftime('%Y-%m-%d')}.\n\n")
             f.write("\n".join(table) + "\n")
             f.write(NOTE)
 

@@ -20,6 +20,8 @@ ORDER = [
     ("Immiscible noise (issue 7)", "bench_immiscible.md"),
     ("RegMix (issue 8)", "bench_regmix.md"),
     ("Mixture batches at scale (issue 8)", "bench_mixture.md"),
+    ("Checked reads: first-touch checksum cost (issue 12)", "bench_integrity.md"),
+    ("Recipe dry run: 1e5 steps, 8 domains (issue 16)", "bench_recipe.md"),
 ]
 
 

@@ -18,6 +18,8 @@ _LAZY = {
     "datapipe.collate.decomposed": ("DecomposedDataset",),
     "datapipe.audio": ("import_lhotse_cuts", "ingest_audio"),
     "datapipe.tas_ingest": ("cluster_embeddings", "ingest_tas", "load_pair_table", "save_pair_table"),
+    "datapipe.multi": ("MultiDataset",),
+    "datapipe.recipe": ("Recipe",),
 }
 _MODULES = ("collate",)
 

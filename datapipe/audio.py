@@ -5,13 +5,18 @@ Part of the speech batching of "Training and Inference Efficiency of Encoder-Dec
 (Żelasko et al., 2025): the samplers need only ``index.arrow``'s ``duration`` / ``num_tokens`` columns, so a
 Lhotse user imports a ``cuts.jsonl.gz`` (metadata only, or with the audio) and keeps their bins and budgets.
 
-Row layout:
+Row layout (one naming for every audio path, Lhotse's: ``audio_path``, ``sampling_rate``):
 
-* audio: ``id`` (str), ``path`` (str), ``audio`` (``list<float32>`` mono samples), ``sample_rate`` (int32),
-  ``num_samples`` (int64), ``duration`` (float64 s);
-* features: ``id``, ``path``, ``features`` (``list<float32>``, ``num_frames * feature_dim`` values, frame-major),
-  ``num_frames`` (int64), ``feature_dim`` (int32), ``duration`` (``num_frames * frame_shift``);
+* audio: ``id`` (str), ``audio_path`` (str), ``audio`` (``list<float32>`` mono samples), ``sampling_rate``
+  (int32), ``num_samples`` (int64), ``duration`` (float64 s);
+* features: ``id``, ``features_path`` (str), ``features`` (``list<float32>``, ``num_frames * feature_dim`` values,
+  frame-major), ``num_frames`` (int64), ``feature_dim`` (int32), ``duration`` (``num_frames * frame_shift``);
+* Lhotse cuts: see :func:`import_lhotse_cuts` (``audio_path``, ``sampling_rate`` and, with audio, ``audio``);
 * optional ``text`` (str) and ``num_tokens`` (int64).
+
+Datasets written before this naming stored ``path`` and ``sample_rate``; :func:`audio_columns` maps the
+canonical names to the stored ones and warns (``DeprecationWarning``) when a dataset uses the old names, which
+stay readable for one release.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -28,10 +34,40 @@ import pyarrow as pa
 from datapipe.format import DatasetError
 from datapipe.writer import write_dataset
 
-__all__ = ["import_lhotse_cuts", "ingest_audio", "read_lhotse_cuts"]
+__all__ = ["LEGACY_AUDIO_COLUMNS", "audio_columns", "import_lhotse_cuts", "ingest_audio", "read_lhotse_cuts"]
 
 _FEATURE_SUFFIXES = (".npy",)
 _BATCH_FILES = 64
+# the names ingest_audio wrote before the Lhotse names became the only ones (readable until the next release)
+LEGACY_AUDIO_COLUMNS = {"sampling_rate": "sample_rate", "audio_path": "path"}
+
+
+def audio_columns(column_names: Iterable[str], *, where: str = "dataset") -> dict[str, str]:
+    """The stored column of each canonical audio column name (``sampling_rate``, ``audio_path``).
+
+    Args:
+        column_names: the dataset's columns (``[c["name"] for c in ds.manifest["columns"]]``).
+        where: the dataset's path, for the warning.
+
+    Returns:
+        ``{canonical: stored}`` for the canonical names the data holds under either name.
+
+    Warns:
+        DeprecationWarning: when the data stores an old name (``sample_rate``, ``path``); re-ingest it.
+    """
+    names = set(column_names)
+    out, old = {}, []
+    for new, legacy in LEGACY_AUDIO_COLUMNS.items():
+        if new in names:
+            out[new] = new
+        elif legacy in names and ("audio" in names or "features" in names or new == "sampling_rate"):
+            out[new] = legacy
+            old.append(f"{legacy!r} (now {new!r})")
+    if old:
+        warnings.warn(f"{where} stores the audio columns {', '.join(old)} under their old names, readable until "
+                      "the next release; re-ingest it with ingest_audio / datapipe ingest-audio",
+                      DeprecationWarning, stacklevel=2)
+    return out
 
 
 def _mono(samples: np.ndarray, channels: str, name: str) -> np.ndarray:
@@ -102,7 +138,9 @@ def ingest_audio(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike,
     """Write audio files, or precomputed feature matrices, as a dataset directory with ``duration`` indexed.
 
     Files ending in ``.npy`` are features ``[num_frames, feature_dim]`` (or ``[num_frames]``); anything else is
-    read with ``soundfile`` (WAV, FLAC, OGG, ...), one cut per file. Mixing the two kinds is an error.
+    read with ``soundfile`` (WAV, FLAC, OGG, ...), one cut per file. Mixing the two kinds is an error. Columns
+    are those of the module docstring (audio: ``id``, ``audio_path``, ``audio``, ``sampling_rate``,
+    ``num_samples``, ``duration``; features: ``features_path`` and ``features`` instead).
 
     Args:
         paths: audio or ``.npy`` feature files.
@@ -146,7 +184,8 @@ def ingest_audio(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike,
         for s in range(0, len(paths), _BATCH_FILES):
             chunk = range(s, min(s + _BATCH_FILES, len(paths)))
             cols: dict[str, pa.Array] = {"id": pa.array([ids[i] for i in chunk], pa.string()),
-                                         "path": pa.array([str(paths[i]) for i in chunk], pa.string())}
+                                         "features_path" if features else "audio_path":
+                                             pa.array([str(paths[i]) for i in chunk], pa.string())}
             if features:
                 mats = []
                 for i in chunk:
@@ -175,7 +214,7 @@ def ingest_audio(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike,
                     rates.append(sr)
                 n = np.array([len(a) for a in audio], dtype=np.int64)
                 cols["audio"] = _list_array(audio)
-                cols["sample_rate"] = pa.array(np.array(rates, dtype=np.int32))
+                cols["sampling_rate"] = pa.array(np.array(rates, dtype=np.int32))
                 cols["num_samples"] = pa.array(n)
                 cols["duration"] = pa.array(n / np.array(rates, dtype=np.float64))
             if text_list is not None:
@@ -263,7 +302,7 @@ def _cut_row(cut: dict, where: str, tokenizer, load_audio: bool, channels: str) 
         a, sr = _read_audio(Path(src["source"]), channels, start=row["start"], duration=row["duration"],
                             channel=None if isinstance(channel, list) else int(channel))
         row["audio"] = a
-        row["sample_rate"] = sr
+        row["sampling_rate"] = int(sr)  # the file's rate: the samples stored are at this rate
     return row
 
 
@@ -275,8 +314,9 @@ def import_lhotse_cuts(cuts_jsonl_gz: str | os.PathLike, out_dir: str | os.PathL
 
     Each cut becomes a row: ``id``, ``duration``, ``start``, ``channel``, ``recording_id``, ``audio_path``,
     ``sampling_rate``, ``text`` (its supervisions' texts joined), ``language``, ``speaker``; with a tokenizer
-    also ``num_tokens``; with ``load_audio`` the cut's samples (``audio``, ``list<float32>``, and
-    ``sample_rate``) read from its file source. ``duration`` (and ``num_tokens``) go in the index, so
+    also ``num_tokens``; with ``load_audio`` the cut's samples (``audio``, ``list<float32>``, at
+    ``sampling_rate``) read from its file source. The names are those of :func:`ingest_audio` too. ``duration``
+    (and ``num_tokens``) go in the index, so
     ``DurationBucketSampler(ArrowDataset.open(out).index["duration"], ...)`` replaces Lhotse's sampler.
 
     Args:

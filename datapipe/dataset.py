@@ -3,6 +3,11 @@
 ``ds[i]`` returns a dict (list columns as zero-copy numpy views); ``ds.__getitems__(indices)`` gathers a whole
 batch per shard in one vectorised step (Numba kernels over the offsets/values buffers) and returns a columnar
 :class:`Batch`, which the collators in ``datapipe.collate`` turn into tensors.
+
+Reads are checked: the manifest's own digest and every file's size when the dataset is opened; a file's checksum
+the first time a process touches it (``verify="first_touch"``, the default; ``"never"`` for data verified offline);
+Arrow's full structural validation and the list offsets of every ragged column before a kernel reads them. All
+of it happens in :func:`open_ipc`, once per file per process, never in the per-batch path.
 """
 
 from __future__ import annotations
@@ -16,21 +21,42 @@ import pyarrow as pa
 import torch.utils.data
 from numpy.typing import NDArray
 
-from datapipe.format import INDEX_FILE, DatasetError, read_manifest, schema_from_b64, verify_checksum
+from datapipe.format import INDEX_FILE, MANIFEST, DatasetError, read_manifest, schema_from_b64, verify_buffer
 from native.ragged import gather_lengths, gather_values
 
-__all__ = ["ArrowDataset", "Batch", "DatasetError", "Ragged"]
+__all__ = ["VERIFY_MODES", "ArrowDataset", "Batch", "DatasetError", "Ragged", "open_ipc"]
 
 
 class Ragged:
     """A batch of variable-length rows: flat ``values`` and int64 ``offsets`` ``[B+1]`` (row b is
-    ``values[offsets[b]:offsets[b+1]]``)."""
+    ``values[offsets[b]:offsets[b+1]]``).
 
-    __slots__ = ("values", "offsets")
+    ``ArrowDataset.__getitems__`` returns it unmaterialised: ``parts`` holds one ``(offsets, values, rows, pos)``
+    per shard touched (the shard's memory-mapped buffers, the shard rows taken, their positions in the batch) and
+    ``values`` is gathered on first access. The collators write from ``parts`` straight into their outputs, so a
+    batch goes from the memory map to the output tensors in one pass. Pickling materialises ``values``."""
 
-    def __init__(self, values: NDArray, offsets: NDArray[np.int64]):
-        self.values = values
+    __slots__ = ("_values", "offsets", "parts")
+
+    def __init__(self, values: NDArray | None, offsets: NDArray[np.int64], parts: tuple | None = None):
+        if values is None and parts is None:
+            raise ValueError("Ragged needs values or parts")
+        self._values = values
         self.offsets = offsets
+        self.parts = parts if values is None else None
+
+    @property
+    def values(self) -> NDArray:
+        if self._values is None:
+            self._values = _gather_parts(self.parts, self.offsets)
+        return self._values
+
+    @values.setter
+    def values(self, values: NDArray) -> None:
+        self._values, self.parts = values, None
+
+    def __reduce__(self):
+        return (Ragged, (self.values, self.offsets))
 
     @classmethod
     def from_list(cls, rows: Sequence, dtype=None) -> Ragged:
@@ -57,6 +83,17 @@ class Ragged:
         return f"Ragged(rows={len(self)}, values={len(self.values)}, dtype={self.values.dtype})"
 
 
+def _gather_parts(parts: tuple, offsets: NDArray[np.int64]) -> NDArray:
+    """The values of an unmaterialised :class:`Ragged`: each shard's rows copied to their batch positions."""
+    from datapipe.prefetch import may_parallelize
+
+    values = np.empty(int(offsets[-1]), dtype=parts[0][1].dtype)
+    parallel = len(offsets) > 65 and may_parallelize()
+    for off, val, rows, pos in parts:
+        gather_values(off, val, rows, pos, offsets, values, parallel=parallel)
+    return values
+
+
 class Batch(dict):
     """Columns of a batch of rows: column -> numpy array, :class:`Ragged`, or list (other Arrow types).
 
@@ -76,18 +113,80 @@ class Batch(dict):
         return (Batch, (dict(self), self.num_rows, self.indices))
 
 
-class _Shard:
-    """One memory-mapped shard: its record batch and numpy views of its buffers."""
+VERIFY_MODES = ("first_touch", "never")
+# files whose checksum this process has verified: (path, inode, size, mtime, checksum). A forked DataLoader worker
+# inherits it (same files, same maps); a spawned one verifies what it touches itself.
+_VERIFIED: set[tuple] = set()
 
-    def __init__(self, path: Path, schema: pa.Schema, rows: int):
-        try:
-            reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
-            if reader.num_record_batches == 1:
-                self.batch = reader.get_batch(0)
-            else:
-                self.batch = reader.read_all().combine_chunks().to_batches()[0]
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DatasetError(f"{path}: cannot open shard ({e}); the file is truncated or corrupt: rebuild") from None
+
+def _corrupt(path: Path, what: str) -> DatasetError:
+    return DatasetError(f"{path}: {what}; the file is truncated or corrupt: rebuild the dataset (or restore the file)")
+
+
+def _check_ragged(path: Path, name: str, offsets: NDArray, num_values: int, rows: int) -> None:
+    """Offsets of a list column must be ``rows + 1`` non-decreasing positions inside the values buffer: checked
+    before any kernel reads through them, so a damaged file is an error and never an out-of-bounds read."""
+    if len(offsets) != rows + 1:
+        raise _corrupt(path, f"column {name!r}: {len(offsets)} list offsets for {rows} rows")
+    if rows == 0:
+        return
+    if offsets[0] < 0 or offsets[-1] > num_values:
+        raise _corrupt(path, f"column {name!r}: list offsets span [{int(offsets[0])}, {int(offsets[-1])}] outside "
+                             f"the {num_values} values")
+    drops = np.flatnonzero(offsets[1:] < offsets[:-1])
+    if len(drops):
+        raise _corrupt(path, f"column {name!r}, row {int(drops[0])}: list offsets decrease")
+
+
+def open_ipc(path: Path, meta: dict, *, verify: str, what: str = "shard") -> pa.RecordBatch:
+    """Memory-map one Arrow IPC file of a dataset and check it before anything reads its buffers.
+
+    The one place a file of a dataset directory becomes data (shards and ``index.arrow``): size against the
+    manifest; checksum on the first touch in this process (``verify="first_touch"``); Arrow's full structural
+    validation (offsets, UTF-8, nulls) in every mode. ``path`` is a local file (a cache may have put it there).
+
+    Returns:
+        the file's rows as one record batch (zero-copy over the map when uncompressed).
+
+    Raises:
+        DatasetError: naming ``path``: wrong size, checksum mismatch, unreadable or structurally invalid.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: {what} file is missing; rebuild the dataset") from None
+    if st.st_size != meta["bytes"]:
+        raise DatasetError(f"{path}: {st.st_size} bytes but the manifest says {meta['bytes']}: the {what} is "
+                           "truncated or was replaced; rebuild the dataset")
+    try:
+        buf = pa.memory_map(str(path), "r").read_buffer()
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot map the {what} ({e})") from None
+    if verify == "first_touch":
+        key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, meta["checksum"])
+        if key not in _VERIFIED:
+            verify_buffer(buf, meta["checksum"], path)
+            _VERIFIED.add(key)
+    try:
+        reader = pa.ipc.open_file(buf)
+        if reader.num_record_batches == 1:
+            batch = reader.get_batch(0)
+        else:
+            table = reader.read_all()
+            batch = table.combine_chunks().to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist(
+                [], schema=table.schema)
+        batch.validate(full=True)
+    except (pa.ArrowException, OSError, IndexError) as e:
+        raise _corrupt(path, f"cannot read the {what} ({type(e).__name__}: {e})") from None
+    return batch
+
+
+class _Shard:
+    """One memory-mapped shard: its record batch and numpy views of its buffers (checked: see :func:`open_ipc`)."""
+
+    def __init__(self, path: Path, meta: dict, schema: pa.Schema, *, verify: str = "first_touch"):
+        self.batch = open_ipc(path, meta, verify=verify)
+        rows = meta["rows"]
         if not self.batch.schema.equals(schema):
             raise DatasetError(f"{path}: schema {self.batch.schema} differs from the manifest's {schema}")
         if self.batch.num_rows != rows:
@@ -98,7 +197,9 @@ class _Shard:
             t = col.type
             if (pa.types.is_list(t) or pa.types.is_large_list(t)) and col.null_count == 0 and (
                     pa.types.is_integer(t.value_type) or pa.types.is_floating(t.value_type)) and col.values.null_count == 0:
-                self.ragged[name] = (col.offsets.to_numpy(), col.values.to_numpy())
+                offsets, values = col.offsets.to_numpy(), col.values.to_numpy()
+                _check_ragged(path, name, offsets, len(values), rows)
+                self.ragged[name] = (offsets, values)
             elif (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)) and col.null_count == 0:
                 self.flat[name] = col.to_numpy(zero_copy_only=False)
 
@@ -109,49 +210,96 @@ class ArrowDataset(torch.utils.data.Dataset):
     Shards are memory-mapped: opening costs no reads of the payload, workers share the page cache, and a
     pickled dataset (sent to a spawned worker) reopens its maps from the path.
 
+    Reads are checked: opening checks the manifest's own digest and every file's size; the first time a process
+    touches a shard (or the index) its checksum is verified (``verify="first_touch"``, once per file per process,
+    DataLoader workers included), and every file is structurally validated before any kernel reads its buffers,
+    so a damaged file raises :class:`DatasetError` naming it instead of returning wrong rows or crashing.
+
     Attributes:
         path: the dataset directory.
         manifest: the parsed ``manifest.json``.
         schema: the Arrow schema of the rows.
+        verify: ``"first_touch"`` or ``"never"``.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, verify: str = "first_touch"):
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {VERIFY_MODES} (got {verify=}); use 'never' only for data "
+                             "you verify offline with `datapipe verify`")
         self.path = Path(path)
+        self.verify_mode = verify
         self.manifest = read_manifest(self.path)
-        self.schema = schema_from_b64(self.manifest["schema"])
+        mpath = self.path / MANIFEST
+        self.schema = schema_from_b64(self.manifest["schema"], mpath)
         shards = self.manifest["shards"]
         self._starts = np.zeros(len(shards) + 1, dtype=np.int64)
         np.cumsum([s["rows"] for s in shards], out=self._starts[1:])
         if self._starts[-1] != self.manifest["num_rows"]:
-            raise DatasetError(f"{self.path / 'manifest.json'}: shard rows sum to {self._starts[-1]} but num_rows "
-                               f"is {self.manifest['num_rows']}")
-        for s in shards:
-            p = self.path / s["file"]
-            if not p.exists():
-                raise DatasetError(f"{p}: shard file is missing")
-            if p.stat().st_size != s["bytes"]:
-                raise DatasetError(f"{p}: {p.stat().st_size} bytes but the manifest says {s['bytes']}: the shard is "
-                                   "truncated or was replaced; rebuild the dataset")
+            raise DatasetError(f"{mpath}: shard rows sum to {self._starts[-1]} but num_rows "
+                               f"is {self.manifest['num_rows']}; the manifest is damaged: rebuild the dataset")
+        self._check_files()
         self._shards: list[_Shard | None] = [None] * len(shards)
         self._index: dict[str, NDArray] | None = None
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> ArrowDataset:
-        """Open a dataset directory (memory-maps shards lazily; checks sizes, not checksums: see :meth:`verify`)."""
-        return cls(path)
+    def open(cls, path: str | os.PathLike, *, verify: str = "first_touch", filesystem=None,
+             cache_dir: str | os.PathLike | None = None, cache_limit: float | None = None,
+             timeout: float = 60.0) -> ArrowDataset:
+        """Open a dataset directory: checks the manifest (its digest) and file sizes; shards are memory-mapped
+        lazily and checked on first touch.
+
+        Args:
+            path: the dataset directory, or a URL any ``pyarrow.fs`` filesystem understands (``s3://bkt/ds``,
+                ``gs://``, ``hdfs://``, ``file://``).
+            verify: ``"first_touch"`` (default): a file's checksum is verified the first time this process
+                touches it (about one extra pass over a warm page cache, once per process); ``"never"``: skip
+                checksums (structural checks still run), for data verified offline with :meth:`verify`.
+            filesystem: a configured ``pyarrow.fs.FileSystem`` (e.g. ``S3FileSystem(endpoint_override=...)``);
+                a URL's scheme is then dropped and the rest is the path inside it.
+            cache_dir, cache_limit, timeout: for a dataset on object storage (``datapipe.remote``): where shards
+                are cached, the bytes the cache may hold (``None``: no bound), and the seconds of retries before
+                a store that fails raises :class:`DatasetError`. Remote files are always checked on arrival.
+        """
+        from datapipe import remote
+
+        if remote.is_remote(path, filesystem):
+            return remote.RemoteArrowDataset(path, filesystem=filesystem, cache_dir=cache_dir,
+                                             cache_limit=cache_limit, timeout=timeout)
+        return cls(remote.local_path(path), verify=verify)
+
+    def prefetch_plan(self, batches) -> None:
+        """Nothing to do for local shards (memory-mapped); a remote dataset downloads ahead in plan order (see
+        ``datapipe.remote.RemoteArrowDataset.prefetch_plan``)."""
 
     def __getstate__(self):
-        return {"path": self.path}
+        return {"path": self.path, "verify": self.verify_mode}
 
     def __setstate__(self, state):
-        self.__init__(state["path"])
+        self.__init__(state["path"], verify=state.get("verify", "first_touch"))
+
+    # ---- files --------------------------------------------------------------------------------------------
+    def _local_file(self, meta: dict) -> Path:
+        """The local path of a file of the manifest (``shards/00000.arrow``, ``index.arrow``, ...)."""
+        return self.path / meta["file"]
+
+    def _check_files(self) -> None:
+        """Cheap open-time checks of every shard: present, and of the size the manifest records."""
+        for s in self.manifest["shards"]:
+            p = self._local_file(s)
+            try:
+                size = p.stat().st_size
+            except FileNotFoundError:
+                raise DatasetError(f"{p}: shard file is missing; rebuild the dataset") from None
+            if size != s["bytes"]:
+                raise DatasetError(f"{p}: {size} bytes but the manifest says {s['bytes']}: the shard is "
+                                   "truncated or was replaced; rebuild the dataset")
 
     # ---- shards -------------------------------------------------------------------------------------------
     def _shard(self, s: int) -> _Shard:
         sh = self._shards[s]
         if sh is None:
             meta = self.manifest["shards"][s]
-            sh = self._shards[s] = _Shard(self.path / meta["file"], self.schema, meta["rows"])
+            sh = self._shards[s] = _Shard(self._local_file(meta), meta, self.schema, verify=self.verify_mode)
         return sh
 
     @property
@@ -206,10 +354,13 @@ class ArrowDataset(torch.utils.data.Dataset):
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         B = len(idx)
         shard, local = self._locate(idx)
-        order = np.argsort(shard, kind="stable")
-        sorted_shards = shard[order]
-        bounds = np.flatnonzero(np.diff(sorted_shards)) + 1
-        groups = [(int(sorted_shards[a]), order[a:b]) for a, b in zip(np.r_[0, bounds], np.r_[bounds, B]) if b > a]
+        if B and shard[0] == shard[-1] and (shard == shard[0]).all():  # one shard: no grouping (the common case)
+            groups = [(int(shard[0]), np.arange(B, dtype=np.int64))]
+        else:
+            order = np.argsort(shard, kind="stable")
+            sorted_shards = shard[order]
+            cut = np.concatenate(([0], np.flatnonzero(np.diff(sorted_shards)) + 1, [B]))
+            groups = [(int(sorted_shards[a]), order[a:b]) for a, b in zip(cut[:-1].tolist(), cut[1:].tolist()) if b > a]
         touched = [(self._shard(s), pos, local[pos]) for s, pos in groups]
         cols: dict = {}
         for name, field in zip(self.schema.names, self.schema):
@@ -219,12 +370,8 @@ class ArrowDataset(torch.utils.data.Dataset):
                     gather_lengths(sh.ragged[name][0], loc, pos, lengths)
                 offsets = np.zeros(B + 1, dtype=np.int64)
                 np.cumsum(lengths, out=offsets[1:])
-                values = np.empty(offsets[-1], dtype=touched[0][0].ragged[name][1].dtype)
-                parallel = B > 64 and torch.utils.data.get_worker_info() is None  # workers are parallel already
-                for sh, pos, loc in touched:
-                    off, val = sh.ragged[name]
-                    gather_values(off, val, loc, pos, offsets, values, parallel=parallel)
-                cols[name] = Ragged(values, offsets)
+                # values are gathered on first access: collators write from the shards into their outputs
+                cols[name] = Ragged(None, offsets, tuple((*sh.ragged[name], loc, pos) for sh, pos, loc in touched))
             elif touched and all(name in sh.flat for sh, _, _ in touched):
                 out = np.empty(B, dtype=touched[0][0].flat[name].dtype)
                 for sh, pos, loc in touched:
@@ -252,36 +399,60 @@ class ArrowDataset(torch.utils.data.Dataset):
             if not meta:
                 self._index = {}
             else:
-                p = self.path / meta["file"]
-                try:
-                    t = pa.ipc.open_file(pa.memory_map(str(p), "r")).read_all()
-                except (pa.ArrowInvalid, OSError) as e:
-                    raise DatasetError(f"{p}: cannot open the index ({e})") from None
-                self._index = {n: t.column(n).to_numpy() for n in t.column_names}
+                p = self._local_file(meta)
+                batch = open_ipc(p, meta, verify=self.verify_mode, what="index")
+                if batch.num_rows != len(self) or meta["rows"] != len(self):
+                    raise DatasetError(f"{p}: {batch.num_rows} rows but the dataset has {len(self)}; rebuild the "
+                                       "dataset")
+                expected = list(self.manifest.get("index_columns") or batch.schema.names)
+                if batch.schema.names != expected:
+                    raise _corrupt(p, f"columns {batch.schema.names} differ from the manifest's index columns "
+                                      f"{expected}")
+                index = {}
+                for n, col in zip(batch.schema.names, batch.columns):
+                    if col.null_count:
+                        raise _corrupt(p, f"column {n!r} has {col.null_count} nulls")
+                    index[n] = col.to_numpy(zero_copy_only=False)
+                self._index = index
         return self._index
 
+    def files(self) -> list[dict]:
+        """Every file the manifest lists: shards, the index, extra files (``pairs.arrow``, ...)."""
+        out = list(self.manifest["shards"])
+        if self.manifest.get("index"):
+            out.append(self.manifest["index"])
+        out.extend(self.manifest.get("files") or [])
+        return out
+
     def verify(self) -> dict:
-        """Check every file against the manifest's checksums.
+        """Check every file the manifest lists against its size and checksum (always re-read, not cached), and
+        every shard's structure.
 
         Returns:
             ``{"ok": True, "files": n, "bytes": total}``.
 
         Raises:
-            DatasetError: naming the first file that is missing, truncated or changed.
+            DatasetError: naming the first file that is missing, truncated, changed or malformed (``datapipe
+            verify`` reports every bad file, of the dataset and of its decomposition).
         """
-        files = list(self.manifest["shards"])
-        if self.manifest.get("index"):
-            files.append(self.manifest["index"])
         total = 0
-        for meta in files:
-            p = self.path / meta["file"]
-            if not p.exists():
-                raise DatasetError(f"{p}: file is missing")
-            if p.stat().st_size != meta["bytes"]:
-                raise DatasetError(f"{p}: {p.stat().st_size} bytes but the manifest says {meta['bytes']} (truncated?)")
-            verify_checksum(p, meta["checksum"])
+        for meta in self.files():
+            p = self._local_file(meta)
+            try:
+                size = p.stat().st_size
+            except FileNotFoundError:
+                raise DatasetError(f"{p}: file is missing; rebuild the dataset") from None
+            if size != meta["bytes"]:
+                raise DatasetError(f"{p}: {size} bytes but the manifest says {meta['bytes']} (truncated?)")
+            verify_buffer(pa.memory_map(str(p), "r").read_buffer(), meta["checksum"], p)
             total += meta["bytes"]
-        return {"ok": True, "files": len(files), "bytes": total}
+        for s in range(self.num_shards):
+            meta = self.manifest["shards"][s]
+            _Shard(self._local_file(meta), meta, self.schema, verify="never")
+        if self.manifest.get("index"):
+            self._index = None
+            self.index  # noqa: B018  (opens and checks the index)
+        return {"ok": True, "files": len(self.files()), "bytes": total}
 
     def __repr__(self) -> str:
         return f"ArrowDataset({str(self.path)!r}, rows={len(self)}, shards={self.num_shards}, columns={self.column_names})"

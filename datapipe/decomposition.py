@@ -11,16 +11,18 @@ dataset, zero-copy (no token is rewritten)::
         sequences.arrow   int64 log2, tokens, first_piece       (one entry per training sequence)
         buckets/k08.arrow ...  with --materialize: fixed_size_list<int32>[2^k] token rows, one file per bucket
 
-The directory is built under a temporary name and swapped in whole, so readers never see half an index. The
-manifest records the dataset's index checksum: an index built for another version of the dataset is refused.
+The directory is built under a temporary name, with the dataset's ``.decomposition.lock`` held (a second
+concurrent ``decompose`` of the same dataset gets a ``DatasetError``), and swapped in whole (an atomic exchange
+over an existing index), so readers never see half an index. The manifest carries its own digest and records
+every file's size and checksum (``DecomposedIndex.open`` checks pieces and sequences by default,
+:func:`verify_decomposition` every file, materialized buckets included) and the dataset's index checksum: an
+index built for another version of the dataset is refused.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,15 +31,17 @@ import pyarrow as pa
 from numpy.typing import NDArray
 
 from datapipe.dataset import ArrowDataset
-from datapipe.format import DatasetError, _hasher, atomic_write_text, verify_checksum
+from datapipe.format import (DatasetError, _hasher, check_file_entry, check_manifest_digest, exclusive_output,
+                             fsync_path, load_json, publish_dir, temp_name, verify_checksum, write_manifest)
 from native.decompose import (REMAINDER_POLICIES, _check_log2, bucket_totals, check_doc_lengths,
                               decompose_lengths)
 
-__all__ = ["DECOMPOSITION_DIR", "DecomposedIndex", "bucket_histogram_lines", "decompose", "plot_buckets"]
+__all__ = ["DECOMPOSITION_DIR", "DecomposedIndex", "bucket_histogram_lines", "decompose", "plot_buckets",
+           "verify_decomposition"]
 
 DECOMPOSITION_DIR = "decomposition"
 FORMAT_NAME = "datapipe.decomposition"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest carries its own digest (version 1 manifests are read without one)
 ENGINES = ("local", "ray")
 _PIECE_COLS = ("row", "start", "length", "sequence")
 
@@ -75,13 +79,16 @@ def _write_table(path: Path, columns: dict[str, NDArray]) -> dict:
         with pa.PythonFile(hs, mode="w") as sink, pa.ipc.new_file(sink, table.schema) as w:
             w.write_table(table, max_chunksize=max(1, table.num_rows))
         size = f.tell()
+        os.fsync(f.fileno())
     return {"file": path.name, "rows": table.num_rows, "bytes": size, "checksum": hs.checksum()}
 
 
 def _read_table(path: Path) -> pa.Table:
     try:
-        return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
-    except (pa.ArrowInvalid, OSError) as e:
+        t = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+        t.validate(full=True)
+        return t
+    except (pa.ArrowException, OSError) as e:
         raise DatasetError(f"{path}: cannot open ({e}); rebuild with `datapipe decompose`") from None
 
 
@@ -157,14 +164,20 @@ def decompose(dataset_dir: str | os.PathLike, *, min_log2: int = 8, max_log2: in
     report("decompose", 1.0)
     params = {"min_log2": min_log2, "max_log2": max_log2, "remainder": remainder, "seed": int(seed)}
     write_index(ds, arrays, params, materialize=materialize, progress=report)
-    return DecomposedIndex.open(ds.path)
+    return DecomposedIndex.open(ds.path, verify=False)  # checksummed while this process wrote them
 
 
 def write_index(ds: ArrowDataset, arrays: dict, params: dict, *, materialize: bool = False,
                 progress: Callable[[str, float], None] | None = None) -> Path:
     """Write the decomposition of ``ds`` (the dict of ``native.decompose.decompose_lengths``) atomically."""
     out = ds.path / DECOMPOSITION_DIR
-    tmp = ds.path / f".{DECOMPOSITION_DIR}.tmp-{uuid.uuid4().hex[:12]}"
+    with exclusive_output(out, what="decomposition"):  # also removes what killed builds left
+        _write_index_locked(ds, out, arrays, params, materialize, progress)
+    return out
+
+
+def _write_index_locked(ds, out: Path, arrays: dict, params: dict, materialize: bool, progress) -> None:
+    tmp = temp_name(out)
     tmp.mkdir()
     try:
         files = {
@@ -189,18 +202,74 @@ def write_index(ds: ArrowDataset, arrays: dict, params: dict, *, materialize: bo
             from datapipe.collate.decomposed import materialize_buckets
 
             manifest["materialized"] = materialize_buckets(ds, arrays, params, tmp / "buckets", progress=progress)
-        atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=1))
-        if out.exists():
-            trash = ds.path / f".{DECOMPOSITION_DIR}.old-{uuid.uuid4().hex[:12]}"
-            os.rename(out, trash)
-            os.rename(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+            for meta in manifest["materialized"]["buckets"].values():
+                fsync_path(tmp / "buckets" / meta["file"])
+        write_manifest(tmp / "manifest.json", manifest)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _read_decomposition_manifest(path: Path) -> dict:
+    mpath = path / "manifest.json"
+    m = load_json(mpath)
+    version = m.get("format_version", 0)
+    if m.get("format") != FORMAT_NAME or not isinstance(version, int) or version > FORMAT_VERSION:
+        raise DatasetError(f"{mpath}: not a decomposition this datapipe reads (format {m.get('format')!r}, "
+                           f"version {m.get('format_version')})")
+    check_manifest_digest(m, mpath, required=version >= 2)
+    files = m.get("files")
+    if not isinstance(files, dict) or set(files) != {"pieces", "sequences"}:
+        raise DatasetError(f"{mpath}: 'files' must list pieces and sequences; rerun `datapipe decompose`")
+    for name, meta in files.items():
+        check_file_entry(meta, mpath, f"files.{name}")
+    mat = m.get("materialized")
+    if mat is not None:
+        if not isinstance(mat, dict) or not isinstance(mat.get("buckets"), dict):
+            raise DatasetError(f"{mpath}: 'materialized' is malformed; rerun `datapipe decompose --materialize`")
+        for k, meta in mat["buckets"].items():
+            check_file_entry(meta, mpath, f"materialized.buckets.{k}")
+    for key in ("params", "buckets", "counts", "dataset"):
+        if not isinstance(m.get(key), dict):
+            raise DatasetError(f"{mpath}: no {key!r} object; rerun `datapipe decompose`")
+    return m
+
+
+def _decomposition_files(path: Path, m: dict) -> list[tuple[Path, dict]]:
+    out = [(path / meta["file"], meta) for meta in m["files"].values()]
+    for meta in ((m.get("materialized") or {}).get("buckets") or {}).values():
+        out.append((path / "buckets" / meta["file"], meta))
     return out
+
+
+def verify_decomposition(dataset_dir: str | os.PathLike) -> list[tuple[str, str]]:
+    """Check every file of a dataset's decomposition: its manifest (digest, shape) and each file's size and
+    checksum, materialized buckets included.
+
+    Returns:
+        ``[(file, problem), ...]``, empty when everything matches (or there is no decomposition).
+    """
+    path = Path(dataset_dir) / DECOMPOSITION_DIR
+    if not path.exists():
+        return []
+    mpath = path / "manifest.json"
+    if not mpath.exists():
+        return [(str(mpath), "missing: the decomposition is unfinished; rerun `datapipe decompose`")]
+    try:
+        m = _read_decomposition_manifest(path)
+    except DatasetError as e:
+        return [(str(mpath), str(e))]
+    problems = []
+    for p, meta in _decomposition_files(path, m):
+        try:
+            if not p.exists() or p.stat().st_size != meta["bytes"]:
+                raise DatasetError(f"{p}: missing or truncated ({meta['bytes']} bytes expected); rerun "
+                                   "`datapipe decompose`")
+            verify_checksum(p, meta["checksum"])
+        except DatasetError as e:
+            problems.append((str(p), str(e)))
+    return problems
 
 
 class DecomposedIndex:
@@ -218,34 +287,30 @@ class DecomposedIndex:
         dataset_path, path: the dataset directory and the decomposition directory.
     """
 
-    def __init__(self, dataset_dir: str | os.PathLike, *, verify: bool = False) -> None:
+    def __init__(self, dataset_dir: str | os.PathLike, *, verify: bool = True) -> None:
         self.dataset_path = Path(dataset_dir)
         self.path = self.dataset_path / DECOMPOSITION_DIR
         mpath = self.path / "manifest.json"
         if not mpath.exists():
             raise FileNotFoundError(f"{self.path}: no decomposition here; run `datapipe decompose "
                                     f"{self.dataset_path}` first")
-        try:
-            m = json.loads(mpath.read_text())
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{mpath}: not valid JSON ({e})") from None
-        if m.get("format") != FORMAT_NAME or m.get("format_version", 0) > FORMAT_VERSION:
-            raise DatasetError(f"{mpath}: not a decomposition this datapipe reads (format {m.get('format')!r}, "
-                               f"version {m.get('format_version')})")
+        m = _read_decomposition_manifest(self.path)
         self.manifest = m
         ds_manifest = self.dataset_path / "manifest.json"
+        doc_lengths = None
         if ds_manifest.exists():
             ds = ArrowDataset.open(self.dataset_path)
             if _fingerprint(ds) != m["dataset"]:
                 raise DatasetError(f"{mpath}: built for another version of the dataset ({m['dataset']} vs "
                                    f"{_fingerprint(ds)}); rerun `datapipe decompose {self.dataset_path}`")
-        for meta in m["files"].values():
-            p = self.path / meta["file"]
+            doc_lengths = ds.index.get("length")
+        for p, meta in _decomposition_files(self.path, m):
             if not p.exists() or p.stat().st_size != meta["bytes"]:
                 raise DatasetError(f"{p}: missing or truncated ({meta['bytes']} bytes expected); rerun "
                                    "`datapipe decompose`")
+        for meta in m["files"].values():
             if verify:
-                verify_checksum(p, meta["checksum"])
+                verify_checksum(self.path / meta["file"], meta["checksum"])
         pp = self.path / m["files"]["pieces"]["file"]
         pieces = _read_table(pp)
         for k in _PIECE_COLS:
@@ -264,10 +329,48 @@ class DecomposedIndex:
         self.bucket_tokens = {int(k): v["tokens"] for k, v in m["buckets"].items()}
         self.counts = dict(m["counts"])
         self.materialized = m.get("materialized")
+        self._check_ranges(pp, sp, doc_lengths)
+
+    def _check_ranges(self, pp: Path, sp: Path, doc_lengths) -> None:
+        """Every piece lies inside its document and every sequence's pieces inside the piece table, so readers
+        that index with these arrays cannot go out of bounds (checked on every open, checksums or not)."""
+        cols = [self.row, self.start, self.length, self.sequence]
+        if len({len(c) for c in cols}) != 1 or any(c.dtype.kind != "i" for c in cols):
+            raise DatasetError(f"{pp}: piece columns differ in length or type; rerun `datapipe decompose`")
+        if len(self.sequence_log2) != len(self.sequence_tokens) or any(
+                c.dtype.kind != "i" for c in (self.sequence_log2, self.sequence_tokens, self.sequence_offsets)):
+            raise DatasetError(f"{sp}: sequence columns differ in length or type; rerun `datapipe decompose`")
+        so = self.sequence_offsets
+        bad_seq = (np.flatnonzero(np.diff(so) < 0) if len(so) > 1 else np.zeros(0, np.int64))
+        if len(so) and (so[0] != 0 or len(bad_seq)):
+            raise DatasetError(f"{sp}: column 'first_piece' is not a non-decreasing list of piece positions from 0 "
+                               f"(row {int(bad_seq[0]) if len(bad_seq) else 0}); rerun `datapipe decompose`")
+        lo, hi = self.min_log2, self.max_log2
+        bad = np.flatnonzero((self.sequence_log2 < lo) | (self.sequence_log2 > hi) | (self.sequence_tokens < 0)
+                             | (self.sequence_tokens > (np.int64(1) << np.clip(self.sequence_log2, 0, 62))))
+        if len(bad):
+            raise DatasetError(f"{sp}: row {int(bad[0])}: log2/tokens out of range; rerun `datapipe decompose`")
+        bad = (self.start < 0) | (self.length < 0) | (self.row < 0)
+        if doc_lengths is not None:
+            n = len(doc_lengths)
+            ok_row = (self.row >= 0) & (self.row < n)
+            bad |= ~ok_row
+            bad |= ok_row & (self.start + self.length > np.asarray(doc_lengths, np.int64)[np.where(ok_row, self.row, 0)])
+        rows = np.flatnonzero(bad)
+        if len(rows):
+            raise DatasetError(f"{pp}: row {int(rows[0])}: piece (row {int(self.row[rows[0]])}, start "
+                               f"{int(self.start[rows[0]])}, length {int(self.length[rows[0]])}) lies outside its "
+                               "document; rerun `datapipe decompose`")
 
     @classmethod
-    def open(cls, dataset_dir: str | os.PathLike, *, verify: bool = False) -> DecomposedIndex:
-        """Open the decomposition stored in ``dataset_dir`` (``verify`` also checks file checksums)."""
+    def open(cls, dataset_dir: str | os.PathLike, *, verify: bool = True) -> DecomposedIndex:
+        """Open the decomposition stored in ``dataset_dir``.
+
+        Args:
+            verify: check the checksums of the piece and sequence tables (default; they are small next to the
+                dataset). Ranges are checked either way; :func:`verify_decomposition` also checks materialized
+                buckets.
+        """
         return cls(dataset_dir, verify=verify)
 
     @staticmethod

@@ -12,16 +12,23 @@ local engine (``native.decompose``):
 
 The driver scatters the pieces by position into the same arrays the local engine builds, so the stored index
 is byte-identical whatever the engine, the block count or the block order.
+
+Ingest on Ray (:func:`map_ordered_ray`): the tokenizing tasks of ``datapipe.ingest`` (groups of files, row
+ranges) run as Ray tasks, and their results come back in task order, so the shards are byte-identical to the
+local engine's.
 """
 
 from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from native.decompose_blocks import empty_output, fill_block, finish_output, plan_layout, scan_documents
 
-__all__ = ["decompose_lengths_ray"]
+__all__ = ["decompose_lengths_ray", "map_ordered_ray"]
 
 
 def _scan_batch(batch: dict, *, min_log2: int, max_log2: int, seed: int) -> dict:
@@ -113,6 +120,60 @@ def decompose_lengths_ray(lengths, *, min_log2: int = 8, max_log2: int = 13, rem
             full = b["log2"] >= 0
             out["sequence_log2"][b["sequence"][full]] = b["log2"][full]
         return finish_output(out, layout, lengths, counts, tail)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def map_ordered_ray(fn: Callable, items: Iterable, shared, *, ray_address: str | None = None,
+                    max_in_flight: int | None = None) -> Iterator:
+    """``fn(item, shared)`` for every item as Ray tasks; results yielded in the order of ``items``.
+
+    ``shared`` (a tokenizer and options) is put in the object store once. At most ``max_in_flight`` tasks
+    (default: twice the cluster's CPUs) are pending, so results are not all held at once. Uses the running Ray
+    session when there is one; else starts one (``ray.init(address=ray_address)``: a local cluster when
+    ``ray_address`` is None) and shuts it down when the generator finishes or is closed. A task's exception is
+    re-raised as itself (not wrapped in ``RayTaskError``).
+
+    Args:
+        fn: a module-level function (workers import it by name).
+        items: task descriptions (picklable), consumed lazily.
+        shared: the second argument of every call.
+        ray_address: address of an existing cluster (``"auto"``, ``"ray://host:10001"``), or None.
+        max_in_flight: bound on pending tasks.
+    """
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
+        started = True
+    try:
+        if max_in_flight is None:
+            max_in_flight = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+        remote = ray.remote(fn)
+        ref = ray.put(shared)
+        window: deque = deque()
+
+        def get(r):
+            try:
+                return ray.get(r)
+            except ray.exceptions.RayTaskError as e:  # the task's own error (a DatasetError naming the file)
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, Exception):
+                    raise cause from None
+                raise
+
+        try:
+            for item in items:
+                window.append(remote.remote(item, ref))
+                if len(window) >= max_in_flight:
+                    yield get(window.popleft())
+            while window:
+                yield get(window.popleft())
+        finally:
+            for r in window:
+                ray.cancel(r)
     finally:
         if started:
             ray.shutdown()

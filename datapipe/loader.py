@@ -1,200 +1,494 @@
 """``datapipe.DataLoader``: ``torch.utils.data.DataLoader`` with exact ``state_dict`` / ``load_state_dict`` and
 ``set_epoch``.
 
-It is a subclass taking every torch argument, so ``from datapipe import DataLoader`` is the only change a user
-makes. Its state counts batches *delivered to the caller* (not batches the workers prefetched), so resuming
-after a crash neither repeats nor skips a batch, with any ``num_workers`` and with ``persistent_workers``.
+It is a subclass taking every torch argument, and ``iter(loader)`` is torch's own iterator class (subclassed), so
+``from datapipe import DataLoader`` is the only change a user makes. Its state counts batches *delivered to the
+caller* (not batches the workers prefetched; a batch whose loading raised counts as delivered, so the loop that
+caught the error goes on with the next one and a resume neither repeats nor skips it), with any ``num_workers``,
+``persistent_workers`` and ``in_order=False`` (the batches delivered ahead of the first missing one are recorded).
 
-How the resume happens:
+Where the order of a pass comes from, and how a resume finds it again:
 
-* a batch sampler with the datapipe contract (``state_dict``/``load_state_dict``, e.g. every ``samplers.*``) is
-  set to (epoch, batches delivered) and recomputes its plan: O(1), nothing is read;
-* the default torch samplers (``shuffle=True/False`` with no sampler given) are replaced by a seeded
-  ``samplers.RandomBatchSampler`` drawing the same kind of order, so they resume the same way;
-* any other sampler is replayed: its indices for the consumed batches are drawn and skipped (no data is loaded),
-  which is exact when the sampler is deterministic for an epoch (``DistributedSampler`` with ``set_epoch`` is);
-* an ``IterableDataset`` is fast-forwarded by loading and discarding the consumed batches.
+* a batch sampler with the datapipe contract (every ``samplers.*``): the loader positions it through its one entry
+  (``set_epoch`` / ``load_state_dict``), so its epoch hooks run, and nests its state (options, metadata digest,
+  elastic segments) in the loader's;
+* torch's ``RandomSampler`` / ``SequentialSampler`` (the defaults of ``shuffle=True/False``, or passed by the user):
+  the loader draws *the same* order torch would, consuming the RNG as torch does, and records the drawn seed (or
+  the ``generator``'s state at the start of the epoch) so a restart redraws it. ``seed=`` instead gives an order
+  that is a pure function of ``(seed, epoch)`` and consumes no RNG;
+* any other sampler is replayed: its indices for the delivered batches are drawn and skipped (no data is loaded),
+  which is exact when the sampler is deterministic for an epoch (``DistributedSampler`` after ``set_epoch``). The
+  loader never calls ``set_epoch`` on such a sampler: the user's call wins, as with torch;
+* an ``IterableDataset`` is fast-forwarded by loading and discarding the delivered batches (refused when the worker
+  count changed, since the stream depends on it, unless the dataset has its own ``state_dict``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.utils.data as tud
+from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter, _SingleProcessDataLoaderIter
 
-from samplers.random import RandomBatchSampler
+from datapipe.orders import SeededRandomSampler, epoch_order, is_reproducible
+from samplers.base import BatchSamplerBase
 
-STATE_VERSION = 1
+__all__ = ["DataLoader", "SeededRandomSampler"]
+
+STATE_VERSION = 2
+T_co = TypeVar("T_co", covariant=True)
 
 
-class _IndexSampler:
-    """Wraps the loader's index sampler: positions it at (epoch, skip) and hands out numpy index arrays."""
+def _kind(loader) -> str:
+    if loader._iterable:
+        return "iterable"
+    src = loader._index_sampler_torch()
+    if isinstance(src, BatchSamplerBase):
+        return "native"
+    if type(src) is tud.BatchSampler and is_reproducible(src.sampler):
+        return "ordered"
+    if loader.batch_sampler is None and is_reproducible(src):
+        return "ordered"
+    return "replay"
 
-    def __init__(self, inner, batched: bool):
-        self.inner = inner
-        self.batched = batched
-        self.epoch = 0
-        self.skip = 0
-        self.native = all(hasattr(inner, a) for a in ("state_dict", "load_state_dict", "set_epoch")) and \
-            "batches_yielded" in getattr(inner, "state_dict", lambda: {})()
+
+def _dataset_identity(ds) -> dict:
+    out = {"type": type(ds).__name__}
+    fp = getattr(ds, "fingerprint", None)
+    if callable(fp):
+        fp = fp()
+    if isinstance(fp, str):
+        out["fingerprint"] = fp
+    return out
+
+
+class _IndexSource:
+    """What torch's iterator reads as the index sampler: the loader's pass, from its position, skipping batches
+    delivered ahead. Every ``iter()`` (also a persistent-worker reset) starts the pass the loader set up."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
 
     def __len__(self) -> int:
-        return len(self.inner)
+        return self.loader._epoch_len()
 
     def __iter__(self) -> Iterator:
-        skip, self.skip = self.skip, 0
-        if self.native:
-            state = self.inner.state_dict()
-            state.update(epoch=self.epoch, batches_yielded=skip)
-            self.inner.load_state_dict(state)
-            yield from self.inner
-            return
-        for target in (self.inner, getattr(self.inner, "sampler", None)):  # a BatchSampler's sampler too
-            if hasattr(target, "set_epoch"):
-                target.set_epoch(self.epoch)
-                break
-        it = iter(self.inner)
-        for _ in range(skip):
-            if next(it, None) is None:
+        return self.loader._pass_indices()
+
+
+class _Tracked:
+    """Shared by the single- and multi-process iterators: counts each batch delivered (or raised) at its position."""
+
+    def _track(self, loader: DataLoader) -> None:
+        self._dp = loader
+        self._discard = loader._pass_discard
+        self._task: int | None = None
+        self._sent = 0
+        self._ended = False
+        self._resumed, self._got_any, self._next_pass = self._discard > 0, False, None
+
+    def _reset(self, loader, first_iter: bool = False) -> None:
+        self._sent, self._discard, self._ended = 0, loader._pass_discard, False
+        self._resumed, self._got_any, self._next_pass = self._discard > 0, False, None
+        super()._reset(loader, first_iter)
+
+    def _end(self) -> None:
+        if not self._ended:  # once per pass, however often next() is called on the spent iterator
+            self._ended = True
+            self._dp._pass_finished()
+
+    def __next__(self):
+        if self._next_pass is not None:
+            return next(self._next_pass)
+        dp = self._dp
+        while self._discard:  # an IterableDataset resumes by reading and dropping what was delivered before
+            self._discard -= 1
+            try:
+                super().__next__()
+            except StopIteration:
+                self._discard = 0
+                self._end()
+                raise
+            except Exception:  # noqa: BLE001  that batch failed before the checkpoint too; it was counted then
+                pass
+        self._task = None
+        try:
+            data = super().__next__()
+        except StopIteration:
+            self._end()
+            if self._resumed and not self._got_any:
+                # an IterableDataset checkpointed at its epoch's end: this pass is the next epoch, as uninterrupted
+                self._resumed = False
+                nxt = iter(dp)
+                if nxt is self:  # persistent workers: reset in place
+                    return self.__next__()
+                self._next_pass = nxt
+                return next(nxt)
+            raise
+        except BaseException:
+            self._got_any = True
+            if self._task is not None:
+                dp._delivered(self._task)
+            raise
+        self._got_any = True
+        if self._task is not None:
+            dp._delivered(self._task)
+        return data
+
+
+class _SingleIter(_Tracked, _SingleProcessDataLoaderIter):
+    def __init__(self, loader) -> None:
+        self._track(loader)
+        super().__init__(loader)
+        self._threads = None
+        if loader.prefetch:
+            from datapipe.prefetch import ThreadPrefetcher
+
+            fetcher = self._dataset_fetcher
+            self._threads = ThreadPrefetcher(fetcher.fetch, self._counted_indices(), depth=loader.prefetch,
+                                             num_threads=min(loader.prefetch, 4))
+
+    def _counted_indices(self):
+        while True:
+            try:
+                yield super()._next_index()
+            except StopIteration:
                 return
-        if self.batched:
-            for b in it:
-                yield np.asarray(b, dtype=np.int64) if not isinstance(b, np.ndarray) else b
-        else:
-            yield from it
+
+    def _next_index(self):
+        index = super()._next_index()
+        self._task, self._sent = self._sent, self._sent + 1
+        return index
+
+    def _next_data(self):
+        if self._threads is None:
+            return super()._next_data()
+        self._task, self._sent = self._sent, self._sent + 1  # results come in source order: the k-th is task k
+        data = next(self._threads)
+        if self._pin_memory:
+            data = torch.utils.data._utils.pin_memory.pin_memory(data, self._pin_memory_device)
+        return data
+
+    def _reset(self, loader, first_iter: bool = False) -> None:
+        super()._reset(loader, first_iter)
+        if getattr(self, "_threads", None) is not None:
+            self._threads.close()
+            from datapipe.prefetch import ThreadPrefetcher
+
+            self._threads = ThreadPrefetcher(self._dataset_fetcher.fetch, self._counted_indices(),
+                                             depth=loader.prefetch, num_threads=min(loader.prefetch, 4))
+
+    def __del__(self) -> None:
+        if getattr(self, "_threads", None) is not None:
+            self._threads.close()
 
 
-class DataLoader(tud.DataLoader):
+class _MultiIter(_Tracked, _MultiProcessingDataLoaderIter):
+    def __init__(self, loader) -> None:
+        self._track(loader)
+        self._last_idx = None
+        super().__init__(loader)
+
+    def _get_data(self):
+        idx, data = super()._get_data()
+        self._last_idx = idx
+        return idx, data
+
+    def _process_data(self, data, worker_idx):
+        # out of order, the batch handed over is the one just received; in order, the one at the receive cursor
+        self._task = self._last_idx if not self._in_order else self._rcvd_idx - 1
+        return super()._process_data(data, worker_idx)
+
+
+class DataLoader(tud.DataLoader[T_co]):
     """``torch.utils.data.DataLoader`` plus ``state_dict()``, ``load_state_dict()`` and ``set_epoch()``.
 
-    Every torch argument is accepted with its torch meaning. Additions:
+    Every torch argument is accepted with its torch meaning, and the default samplers draw torch's own orders
+    (``torch.manual_seed`` before an epoch gives the order plain torch gives). Additions:
 
     Args:
-        seed: seed of the shuffled order when ``shuffle=True`` and no sampler is given (default: drawn from
-            ``generator`` or torch's global RNG, as torch does, and stored in the state).
+        seed: with ``shuffle=True`` and no sampler, shuffle with :class:`SeededRandomSampler`: each epoch's order is
+            a pure function of ``(seed, epoch)`` and no RNG is consumed.
+        prefetch: with ``num_workers=0``, load this many batches ahead on a small thread pool in this process
+            (``datapipe`` datasets and collators release the GIL); results come in plan order and the state still
+            counts batches delivered. ``0`` (default): load each batch when it is asked for, as torch does.
 
-    The epoch advances by itself at each new ``iter()`` (so ``for epoch in range(E): for batch in loader``
-    reshuffles), unless ``set_epoch`` was called since the last ``iter()``; samplers with ``set_epoch`` get it.
+    The epoch advances by itself when an epoch ends (or at a new ``iter()`` after an abandoned pass), so
+    ``for epoch in range(E): for batch in loader`` goes through the epochs; ``set_epoch`` chooses the next one, and
+    a datapipe sampler's own ``set_epoch`` by the user wins too. ``len(loader)`` is the length of the epoch the
+    next ``iter()`` runs.
     """
 
     def __init__(self, dataset, batch_size: int | None = 1, shuffle: bool | None = None, sampler=None,
                  batch_sampler=None, num_workers: int = 0, collate_fn=None, pin_memory: bool = False,
                  drop_last: bool = False, timeout: float = 0, worker_init_fn=None, multiprocessing_context=None,
                  generator=None, *, prefetch_factor: int | None = None, persistent_workers: bool = False,
-                 pin_memory_device: str = "", in_order: bool = True, seed: int | None = None):
-        if collate_fn is None and hasattr(dataset, "__getitems__") and batch_size is not None:
+                 pin_memory_device: str = "", in_order: bool = True, seed: int | None = None, prefetch: int = 0):
+        if collate_fn is None and hasattr(dataset, "__getitems__") and batch_size is not None \
+                and _ours(dataset):
             from datapipe.collate import default
 
             collate_fn = default
+        if seed is not None:
+            if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+                raise TypeError(f"seed must be an int or None (got {type(seed).__name__})")
+            if shuffle and sampler is None and batch_sampler is None and not isinstance(dataset, tud.IterableDataset):
+                sampler, shuffle = SeededRandomSampler(dataset, int(seed)), None
+        if not isinstance(prefetch, (int, np.integer)) or isinstance(prefetch, bool) or prefetch < 0:
+            raise ValueError(f"prefetch must be an integer >= 0 (got {prefetch=})")
+        if prefetch and num_workers:
+            raise ValueError(f"prefetch={prefetch} loads batches on threads of this process; it cannot be combined "
+                             f"with num_workers={num_workers} (worker processes already load ahead: use "
+                             "prefetch_factor for them)")
         super().__init__(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
                          batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_fn,
                          pin_memory=pin_memory, drop_last=drop_last, timeout=timeout, worker_init_fn=worker_init_fn,
                          multiprocessing_context=multiprocessing_context, generator=generator,
                          prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
                          pin_memory_device=pin_memory_device, in_order=in_order)
-        if seed is None:
-            seed = int(torch.empty((), dtype=torch.int64).random_(generator=generator).item())
-        self.seed = int(seed)
-        iterable = isinstance(dataset, tud.IterableDataset)
-        inner = None
-        if not iterable and batch_sampler is None and sampler is None and batch_size is not None:
-            # torch built RandomSampler/SequentialSampler + BatchSampler: use the seeded, resumable equivalent
-            inner = RandomBatchSampler(len(dataset), batch_size, shuffle=bool(shuffle), seed=self.seed, rank=0,
-                                       world_size=1, drop_last=drop_last) if len(dataset) else None
-        if inner is None:
-            inner = self.batch_sampler if self.batch_sampler is not None else self.sampler
-        self._iterable = iterable
-        self._wrapped = _IndexSampler(inner, batched=self.batch_sampler is not None)
+        self.seed = None if seed is None else int(seed)
+        self.prefetch = int(prefetch)
+        self._iterable = isinstance(dataset, tud.IterableDataset)
+        self._source = _IndexSource(self)
+        self._arrays = _ours(dataset)  # datapipe datasets take int64 arrays; others get Python ints, as from torch
         self._epoch = 0
-        self._delivered = 0
-        self._started = False
-        self._explicit = False
-        self._resume = False
+        self._prefix = 0  # batches of the epoch delivered in a row from its start
+        self._ahead: set[int] = set()  # batches delivered past the prefix (in_order=False)
+        self._record: dict | None = None  # how this epoch's torch order was drawn (to redraw it)
+        self._fresh = True  # positioned at a point no pass has started from yet
+        self._sampler_epoch = None  # the epoch this loader last set on a datapipe sampler
+        self._pass_prefix, self._pass_ahead, self._pass_discard = 0, frozenset(), 0
+        self._positions: list[int] | None = None
 
-    # torch's iterators read the index sampler through this property (also on persistent-worker resets)
+    # ---- torch plumbing -----------------------------------------------------------------------------------
+    def _index_sampler_torch(self):
+        return self.batch_sampler if self._auto_collation else self.sampler
+
     @property
     def _index_sampler(self):
-        if getattr(self, "_wrapped", None) is None or self._iterable:
+        if getattr(self, "_source", None) is None or self._iterable:
             return super()._index_sampler
-        return self._wrapped
+        return self._source
+
+    def _get_iterator(self):
+        return _SingleIter(self) if self.num_workers == 0 else _MultiIter(self)
 
     def __len__(self) -> int:
-        if getattr(self, "_wrapped", None) is not None and not self._iterable:
-            return len(self._wrapped)
+        if getattr(self, "_source", None) is not None and not self._iterable:
+            return self._epoch_len()
         return super().__len__()
 
+    # ---- position -----------------------------------------------------------------------------------------
     @property
     def epoch(self) -> int:
         return self._epoch
 
+    def _native(self) -> BatchSamplerBase | None:
+        src = self._index_sampler_torch()
+        return src if not self._iterable and isinstance(src, BatchSamplerBase) else None
+
+    def _move(self, epoch: int) -> None:
+        """Position at the start of ``epoch`` (runs a datapipe sampler's epoch hook now)."""
+        self._epoch, self._prefix, self._ahead, self._record, self._fresh = epoch, 0, set(), None, True
+        s = self._native()
+        if s is not None:
+            s.set_epoch(epoch)
+            s.reset(None)  # the start of the epoch, even if the sampler was restored mid-epoch before
+            self._sampler_epoch = epoch
+
     def set_epoch(self, epoch: int) -> None:
         """Use ``epoch`` for the next ``iter()`` (from its first batch)."""
-        if not isinstance(epoch, (int, np.integer)) or epoch < 0:
+        if not isinstance(epoch, (int, np.integer)) or isinstance(epoch, bool) or epoch < 0:
             raise ValueError(f"epoch must be an integer >= 0 (got {epoch=})")
-        self._epoch, self._delivered, self._explicit, self._resume = int(epoch), 0, True, False
+        self._move(int(epoch))
+
+    def _epoch_len(self) -> int:
+        kind = _kind(self)
+        if kind == "native":
+            s = self._native()
+            if self._sampler_epoch is None or s.epoch != self._sampler_epoch:
+                self._adopt_sampler_epoch(s)
+            return len(s)
+        return len(self._index_sampler_torch())
+
+    def _adopt_sampler_epoch(self, s: BatchSamplerBase) -> None:
+        """The user (or nobody yet) positioned the datapipe sampler: its epoch wins over the loader's."""
+        if self._sampler_epoch is None and s.epoch == self._epoch and self._fresh:
+            self._sampler_epoch = s.epoch
+            return
+        self._epoch, self._prefix, self._ahead, self._record, self._fresh = s.epoch, 0, set(), None, True
+        self._sampler_epoch = s.epoch
 
     def __iter__(self):
-        if self._resume:
-            self._resume = False
-            if not self._iterable and self._delivered >= len(self):  # saved at an epoch's end: go on to the next
-                self._epoch, self._delivered = self._epoch + 1, 0
-        elif self._started and not self._explicit:
-            self._epoch, self._delivered = self._epoch + 1, 0
-        else:
-            self._delivered = 0
-        self._started, self._explicit = True, False
-        skip = self._delivered
+        s = self._native()
+        if s is not None and self._sampler_epoch is not None and s.epoch != self._sampler_epoch:
+            self._adopt_sampler_epoch(s)
+        elif not self._fresh:  # a new iter() after an abandoned (or restored-and-finished) pass: the next epoch
+            self._move(self._epoch + 1)
+        elif s is not None and self._sampler_epoch is None:
+            self._adopt_sampler_epoch(s)
+        self._fresh = False
+        self._pass_prefix, self._pass_ahead = self._prefix, frozenset(self._ahead)
+        self._pass_discard = self._prefix if self._iterable else 0
         if hasattr(self.collate_fn, "set_epoch"):
             # e.g. ImmiscibleCollate keys its noise by (rows, epoch); persistent workers keep the copy they got
             # at their start, so such a collate should not rely on it there
             self.collate_fn.set_epoch(self._epoch)
-        if not self._iterable:
-            self._wrapped.epoch, self._wrapped.skip = self._epoch, skip
-        base = super().__iter__()
-        return self._deliver(base, skip if self._iterable else 0)
+        return super().__iter__()
 
-    def _deliver(self, base, discard: int):
-        if discard:
-            # an iterable dataset is fast-forwarded; if the checkpoint was at its epoch's end, go on to the next
-            sentinel = object()
-            for _ in range(discard):
-                if next(base, sentinel) is sentinel:
-                    break
-            first = next(base, sentinel)
-            if first is sentinel:
-                self._epoch, self._delivered = self._epoch + 1, 0
-                base = super().__iter__()
-            else:
-                self._delivered += 1
-                yield first
-        for batch in base:
-            self._delivered += 1
-            yield batch
+    def _pass_indices(self) -> Iterator:
+        """The indices of the current pass, from the loader's position; records each item's position."""
+        kind = _kind(self)
+        start, ahead = self._pass_prefix, self._pass_ahead
+        self._positions = [] if ahead else None
+        if kind == "native":
+            s = self._native()
+            s.seek(start)
+            self._sampler_epoch = s.epoch
+            items = s
+        elif kind == "ordered":
+            items = self._ordered_items(start)
+        else:
+            items = self._replayed_items(start)
+        return self._skipping(items, start, ahead)
+
+    def _skipping(self, items, start: int, ahead) -> Iterator:
+        convert = self._convert
+        for pos, item in enumerate(items, start):
+            if pos in ahead:
+                continue
+            if self._positions is not None:
+                self._positions.append(pos)
+            yield convert(item)
+
+    def _convert(self, item):
+        if isinstance(item, np.ndarray):
+            return item if self._arrays else item.tolist()
+        return item
+
+    def _ordered_items(self, start: int) -> Iterator:
+        src = self._index_sampler_torch()
+        sampler = src.sampler if type(src) is tud.BatchSampler else src
+        if isinstance(sampler, SeededRandomSampler):
+            sampler.set_epoch(self._epoch)
+        order, self._record = epoch_order(sampler, self._epoch, self._record)
+        if type(src) is not tud.BatchSampler:  # batch_size=None: one index at a time
+            for i in order[start:].tolist():
+                yield i
+            return
+        bs = src.batch_size
+        stop = len(order) - len(order) % bs if src.drop_last else len(order)
+        for b0 in range(start * bs, stop, bs):
+            yield order[b0 : b0 + bs]
+
+    def _replayed_items(self, start: int) -> Iterator:
+        it = iter(self._index_sampler_torch())
+        for _ in range(start):
+            if next(it, None) is None:
+                return
+        yield from it
+
+    def _delivered(self, task: int) -> None:
+        if self._iterable:
+            self._prefix += 1
+            return
+        pos = self._pass_prefix + task if self._positions is None else self._positions[task]
+        if pos == self._prefix:
+            self._prefix += 1
+            while self._prefix in self._ahead:
+                self._ahead.discard(self._prefix)
+                self._prefix += 1
+        else:
+            self._ahead.add(pos)
+
+    def _pass_finished(self) -> None:
+        """The pass ran to its end: the next iter() starts the next epoch (len() already describes it)."""
+        if self._iterable or (not self._ahead and self._prefix >= self._epoch_len()):
+            self._move(self._epoch + 1)
 
     # ---- state --------------------------------------------------------------------------------------------
+    def _config(self) -> dict:
+        src = self._index_sampler_torch() if not self._iterable else None
+        cfg = {"dataset": _dataset_identity(self.dataset), "order": _kind(self),
+               "sampler": type(src).__name__ if src is not None else None}
+        if not self._iterable and not isinstance(src, BatchSamplerBase):
+            cfg["rows"] = len(self.dataset) if hasattr(self.dataset, "__len__") else None
+            cfg["batch_size"], cfg["drop_last"] = self.batch_size, bool(self.drop_last)
+            inner = src.sampler if type(src) is tud.BatchSampler else src
+            if isinstance(inner, SeededRandomSampler):
+                cfg["seed"] = inner.seed
+        if self._iterable:
+            cfg["batch_size"], cfg["num_workers"] = self.batch_size, self.num_workers
+        return cfg
+
     def state_dict(self) -> dict:
-        """``{"version", "epoch", "batches_delivered", "seed"}``: small, JSON-serialisable."""
-        return {"version": STATE_VERSION, "epoch": self._epoch, "batches_delivered": self._delivered,
-                "seed": self.seed}
+        """Small and JSON-serialisable: the epoch, the batches delivered (and those delivered ahead with
+        ``in_order=False``), how the epoch's order was drawn, the configuration it belongs to, and a datapipe
+        sampler's own state nested under ``"sampler_state"``."""
+        state = {"version": STATE_VERSION, "epoch": self._epoch, "batches_delivered": self._prefix,
+                 "delivered_ahead": sorted(self._ahead), "order_record": self._record, "config": self._config()}
+        s = self._native()
+        if s is not None:
+            if self._sampler_epoch is None or s.epoch != self._sampler_epoch:
+                self._adopt_sampler_epoch(s)
+            state["sampler_state"] = {**s.state_dict(), "batches_yielded": self._prefix}
+        if self._iterable and hasattr(self.dataset, "state_dict"):
+            state["dataset_state"] = self.dataset.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping) -> None:
-        """Resume: the next ``iter()`` continues epoch ``state["epoch"]`` after its delivered batches."""
-        expected = {"version", "epoch", "batches_delivered", "seed"}
-        if set(state) != expected:
-            raise ValueError(f"DataLoader.load_state_dict: expected keys {sorted(expected)}, got {sorted(state)}")
-        if state["version"] != STATE_VERSION:
-            raise ValueError(f"state version {state['version']} is not supported (this is {STATE_VERSION})")
-        if int(state["batches_delivered"]) < 0 or int(state["epoch"]) < 0:
-            raise ValueError(f"epoch and batches_delivered must be >= 0 (got {dict(state)})")
-        self.seed = int(state["seed"])
-        inner = self._wrapped.inner if getattr(self, "_wrapped", None) is not None else None
-        if isinstance(inner, RandomBatchSampler) and inner is not self.batch_sampler:
-            inner.seed = self.seed
-            inner._cache = None
-        self._epoch = int(state["epoch"])
-        self._delivered = int(state["batches_delivered"])
-        if not self._iterable and self._delivered > len(self):
-            raise ValueError(f"batches_delivered={self._delivered} exceeds this loader's {len(self)} batches")
-        self._resume, self._explicit, self._started = True, False, True
+        """Resume: the next ``iter()`` continues epoch ``state["epoch"]`` after its delivered batches. Refuses a
+        state of another configuration (dataset, sampler options, batch size, seed, ...) naming what differs."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"DataLoader.load_state_dict expects the dict from state_dict() (got {type(state)})")
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r} is not supported (this is "
+                             f"{STATE_VERSION}); pass the dict returned by DataLoader.state_dict()")
+        expected = {"version", "epoch", "batches_delivered", "delivered_ahead", "order_record", "config"}
+        optional = {"sampler_state", "dataset_state"}
+        missing, unknown = expected - set(state), set(state) - expected - optional
+        if missing or unknown:
+            raise ValueError(f"DataLoader.load_state_dict: missing keys {sorted(missing)}, unknown keys "
+                             f"{sorted(unknown)}; pass the dict returned by state_dict()")
+        epoch, prefix, ahead = state["epoch"], state["batches_delivered"], state["delivered_ahead"]
+        for name, v in (("epoch", epoch), ("batches_delivered", prefix)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"state[{name!r}] must be an integer >= 0 (got {v!r})")
+        mine = self._config()
+        for k in [*mine, *(k for k in state["config"] if k not in mine)]:
+            if mine.get(k) != state["config"].get(k):
+                raise ValueError(f"the state was saved by a loader with {k}={state['config'].get(k)!r}, this one has "
+                                 f"{k}={mine.get(k)!r}: it cannot resume another configuration")
+        if self._iterable and "dataset_state" in state:
+            self.dataset.load_state_dict(state["dataset_state"])
+            prefix = 0  # the dataset resumes itself
+        s = self._native()
+        if s is not None:
+            nested = state.get("sampler_state")
+            if nested is None:
+                raise ValueError("the state has no sampler_state, but this loader's batch sampler is "
+                                 f"{type(s).__name__}: it was saved by another configuration")
+            if ahead and int(nested.get("world_size", s.world_size)) != s.world_size:
+                raise ValueError("this state was saved with in_order=False and batches delivered out of order; it "
+                                 "can resume at the same world size only (save it with in_order=True to resume "
+                                 "elastically)")
+            s.load_state_dict({**nested, "batches_yielded": int(prefix)})  # raises on another configuration
+            epoch, prefix = s.position  # an elastic resume restarts the count in the rest of the epoch
+            self._sampler_epoch = s.epoch
+        self._epoch, self._prefix, self._ahead = int(epoch), int(prefix), {int(a) for a in ahead}
+        self._record = dict(state["order_record"]) if state["order_record"] else None
+        self._fresh = True
+        if not self._iterable:
+            n = self._epoch_len()
+            if self._prefix > n:
+                raise ValueError(f"batches_delivered={self._prefix} exceeds the {n} batches of epoch {self._epoch}")
+            if self._prefix == n and not self._ahead:  # saved at an epoch's end: the next iter() runs the next
+                self._move(self._epoch + 1)
+
+
+def _ours(dataset) -> bool:
+    """Datasets of this library take int64 index arrays in ``__getitems__``; any other gets what torch gives."""
+    return type(dataset).__module__.split(".")[0] == "datapipe"

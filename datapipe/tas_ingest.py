@@ -26,11 +26,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from datapipe.format import DatasetError
+from datapipe.format import DatasetError, read_sealed_table, write_sealed_table
 from samplers.topic_aware import PairTable
 
-__all__ = ["cluster_embeddings", "ingest_tas", "load_pair_table", "read_pairs_tsv", "read_queries_tsv",
-           "save_pair_table"]
+__all__ = ["cluster_embeddings", "ingest_tas", "load_clusters", "load_pair_table", "read_pairs_tsv",
+           "read_queries_tsv", "save_pair_table"]
 
 PAIRS_FILE = "pairs.arrow"
 _QUERY_FIELDS = ("qid", "text")
@@ -96,6 +96,11 @@ def read_queries_tsv(path: str | os.PathLike) -> pa.Table:
     """
     path = Path(path)
     t = _read_tsv(path, _QUERY_FIELDS, {"qid": pa.string(), "text": pa.string()})
+    head = (t.column("qid")[0].as_py().strip().lower(), t.column("text")[0].as_py().strip().lower())
+    if head[0] in ("qid", "query_id", "id") and head[1] in ("text", "query", "query_text"):
+        raise DatasetError(f"{path}: line 1 is a header ({t.column('qid')[0].as_py()!r}, "
+                           f"{t.column('text')[0].as_py()!r}), not a query: remove it (the file is qid<TAB>text "
+                           "lines, as MS MARCO's queries.train.tsv)")
     qid = t.column("qid")
     empty = pc.equal(pc.utf8_length(qid), 0)
     if pc.any(empty).as_py():
@@ -155,7 +160,8 @@ def save_pair_table(pairs: PairTable, path: str | os.PathLike, *, s_pos=None, s_
     """Write a pair table as an Arrow IPC file (atomically: temp file + rename).
 
     Columns: ``query``, ``pos_id``, ``neg_id``, ``margin`` (and ``s_pos``, ``s_neg`` when given, in row order);
-    the schema metadata records ``num_queries`` so queries without pairs survive the round trip.
+    the schema metadata records ``num_queries`` so queries without pairs survive the round trip, and a digest of
+    the content, which :func:`load_pair_table` checks.
     """
     path = Path(path)
     cols = {"query": pairs.query_of(np.arange(pairs.num_pairs)), "pos_id": pairs.pos_id, "neg_id": pairs.neg_id,
@@ -164,28 +170,31 @@ def save_pair_table(pairs: PairTable, path: str | os.PathLike, *, s_pos=None, s_
         cols.update(s_pos=np.asarray(s_pos, np.float64), s_neg=np.asarray(s_neg, np.float64))
     table = pa.table(cols).replace_schema_metadata({"num_queries": str(pairs.num_queries),
                                                     "format": "datapipe.pair_table/1"})
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
-            w.write_table(table)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return write_sealed_table(path, table)
 
 
 def load_pair_table(path: str | os.PathLike) -> PairTable:
-    """Read a pair table written by :func:`save_pair_table` (or the ``pairs.arrow`` of a TAS dataset dir)."""
+    """Read a pair table written by :func:`save_pair_table` (or the ``pairs.arrow`` of a TAS dataset dir).
+
+    Raises:
+        DatasetError: naming the file when it is missing, unreadable, or fails its checksum (the dataset
+            manifest's entry for a TAS dataset directory, the digest the file carries otherwise).
+    """
     path = Path(path)
     if path.is_dir():
+        from datapipe.format import read_manifest, verify_checksum
+
+        manifest = read_manifest(path)
+        entry = next((e for e in manifest.get("files") or [] if e["file"] == PAIRS_FILE), None)
         path = path / PAIRS_FILE
+        if entry is not None and path.exists():
+            if path.stat().st_size != entry["bytes"]:
+                raise DatasetError(f"{path}: {path.stat().st_size} bytes but the manifest says {entry['bytes']}; "
+                                   "the pair table is truncated: rerun `datapipe tas ingest`")
+            verify_checksum(path, entry["checksum"])
     if not path.exists():
         raise DatasetError(f"{path}: no such pair table (run `datapipe tas ingest` first)")
-    try:
-        t = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DatasetError(f"{path}: cannot read the pair table ({e})") from None
+    t = read_sealed_table(path, what="pair table")
     meta = t.schema.metadata or {}
     if b"num_queries" not in meta:
         raise DatasetError(f"{path}: not a pair table (no num_queries in the schema metadata)")
@@ -236,8 +245,8 @@ def ingest_tas(queries_tsv: str | os.PathLike, pairs_tsv: str | os.PathLike, out
     params = {"kind": "tas", "queries_tsv": str(queries_tsv), "pairs_tsv": str(pairs_tsv),
               "num_pairs": pairs.num_pairs, "pairs_file": PAIRS_FILE}
     out = write_dataset(table, out_dir, shard_rows=shard_rows, index_columns=index_columns, compression=compression,
-                        overwrite=overwrite, params=params, progress=progress)
-    save_pair_table(pairs, Path(out) / PAIRS_FILE, s_pos=s_pos, s_neg=s_neg)
+                        overwrite=overwrite, params=params, progress=progress,
+                        extra_files={PAIRS_FILE: lambda p: save_pair_table(pairs, p, s_pos=s_pos, s_neg=s_neg)})
     return Path(out)
 
 
@@ -295,10 +304,48 @@ def cluster_embeddings(source: str | os.PathLike, k: int, *, column: str | None 
         say("writing cluster ids")
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        table = pa.table({"cluster": ids}).replace_schema_metadata({"k": str(k), "seed": str(seed)})
-        tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
-            w.write_table(table)
-        os.replace(tmp, out)
-        np.save(out.with_name(out.stem + ".centroids.npy"), centroids)
+        cpath = out.with_name(out.stem + ".centroids.npy")
+        ctmp = cpath.with_name(f".{cpath.name}.tmp-{uuid.uuid4().hex[:8]}.npy")
+        try:
+            np.save(ctmp, centroids)
+            os.replace(ctmp, cpath)
+        finally:
+            if ctmp.exists():
+                ctmp.unlink()
+        from datapipe.format import file_checksum
+
+        # the ids file carries a digest of its content and the centroids file's checksum
+        table = pa.table({"cluster": ids}).replace_schema_metadata(
+            {"k": str(k), "seed": str(seed), "centroids_file": cpath.name,
+             "centroids_checksum": file_checksum(cpath)})
+        write_sealed_table(out, table)
     return centroids, ids
+
+
+def load_clusters(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read a cluster file written by :func:`cluster_embeddings` (``datapipe tas cluster --out``), checked.
+
+    Returns:
+        ``(cluster_ids int64 [n], centroids float32 [k, d] or None when the centroids file is absent)``.
+
+    Raises:
+        DatasetError: naming the file whose content does not match its checksum (the ids file carries a digest
+            of its content and the checksum of its centroids file).
+    """
+    from datapipe.format import verify_checksum
+
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"{path}: no such cluster file (run `datapipe tas cluster --out {path}` first)")
+    t = read_sealed_table(path, what="cluster file")
+    if "cluster" not in t.column_names:
+        raise DatasetError(f"{path}: no 'cluster' column (columns: {t.column_names}); not a cluster file")
+    meta = t.schema.metadata or {}
+    centroids = None
+    if b"centroids_file" in meta:
+        cpath = path.with_name(meta[b"centroids_file"].decode())
+        if cpath.exists():
+            verify_checksum(cpath, meta[b"centroids_checksum"].decode())
+            centroids = np.load(cpath, allow_pickle=False)
+    return t.column("cluster").to_numpy(), centroids
+

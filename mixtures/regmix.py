@@ -295,6 +295,11 @@ class RegMixModel:
             raise ValueError(f"the model was fitted on unnamed targets; pass an integer target (got {target=})")
         return self.targets.index(resolve_target(self.targets, target))
 
+    def target_name(self, target: str | int | None = None) -> str:
+        """The column name of ``target`` (as :meth:`predict` resolves it), or ``"target <i>"`` when unnamed."""
+        i = self._target_index(target)
+        return str(self.targets[i]) if self.targets else f"target {i}"
+
     def predict(self, mixtures, target: str | int | None = None) -> NDArray[np.float64]:
         """Predicted losses: float64 ``[N]`` for one target (or a model of one), else ``[N, T]``."""
         X, _ = as_matrix(mixtures, "mixtures", self.domains)
@@ -478,7 +483,13 @@ def save_model(model: RegMixModel, path) -> None:
 def load_model(path) -> RegMixModel:
     """Load a model written by :func:`save_model` (pickle: load only files you trust)."""
     with open(path, "rb") as f:
-        model = pickle.load(f)
+        try:
+            model = pickle.load(f)
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError,
+                ValueError) as e:
+            raise ValueError(f"{path}: not a model file written by save_model / `datapipe regmix fit` "
+                             f"({type(e).__name__}: {e})") from None
     if not isinstance(model, RegMixModel):
-        raise ValueError(f"{path} does not hold a RegMixModel (got {type(model).__name__})")
+        raise ValueError(f"{path} does not hold a RegMixModel (got {type(model).__name__}); pass the file written "
+                         "by save_model / `datapipe regmix fit`")
     return model

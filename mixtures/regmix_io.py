@@ -22,34 +22,74 @@ from numpy.typing import NDArray
 
 __all__ = ["MIXTURE_PREFIX", "TARGET_PREFIX", "TARGET_SUFFIX", "as_matrix", "as_targets", "domain_key", "plot_mixture",
            "plot_predictions", "read_pair", "read_shares", "read_table", "resolve_target", "select_targets",
-           "shares_vector", "write_mixtures"]
+           "shares_vector", "short_names", "write_mixtures"]
 
 MIXTURE_PREFIX = "train_the_pile_"
 TARGET_PREFIX = "metric/the_pile_"
 TARGET_SUFFIX = "_val_loss"
 INDEX = "index"
+MIX_SUM_TOL = 0.02  # the authors' CSVs round weights to 3 decimals: their rows sum to 0.996-1.003
+
+
+def _where(path, row: int) -> str:
+    """``file: row R (line L)``: rows are data rows counted from 0 in each file; the line is the file's (the
+    header is line 1)."""
+    return f"{os.fspath(path)}: row {row} (line {row + 2})"
 
 
 def read_table(path: str | os.PathLike, *, index_column: str = INDEX) -> pd.DataFrame:
-    """Read one CSV of the authors' layout; the index column must exist and be unique.
+    """Read one CSV of the authors' layout; the index column must exist and be unique, every other cell a number.
 
     Raises:
-        ValueError: naming the file when the index column is missing, duplicated or a value is not numeric.
+        ValueError: naming the file, the row (data rows from 0, and the file's line) and the column when the file
+            is empty or not a CSV, the index column is missing or repeats a value, or a cell is not a number.
     """
-    df = pd.read_csv(path)
+    name = os.fspath(path)
+    try:
+        df = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{name}: empty file: expected a CSV with a header line ({index_column}, ...) "
+                         "and rows") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{name}: not a text CSV file (it does not decode as UTF-8)") from None
+    except pd.errors.ParserError as e:
+        raise ValueError(f"{name}: not a CSV file in the RegMix layout ({str(e).strip()})") from None
     if index_column not in df.columns:
-        raise ValueError(f"{os.fspath(path)}: no index column {index_column!r} (columns: {list(df.columns)[:5]}...)")
+        hint = " (is it a CSV file?)" if len(df.columns) < 2 else ""
+        raise ValueError(f"{name}: no index column {index_column!r}{hint} (columns: {list(df.columns)[:5]}...)")
+    if len(df) == 0:
+        raise ValueError(f"{name}: a header line but no rows")
     dup = df[index_column].duplicated()
     if dup.any():
         row = int(np.flatnonzero(dup.to_numpy())[0])
-        raise ValueError(f"{os.fspath(path)}: row {row + 2}: index {df[index_column].iloc[row]!r} appears twice")
+        value = df[index_column].iloc[row]
+        value = value.item() if hasattr(value, "item") else value
+        first = int(np.flatnonzero((df[index_column] == value).to_numpy())[0])
+        raise ValueError(f"{_where(path, row)}: index {value!r} appears twice (first at row {first})")
     for col in df.columns:
         if col != index_column and not pd.api.types.is_numeric_dtype(df[col]):
             bad = pd.to_numeric(df[col], errors="coerce").isna() & df[col].notna()
             row = int(np.flatnonzero(bad.to_numpy())[0]) if bad.any() else 0
-            raise ValueError(f"{os.fspath(path)}: row {row + 2}, column {col!r}: not a number "
-                             f"({df[col].iloc[row]!r})")
+            raise ValueError(f"{_where(path, row)}, column {col!r}: not a number ({str(df[col].iloc[row])!r})")
+        vals = df[col].to_numpy(dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(vals))
+        if len(bad):
+            raise ValueError(f"{_where(path, int(bad[0]))}, column {col!r}: empty, NaN or inf "
+                             f"({len(bad)} such rows in the column)")
     return df
+
+
+def _mixture_problem(df: pd.DataFrame, path) -> str | None:
+    """Why ``df`` (index column set aside) is not a mixture table, or None: weights in [0, 1], rows sum to 1."""
+    if any(str(c).startswith("metric/") for c in df.columns):
+        return f"{os.fspath(path)} has loss columns ({str(df.columns[0])!r}, ...)"
+    W = df.to_numpy(dtype=np.float64)
+    bad = np.flatnonzero((W < 0).any(axis=1) | (W > 1).any(axis=1) | (np.abs(W.sum(axis=1) - 1.0) > MIX_SUM_TOL))
+    if len(bad):
+        r = int(bad[0])
+        return (f"{_where(path, r)} is not a mixture: its weights sum to {W[r].sum():.6g} "
+                f"(each row of a mixture file holds weights in [0, 1] summing to 1)")
+    return None
 
 
 def read_pair(mixtures_path: str | os.PathLike, losses_path: str | os.PathLike, *,
@@ -61,10 +101,18 @@ def read_pair(mixtures_path: str | os.PathLike, losses_path: str | os.PathLike, 
         without the index column (it becomes the frames' index).
 
     Raises:
-        ValueError: when the index columns do not join (names the files and the first unmatched values).
+        ValueError: when the index columns do not join (names the files and the first unmatched values), when
+            the mixture file's rows are not weights summing to 1 (saying so when the two files look swapped),
+            or as :func:`read_table`.
     """
     mix = read_table(mixtures_path, index_column=index_column).set_index(index_column)
     loss = read_table(losses_path, index_column=index_column).set_index(index_column)
+    problem = _mixture_problem(mix, mixtures_path)
+    if problem is not None:
+        if _mixture_problem(loss, losses_path) is None:
+            raise ValueError(f"the mixture and loss files look swapped: {os.fspath(losses_path)} holds mixture "
+                             f"weights (rows summing to 1) and {problem}; swap the two files")
+        raise ValueError(f"{problem}; pass the file of mixture weights as the mixtures")
     only_mix = mix.index.difference(loss.index)
     only_loss = loss.index.difference(mix.index)
     if len(only_mix) or len(only_loss):
@@ -88,6 +136,9 @@ def as_matrix(x, name: str = "mixtures",
         if INDEX in x.columns:
             x = x.drop(columns=[INDEX])
         if columns is not None:
+            if any(c not in x.columns for c in columns):  # the same domains under their short names (`propose`)
+                by_short = {domain_key(str(c)): c for c in x.columns}
+                x = x.rename(columns={by_short[domain_key(c)]: c for c in columns if domain_key(c) in by_short})
             missing = [c for c in columns if c not in x.columns]
             if missing:
                 raise ValueError(f"{name} lacks the columns the model was fitted on: {missing[:5]}")
@@ -124,8 +175,21 @@ def as_targets(y) -> tuple[NDArray[np.float64], list | None, bool]:
 
 
 def domain_key(name: str) -> str:
-    """The short domain name of a mixture column: ``train_the_pile_pile_cc`` -> ``pile_cc``."""
+    """The short domain name of a mixture column: ``train_the_pile_pile_cc`` -> ``pile_cc``.
+
+    Short names are the one naming of the outputs: ``propose`` writes them as columns, ``search`` as the keys of
+    ``best.json``, and :meth:`mixtures.Constant.from_json` reads them as the schedule's domains."""
     return name[len(MIXTURE_PREFIX):] if name.startswith(MIXTURE_PREFIX) else name
+
+
+def short_names(domains) -> list[str]:
+    """:func:`domain_key` of every domain, refusing two that become one (``a`` and ``train_the_pile_a``)."""
+    names = [domain_key(str(d)) for d in domains]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ValueError(f"domains {[d for d in domains if domain_key(str(d)) == dup]} are one domain {dup!r} under "
+                         "two names; keep one")
+    return names
 
 
 def resolve_target(columns: Sequence[str], target: str) -> str:

@@ -75,6 +75,9 @@ class Schedule:
     """Base of the schedules: ``.domains`` and a pure ``weights_at(step, total_steps)``."""
 
     domains: tuple[str, ...]
+    #: True when the weights change only at ``phase_starts(total_steps)`` (lets samplers compute them per phase);
+    #: a subclass that overrides ``weights_at`` with weights varying inside a phase must set it to False
+    piecewise_constant: bool = False
 
     def weights_at(self, step: int, total_steps: int) -> NDArray[np.float64]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -95,8 +98,45 @@ class Constant(Schedule):
         weights: dict domain -> weight, non-negative, summing to 1.
     """
 
+    piecewise_constant = True
+
     def __init__(self, weights: Mapping[str, float]) -> None:
         self.domains, self._w = _as_weights(weights, None, "weights")
+
+    @classmethod
+    def from_json(cls, path) -> Constant:
+        """The mixture of a JSON file: ``best.json`` of ``datapipe regmix search`` (``{"weights": {domain:
+        weight}, "target": ..., ...}``) or a bare object domain -> weight.
+
+        Weights summing to 1 within 1e-3 (rounded by hand or by a tool) are renormalised; others are refused.
+
+        Raises:
+            ValueError: naming the file when it is not JSON, holds no weights object, or the weights are invalid.
+        """
+        import json
+        import os
+
+        name = os.fspath(path)
+        try:
+            with open(path) as f:
+                doc = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{name}: line {e.lineno}: not JSON ({e.msg})") from None
+        weights = doc.get("weights") if isinstance(doc, dict) and isinstance(doc.get("weights"), dict) else doc
+        if not isinstance(weights, dict) or not weights:
+            raise ValueError(f"{name}: expected a JSON object domain -> weight, or {{\"weights\": {{...}}}} as "
+                             "written by `datapipe regmix search`")
+        try:
+            vals = {str(k): float(v) for k, v in weights.items()}
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}: every weight must be a number (got {weights})") from None
+        total = sum(vals.values())
+        if abs(total - 1.0) <= 1e-3 and total > 0:
+            vals = {k: v / total for k, v in vals.items()}
+        try:
+            return cls(vals)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{name}: {e}") from None
 
     def weights_at(self, step: int, total_steps: int) -> NDArray[np.float64]:
         _check_steps(step, total_steps)
@@ -113,6 +153,8 @@ class Piecewise(Schedule):
     of the first phase's dict, in its order; later phases may omit domains (weight 0) but not add new ones.
     Phase ``i`` covers steps ``[ceil(f_i * T), ceil(f_{i+1} * T))``.
     """
+
+    piecewise_constant = True
 
     def __init__(self, phases: Sequence[tuple[float, Mapping[str, float]]]) -> None:
         phases = list(phases)

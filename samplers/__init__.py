@@ -9,7 +9,7 @@ from __future__ import annotations
 from native._lazy import attach
 
 _LAZY = {
-    "samplers.base": ("BatchSamplerBase", "Plan"),
+    "samplers.base": ("BatchSamplerBase", "Plan", "PlanWarning"),
     "samplers.random": ("RandomBatchSampler",),
     "samplers.token_budget": ("TokenBudgetBatchSampler",),
     "samplers.decomposed": ("DecomposedBatchSampler",),
@@ -20,8 +20,9 @@ _LAZY = {
     "samplers.ngame": ("NGAMEBatchSampler", "positive_mask"),
     "samplers.immiscible": ("ImmiscibleCollate", "assign_linear", "knn_noise", "knn_noise_exact", "plain_noise"),
     "samplers.mixture": ("MixtureBatchSampler", "largest_remainder_counts"),
+    "samplers.shaped_mixture": ("ShapedMixtureBatchSampler",),
 }
 _MODULES = ("base", "bins", "calibrate", "decomposed", "duration", "immiscible", "mixture", "ngame", "packing",
-            "random", "token_budget", "topic_aware")
+            "random", "shaped_mixture", "token_budget", "topic_aware")
 
 __getattr__, __dir__, __all__, _WHERE = attach(__name__, _LAZY, _MODULES)

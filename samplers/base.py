@@ -7,14 +7,24 @@ metadata, the seed, the epoch and the options. The base class then
 * evens the plan out so every rank gets the same number of batches (:func:`even_out` / :func:`group_steps`),
 * deals batch ``s * world_size + r`` to rank ``r`` at step ``s`` (:func:`deal`),
 * keeps a cursor (epoch, batches yielded) that is the whole checkpoint: restoring recomputes the plan and skips,
-  through the same code path as a fresh start.
+  through the same code path as a fresh start (:meth:`BatchSamplerBase.reset`, the one entry that positions a
+  sampler: ``set_epoch``, ``load_state_dict`` and ``datapipe.DataLoader`` all go through it, so epoch hooks run
+  whichever path moved the epoch);
+* guards a state with the options and a digest of the metadata, so it cannot load into another configuration;
+* resumes a state saved at another world size (elastic): the rows the old ranks had not yet received are dealt
+  to the new ranks.
 
-Rows a plan leaves out are never silent: ``Plan.dropped`` maps a reason to a row count and ``stats()`` reports it.
+Rows a plan leaves out are never silent: ``Plan.dropped`` maps a reason to a row count, ``stats()`` reports it, and
+a plan that drops rows (or repeats rows) beyond what was asked for emits :class:`PlanWarning` once per epoch
+(``strict=True`` raises ``ValueError`` instead).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import warnings
 from collections.abc import Iterator, Mapping
 
 import numpy as np
@@ -23,10 +33,16 @@ from numpy.typing import NDArray
 from native.batching import split_to_multiple
 from native.rng import mix_seed
 
-__all__ = ["BatchSamplerBase", "Plan", "check_lengths", "deal", "even_out", "group_steps", "resolve_rank",
-           "resolve_world"]
+__all__ = ["BatchSamplerBase", "Plan", "PlanWarning", "check_lengths", "deal", "digest_array", "even_out",
+           "group_steps", "regroup_in_order", "resolve_rank", "resolve_world"]
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+
+
+class PlanWarning(UserWarning):
+    """A sampler's plan drops rows, or repeats rows beyond what was asked for. Emitted once per epoch with the
+    counts, the share of tokens (or seconds) lost, the reason and the option that changes it; pass
+    ``strict=True`` to the sampler to make it a ``ValueError``."""
 
 
 @dataclasses.dataclass
@@ -85,12 +101,47 @@ def check_lengths(lengths, name: str = "lengths", n: int | None = None) -> NDArr
         bad = np.flatnonzero(arr != np.round(arr))
         if len(bad):
             raise ValueError(f"{name} must be whole numbers: row {int(bad[0])} has {arr[bad[0]]}")
+        big = np.flatnonzero(np.abs(arr) > 2.0**53)
+        if len(big):
+            raise ValueError(f"{name} has {arr[big[0]]!r} at row {int(big[0])}: counts above 2**53 are not exact as "
+                             "floats; store lengths as integers")
     elif arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must be integers (got dtype {arr.dtype})")
+    elif arr.dtype == np.uint64 and len(arr):
+        big = np.flatnonzero(arr > np.uint64(2**63 - 1))
+        if len(big):
+            raise ValueError(f"{name} has {int(arr[big[0]])} at row {int(big[0])}, which does not fit int64")
     neg = np.flatnonzero(arr < 0)
     if len(neg):
         raise ValueError(f"{name} has a negative value {arr[neg[0]]} at row {int(neg[0])}")
-    return arr.astype(np.int64)
+    # a memory-mapped int64 array is used as it is (no copy): plans read it, never write it
+    return arr if arr.dtype == np.int64 else arr.astype(np.int64)
+
+
+def check_budget(values: NDArray, budget: float, name: str) -> None:
+    """Refuse a budget whose padded totals could overflow int64 (``rows * max value``)."""
+    if len(values) and float(np.max(values)) * float(len(values)) >= 2.0**63 and budget >= 2.0**62:
+        raise ValueError(f"{name}={budget} with these lengths can overflow int64 totals; use a smaller {name}")
+
+
+def digest_array(arr) -> str:
+    """A cheap fingerprint of a metadata array: its length, dtype and up to 65,536 evenly spaced values plus the
+    first and last 1,024 (reads a few MB even from a 1e9-row memory map). Guards a state against another dataset;
+    it is not a checksum of every value."""
+    a = np.asarray(arr)
+    h = hashlib.blake2b(digest_size=8)
+    h.update(f"{a.shape}|{a.dtype.str}".encode())
+    n = len(a)
+    if n:
+        step = max(1, n // 65536)
+        for part in (a[:1024], a[::step], a[-1024:]):
+            h.update(np.ascontiguousarray(part).tobytes())
+    return h.hexdigest()
+
+
+def _jsonable(x):
+    """Options as they read back from JSON (tuples become lists, numpy scalars plain numbers)."""
+    return json.loads(json.dumps(x, default=lambda o: o.item() if hasattr(o, "item") else o.tolist()))
 
 
 def resolve_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -216,6 +267,26 @@ def take_batches(plan: Plan, batch_order: NDArray[np.int64]) -> Plan:
     return Plan(plan.indices[src], new_off, groups, plan.dropped, plan.repeated)
 
 
+def regroup_in_order(plan: Plan, world_size: int, drop_last: bool) -> Plan:
+    """Re-arrange the rest of an epoch for another world size, keeping the order of its steps in time.
+
+    Grouped plans: each group's batches are evened out on their own and cut into steps of ``world_size``; the steps
+    are then laid out in the order of their first batch in ``plan`` (a curriculum keeps its course). Plans without
+    groups are evened out as they are.
+    """
+    if plan.groups is None:
+        return even_out(plan, world_size, drop_last)
+    out = group_steps(plan, world_size, drop_last)  # group by group, batches in plan order within a group
+    if not out.num_batches:
+        return out
+    # the place in time of each output step: where its batches' first rows stood in the input plan
+    starts = out.indices[out.offsets[:-1]]
+    order = np.argsort(plan.indices, kind="stable")
+    loc = order[np.searchsorted(plan.indices[order], starts)]
+    step_key = loc.reshape(-1, world_size).min(axis=1)
+    return reorder_steps(out, np.argsort(step_key, kind="stable").astype(np.int64), world_size)
+
+
 def deal(plan: Plan, rank: int, world_size: int) -> Plan:
     """Rank ``rank``'s share: batches ``rank, rank + W, rank + 2W, ...`` (one per step)."""
     if plan.num_batches % world_size:
@@ -223,47 +294,126 @@ def deal(plan: Plan, rank: int, world_size: int) -> Plan:
     return take_batches(plan, np.arange(rank, plan.num_batches, world_size, dtype=np.int64))
 
 
+#: what each drop reason means and the option that changes it (for PlanWarning messages)
+DROP_HINTS = {
+    "uneven_tail_too_few_rows_to_split": "too few rows to give every rank a batch at the last step; use fewer ranks "
+                                         "or more data",
+    "longer_than_max_tokens": "rows longer than max_tokens; raise max_tokens, or truncate/split long rows at ingest",
+    "longer_than_max_duration": "cuts longer than max_duration; raise max_duration",
+    "outside_2d_bins": "cuts outside every 2D bucket; widen the bins or pass strict_2d=False",
+    "incomplete_step": "sequences that do not fill a whole step of their bucket; pass incomplete='repeat'",
+}
+#: drop reasons the user asked for by passing drop_last=True
+ASKED_FOR = frozenset({"incomplete_batch", "uneven_tail"})
+
+
 class BatchSamplerBase:
     """Base of every batch sampler: the cursor, the state, rank dealing and the shared statistics.
 
     Subclasses set their options in ``__init__`` (calling ``super().__init__``) and implement
-    ``_build_plan(epoch) -> Plan`` returning the global plan of an epoch, not yet evened out across ranks.
+    ``_build_plan(epoch) -> Plan`` returning the global plan of an epoch, not yet evened out across ranks (reading
+    ``self.world_size`` when the plan depends on it: an elastic resume builds the plan of the old world size).
     Samplers whose batches have a shape set ``plan.groups`` and get steps whose batches share the shape.
+    ``_options()`` lists every option that shapes the plan (it guards states), ``_metadata()`` the size and digest
+    of the metadata, ``_on_epoch(epoch)`` is the hook that runs whenever the sampler is positioned at an epoch.
     """
 
     #: extra keys (ints/strings) a subclass stores in its state; checked on load.
     _state_keys: tuple[str, ...] = ()
+    #: whether a state saved at another world size can resume here (see :meth:`reset`)
+    _elastic: bool = True
 
     def __init__(self, *, seed: int = 0, rank: int | None = None, world_size: int | None = None,
-                 drop_last: bool = False) -> None:
-        if not isinstance(seed, (int, np.integer)):
+                 drop_last: bool = False, strict: bool = False) -> None:
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
             raise TypeError(f"seed must be an int (got {type(seed).__name__})")
         self.seed = int(seed)
         self.rank, self.world_size = resolve_world(rank, world_size)
         self.drop_last = bool(drop_last)
+        self.strict = bool(strict)
         self.epoch = 0
         self._yielded = 0  # batches of the current epoch already handed out by this rank
-        self._resume_at = 0  # where the next iter() starts: set by load_state_dict, else a pass starts at 0
-        self._cache: tuple[int, Plan, Plan] | None = None  # (epoch, global plan, rank plan)
+        self._resume_at = 0  # where the next iter() starts: set by reset/load_state_dict, else a pass starts at 0
+        # elastic resume: (world_size, batches per rank) consumed earlier in this epoch under other world sizes
+        self._segments: tuple[tuple[int, int], ...] = ()
+        self._cache: tuple | None = None  # ((epoch, segments), global plan, rank plan)
+        self._warned: set[int] = set()  # epochs whose PlanWarning was emitted
 
     # ---- to implement -------------------------------------------------------------------------------------
     def _build_plan(self, epoch: int) -> Plan:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _options(self) -> dict:
+        """Every option that shapes the plan (JSON-serialisable). Default: the ``_state_keys`` attributes."""
+        return {k: getattr(self, k) for k in self._state_keys}
+
+    def _metadata(self) -> dict:
+        """Size and digest of the metadata the plan is computed from."""
+        return {}
+
+    def _on_epoch(self, epoch: int) -> None:
+        """Epoch hook, run by every path that positions the sampler (must be idempotent)."""
+
+    def _lost_share(self, plan: Plan) -> str:
+        """Share of tokens/seconds a plan leaves out, for PlanWarning messages ('' when not meaningful)."""
+        return ""
 
     # ---- plan ---------------------------------------------------------------------------------------------
     def epoch_seed(self, epoch: int | None = None, *salt: int) -> int:
         """The seed of an epoch's randomness: a pure function of (seed, epoch, salt). Same on every rank."""
         return mix_seed(self.seed, self.epoch if epoch is None else epoch, *salt)
 
-    def _plans(self) -> tuple[Plan, Plan]:
-        if self._cache is None or self._cache[0] != self.epoch:
-            plan = self._build_plan(self.epoch)
+    def _arranged(self, epoch: int, world_size: int) -> Plan:
+        """The global plan of ``epoch`` evened out and arranged in steps for ``world_size`` ranks."""
+        saved = self.world_size
+        self.world_size = world_size  # plans that depend on the world size read it (elastic: the old one)
+        try:
+            plan = self._build_plan(epoch)
             if plan.groups is not None:
-                plan = group_steps(plan, self.world_size, self.drop_last, **self._step_order_kw(plan))
+                return group_steps(plan, world_size, self.drop_last, **self._step_order_kw(plan))
+            return even_out(plan, world_size, self.drop_last)
+        finally:
+            self.world_size = saved
+
+    def _plans(self) -> tuple[Plan, Plan]:
+        key = (self.epoch, self._segments)
+        if self._cache is None or self._cache[0] != key:
+            if not self._segments:
+                plan = self._arranged(self.epoch, self.world_size)
             else:
-                plan = even_out(plan, self.world_size, self.drop_last)
-            self._cache = (self.epoch, plan, deal(plan, self.rank, self.world_size))
+                w0, k0 = self._segments[0]
+                plan = self._arranged(self.epoch, w0)
+                plan = take_batches(plan, np.arange(k0 * w0, plan.num_batches, dtype=np.int64))
+                for w, k in self._segments[1:]:
+                    plan = regroup_in_order(plan, w, self.drop_last)
+                    plan = take_batches(plan, np.arange(k * w, plan.num_batches, dtype=np.int64))
+                plan = regroup_in_order(plan, self.world_size, self.drop_last)
+            self._cache = (key, plan, deal(plan, self.rank, self.world_size))
+            self._report(self.epoch, plan)
         return self._cache[1], self._cache[2]
+
+    def _report(self, epoch: int, plan: Plan) -> None:
+        """Emit the epoch's PlanWarning (or raise with ``strict``) when the plan drops or repeats rows unasked."""
+        self._announce(epoch, plan.dropped, plan.repeated, plan)
+
+    def _announce(self, epoch: int, dropped: Mapping, repeated: Mapping, plan: Plan | None = None) -> None:
+        drops = {k: int(v) for k, v in dropped.items() if v and not (self.drop_last and k in ASKED_FOR)}
+        reps = {k: int(v) for k, v in repeated.items() if v}
+        if not (drops or reps) or epoch in self._warned:
+            return
+        self._warned.add(epoch)
+        parts = []
+        if drops:
+            default = "see stats()['dropped']"
+            what = "; ".join(f"{n} rows: {k} ({DROP_HINTS.get(k, default)})" for k, n in drops.items())
+            share = self._lost_share(plan) if plan is not None else ""
+            parts.append(f"drops {sum(drops.values())} rows{share} [{what}]")
+        if reps:
+            parts.append("repeats " + "; ".join(f"{n} row slots: {k}" for k, n in reps.items()))
+        msg = f"{type(self).__name__} epoch {epoch}: the plan " + " and ".join(parts)
+        if self.strict:
+            raise ValueError(msg + " (strict=True)")
+        warnings.warn(msg + "; pass strict=True to make this an error", PlanWarning, stacklevel=4)
 
     def _step_order_kw(self, plan: Plan) -> dict:
         """How grouped steps are ordered: by default a seeded shuffle of the steps."""
@@ -275,8 +425,8 @@ class BatchSamplerBase:
 
     # ---- iteration ----------------------------------------------------------------------------------------
     def _begin_pass(self) -> int:
-        """Where a new ``iter()`` starts: the restored cursor after ``load_state_dict``, else the epoch's start
-        (as a torch sampler: a new ``iter()`` is a new pass, also after an abandoned one)."""
+        """Where a new ``iter()`` starts: the restored cursor after ``reset``/``load_state_dict``, else the epoch's
+        start (as a torch sampler: a new ``iter()`` is a new pass, also after an abandoned one)."""
         start, self._resume_at = self._resume_at, 0
         self._yielded = start
         return start
@@ -292,17 +442,68 @@ class BatchSamplerBase:
         self._yielded = 0
 
     def __len__(self) -> int:
+        """Batches this rank yields in the epoch the next ``iter()`` runs."""
         return self._plans()[1].num_batches
 
+    # ---- positioning: one entry ---------------------------------------------------------------------------
+    def reset(self, initial_state: Mapping | None = None) -> None:
+        """Position the sampler: at the start of the current epoch (``None``), or where ``initial_state`` (a dict
+        from :meth:`state_dict`) says. ``set_epoch`` and ``load_state_dict`` both come here, and so does
+        ``datapipe.DataLoader``; the epoch hook (e.g. NGAME's refresh) runs whichever path moved the epoch.
+
+        A state saved at another world size resumes elastically: the rows the old ranks had not yet received in
+        that epoch are dealt to this sampler's ranks (each once, equal batch counts per rank, same-shape steps).
+        """
+        if initial_state is None:
+            self._position(self.epoch, 0, ())
+            return
+        state = self._check_state(initial_state)
+        epoch, done = int(state["epoch"]), int(state["batches_yielded"])
+        segments = tuple((int(w), int(k)) for w, k in state["segments"])
+        if int(state["world_size"]) != self.world_size:
+            if not self._elastic:
+                raise ValueError(f"{type(self).__name__} cannot resume a state saved at world_size="
+                                 f"{state['world_size']} with world_size={self.world_size}: {self._elastic_reason()}")
+            segments, done = (*segments, (int(state["world_size"]), done)), 0
+        self._position(epoch, done, segments)
+
+    def seek(self, batches_yielded: int) -> None:
+        """Position the next ``iter()`` after ``batches_yielded`` batches of the current epoch (keeping an elastic
+        resume's segments): what ``datapipe.DataLoader`` does at each pass."""
+        self._position(self.epoch, int(batches_yielded), self._segments)
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """``(epoch, batches yielded)``: where the sampler stands (after ``load_state_dict``, where it resumes)."""
+        return self.epoch, self._yielded
+
+    def _elastic_reason(self) -> str:
+        return "resume with the same number of ranks"
+
+    def _position(self, epoch: int, done: int, segments: tuple) -> None:
+        self._on_epoch(epoch)
+        if epoch != self.epoch or segments != self._segments:
+            self._cache = None
+        self.epoch, self._segments = epoch, segments
+        if done and done > len(self):  # a fresh epoch (done == 0) is planned lazily, on first use
+            raise ValueError(f"batches_yielded={done} is outside [0, {len(self)}] for epoch {epoch} of "
+                             f"{type(self).__name__}")
+        self._yielded = self._resume_at = done
+
     def set_epoch(self, epoch: int) -> None:
-        if not isinstance(epoch, (int, np.integer)) or epoch < 0:
+        """Position the sampler at the start of ``epoch`` (runs the epoch hook). Setting the epoch it is already at
+        keeps a position restored by ``load_state_dict`` (the usual loop calls ``set_epoch`` after a resume)."""
+        if not isinstance(epoch, (int, np.integer)) or isinstance(epoch, bool) or epoch < 0:
             raise ValueError(f"epoch must be an integer >= 0 (got {epoch=})")
-        if int(epoch) != self.epoch:
-            self._yielded = self._resume_at = 0
-        self.epoch = int(epoch)
+        if int(epoch) == self.epoch:
+            self._on_epoch(self.epoch)
+            return
+        self._position(int(epoch), 0, ())
 
     # ---- state --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Small and JSON-serialisable: position (epoch, batches yielded, elastic segments), seed, world size, every
+        option that shapes the plan and a digest of the metadata."""
         state = {
             "version": STATE_VERSION,
             "sampler": type(self).__name__,
@@ -310,41 +511,56 @@ class BatchSamplerBase:
             "epoch": self.epoch,
             "batches_yielded": self._yielded,
             "world_size": self.world_size,
+            "segments": [list(s) for s in self._segments],
+            "options": _jsonable({"drop_last": self.drop_last, **self._options()}),
+            "metadata": _jsonable(self._metadata()),
         }
         for k in self._state_keys:
             state[k] = getattr(self, k)
         return state
 
-    def load_state_dict(self, state: Mapping) -> None:
-        if state.get("sampler", type(self).__name__) != type(self).__name__:
-            raise ValueError(f"state was saved by {state['sampler']}, not {type(self).__name__}")
-        expected = {"version", "sampler", "seed", "epoch", "batches_yielded", "world_size", *self._state_keys}
-        unknown = set(state) - expected
-        missing = expected - set(state)
+    def _check_state(self, state: Mapping) -> Mapping:
+        name = type(self).__name__
+        if not isinstance(state, Mapping):
+            raise TypeError(f"{name}.load_state_dict expects the dict returned by state_dict() "
+                            f"(got {type(state).__name__})")
+        if "sampler" in state and state["sampler"] != name:
+            raise ValueError(f"state was saved by {state['sampler']}, not {name}")
+        if "version" in state and state["version"] != STATE_VERSION:
+            raise ValueError(f"state version {state['version']} is not supported (this is {STATE_VERSION}); "
+                             "states of datapipe < 0.2 cannot resume here")
+        expected = {"version", "sampler", "seed", "epoch", "batches_yielded", "world_size", "segments", "options",
+                    "metadata", *self._state_keys}
+        unknown, missing = set(state) - expected, expected - set(state)
         if unknown or missing:
-            raise ValueError(
-                f"{type(self).__name__}.load_state_dict: unknown keys {sorted(unknown)}, missing keys "
-                f"{sorted(missing)}; pass the dict returned by state_dict()"
-            )
-        if state["sampler"] != type(self).__name__:
-            raise ValueError(f"state was saved by {state['sampler']}, not {type(self).__name__}")
-        if state["version"] != STATE_VERSION:
-            raise ValueError(f"state version {state['version']} is not supported (this is {STATE_VERSION})")
-        if state["world_size"] != self.world_size:
-            raise ValueError(
-                f"state was saved with world_size={state['world_size']} but this sampler has "
-                f"world_size={self.world_size}; resume with the same number of ranks"
-            )
+            raise ValueError(f"{name}.load_state_dict: unknown keys {sorted(unknown)}, missing keys "
+                             f"{sorted(missing)}; pass the dict returned by state_dict()")
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"state was saved with seed={state['seed']} but this {name} has seed={self.seed}")
+        mine = _jsonable({"drop_last": self.drop_last, **self._options()})
+        theirs = state["options"]
+        for k in [*mine, *(k for k in theirs if k not in mine)]:  # the sampler's own order: the first that differs
+            if mine.get(k, "<absent>") != theirs.get(k, "<absent>"):
+                raise ValueError(f"state was saved with other options: {k}={theirs.get(k, '<absent>')!r} there, "
+                                 f"{k}={mine.get(k, '<absent>')!r} in this {name}; it cannot resume another "
+                                 "configuration")
+        meta = _jsonable(self._metadata())
+        for k in sorted(set(meta) | set(state["metadata"])):
+            if meta.get(k) != state["metadata"].get(k):
+                raise ValueError(f"state was saved over other metadata ({k}: {state['metadata'].get(k)!r} there, "
+                                 f"{meta.get(k)!r} here): another dataset, or the same one changed")
         for k in self._state_keys:
-            if state[k] != getattr(self, k):
+            if _jsonable(state[k]) != _jsonable(getattr(self, k)):
                 raise ValueError(f"state has {k}={state[k]!r} but this sampler has {k}={getattr(self, k)!r}")
-        self.seed = int(state["seed"])
-        self.epoch = int(state["epoch"])
-        self._cache = None
-        n = len(self)
-        if not 0 <= int(state["batches_yielded"]) <= n:
-            raise ValueError(f"batches_yielded={state['batches_yielded']} is outside [0, {n}] for epoch {self.epoch}")
-        self._yielded = self._resume_at = int(state["batches_yielded"])
+        for k in ("epoch", "batches_yielded", "world_size"):
+            if not isinstance(state[k], (int, np.integer)) or state[k] < 0:
+                raise ValueError(f"state[{k!r}] must be an integer >= 0 (got {state[k]!r})")
+        return state
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Resume exactly where ``state`` was saved (see :meth:`reset`); refuses another configuration naming the
+        first differing option, and accepts another world size (elastic) where the sampler allows it."""
+        self.reset(state)
 
     # ---- statistics ---------------------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -360,6 +576,6 @@ class BatchSamplerBase:
             "min_batch_size": int(sizes.min()) if len(sizes) else 0,
             "max_batch_size": int(sizes.max()) if len(sizes) else 0,
             "dropped_rows": int(sum(plan.dropped.values())),
-            "dropped": dict(plan.dropped),
-            "repeated": dict(plan.repeated),
+            "dropped": {k: int(v) for k, v in plan.dropped.items()},
+            "repeated": {k: int(v) for k, v in plan.repeated.items()},
         }

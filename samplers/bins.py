@@ -6,19 +6,44 @@ From "Training and Inference Efficiency of Encoder-Decoder Speech Models" (Żela
 Conventions (those of the reference code, so bins move between the tools unchanged):
 
 * 1D bins are ``num_buckets - 1`` increasing boundaries; bucket ``i`` holds ``bins[i-1] < d <= bins[i]`` and
-  the last bucket is open (Lhotse's ``estimate_duration_buckets`` / ``bisect_left``).
+  the last bucket is open (Lhotse's ``estimate_duration_buckets`` / ``bisect_left``). Where Lhotse's rule repeats
+  an edge (many cuts of one duration) the repeat, an always-empty bucket, is removed; fewer buckets than asked
+  are never silent: a :class:`BinsWarning` names the count returned and why (``strict=True``: a ``ValueError``).
 * 2D bins are ``[K, 2]`` rows ``(max_duration, max_tokens)`` sorted by duration then tokens; every bucket is
   closed (NeMo's ``bucket_duration_bins``).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from samplers.base import check_lengths
 
-__all__ = ["check_durations", "estimate_duration_bins", "estimate_duration_bins_2d"]
+__all__ = ["BinsWarning", "check_durations", "estimate_duration_bins", "estimate_duration_bins_2d"]
+
+
+class BinsWarning(UserWarning):
+    """Bin estimation returned fewer buckets than asked for; the message gives the count and the reason."""
+
+
+def _shortfall(message: str, strict: bool) -> None:
+    """Warn (or, with ``strict``, raise) about bins fewer than asked for."""
+    if strict:
+        raise ValueError(message + " (strict=True)")
+    warnings.warn(message, BinsWarning, stacklevel=3)
+
+
+def _repeat_reason(edges: NDArray[np.float64], d: NDArray[np.float64]) -> str:
+    """Why edges repeat: the most repeated edge value and how many cuts have exactly that duration."""
+    vals, counts = np.unique(edges, return_counts=True)
+    top = int(np.argmax(counts))
+    same = int(np.count_nonzero(d == vals[top]))
+    return (f"{int((counts - 1).sum())} edge(s) repeat: {same} of {len(d)} cuts last exactly {vals[top]:g} s, more "
+            f"than one bucket's share of the total duration, so the equal-duration rule puts {int(counts[top])} "
+            "edges there")
 
 
 def check_durations(durations: ArrayLike, name: str = "durations") -> NDArray[np.float64]:
@@ -62,15 +87,25 @@ def _equal_mass_starts(sizes: NDArray[np.float64], parts: int) -> NDArray[np.int
     return np.asarray(starts, dtype=np.int64)
 
 
-def estimate_duration_bins(durations: ArrayLike, num_buckets: int) -> NDArray[np.float64]:
+def estimate_duration_bins(durations: ArrayLike, num_buckets: int, *, strict: bool = False) -> NDArray[np.float64]:
     """Bucket boundaries with equal total duration per bucket (Lhotse's ``estimate_duration_buckets``).
+
+    Edges that Lhotse's rule repeats (many cuts of exactly one duration) are kept once: a repeated edge is a
+    bucket no cut can fall in, and every cut keeps its bucket's members. Where Lhotse's greedy rule closes fewer
+    buckets than asked (each bucket overshoots its share; on few cuts the excess adds up to whole buckets), the
+    edges are the equal-mass quantiles of the cumulative duration instead, which give the count asked for.
 
     Args:
         durations: float ``[N]`` seconds, ``> 0``.
         num_buckets: number of buckets, ``2 <= num_buckets <= N``.
+        strict: raise instead of warning when fewer than ``num_buckets`` buckets result.
 
     Returns:
-        float64 ``[num_buckets - 1]`` non-decreasing boundaries (fewer when the data cannot fill them all).
+        float64 ``[num_buckets - 1]`` strictly increasing boundaries; fewer, with a :class:`BinsWarning`, only
+        when so many cuts share one duration that equal-duration edges repeat.
+
+    Raises:
+        ValueError: bad arguments, or (``strict=True``) fewer buckets than ``num_buckets``.
 
     Example:
         >>> estimate_duration_bins([1.0, 2.0, 3.0, 4.0], 2).tolist()
@@ -83,12 +118,24 @@ def estimate_duration_bins(durations: ArrayLike, num_buckets: int) -> NDArray[np
         raise ValueError(f"num_buckets must be <= the number of cuts (got {num_buckets=} for {len(d)} cuts)")
     if num_buckets == 1:
         return np.zeros(0, dtype=np.float64)
-    return d[_equal_mass_starts(d, num_buckets)].astype(np.float64)
+    edges = d[_equal_mass_starts(d, num_buckets)].astype(np.float64)
+    if len(np.unique(edges)) < num_buckets - 1:
+        # Lhotse's greedy rule loses whole buckets to the overshoot of each (few cuts per bucket): equal-mass
+        # quantiles of the cumulative duration keep the count asked for where the durations allow it
+        cs = np.cumsum(d)
+        q = np.searchsorted(cs, cs[-1] * np.arange(1, num_buckets) / num_buckets, side="left")
+        quantiles = d[np.minimum(q, len(d) - 1)].astype(np.float64)
+        bins = np.unique(quantiles if len(np.unique(quantiles)) > len(np.unique(edges)) else edges)
+        if len(bins) < num_buckets - 1:  # the quantiles repeat too: too many cuts of one duration
+            _shortfall(f"{len(bins) + 1} duration buckets instead of num_buckets={num_buckets}: "
+                       f"{_repeat_reason(quantiles, d)}; ask for fewer buckets, or pass bucket_bins", strict)
+        return bins
+    return edges
 
 
 def estimate_duration_bins_2d(durations: ArrayLike, output_lengths: ArrayLike, num_buckets: int,
                               num_sub_buckets: int = 2, *, token_outlier_threshold: float = 4.0,
-                              return_max_tps: bool = False
+                              return_max_tps: bool = False, strict: bool = False
                               ) -> NDArray[np.float64] | tuple[NDArray[np.float64], NDArray[np.float64]]:
     """2D bins ``(max_duration, max_tokens)``: duration bins of equal total duration, each split by output
     token count into sub-buckets of equal total tokens (NeMo's ``estimate_duration_bins_2d``).
@@ -106,10 +153,14 @@ def estimate_duration_bins_2d(durations: ArrayLike, output_lengths: ArrayLike, n
         num_sub_buckets: token sub-buckets per duration bucket, ``>= 1``.
         token_outlier_threshold: z-score of tokens per second above which a cut is an outlier (``inf``: none).
         return_max_tps: also return each bin's largest non-outlier tokens-per-second.
+        strict: raise instead of warning when ``K < num_buckets * num_sub_buckets``.
 
     Returns:
-        float64 ``[K, 2]`` bins sorted by duration then tokens, ``K <= num_buckets * num_sub_buckets``;
-        with ``return_max_tps`` also float64 ``[K]``.
+        float64 ``[K, 2]`` bins sorted by duration then tokens, ``K <= num_buckets * num_sub_buckets``
+        (fewer with a :class:`BinsWarning` naming K and why); with ``return_max_tps`` also float64 ``[K]``.
+
+    Raises:
+        ValueError: bad arguments, or (``strict=True``) fewer bins than ``num_buckets * num_sub_buckets``.
     """
     d = check_durations(durations)
     tok = check_lengths(output_lengths, "output_lengths", len(d))
@@ -155,4 +206,22 @@ def estimate_duration_bins_2d(durations: ArrayLike, output_lengths: ArrayLike, n
     uniq = np.sort(uniq)
     out = out[uniq]
     tps_arr = np.asarray(tps_max, dtype=np.float64)[uniq]
+    want = num_buckets * num_sub_buckets
+    if len(out) < want:
+        why = []
+        durs = len(np.unique(out[:, 0]))
+        if durs < num_buckets:
+            dur_edges = d[starts - 1]
+            why.append(f"{durs} distinct duration bounds instead of {num_buckets} ("
+                       + (_repeat_reason(dur_edges, d) if len(np.unique(dur_edges)) < len(dur_edges) else
+                          "the equal-duration rule closes a bucket once it holds more than its share, and the "
+                          "excess adds up to whole buckets") + ")")
+        if len(out) < len(bins):
+            why.append(f"{len(bins) - len(out)} token bound(s) repeat inside a duration bucket (many cuts with "
+                       "the same token count)")
+        if not why:
+            why.append("the equal-token rule closes a sub-bucket once it holds more than its share, and the "
+                       "excess adds up to whole sub-buckets")
+        _shortfall(f"{len(out)} 2D buckets instead of num_buckets={num_buckets} x num_sub_buckets={num_sub_buckets} "
+                   f"= {want}: {'; '.join(why)}; ask for fewer buckets, or pass bucket_bins", strict)
     return (out, tps_arr) if return_max_tps else out

@@ -28,7 +28,7 @@ from numpy.typing import NDArray
 
 from native.curriculum import curriculum_order
 from native.rng import mix_seed, permutation
-from samplers.base import BatchSamplerBase, Plan
+from samplers.base import BatchSamplerBase, Plan, digest_array
 
 __all__ = ["CURRICULA", "DecomposedBatchSampler", "curriculum_odds"]
 
@@ -78,12 +78,10 @@ class DecomposedBatchSampler(BatchSamplerBase):
         batch at a step has the same ``k``.
     """
 
-    _state_keys = ("num_sequences", "tokens_per_batch", "cycles", "curriculum_name", "incomplete")
-
     def __init__(self, index, *, tokens_per_batch: int, curriculum: str | Mapping = "grow-p2", cycles: int = 1,
                  incomplete: str = "drop", seed: int = 0, rank: int | None = None,
-                 world_size: int | None = None, drop_last: bool | None = None) -> None:
-        super().__init__(seed=seed, rank=rank, world_size=world_size, drop_last=True)
+                 world_size: int | None = None, drop_last: bool | None = None, strict: bool = False) -> None:
+        super().__init__(seed=seed, rank=rank, world_size=world_size, drop_last=True, strict=strict)
         if drop_last is not None:  # the contract's name: drop_last=False keeps every sequence (repeats fill)
             incomplete = "drop" if drop_last else "repeat"
         log2 = getattr(index, "sequence_log2", None)
@@ -138,6 +136,17 @@ class DecomposedBatchSampler(BatchSamplerBase):
                 f"(sequences per bucket: { {k: len(v) for k, v in self._members.items()} }); lower tokens_per_batch, "
                 "cycles or world_size, or use incomplete='repeat'"
             )
+
+    def _options(self) -> dict:
+        return {"tokens_per_batch": self.tokens_per_batch, "cycles": self.cycles, "curriculum": self.curriculum_name,
+                "incomplete": self.incomplete, "max_log2": self.max_log2}
+
+    def _metadata(self) -> dict:
+        return {"sequences": self.num_sequences, "sequence_log2": digest_array(self.sequence_log2)}
+
+    def _lost_share(self, plan: Plan) -> str:
+        real = np.left_shift(np.int64(1), self.sequence_log2)
+        return f" ({1 - float(real[np.unique(plan.indices)].sum()) / float(real.sum()):.1%} of sequence tokens)"
 
     # ---- plan ---------------------------------------------------------------------------------------------
     def batch_size(self, k: int) -> int:
@@ -247,12 +256,12 @@ class DecomposedBatchSampler(BatchSamplerBase):
             real_tokens_per_step_mean=float(tok.mean()) if steps else 0.0,
             tokens=int(total_tokens), buckets=per_bucket,
             tokens_per_bucket={k: v["tokens"] for k, v in per_bucket.items()},
-            attention_cost_per_step=cost,  # float64 [steps]: sum of L^2 over the step's sequences (all ranks)
+            attention_cost_per_step=cost.tolist(),  # [steps]: sum of L^2 over the step's sequences (all ranks)
             attention_cost_per_step_mean=float(cost.mean()) if steps else 0.0,
             attention_cost_per_token=float(cost.sum() / total_tokens) if total_tokens else 0.0,
             # concat-and-chunk at 2^max_log2 costs 2^max_log2 per token (full causal attention per chunk)
             attention_cost_vs_concat_chunk=float(cost.sum() / total_tokens / (1 << self.max_log2))
             if total_tokens else 0.0,
-            step_log2=ks[::W].copy() if steps else np.zeros(0, np.int64),
+            step_log2=ks[::W].tolist() if steps else [],
         )
         return out

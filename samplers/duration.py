@@ -18,7 +18,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from native.duration import assign_buckets_2d, bucket_batches
-from samplers.base import BatchSamplerBase, Plan, check_lengths
+from samplers.base import BatchSamplerBase, Plan, check_lengths, digest_array
 from samplers.bins import check_durations, estimate_duration_bins, estimate_duration_bins_2d
 
 __all__ = ["DurationBucketSampler", "estimate_duration_bins", "estimate_duration_bins_2d"]
@@ -78,15 +78,15 @@ class DurationBucketSampler(BatchSamplerBase):
         >>> loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate_features)  # doctest: +SKIP
     """
 
-    _state_keys = ("num_rows", "options")
 
     def __init__(self, durations: ArrayLike, *, max_duration: float | None, num_buckets: int = 30,
                  bucket_bins: ArrayLike | None = None, quadratic_duration: float | None = None,
                  max_cuts: int | None = None, output_lengths: ArrayLike | None = None, num_sub_buckets: int = 2,
                  bucket_batch_sizes: Sequence[int] | None = None, strict_2d: bool = False,
                  chunk_batches: int = 16, on_long: str = "drop", shuffle: bool = True, seed: int = 0,
-                 rank: int | None = None, world_size: int | None = None, drop_last: bool = False) -> None:
-        super().__init__(seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
+                 rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
+                 strict: bool = False) -> None:
+        super().__init__(seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, strict=strict)
         self.durations = check_durations(durations)
         n = self.num_rows = len(self.durations)
         if max_duration is None and bucket_batch_sizes is None:
@@ -134,16 +134,19 @@ class DurationBucketSampler(BatchSamplerBase):
             bucket = np.searchsorted(self.bins, self.durations, side="left").astype(np.int64)
             self.promoted = {"to_fit_2d_bins": 0}
         bucket[too_long] = -1
-        self.promoted["from_small_bucket"] = self._merge_small_buckets(bucket)
-        self.bucket_of = bucket
-        kept = np.flatnonzero(bucket >= 0)
-        self._rows = kept[np.argsort(bucket[kept], kind="stable")].astype(np.int64)
-        counts = np.bincount(bucket[kept], minlength=self.num_buckets)
-        self._bucket_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        if strict and self.dropped_static:
+            raise ValueError(f"the plan would drop {sum(self.dropped_static.values())} cuts "
+                             f"({self.dropped_static}; strict=True): raise max_duration or widen the bins")
+        self._bucket_raw = bucket  # before small buckets are merged: that depends on the world size
+        self._cost = cost
         self._caps = self._resolve_caps(bucket_batch_sizes)
-        self._chunk_rows = self._resolve_chunk_rows(cost, counts)
+        self._layouts: dict[int, tuple] = {}
+        self.bucket_of, self._rows, self._bucket_offsets, self._chunk_rows, moved = self._layout(self.world_size)
+        self.promoted["from_small_bucket"] = moved
+        kept = self._rows
         if not drop_last and 0 < len(kept) < self.world_size:
             raise ValueError(f"world_size={self.world_size} is larger than the {len(kept)} usable cuts")
+        self._bucket_batch_sizes = None if bucket_batch_sizes is None else [int(x) for x in bucket_batch_sizes]
         self.options = (f"max_duration={self.max_duration!r};q={self.quadratic_duration!r};max_cuts={max_cuts};"
                         f"buckets={self.num_buckets};2d={self.is_2d};chunk={self.chunk_batches};"
                         f"shuffle={self.shuffle}")
@@ -174,15 +177,29 @@ class DurationBucketSampler(BatchSamplerBase):
         raise ValueError(f"bucket_bins must be [K-1] boundaries or [K, 2] (duration, tokens) bins "
                          f"(got shape {bins.shape})")
 
-    def _merge_small_buckets(self, bucket: NDArray[np.int64]) -> int:
+    def _layout(self, world_size: int) -> tuple:
+        """``(bucket_of, rows sorted by bucket, bucket offsets, chunk rows, cuts moved)`` for ``world_size`` ranks
+        (cached: an elastic resume plans the rest of an epoch under the old world size)."""
+        if world_size not in self._layouts:
+            bucket = self._bucket_raw.copy()
+            moved = self._merge_small_buckets(bucket, world_size)
+            kept = np.flatnonzero(bucket >= 0)
+            rows = kept[np.argsort(bucket[kept], kind="stable")].astype(np.int64)
+            counts = np.bincount(bucket[kept], minlength=self.num_buckets)
+            offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+            chunk = self._resolve_chunk_rows(self._cost, counts, bucket)
+            self._layouts[world_size] = (bucket, rows, offsets, chunk, moved)
+        return self._layouts[world_size]
+
+    def _merge_small_buckets(self, bucket: NDArray[np.int64], world_size: int) -> int:
         """Move the cuts of buckets with fewer than ``world_size`` cuts to the next larger non-empty bucket
         (the last such bucket goes down instead), so every bucket can give each rank a batch."""
-        if self.world_size == 1 or self.drop_last:
+        if world_size == 1 or self.drop_last:
             return 0
         counts = np.bincount(bucket[bucket >= 0], minlength=self.num_buckets)
         moved = 0
         for b in range(self.num_buckets):
-            if 0 < counts[b] < self.world_size:
+            if 0 < counts[b] < world_size:
                 up = [c for c in range(b + 1, self.num_buckets) if counts[c] > 0]
                 down = [c for c in range(b - 1, -1, -1) if counts[c] > 0]
                 target = up[0] if up else (down[0] if down else -1)
@@ -208,11 +225,11 @@ class DurationBucketSampler(BatchSamplerBase):
             caps = np.minimum(caps, bbs.astype(np.int64))
         return caps
 
-    def _resolve_chunk_rows(self, cost: NDArray[np.float64], counts: NDArray[np.int64]) -> NDArray[np.int64]:
+    def _resolve_chunk_rows(self, cost: NDArray[np.float64], counts: NDArray[np.int64],
+                            bucket_of: NDArray[np.int64]) -> NDArray[np.int64]:
         if self.chunk_batches == 0:
             return np.zeros(self.num_buckets, dtype=np.int64)
-        sums = np.bincount(self.bucket_of[self.bucket_of >= 0], weights=cost[self.bucket_of >= 0],
-                           minlength=self.num_buckets)
+        sums = np.bincount(bucket_of[bucket_of >= 0], weights=cost[bucket_of >= 0], minlength=self.num_buckets)
         mean = np.where(counts > 0, sums / np.maximum(counts, 1), 1.0)
         per_batch = np.minimum(np.floor(self.max_duration / mean), self._caps.astype(np.float64))
         rows = self.chunk_batches * np.maximum(per_batch, 1)
@@ -221,10 +238,25 @@ class DurationBucketSampler(BatchSamplerBase):
         return np.maximum(1, rows).astype(np.int64)
 
     # ---- plan ---------------------------------------------------------------------------------------------
+    def _options(self) -> dict:
+        return {"max_duration": self.max_duration, "quadratic_duration": self.quadratic_duration,
+                "max_cuts": self.max_cuts, "bins": self.bins.tolist(), "bucket_batch_sizes": self._bucket_batch_sizes,
+                "strict_2d": self.strict_2d, "chunk_batches": self.chunk_batches, "shuffle": self.shuffle}
+
+    def _metadata(self) -> dict:
+        out = {"rows": self.num_rows, "durations": digest_array(self.durations)}
+        if self.output_lengths is not None:
+            out["output_lengths"] = digest_array(self.output_lengths)
+        return out
+
+    def _lost_share(self, plan: Plan) -> str:
+        total = float(self.durations.sum())
+        return f" ({1 - float(self.durations[plan.indices].sum()) / total:.1%} of seconds)" if total else ""
+
     def _build_plan(self, epoch: int) -> Plan:
-        idx, off, groups = bucket_batches(self._rows, self._bucket_offsets, self.durations, self._chunk_rows,
-                                          self._caps, self.max_duration, self.quadratic_duration, self.shuffle,
-                                          self.epoch_seed(epoch))
+        _, rows, offsets, chunk, _ = self._layout(self.world_size)
+        idx, off, groups = bucket_batches(rows, offsets, self.durations, chunk, self._caps, self.max_duration,
+                                          self.quadratic_duration, self.shuffle, self.epoch_seed(epoch))
         return Plan(idx, off, groups, dict(self.dropped_static))
 
     def _step_order_kw(self, plan: Plan) -> dict:

@@ -42,7 +42,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from native.feistel import mix_prefix, stream_batches
-from samplers.base import BatchSamplerBase, Plan
+from samplers.base import BatchSamplerBase, Plan, digest_array
 
 __all__ = ["MixtureBatchSampler", "largest_remainder_counts"]
 
@@ -83,20 +83,12 @@ def largest_remainder_counts(weights: NDArray[np.float64], total: int,
 
 
 def _constant_runs(schedule, total_steps: int) -> list[int] | None:
-    """Sorted first steps of the constant runs of a known piecewise-constant schedule (``Constant``,
-    ``Piecewise``, ``DomainUpsampling`` with the library's ``weights_at``), else None (ask every step)."""
-    try:
-        from mixtures.schedules import Constant, Piecewise
-    except ImportError:  # pragma: no cover - mixtures ships with samplers
+    """Sorted first steps of the constant runs of a schedule that declares itself piecewise constant
+    (``piecewise_constant = True`` and ``phase_starts(total_steps)``, as ``mixtures.Constant``/``Piecewise``/
+    ``DomainUpsampling`` do), else None (ask every step). Duck-typed: samplers import no schedule class."""
+    if not getattr(schedule, "piecewise_constant", False) or not hasattr(schedule, "phase_starts"):
         return None
-    cls = type(schedule)
-    if isinstance(schedule, Constant) and cls.weights_at is Constant.weights_at:
-        return [0]
-    if (isinstance(schedule, Piecewise) and cls.weights_at is Piecewise.weights_at
-            and cls.phase_starts is Piecewise.phase_starts and cls.phase_at is Piecewise.phase_at):
-        starts = sorted({0, *(int(x) for x in schedule.phase_starts(total_steps) if 0 <= x < total_steps)})
-        return starts
-    return None
+    return sorted({0, *(int(x) for x in schedule.phase_starts(total_steps) if 0 <= x < total_steps)})
 
 
 class MixtureBatchSampler(BatchSamplerBase):
@@ -109,16 +101,19 @@ class MixtureBatchSampler(BatchSamplerBase):
         batch_size: rows per rank per step, ``>= 1``.
         total_steps: steps in the run (the epoch), ``>= 1``; every rank yields this many batches.
         mode: ``"stratified"`` (exact largest-remainder counts per batch) or ``"random"`` (multinomial counts).
-        max_repeat: passes allowed over any domain in one run (None: unbounded); exceeding raises ValueError.
-        seed, rank, world_size: as in every sampler.
+        max_repeat: passes allowed over any domain in one run; exceeding raises ValueError. ``None`` (default)
+            allows any number but emits a ``PlanWarning`` past 4 passes (the range where "To Repeat or Not To
+            Repeat" (Xue et al., 2023) finds repeated tokens lose value); ``strict=True`` raises instead.
+        seed, rank, world_size: as in every sampler. A state saved at another world size is refused: the run
+            is planned per step for a fixed number of ranks.
     """
 
-    _state_keys = ("num_rows", "batch_size", "total_steps", "mode")
+    _elastic = False
 
     def __init__(self, domain_sizes: Mapping[str, int], schedule, *, batch_size: int, total_steps: int,
                  mode: str = "stratified", max_repeat: float | None = None, seed: int = 0, rank: int | None = None,
-                 world_size: int | None = None) -> None:
-        super().__init__(seed=seed, rank=rank, world_size=world_size, drop_last=False)
+                 world_size: int | None = None, strict: bool = False) -> None:
+        super().__init__(seed=seed, rank=rank, world_size=world_size, drop_last=False, strict=strict)
         if not hasattr(schedule, "weights_at") or not hasattr(schedule, "domains"):
             raise TypeError("schedule must have .domains and weights_at(step, total_steps) "
                             f"(got {type(schedule).__name__})")
@@ -188,6 +183,17 @@ class MixtureBatchSampler(BatchSamplerBase):
         out._row_map = np.argsort(ids, kind="stable").astype(np.int64)
         return out
 
+    def _options(self) -> dict:
+        return {"domains": list(self.domains), "domain_sizes": self.sizes.tolist(), "batch_size": self.batch_size,
+                "total_steps": self.total_steps, "mode": self.mode, "max_repeat": self.max_repeat,
+                "schedule": digest_array(self._weights)}
+
+    def _metadata(self) -> dict:
+        return {} if self._row_map is None else {"row_map": digest_array(self._row_map)}
+
+    def _elastic_reason(self) -> str:
+        return "its per-step counts are drawn for a fixed number of ranks; resume with the same number of ranks"
+
     # ---- composition ---------------------------------------------------------------------------------------------
     def _schedule_weights(self) -> NDArray[np.float64]:
         """``[total_steps, D]`` weights (the schedule is pure, so they are computed once)."""
@@ -203,6 +209,10 @@ class MixtureBatchSampler(BatchSamplerBase):
             if ends is None:
                 W[s] = w
             else:
+                last = np.asarray(self.schedule.weights_at(ends[i] - 1, T), dtype=np.float64)
+                if not np.array_equal(last, w):
+                    raise ValueError(f"schedule says piecewise_constant but weights_at({s}) != weights_at("
+                                     f"{ends[i] - 1}) within one phase; set piecewise_constant = False on it")
                 W[s : ends[i]] = w
         sums = W.sum(axis=1)
         bad = ~(np.all(np.isfinite(W), axis=1) & np.all(W >= 0, axis=1) & (np.abs(sums - 1.0) <= 1e-6))
@@ -238,7 +248,7 @@ class MixtureBatchSampler(BatchSamplerBase):
             step_prefix[s0 + 1 : s1 + 1] = c.reshape(s1 - s0, W, D).sum(axis=1)
         np.cumsum(step_prefix, axis=0, out=step_prefix)
         need = step_prefix[-1].copy()
-        self._check_repeat(need)
+        self._check_repeat(need, epoch)
         self._tables_cache = ((self.seed, epoch), (counts, step_prefix, need))
         return counts, step_prefix, need
 
@@ -246,10 +256,16 @@ class MixtureBatchSampler(BatchSamplerBase):
         """Rows per domain of every global batch of an epoch: int64 ``[total_steps * world_size, D]``."""
         return self._tables(self.epoch if epoch is None else epoch)[0].astype(np.int64)
 
-    def _check_repeat(self, need: NDArray[np.int64]) -> None:
-        if self.max_repeat is None:
-            return
+    def _check_repeat(self, need: NDArray[np.int64], epoch: int) -> None:
         passes = need / self.sizes
+        if self.max_repeat is None:
+            over = {self.domains[d]: float(passes[d]) for d in np.flatnonzero(passes > 4.0)}
+            if over:
+                what = ", ".join(f"{d!r} {p:.1f} passes" for d, p in over.items())
+                self._announce(epoch, {}, {f"domain read more than 4 passes ({what}); lower its weight, add rows, "
+                                           "shorten total_steps, or pass max_repeat= to allow it":
+                                           int(np.maximum(need - self.sizes, 0).sum())})
+            return
         bad = np.flatnonzero(passes > self.max_repeat + 1e-12)
         if len(bad):
             d = bad[0]

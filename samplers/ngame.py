@@ -21,11 +21,23 @@ from numpy.typing import ArrayLike, NDArray
 from native.balanced import balanced_kmeans
 from native.batching import fixed_sizes
 from native.rng import permutation
-from samplers.base import BatchSamplerBase, Plan, take_batches
+from samplers.base import BatchSamplerBase, Plan, digest_array, take_batches
 
 __all__ = ["NGAMEBatchSampler", "positive_mask"]
 
-_DYNAMIC_KEYS = ("clustered_epoch", "cluster_size_now", "clusters_digest", "bank_dirty")
+_DYNAMIC_KEYS = ("clustered_epoch", "cluster_size_now", "clusters_digest", "bank_dirty", "decided_epoch")
+
+
+def _clusters_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """xxh3 of a cluster file's arrays (name, dtype, shape, bytes; sorted by name): the file's own checksum."""
+    import xxhash
+
+    h = xxhash.xxh3_64()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.view(np.uint8).reshape(-1) if a.size else b"")
+    return f"xxh3_64:{h.hexdigest()}"
 
 
 def _parse_schedule(schedule, cluster_size: int) -> list[tuple[int, int]]:
@@ -160,14 +172,14 @@ class NGAMEBatchSampler(BatchSamplerBase):
         niter: 2-means iterations per split. device: where to cluster (``"auto"``: CUDA when visible).
     """
 
-    _state_keys = ("num_items", "batch_size", "refresh_every", "warmup_epochs", "schedule")
+    _elastic = False
 
     def __init__(self, num_items: int, *, batch_size: int, cluster_size: int | None = None,
                  cluster_size_schedule: Mapping[int, int] | list[tuple[int, int]] | None = None,
                  refresh_every: int = 5, warmup_epochs: int = 0, embeddings: ArrayLike | None = None,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
-                 bank_dtype=np.float16, niter: int = 10, device: str = "auto") -> None:
-        super().__init__(seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
+                 bank_dtype=np.float16, niter: int = 10, device: str = "auto", strict: bool = False) -> None:
+        super().__init__(seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, strict=strict)
         for name, v, lo in (("num_items", num_items, 0), ("batch_size", batch_size, 1),
                             ("refresh_every", refresh_every, 1), ("warmup_epochs", warmup_epochs, 0)):
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
@@ -199,6 +211,7 @@ class NGAMEBatchSampler(BatchSamplerBase):
         self._bank_updates = 0  # update_embeddings calls since construction (0: bank == constructor embeddings)
         self._ids: NDArray[np.int64] | None = None
         self._clustered_epoch = -1
+        self._decided_epoch = -1  # the epoch whose refresh was last decided (done or skipped): decided once
         self._cluster_size_now = 0
         self._counts = {"refreshes": 0, "refreshes_skipped_incomplete_bank": 0}
         if embeddings is not None:
@@ -206,7 +219,7 @@ class NGAMEBatchSampler(BatchSamplerBase):
             self._bank = self._to_bank(emb)
             self._stamp[:] = 0
             self._bank_dirty = True
-        self._maybe_refresh(0)
+        self._maybe_refresh(0, decide=False)  # clusters the constructor's embeddings; epoch 0 stays open
 
     # ---- configuration helpers ----------------------------------------------------------------------------
     def cluster_size_at(self, epoch: int) -> int:
@@ -317,9 +330,25 @@ class NGAMEBatchSampler(BatchSamplerBase):
         self._bank_dirty = False
         self._counts["refreshes"] += 1
 
-    def _maybe_refresh(self, epoch: int) -> None:
-        if epoch == self._clustered_epoch:
+    def _options(self) -> dict:
+        return {"num_items": self.num_items, "batch_size": self.batch_size, "refresh_every": self.refresh_every,
+                "warmup_epochs": self.warmup_epochs, "schedule": self.schedule, "niter": self.niter}
+
+    def _elastic_reason(self) -> str:
+        return ("NGAME's clusters come from a memory bank merged over the ranks of the run; resume with the same "
+                "number of ranks, or start the next epoch at the new size (save_clusters/load_clusters carry the "
+                "clustering)")
+
+    def _on_epoch(self, epoch: int) -> None:
+        self._maybe_refresh(epoch)
+
+    def _maybe_refresh(self, epoch: int, decide: bool = True) -> None:
+        # decided once per epoch, whichever path positions the sampler (set_epoch, load_state_dict, the loader):
+        # a resume must not re-decide with a bank written after the epoch began
+        if epoch == self._clustered_epoch or epoch == self._decided_epoch:
             return
+        if decide:
+            self._decided_epoch = epoch
         size_change = self._ids is not None and self.cluster_size_at(epoch) != self._cluster_size_now
         if not (size_change or self.refresh_due(epoch)):
             return
@@ -333,11 +362,6 @@ class NGAMEBatchSampler(BatchSamplerBase):
             self._counts["refreshes_skipped_incomplete_bank"] += 1
             return
         self._apply(ids, epoch)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Set the epoch; re-clusters first when a refresh is due and the bank changed (see the class doc)."""
-        super().set_epoch(epoch)
-        self._maybe_refresh(self.epoch)
 
     # ---- plan ---------------------------------------------------------------------------------------------
     def _build_plan(self, epoch: int) -> Plan:
@@ -364,7 +388,8 @@ class NGAMEBatchSampler(BatchSamplerBase):
     def state_dict(self) -> dict:
         state = super().state_dict()
         state.update(clustered_epoch=self._clustered_epoch, cluster_size_now=self._cluster_size_now,
-                     clusters_digest=_digest(self._ids), bank_dirty=int(self._bank_dirty))
+                     clusters_digest=_digest(self._ids), bank_dirty=int(self._bank_dirty),
+                     decided_epoch=self._decided_epoch)
         return state
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -385,6 +410,7 @@ class NGAMEBatchSampler(BatchSamplerBase):
                                  "construct the sampler with the same embeddings or call load_clusters(path)")
         self._set_clustering(ids if ce >= 0 else None, ce, cs)
         self._bank_dirty = bool(state["bank_dirty"])
+        self._decided_epoch = int(state["decided_epoch"])
         super().load_state_dict({k: v for k, v in state.items() if k not in _DYNAMIC_KEYS})
 
     def save_clusters(self, path: str | os.PathLike, *, include_bank: bool = True) -> None:
@@ -394,25 +420,49 @@ class NGAMEBatchSampler(BatchSamplerBase):
                   "ids": self._ids if self._ids is not None else np.zeros(0, np.int64)}
         if include_bank and self._bank is not None:
             arrays.update(bank=self._bank, stamp=self._stamp)
+        arrays["checksum"] = np.array(_clusters_digest(arrays))  # load_clusters refuses a changed file
         tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     def load_clusters(self, path: str | os.PathLike) -> None:
-        """Restore what :meth:`save_clusters` wrote (call before :meth:`load_state_dict`)."""
-        with np.load(path, allow_pickle=False) as z:
-            if int(z["num_items"]) != self.num_items:
-                raise ValueError(f"{os.fspath(path)} holds clusters of {int(z['num_items'])} rows, not "
-                                 f"num_items={self.num_items}")
-            ids = np.array(z["ids"], dtype=np.int64)
-            if "bank" in z:
-                self._bank = np.array(z["bank"])
-                self._stamp = np.array(z["stamp"], dtype=np.int64)
-                self._bank_updates = 1  # the bank no longer is the constructor's
-            self._bank_dirty = bool(int(z["bank_dirty"]))
-            ce = int(z["clustered_epoch"])
-            self._set_clustering(ids if ce >= 0 else None, ce, int(z["cluster_size_now"]))
+        """Restore what :meth:`save_clusters` wrote (call before :meth:`load_state_dict`).
+
+        Raises:
+            ValueError: naming ``path`` when the file is unreadable or its content does not match the checksum it
+                carries, or it holds clusters of another number of items.
+        """
+        import zipfile
+
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError) as e:
+            raise ValueError(f"{os.fspath(path)}: not a readable cluster file ({type(e).__name__}: {e}); it is "
+                             "truncated or corrupt: save the clusters again") from None
+        stored = str(arrays.pop("checksum", ""))
+        if stored and stored != _clusters_digest(arrays):
+            raise ValueError(f"{os.fspath(path)}: content does not match the checksum the file carries "
+                             f"({stored}); the cluster file is corrupt: save the clusters again")
+        z = arrays
+        if int(z["num_items"]) != self.num_items:
+            raise ValueError(f"{os.fspath(path)} holds clusters of {int(z['num_items'])} rows, not "
+                             f"num_items={self.num_items}")
+        ids = np.array(z["ids"], dtype=np.int64)
+        if "bank" in z:
+            self._bank = np.array(z["bank"])
+            self._stamp = np.array(z["stamp"], dtype=np.int64)
+            self._bank_updates = 1  # the bank no longer is the constructor's
+        self._bank_dirty = bool(int(z["bank_dirty"]))
+        ce = int(z["clustered_epoch"])
+        self._set_clustering(ids if ce >= 0 else None, ce, int(z["cluster_size_now"]))
 
     # ---- statistics ---------------------------------------------------------------------------------------
     def stats(self) -> dict:

@@ -15,7 +15,7 @@ from numpy.typing import ArrayLike
 
 from native.duration import pack_best_fit
 from native.rng import permutation
-from samplers.base import BatchSamplerBase, Plan, take_batches
+from samplers.base import BatchSamplerBase, Plan, digest_array, take_batches
 from samplers.bins import check_durations
 
 __all__ = ["PackedDurationSampler"]
@@ -43,12 +43,11 @@ class PackedDurationSampler(BatchSamplerBase):
         >>> loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate_features)  # doctest: +SKIP
     """
 
-    _state_keys = ("num_rows", "options")
-
     def __init__(self, durations: ArrayLike, *, max_duration: float, max_cuts: int | None = None,
                  window_packs: int | None = 64, on_long: str = "drop", shuffle: bool = True, seed: int = 0,
-                 rank: int | None = None, world_size: int | None = None, drop_last: bool = False) -> None:
-        super().__init__(seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
+                 rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
+                 strict: bool = False) -> None:
+        super().__init__(seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, strict=strict)
         self.durations = check_durations(durations)
         self.num_rows = len(self.durations)
         if not (isinstance(max_duration, (int, float, np.number)) and np.isfinite(max_duration)
@@ -69,12 +68,26 @@ class PackedDurationSampler(BatchSamplerBase):
             i = int(np.flatnonzero(too_long)[0])
             raise ValueError(f"cut {i} lasts {self.durations[i]:.3f} s > max_duration={max_duration} "
                              f"({int(too_long.sum())} cuts in all); raise max_duration or use on_long='drop'")
+        if too_long.any() and strict:
+            raise ValueError(f"{int(too_long.sum())} cuts are longer than max_duration={max_duration} and would be "
+                             f"dropped (first: cut {int(np.flatnonzero(too_long)[0])}; strict=True)")
         self._keep = np.flatnonzero(~too_long).astype(np.int64)
         self._dropped = {"longer_than_max_duration": int(too_long.sum())} if too_long.any() else {}
         if not drop_last and 0 < len(self._keep) < self.world_size:
             raise ValueError(f"world_size={self.world_size} is larger than the {len(self._keep)} usable cuts")
         self.options = f"max_duration={self.max_duration!r};max_cuts={max_cuts};window={window_packs};" \
                        f"shuffle={self.shuffle}"
+
+    def _options(self) -> dict:
+        return {"max_duration": self.max_duration, "max_cuts": self.max_cuts, "window_packs": self.window_packs,
+                "shuffle": self.shuffle}
+
+    def _metadata(self) -> dict:
+        return {"rows": self.num_rows, "durations": digest_array(self.durations)}
+
+    def _lost_share(self, plan: Plan) -> str:
+        total = float(self.durations.sum())
+        return f" ({1 - float(self.durations[plan.indices].sum()) / total:.1%} of seconds)" if total else ""
 
     def _build_plan(self, epoch: int) -> Plan:
         rows = self._keep

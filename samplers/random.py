@@ -25,11 +25,13 @@ class RandomBatchSampler(BatchSamplerBase):
         seed: integer seed, the same on every rank.
         rank, world_size: this process's rank; default to torch.distributed, else 0 and 1.
         drop_last: drop the rows that do not fill a full step of ``world_size`` batches.
+        strict: raise ``ValueError`` instead of a ``PlanWarning`` when the plan drops rows unasked.
     """
 
     def __init__(self, num_rows: int, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                 rank: int | None = None, world_size: int | None = None, drop_last: bool = False) -> None:
-        super().__init__(seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
+                 rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
+                 strict: bool = False) -> None:
+        super().__init__(seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, strict=strict)
         if not isinstance(num_rows, (int, np.integer)) or num_rows < 0:
             raise ValueError(f"num_rows must be an integer >= 0 (got {num_rows=})")
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -43,7 +45,8 @@ class RandomBatchSampler(BatchSamplerBase):
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
 
-    _state_keys = ("num_rows", "batch_size")
+    def _options(self) -> dict:
+        return {"num_rows": self.num_rows, "batch_size": self.batch_size, "shuffle": self.shuffle}
 
     def _build_plan(self, epoch: int) -> Plan:
         n = self.num_rows

@@ -32,7 +32,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from native.rng import permutation, shuffle_segments
 from native.tas import bin_table, draw_pairs, margin_bins
-from samplers.base import BatchSamplerBase, Plan, take_batches
+from samplers.base import BatchSamplerBase, Plan, digest_array, take_batches
 
 __all__ = ["PairTable", "TopicAwareBatchSampler"]
 
@@ -167,13 +167,13 @@ class TopicAwareBatchSampler(BatchSamplerBase):
             top-up batch (counted under ``dropped["incomplete_batch"]``).
     """
 
-    _state_keys = ("num_queries", "batch_size", "clusters_per_batch", "strategy", "margin_bins")
-
     def __init__(self, cluster_ids: ArrayLike, *, batch_size: int, clusters_per_batch: int = 1,
                  pairs: PairTable | None = None, margin_bins: int = 10, strategy: str = "balanced", seed: int = 0,
-                 rank: int | None = None, world_size: int | None = None, drop_last: bool = False) -> None:
-        super().__init__(seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
+                 rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
+                 strict: bool = False) -> None:
+        super().__init__(seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, strict=strict)
         cl = _int_array(cluster_ids, "cluster_ids")
+        self._cluster_digest = digest_array(cl)
         if len(cl) == 0:
             raise ValueError("cluster_ids is empty: there are no queries to sample")
         if cl.min() < 0:
@@ -219,6 +219,16 @@ class TopicAwareBatchSampler(BatchSamplerBase):
             raise ValueError("no query has a pair: every query in pairs has offsets[q] == offsets[q+1]")
         if not drop_last and self.world_size > len(self._rows):
             raise ValueError(f"world_size={self.world_size} is larger than the {len(self._rows)} usable queries")
+
+    def _options(self) -> dict:
+        return {"batch_size": self.batch_size, "clusters_per_batch": self.clusters_per_batch,
+                "margin_bins": self.margin_bins, "strategy": self.strategy}
+
+    def _metadata(self) -> dict:
+        out = {"queries": self.num_queries, "cluster_ids": self._cluster_digest}
+        if self.pairs is not None:
+            out.update(pairs=self.pairs.num_pairs, pair_offsets=digest_array(self.pairs.offsets))
+        return out
 
     # ---- plan ---------------------------------------------------------------------------------------------
     def _topic_batches(self, seed: int) -> tuple[Plan, int]:

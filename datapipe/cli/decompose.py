@@ -28,13 +28,10 @@ def decompose_cmd(dataset_dir, min_log2, max_log2, remainder, seed, engine, ray_
     from datapipe.cli._progress import progress_bar
     from datapipe.decomposition import decompose
 
-    try:
-        with progress_bar("decomposing", total=100) as update:
-            index = decompose(dataset_dir, min_log2=min_log2, max_log2=max_log2, remainder=remainder, seed=seed,
-                              engine=engine, materialize=materialize, ray_address=ray_address,
-                              progress=lambda stage, frac: update(int(100 * frac)))
-    except (ValueError, TypeError, FileNotFoundError) as e:  # DatasetError is a ValueError
-        raise click.ClickException(str(e)) from None
+    with progress_bar("decomposing", total=100) as update:  # errors: `Error: ...` from the group (datapipe.cli)
+        index = decompose(dataset_dir, min_log2=min_log2, max_log2=max_log2, remainder=remainder, seed=seed,
+                          engine=engine, materialize=materialize, ray_address=ray_address,
+                          progress=lambda stage, frac: update(int(100 * frac)))
     for line in index.histogram_lines():
         click.echo(line)
     click.echo(f"written to {index.path}")

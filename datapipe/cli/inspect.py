@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
@@ -14,6 +15,8 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect_cmd(dataset_dir, plot, verify, as_json):
     """Summarise DATASET_DIR: rows, tokens, lengths, shards, checksums, decomposition buckets.
+
+    Exits 1 when a file fails its checksum (the summary names each bad file).
 
     \b
     Example:
@@ -27,9 +30,12 @@ def inspect_cmd(dataset_dir, plot, verify, as_json):
         summary["plot"] = plot
     if as_json:
         click.echo(json.dumps(summary, indent=1, default=str))
-        return
-    for line in summary.pop("text"):
-        click.echo(line)
+    else:
+        for line in summary.pop("text"):
+            click.echo(line)
+    if str(summary.get("checksums", "")).startswith("FAILED"):
+        click.echo(f"Error: {dataset_dir} failed its integrity check (see `datapipe verify {dataset_dir}`)", err=True)
+        sys.exit(1)
 
 
 COMMANDS = [inspect_cmd]

@@ -1,8 +1,10 @@
 """``datapipe regmix``: propose mixtures, fit and score the regression, search the optimum (RegMix, ICLR 2025).
 
-Reads and writes CSV files in the column conventions of the authors' ``data/`` folder (an ``index`` column, one
+Reads CSV files in the column conventions of the authors' ``data/`` folder (an ``index`` column, one
 ``train_the_pile_<domain>`` weight column per domain, one ``metric/the_pile_<domain>_val_loss`` column per
-target) and JSON objects domain -> weight. Logic lives in ``mixtures.regmix``; this module only parses.
+target) and JSON objects domain -> weight. Outputs name domains by their short names (``arxiv``): ``propose``'s
+columns, ``search``'s ``best.json`` (``{"weights": ..., "target": <loss column>, ...}``), which
+``mixtures.Constant.from_json`` reads as a schedule. Logic lives in ``mixtures.regmix``; this module only parses.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ def regmix() -> None:
       datapipe regmix fit --mixtures train_mixture_1m.csv --losses train_pile_loss_1m.csv --target pile_cc --out m.pkl
       datapipe regmix evaluate m.pkl --mixtures test_mixture_1m.csv --losses test_pile_loss_1m.csv --json
       datapipe regmix search m.pkl --shares prior.json --out best.json --plot best.png
+      python -c 'import mixtures; print(mixtures.Constant.from_json("best.json"))'
     """
 
 
@@ -47,13 +50,14 @@ def propose_cmd(shares_path, n, temperature, max_repeat, target_tokens, min_weig
       datapipe regmix propose --shares pile_tokens.json -n 512 --out train_mixture.csv
     """
     from mixtures.regmix import propose
-    from mixtures.regmix_io import read_shares, write_mixtures
+    from mixtures.regmix_io import read_shares, short_names, write_mixtures
 
     shares = read_shares(shares_path)
+    names = short_names(shares)  # `arxiv`, also for `train_the_pile_arxiv` keys: one naming to the schedule
     with progress_bar("proposing mixtures"):
         W = propose(shares, n, temperature=temperature, max_repeat=max_repeat or None, target_tokens=target_tokens,
                     min_weight=min_weight, seed=seed)
-    write_mixtures(out, W, list(shares))
+    write_mixtures(out, W, names)
     click.echo(f"wrote {len(W)} mixtures over {len(shares)} domains to {out}")
 
 
@@ -162,7 +166,8 @@ def _one_target(model, column):
 @click.option("-n", "--n", "n", default=100_000, show_default=True, type=int, help="Simulated mixtures.")
 @click.option("--top-k", default=128, show_default=True, type=int, help="Best mixtures averaged.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSON to write (domain -> weight).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="JSON to write: weights (short domain name -> weight), target, n, top_k, seed.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Save a bar chart of the mixture (next to the prior) to this image.")
 def search_cmd(model_path, shares_path, target, n, top_k, seed, out, plot_path):
@@ -175,21 +180,24 @@ def search_cmd(model_path, shares_path, target, n, top_k, seed, out, plot_path):
     import numpy as np
 
     from mixtures.regmix import load_model, search
-    from mixtures.regmix_io import plot_mixture, read_shares, shares_vector
+    from mixtures.regmix_io import plot_mixture, read_shares, shares_vector, short_names
 
     model = load_model(model_path)
     shares = read_shares(shares_path)
+    target_name = model.target_name(target)
     with progress_bar(f"searching {n} mixtures"):
         best = search(model, shares, n=n, top_k=top_k, seed=seed, target=target)
-    domains = model.domains or list(shares)
+    # one naming of domains from propose to the schedule: the short names (`arxiv`, not `train_the_pile_arxiv`)
+    domains = short_names(model.domains or list(shares))
     with open(out, "w") as f:
-        json.dump({"weights": dict(zip(domains, best.tolist())), "n": n, "top_k": top_k, "seed": seed,
-                   "target": target}, f, indent=2)
+        json.dump({"weights": dict(zip(domains, best.tolist())), "target": target_name, "model": str(model_path),
+                   "n": n, "top_k": top_k, "seed": seed}, f, indent=2)
     if plot_path:
         plot_mixture(best, domains, plot_path, prior=shares_vector(shares, model.domains),
-                     title=f"RegMix search ({target or 'target'})")
+                     title=f"RegMix search: lowest predicted {target_name}")
     top = np.argsort(-best)[:5]
-    click.echo("top domains: " + ", ".join(f"{domains[i]}={best[i]:.3f}" for i in top) + f"; wrote {out}")
+    click.echo("top domains: " + ", ".join(f"{domains[i]}={best[i]:.3f}" for i in top) + f"; wrote {out} "
+               f"(target {target_name}; mixtures.Constant.from_json({str(out)!r}) makes it a schedule)")
 
 
 COMMANDS = [regmix]

@@ -35,12 +35,9 @@ def ingest_cmd(queries_tsv, pairs_tsv, out, tokenizer, shard_rows, overwrite):
     """
     from datapipe.tas_ingest import ingest_tas, load_pair_table
 
-    try:
-        with progress_bar("writing queries") as update:
-            path = ingest_tas(queries_tsv, pairs_tsv, out, tokenizer=tokenizer, shard_rows=shard_rows,
-                              overwrite=overwrite, progress=update)
-    except ValueError as e:  # DatasetError is a ValueError: show the file/line message, not a traceback
-        raise click.ClickException(str(e)) from e
+    with progress_bar("writing queries") as update:  # errors: `Error: ...` from the group (datapipe.cli)
+        path = ingest_tas(queries_tsv, pairs_tsv, out, tokenizer=tokenizer, shard_rows=shard_rows,
+                          overwrite=overwrite, progress=update)
     pairs = load_pair_table(path)
     without = int((pairs.counts() == 0).sum())
     click.echo(f"wrote {path}: {pairs.num_queries} queries, {pairs.num_pairs} pairs "
@@ -78,11 +75,7 @@ def cluster_cmd(source, k, out, column, niter, seed, gpu):
             update(done[0])
             done[0] += 1
 
-        try:
-            _, ids = cluster_embeddings(source, k, column=column, out=out, niter=niter, seed=seed, gpu=flag,
-                                        step=step)
-        except (ValueError, RuntimeError) as e:
-            raise click.ClickException(str(e)) from e
+        _, ids = cluster_embeddings(source, k, column=column, out=out, niter=niter, seed=seed, gpu=flag, step=step)
         update(3)
     sizes = np.bincount(ids, minlength=k)
     click.echo(f"wrote {out}: {len(ids)} queries in {k} clusters (sizes min {sizes.min()}, "

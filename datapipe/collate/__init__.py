@@ -5,21 +5,25 @@ list of per-row dicts, into torch tensors.
 * :func:`packed` -> padding-free: flat ``input_ids`` ``[T]``, ``cu_seqlens`` int32 ``[B+1]``, ``position_ids``
   ``[T]``, ``max_seqlen``, ``labels`` with -100 where a sequence starts (flash-attention varlen layout).
 
-Both are Numba kernels writing straight into the output arrays, then ``torch.from_numpy`` (no copy).
+Both are Numba kernels (``nogil``, so :class:`datapipe.prefetch.ThreadPrefetcher` threads build batches in
+parallel) writing from the memory-mapped shards straight into the output arrays (one pass: ``ArrowDataset.
+__getitems__`` hands over unmaterialised :class:`Ragged` columns), then ``torch.from_numpy`` (no copy).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
+from datapipe.collate._parallel import KernelMode
 from datapipe.collate._pool import POOL
 from datapipe.dataset import Batch, Ragged
-from native.ragged import pack_ragged, pad_ragged
+from native.ragged import gather_values, pack_layout, pad_rows
 
-__all__ = ["DecomposedDataset", "PackedCollate", "PadCollate", "collate_decomposed", "collate_features", "default", "features_collator", "pad", "packed",
+__all__ = ["DecomposedDataset", "FeaturesCollate", "PackedCollate", "PadCollate", "collate_decomposed", "collate_features", "default", "features_collator", "pad", "packed",
            "ragged_column"]
 
 
@@ -36,8 +40,8 @@ def _outputs(count: int = 3):
 
     def alloc(shape, dtype):
         shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
-        if not block or block[0].shape[1:] != shape or block[1] >= count:
-            tdtype = torch.from_numpy(np.empty(0, dtype)).dtype
+        tdtype = torch.from_numpy(np.empty(0, dtype)).dtype
+        if not block or block[0].shape[1:] != shape or block[0].dtype != tdtype or block[1] >= count:
             block[:] = [torch.empty((count, *shape), dtype=tdtype).share_memory_(), 0]
         t = block[0][block[1]]
         block[1] += 1
@@ -84,27 +88,66 @@ def _extras(batch, skip: set) -> dict:
     return out
 
 
+def _np_dtype(dtype, name: str) -> np.dtype:
+    """int32/int64 given as a torch dtype, a numpy dtype or a string -> numpy dtype."""
+    d = dtype
+    if isinstance(d, torch.dtype):
+        d = {torch.int32: np.int32, torch.int64: np.int64}.get(d, d)
+    try:
+        d = np.dtype(d)
+    except TypeError:
+        d = None
+    if d not in (np.dtype(np.int32), np.dtype(np.int64)):
+        raise ValueError(f"{name} must be int32 or int64 (torch.int32, 'int32', np.int64, ...) (got {name}={dtype!r})")
+    return d
+
+
+def _sources(r: Ragged) -> tuple:
+    """``(offsets, values, rows, pos)`` per source of a ragged column: the shards of an unmaterialised
+    :class:`Ragged` (what ``ArrowDataset.__getitems__`` returns), else the batch's own values."""
+    if getattr(r, "parts", None) is not None:
+        return r.parts
+    values, offsets = r.values, r.offsets
+    if len(offsets) and (offsets[-1] > len(values) or (len(offsets) > 1 and np.any(np.diff(offsets) < 0))):
+        raise ValueError(f"ragged column: offsets must be non-decreasing and end at most at len(values)="
+                         f"{len(values)} (got offsets[-1]={offsets[-1]})")
+    every = np.arange(len(offsets) - 1, dtype=np.int64)
+    return ((offsets, values, every, every),)
+
+
 class PadCollate:
     """Right-padding collate function (picklable, so it works with spawn/forkserver workers); see :func:`pad`."""
 
     def __init__(self, pad_id: int = 0, pad_to_multiple_of: int | None = None, *, column: str = "input_ids",
-                 max_length: int | None = None, label_pad: int = -100, keep_columns: bool = True):
+                 max_length: int | None = None, label_pad: int = -100, keep_columns: bool = True,
+                 dtype=torch.int64, label_dtype=torch.int64):
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be >= 1 (got {pad_to_multiple_of=})")
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be >= 1 (got {max_length=})")
         self.pad_id, self.pad_to_multiple_of, self.column = pad_id, pad_to_multiple_of, column
         self.max_length, self.label_pad, self.keep_columns = max_length, label_pad, keep_columns
+        self.dtype, self.label_dtype = _np_dtype(dtype, "dtype"), _np_dtype(label_dtype, "label_dtype")
+        self._mode = KernelMode()
 
     def __call__(self, batch) -> dict:
         r = ragged_column(batch, self.column)
-        width = None
+        sources = _sources(r)
+        lengths = np.diff(r.offsets)
+        L = int(lengths.max()) if len(lengths) else 0
         if self.max_length is not None:
-            width = min(int(r.lengths.max()) if len(r) else 0, self.max_length)
+            L = min(L, self.max_length)
+        if self.pad_to_multiple_of:
+            L = -(-L // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        B = len(lengths)
         alloc, tensor = _outputs()
-        ids, mask, labels = pad_ragged(r.values, r.offsets, pad_id=self.pad_id, width=width,
-                                       pad_to_multiple_of=self.pad_to_multiple_of, label_pad=self.label_pad,
-                                       alloc=alloc, parallel=torch.utils.data.get_worker_info() is None)
+        ids, mask, labels = alloc((B, L), self.dtype), alloc((B, L), self.dtype), alloc((B, L), self.label_dtype)
+        parallel = self._mode.pick()
+        t0 = time.perf_counter()
+        for off, val, rows, pos in sources:  # one pass from each shard's buffers into the padded outputs
+            pad_rows(off, val, rows, pos, ids, mask, labels, pad_id=self.pad_id, label_pad=self.label_pad,
+                     parallel=parallel, check=False)
+        self._mode.record(parallel, time.perf_counter() - t0, B * L)
         out = {"input_ids": tensor(ids), "attention_mask": tensor(mask), "labels": tensor(labels)}
         if self.keep_columns:
             out.update(_extras(batch, {self.column, *out}))
@@ -114,27 +157,45 @@ class PadCollate:
 class PackedCollate:
     """Padding-free collate function (picklable); see :func:`packed`."""
 
-    def __init__(self, *, column: str = "input_ids", label_pad: int = -100, keep_columns: bool = True):
+    def __init__(self, *, column: str = "input_ids", label_pad: int = -100, keep_columns: bool = True,
+                 dtype=torch.int64, label_dtype=torch.int64):
         self.column, self.label_pad, self.keep_columns = column, label_pad, keep_columns
+        self.dtype, self.label_dtype = _np_dtype(dtype, "dtype"), _np_dtype(label_dtype, "label_dtype")
+        self._mode = KernelMode()
 
     def __call__(self, batch) -> dict:
         r = ragged_column(batch, self.column)
+        sources = _sources(r)
+        offsets = r.offsets
+        if len(offsets) and offsets[0]:
+            offsets = offsets - offsets[0]
+        T = int(offsets[-1]) if len(offsets) else 0
+        if T >= 2**31:
+            raise ValueError(f"a batch of {T} tokens overflows int32 cu_seqlens; use smaller batches")
         alloc, tensor = _outputs()
-        ids, pos, labels = pack_ragged(r.values, r.offsets, label_pad=self.label_pad, alloc=alloc,
-                                       parallel=torch.utils.data.get_worker_info() is None)
-        lengths = r.lengths
-        cu = np.zeros(len(lengths) + 1, dtype=np.int32)
-        np.cumsum(lengths, out=cu[1:])
+        ids, pos, labels = alloc(T, self.dtype), alloc(T, self.dtype), alloc(T, self.label_dtype)
+        parallel = self._mode.pick()
+        t0 = time.perf_counter()
+        for off, val, rows, where in sources:  # from each shard's buffers straight into the ids
+            gather_values(off, val, rows, where, offsets, ids, parallel=parallel)
+        pack_layout(offsets, ids, pos, labels, label_pad=self.label_pad, parallel=parallel)
+        self._mode.record(parallel, time.perf_counter() - t0, T)
+        cu = offsets.astype(np.int32)
+        max_seqlen = int((offsets[1:] - offsets[:-1]).max()) if len(offsets) > 1 else 0
         out = {"input_ids": tensor(ids), "cu_seqlens": torch.from_numpy(cu), "position_ids": tensor(pos),
-               "max_seqlen": int(lengths.max()) if len(lengths) else 0, "labels": tensor(labels)}
+               "max_seqlen": max_seqlen, "labels": tensor(labels)}
         if self.keep_columns:
             out.update(_extras(batch, {self.column, *out}))
         return out
 
 
 def pad(pad_id: int = 0, pad_to_multiple_of: int | None = None, *, column: str = "input_ids",
-        max_length: int | None = None, label_pad: int = -100, keep_columns: bool = True) -> PadCollate:
+        max_length: int | None = None, label_pad: int = -100, keep_columns: bool = True, dtype=torch.int64,
+        label_dtype=torch.int64) -> PadCollate:
     """A collate function giving right-padded tensors.
+
+    From ``ArrowDataset.__getitems__`` the tokens go from the memory-mapped shards straight into the outputs (one
+    pass, no intermediate copy of the batch).
 
     Args:
         pad_id: id written into padding positions of ``input_ids``.
@@ -143,23 +204,39 @@ def pad(pad_id: int = 0, pad_to_multiple_of: int | None = None, *, column: str =
         max_length: truncate rows to this many tokens (and pad every batch to at most it).
         label_pad: label at padding positions (ignored by ``CrossEntropyLoss``).
         keep_columns: pass the batch's other numeric columns through as tensors.
+        dtype: ``torch.int64`` (default) or ``torch.int32`` (or ``"int32"``): dtype of ``input_ids`` and
+            ``attention_mask``, for models that take int32 ids.
+        label_dtype: dtype of ``labels`` (``CrossEntropyLoss`` wants int64).
 
     Returns:
-        ``collate(batch) -> dict`` with int64 ``input_ids``, ``attention_mask``, ``labels`` of shape ``[B, L]``.
+        ``collate(batch) -> dict`` with ``input_ids``, ``attention_mask``, ``labels`` of shape ``[B, L]``.
     """
     return PadCollate(pad_id, pad_to_multiple_of, column=column, max_length=max_length, label_pad=label_pad,
-                      keep_columns=keep_columns)
+                      keep_columns=keep_columns, dtype=dtype, label_dtype=label_dtype)
 
 
-def packed(*, column: str = "input_ids", label_pad: int = -100, keep_columns: bool = True) -> PackedCollate:
+def packed(*, column: str = "input_ids", label_pad: int = -100, keep_columns: bool = True, dtype=torch.int64,
+           label_dtype=torch.int64) -> PackedCollate:
     """A padding-free collate function: the batch's sequences back to back, with ``cu_seqlens``.
 
+    From ``ArrowDataset.__getitems__`` the tokens go from the memory-mapped shards straight into the outputs (one
+    pass, no intermediate copy of the batch).
+
+    Args:
+        column: the token column.
+        label_pad: label at each sequence's first token.
+        keep_columns: pass the batch's other numeric columns through as tensors.
+        dtype: ``torch.int64`` (default) or ``torch.int32`` (or ``"int32"``): dtype of ``input_ids`` and
+            ``position_ids``.
+        label_dtype: dtype of ``labels`` (``CrossEntropyLoss`` wants int64).
+
     Returns:
-        ``collate(batch) -> dict`` with ``input_ids`` int64 ``[T]``, ``cu_seqlens`` int32 ``[B+1]``,
-        ``position_ids`` int64 ``[T]`` (restarting at 0 for each sequence), ``max_seqlen`` (int), ``labels`` int64
-        ``[T]`` (-100 at each sequence's first token).
+        ``collate(batch) -> dict`` with ``input_ids`` ``[T]``, ``cu_seqlens`` int32 ``[B+1]``,
+        ``position_ids`` ``[T]`` (restarting at 0 for each sequence), ``max_seqlen`` (int), ``labels`` ``[T]``
+        (-100 at each sequence's first token); int64 unless ``dtype``/``label_dtype`` say otherwise.
     """
-    return PackedCollate(column=column, label_pad=label_pad, keep_columns=keep_columns)
+    return PackedCollate(column=column, label_pad=label_pad, keep_columns=keep_columns, dtype=dtype,
+                         label_dtype=label_dtype)
 
 
 def default(batch):
@@ -178,5 +255,5 @@ def default(batch):
     return torch.utils.data.default_collate(batch)
 
 
-from datapipe.collate.features import collate_features, features_collator  # noqa: E402  (needs the helpers above)
+from datapipe.collate.features import FeaturesCollate, collate_features, features_collator  # noqa: E402  (needs the helpers above)
 from datapipe.collate.decomposed import DecomposedDataset, collate_decomposed  # noqa: E402

@@ -28,6 +28,7 @@ from numpy.typing import NDArray
 
 from datapipe.dataset import ArrowDataset, Batch
 from datapipe.format import DatasetError, file_checksum
+from native.ragged import pad_tails, place_pieces
 
 __all__ = ["DecomposedDataset", "collate_decomposed", "gather_sequences", "materialize_buckets"]
 
@@ -82,30 +83,6 @@ def gather_sequences(ds: ArrowDataset, index, seq_ids, *, pad_id: int = 0, colum
     return ids.reshape(len(seq), L), pieces
 
 
-def _boundaries(index, seq: NDArray[np.int64], pieces: NDArray[np.int64], L: int, label_pad: int, ids: NDArray):
-    """cu_seqlens, position ids, labels and the real-token mask of a ``[b, L]`` batch."""
-    b = len(seq)
-    so = index.sequence_offsets
-    npieces = so[seq + 1] - so[seq]
-    plen = index.length[pieces]
-    pad = L - index.sequence_tokens[seq]
-    # segments: each row's pieces, then its padding (when any) as one more segment
-    ends = np.cumsum(npieces)
-    seg = np.insert(plen, ends[pad > 0], pad[pad > 0])
-    seg_start = np.concatenate([[0], np.cumsum(seg)[:-1]])
-    cu = np.zeros(len(seg) + 1, dtype=np.int32)
-    np.cumsum(seg, out=cu[1:])
-    pos = np.arange(b * L, dtype=np.int64) - np.repeat(seg_start, seg)
-    mask = np.ones(b * L, dtype=bool)
-    pad_rows = np.flatnonzero(pad > 0)
-    if len(pad_rows):
-        mask[_ranges(pad_rows * L + L - pad[pad_rows], (pad_rows + 1) * L)] = False
-    labels = ids.reshape(-1).astype(np.int64)
-    labels[seg_start] = label_pad  # no segment learns from the one before it (after the model's shift)
-    labels[~mask] = label_pad
-    return cu, pos.reshape(b, L), labels.reshape(b, L), mask.reshape(b, L), int(seg.max()) if len(seg) else 0
-
-
 class DecomposedDataset(torch.utils.data.Dataset):
     """Map-style dataset over the sequences of a decomposition.
 
@@ -120,26 +97,36 @@ class DecomposedDataset(torch.utils.data.Dataset):
     segment's first token), ``attention_mask`` int64 ``[b, 2^k]`` (0 at padding), ``position_ids`` int64
     ``[b, 2^k]`` (restarting at each segment), ``cu_seqlens`` int32 ``[segments+1]`` over the flattened
     ``b * 2^k`` tokens (padding is a segment of its own), ``max_seqlen`` int, ``sequence_ids`` int64 ``[b]``,
-    ``log2`` int (a ``datapipe.dataset.Batch``, i.e. a dict).
+    ``log2`` int (a ``datapipe.dataset.Batch``, i.e. a dict). ``dtype`` (``torch.int64`` or ``torch.int32``)
+    sets the dtype of ``input_ids``, ``attention_mask`` and ``position_ids``; labels stay int64. Tokens go from
+    the shards' memory maps (or the materialized bucket rows) straight into the outputs, one pass per piece.
+
+    Pickles (spawned DataLoader workers) with its dataset path, and with its index when one was passed in.
     """
 
     def __init__(self, dataset, index=None, *, pad_id: int = 0, label_pad: int = -100,
-                 column: str = "input_ids") -> None:
+                 column: str = "input_ids", dtype=torch.int64) -> None:
+        from datapipe.collate import _np_dtype
+
         self.dataset = dataset if isinstance(dataset, ArrowDataset) else ArrowDataset.open(dataset)
+        self._own_index = index is not None  # a user's index travels with the dataset when pickled
         if index is None:
             from datapipe.decomposition import DecomposedIndex
 
             index = DecomposedIndex.open(self.dataset.path)
         self.index = index
         self.pad_id, self.label_pad, self.column = int(pad_id), int(label_pad), column
+        self.dtype = _np_dtype(dtype, "dtype")
         self._buckets: dict[int, NDArray] | None = None
 
     def __getstate__(self):
-        return {"path": str(self.dataset.path), "pad_id": self.pad_id, "label_pad": self.label_pad,
-                "column": self.column}
+        # the stored index is reopened from the dataset directory (memory-mapped); a user's index is pickled
+        return {"path": str(self.dataset.path), "index": self.index if self._own_index else None,
+                "pad_id": self.pad_id, "label_pad": self.label_pad, "column": self.column, "dtype": self.dtype.name}
 
     def __setstate__(self, state):
-        self.__init__(state["path"], pad_id=state["pad_id"], label_pad=state["label_pad"], column=state["column"])
+        self.__init__(state["path"], state.get("index"), pad_id=state["pad_id"], label_pad=state["label_pad"],
+                      column=state["column"], dtype=state.get("dtype", "int64"))
 
     def __len__(self) -> int:
         return int(len(self.index.sequence_log2))
@@ -176,24 +163,57 @@ class DecomposedDataset(torch.utils.data.Dataset):
         n = len(self)
         if seq.min() < 0 or seq.max() >= n:
             raise IndexError(f"sequence id {int(seq[(seq < 0) | (seq >= n)][0])} is out of range [0, {n})")
-        ks = np.unique(self.index.sequence_log2[seq])
+        index = self.index
+        ks = np.unique(index.sequence_log2[seq])
         if len(ks) != 1:
             raise ValueError(f"a batch must hold sequences of one bucket (got log2 sizes {ks.tolist()}); use "
                              "samplers.DecomposedBatchSampler")
         k = int(ks[0])
         L = 1 << k
-        so = self.index.sequence_offsets
+        b = len(seq)
+        so = index.sequence_offsets
+        npieces = so[seq + 1] - so[seq]
         pieces = _ranges(so[seq], so[seq + 1])
-        ids = self._materialized_ids(seq, k)
-        if ids is None:
-            ids, pieces = gather_sequences(self.dataset, self.index, seq, pad_id=self.pad_id, column=self.column)
-        cu, pos, labels, mask, max_seqlen = _boundaries(self.index, seq, pieces, L, self.label_pad, ids)
+        plen = index.length[pieces]
+        # where each piece lands in the flat [b * L] outputs: its row's base plus the row's earlier pieces
+        row_of_piece = np.repeat(np.arange(b, dtype=np.int64), npieces)
+        first = np.concatenate([[0], np.cumsum(npieces)[:-1]]).astype(np.int64)
+        cum = np.cumsum(plen) - plen
+        within = cum - np.repeat(cum[first] if len(cum) else cum, npieces)
+        dst = row_of_piece * L + within
+        ids = np.empty(b * L, dtype=self.dtype)
+        labels, mask, pos = np.empty(b * L, dtype=np.int64), np.empty(b * L, dtype=self.dtype), np.empty(b * L, dtype=self.dtype)
+        mat = self._materialized_ids(seq, k)
+        if mat is not None:  # rows of the bucket file: each piece sits at its place in its row already
+            offs = np.arange(b + 1, dtype=np.int64) * L
+            place_pieces(offs, mat.reshape(-1), row_of_piece, within, plen, dst, ids, labels, mask, pos,
+                         label_pad=self.label_pad)
+        else:  # straight from the shards' memory maps: only the pieces' tokens are read
+            uniq, inv = np.unique(index.row[pieces], return_inverse=True)
+            col = self.dataset.__getitems__(uniq)[self.column]
+            parts = col.parts if getattr(col, "parts", None) is not None else (
+                (col.offsets, col.values, np.arange(len(uniq)), np.arange(len(uniq))),)
+            part_of, local_of = np.empty(len(uniq), dtype=np.int64), np.empty(len(uniq), dtype=np.int64)
+            for i, (_, _, rows, at) in enumerate(parts):
+                part_of[at], local_of[at] = i, rows
+            start = index.start[pieces]
+            for i, (offs, vals, _, _) in enumerate(parts):
+                sel = slice(None) if len(parts) == 1 else part_of[inv] == i
+                place_pieces(offs, vals, local_of[inv[sel]], start[sel], plen[sel], dst[sel], ids, labels, mask,
+                             pos, label_pad=self.label_pad)
+        tokens = index.sequence_tokens[seq]
+        pad_tails(tokens, L, ids, labels, mask, pos, pad_id=self.pad_id, label_pad=self.label_pad)
+        # segments: each row's pieces, then its padding (when any) as one more segment
+        pad = L - tokens
+        seg = np.insert(plen, np.cumsum(npieces)[pad > 0], pad[pad > 0])
+        cu = np.zeros(len(seg) + 1, dtype=np.int32)
+        np.cumsum(seg, out=cu[1:])
         # a Batch, so datapipe.DataLoader's default collate passes the tensors through unchanged
-        return Batch({"input_ids": torch.from_numpy(ids.astype(np.int64)), "labels": torch.from_numpy(labels),
-                      "attention_mask": torch.from_numpy(mask.astype(np.int64)),
-                      "position_ids": torch.from_numpy(pos), "cu_seqlens": torch.from_numpy(cu),
-                      "max_seqlen": max_seqlen, "sequence_ids": torch.from_numpy(seq.copy()), "log2": k},
-                     len(seq), seq)
+        return Batch({"input_ids": torch.from_numpy(ids.reshape(b, L)), "labels": torch.from_numpy(labels.reshape(b, L)),
+                      "attention_mask": torch.from_numpy(mask.reshape(b, L)),
+                      "position_ids": torch.from_numpy(pos.reshape(b, L)), "cu_seqlens": torch.from_numpy(cu),
+                      "max_seqlen": int(seg.max()) if len(seg) else 0, "sequence_ids": torch.from_numpy(seq.copy()),
+                      "log2": k}, b, seq)
 
     def __getitem__(self, i):
         if isinstance(i, (int, np.integer)):

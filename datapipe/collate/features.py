@@ -11,14 +11,16 @@ dicts (each ``features`` a ``[T, F]`` array, or flat with ``feature_dim``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
+from datapipe.collate import _outputs
 from datapipe.dataset import Ragged
+from native.ragged import gather_values
 
-__all__ = ["collate_features", "features_collator"]
+__all__ = ["FeaturesCollate", "collate_features", "features_collator"]
 
 _DIM_COLUMN = "feature_dim"
 _SKIP = {"num_frames", "num_samples", _DIM_COLUMN}
@@ -104,10 +106,19 @@ def collate_features(batch, *, column: str | None = None, feature_dim: int | Non
     frames = offsets // f
     if frames[-1] >= 2**31:
         raise ValueError(f"{int(frames[-1])} frames overflow int32 cu_seqlens; use smaller packs")
-    values = np.asarray(r.values)[offsets[0] : offsets[-1]]
-    if values.dtype.kind != "f":
-        values = values.astype(np.float32)
-    feats = torch.from_numpy(np.ascontiguousarray(values))
+    if getattr(r, "parts", None) is not None:
+        # straight from the shards' memory maps into the output (one pass; ints become float32 on the way)
+        src = r.parts[0][1].dtype
+        alloc, tensor = _outputs(count=1)
+        values = alloc(int(offsets[-1]), src if src.kind == "f" else np.float32)
+        for off, val, rows, pos in r.parts:
+            gather_values(off, val, rows, pos, offsets, values)
+        feats = tensor(values)
+    else:
+        values = np.asarray(r.values)[offsets[0] : offsets[-1]]
+        if values.dtype.kind != "f":
+            values = values.astype(np.float32)
+        feats = torch.from_numpy(np.ascontiguousarray(values))
     feats = feats.view(-1, f) if f > 1 or column == "features" else feats
     cu = (frames - frames[0]).astype(np.int32)
     lengths = np.diff(frames)
@@ -128,11 +139,25 @@ def collate_features(batch, *, column: str | None = None, feature_dim: int | Non
     return out
 
 
-def features_collator(**options) -> Callable:
-    """``collate_features`` with its options bound, for ``DataLoader(collate_fn=...)``."""
+class FeaturesCollate:
+    """:func:`collate_features` with its options bound: a picklable ``collate_fn`` (spawned DataLoader workers
+    receive it by pickle, which a closure cannot do)."""
 
-    def collate(batch) -> dict:
-        return collate_features(batch, **options)
+    def __init__(self, *, column: str | None = None, feature_dim: int | None = None, keep_columns: bool = True):
+        if feature_dim is not None and (not isinstance(feature_dim, (int, np.integer)) or feature_dim < 1):
+            raise ValueError(f"feature_dim must be an integer >= 1 (got {feature_dim=})")
+        self.column, self.feature_dim, self.keep_columns = column, feature_dim, keep_columns
 
-    collate.__name__ = collate.__qualname__ = "features_collate"
-    return collate
+    def __call__(self, batch) -> dict:
+        return collate_features(batch, column=self.column, feature_dim=self.feature_dim,
+                                keep_columns=self.keep_columns)
+
+    def __repr__(self) -> str:
+        return (f"FeaturesCollate(column={self.column!r}, feature_dim={self.feature_dim!r}, "
+                f"keep_columns={self.keep_columns!r})")
+
+
+def features_collator(*, column: str | None = None, feature_dim: int | None = None,
+                      keep_columns: bool = True) -> FeaturesCollate:
+    """``collate_features`` with its options bound, for ``DataLoader(collate_fn=...)``; picklable."""
+    return FeaturesCollate(column=column, feature_dim=feature_dim, keep_columns=keep_columns)

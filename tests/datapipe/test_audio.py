@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from click.testing import CliRunner
 
 from datapipe import ArrowDataset, import_lhotse_cuts, ingest_audio
@@ -43,7 +45,8 @@ def test_ingest_wav_and_flac(tmp_path, audio_files):
         row = ds[i]
         want = s.mean(axis=1) if s.ndim == 2 else s  # stereo is mixed down
         np.testing.assert_allclose(row["audio"], want, atol=1e-6)
-        assert row["sample_rate"] == r and row["text"] == texts[i] and row["id"] == f"utt{i}"
+        assert row["sampling_rate"] == r and row["text"] == texts[i] and row["id"] == f"utt{i}"
+        assert row["audio_path"] == str(paths[i])
     s = DurationBucketSampler(ds.index["duration"], max_duration=3.0, num_buckets=2,
                               output_lengths=ds.index["num_tokens"])
     assert sorted(np.concatenate(list(s)).tolist()) == list(range(6))
@@ -68,6 +71,7 @@ def test_ingest_features(tmp_path):
         paths.append(p)
     ds = ArrowDataset.open(ingest_audio(paths, tmp_path / "ds", frame_shift=0.04))
     np.testing.assert_allclose(ds.index["duration"], [0.4, 10.0, 1.32])
+    assert ds[0]["features_path"] == str(paths[0])
     assert ds.index["num_frames"].tolist() == [10, 250, 33]
     assert ds[1]["feature_dim"] == 80 and len(ds[1]["features"]) == 250 * 80
 
@@ -138,6 +142,7 @@ def test_import_lhotse_with_audio_matches_lhotse(tmp_path, lhotse_cuts):
     for i, cut in enumerate(cs):
         ref = cut.load_audio()[0]  # [channels, samples] -> first channel
         got = ds[i]["audio"]
+        assert ds[i]["sampling_rate"] == cut.sampling_rate and "sample_rate" not in ds[i]  # one naming
         assert len(got) == len(ref), (i, len(got), len(ref))
         np.testing.assert_allclose(got, ref, atol=1e-4)
 
@@ -187,3 +192,133 @@ def test_cli_buckets_estimate(tmp_path):
     r = runner.invoke(main, ["buckets", "estimate", str(ds), "--2d", "--tokens-column", "nope", "--out", "x.json"])
     assert r.exit_code != 0 and "no index column 'nope'" in r.output
     assert "Example" in runner.invoke(main, ["buckets", "estimate", "--help"]).output
+
+
+def test_cli_buckets_estimate_says_how_many_and_why(tmp_path):
+    """Skewed durations (40 % of cuts at exactly 20 s) cannot fill 30 equal-duration buckets: the CLI writes the
+    distinct edges, says the count and the reason, and --strict refuses."""
+    import pyarrow as pa
+
+    from datapipe import write_dataset
+    from datapipe.cli import main
+    from samplers.bins import BinsWarning
+
+    rng = np.random.default_rng(0)
+    d = np.r_[rng.uniform(1, 20, 600), np.full(400, 20.0)]
+    ds = write_dataset(pa.table({"duration": d}), tmp_path / "ds")
+    r = CliRunner().invoke(main, ["buckets", "estimate", str(ds), "--num-buckets", "30", "--out",
+                                  str(tmp_path / "b.json")], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    doc = json.loads((tmp_path / "b.json").read_text())
+    bins = np.asarray(doc["bins"])
+    assert np.all(np.diff(bins) > 0) and doc["num_buckets"] == len(bins) + 1 < 30 and doc["requested_buckets"] == 30
+    assert f"{doc['num_buckets']} buckets (1d) (asked for 30)" in r.output
+    assert "400 of 1000 cuts last exactly 20 s" in r.output and "--num-buckets 30" in r.output
+    # the same cuts share a bucket as with Lhotse's repeated edges
+    from lhotse.dataset.sampling.dynamic_bucketing import estimate_duration_buckets
+
+    class C:
+        def __init__(self, x):
+            self.duration = x
+
+    ref = np.asarray(estimate_duration_buckets([C(x) for x in d], num_buckets=30))
+    assert len(np.unique(ref)) < len(ref)  # Lhotse repeats an edge here
+    np.testing.assert_array_equal(bins, np.unique(ref))
+    with pytest.warns(BinsWarning, match="instead of num_buckets=30"):
+        estimate_duration_bins(d, 30)
+    with pytest.raises(ValueError, match="strict"):
+        estimate_duration_bins(d, 30, strict=True)
+    r = CliRunner().invoke(main, ["buckets", "estimate", str(ds), "--num-buckets", "30", "--strict", "--out",
+                                  str(tmp_path / "s.json")], catch_exceptions=False)
+    assert r.exit_code == 1 and "400 of 1000 cuts" in r.output and not (tmp_path / "s.json").exists()
+    r = CliRunner().invoke(main, ["buckets", "estimate", str(ds), "--num-buckets", "3", "--strict", "--out",
+                                  str(tmp_path / "ok.json")], catch_exceptions=False)
+    assert r.exit_code == 0 and json.loads((tmp_path / "ok.json").read_text())["num_buckets"] == 3
+
+
+def test_cli_ingest_audio_inspect_plot_and_lhotse(tmp_path, audio_files, lhotse_cuts):
+    from matplotlib.image import imread
+
+    from datapipe.cli import main
+
+    paths, samples, rates = audio_files
+    (tmp_path / "text.tsv").write_text("id\ttext\n" + "".join(f"utt{i}\tw{i} x\n" for i in range(6)))
+    runner = CliRunner()
+    r = runner.invoke(main, ["ingest-audio", str(tmp_path / "utt*.*"), "--transcripts", str(tmp_path / "text.tsv"),
+                             "--tokenizer", "bytes", "--channels", "first", "--out", str(tmp_path / "sp")],
+                      catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "6 cuts" in r.output
+    ds = ArrowDataset.open(tmp_path / "sp")
+    by_id = {ds[i]["id"]: i for i in range(len(ds))}
+    for i, (s, rate) in enumerate(zip(samples, rates)):
+        row = ds[by_id[f"utt{i}"]]
+        assert row["sampling_rate"] == rate and row["text"] == f"w{i} x" and row["audio_path"] == str(paths[i])
+        np.testing.assert_allclose(row["audio"], s[:, 0] if s.ndim == 2 else s, atol=1e-6)
+    assert ds.index["num_tokens"].tolist() == [4] * 6  # the bytes of "wi x", EOS not counted
+    png = tmp_path / "d.png"
+    r = runner.invoke(main, ["inspect", str(tmp_path / "sp"), "--plot", str(png)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    img = imread(png)[..., :3]
+    bar = np.abs(img - np.array([0x3B, 0x75, 0xAF]) / 255).max(axis=-1) < 0.02  # the histogram's bar colour
+    assert bar.sum() > 500  # drawn bars, not empty axes
+    cuts, cs = lhotse_cuts
+    r = runner.invoke(main, ["import-lhotse", str(cuts), "--load-audio", "--channels", "first", "--tokenizer", "bytes",
+                             "--out", str(tmp_path / "lh")], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    lh = ArrowDataset.open(tmp_path / "lh")
+    assert len(lh) == len(cs) and lh[0]["sampling_rate"] == cs[0].sampling_rate
+    assert lh.index["num_tokens"].tolist() == [len(c.supervisions[0].text.encode()) for c in cs]
+    names = {c["name"] for c in lh.manifest["columns"]} & {c["name"] for c in ds.manifest["columns"]}
+    assert {"audio_path", "sampling_rate", "audio", "duration", "id", "text"} <= names  # one naming
+    r = runner.invoke(main, ["ingest-audio", str(paths[0]), "--out", str(tmp_path / "x"), "--tokenizer", "bytes"],
+                      catch_exceptions=False)
+    assert r.exit_code == 2 and "--transcripts" in r.output
+
+
+def test_old_audio_column_names_stay_readable_with_a_warning(tmp_path):
+    import pyarrow as pa
+
+    from datapipe import write_dataset
+    from datapipe.audio import audio_columns
+
+    old = write_dataset(pa.table({"path": ["a.wav"], "audio": [[0.0, 0.1]],
+                                  "sample_rate": pa.array([16000], pa.int32()), "duration": [2 / 16000]}),
+                        tmp_path / "old")
+    cols = [c["name"] for c in ArrowDataset.open(old).manifest["columns"]]
+    with pytest.warns(DeprecationWarning, match="'sample_rate' \\(now 'sampling_rate'\\)"):
+        names = audio_columns(cols, where=str(old))
+    assert names == {"sampling_rate": "sample_rate", "audio_path": "path"}
+    assert ArrowDataset.open(old)[0][names["sampling_rate"]] == 16000
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert audio_columns(["audio_path", "sampling_rate", "audio"]) == {"audio_path": "audio_path",
+                                                                            "sampling_rate": "sampling_rate"}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([0.5, 1.0, 1.5, 2.0, 3.0, 7.5, 20.0]), min_size=1, max_size=200),
+       st.integers(1, 40), st.integers(0, 2**31))
+def test_bins_count_is_what_was_asked_or_warned(values, num_buckets, seed):
+    """Strictly increasing edges; exactly num_buckets - 1 of them unless a BinsWarning (naming the count) says not."""
+    import warnings
+
+    from samplers.bins import BinsWarning
+
+    rng = np.random.default_rng(seed)
+    d = np.asarray(values) + rng.uniform(0, 0.01, len(values)) * rng.integers(0, 2, len(values))
+    num_buckets = min(num_buckets, len(d))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", BinsWarning)
+        bins = estimate_duration_bins(d, num_buckets)
+    assert np.all(np.diff(bins) > 0)
+    said = [str(w.message) for w in caught if w.category is BinsWarning]
+    if len(bins) == max(num_buckets - 1, 0):
+        assert not said
+    else:
+        assert len(said) == 1 and said[0].startswith(f"{len(bins) + 1} duration buckets instead of "
+                                                     f"num_buckets={num_buckets}")
+        with pytest.raises(ValueError, match="strict"):
+            estimate_duration_bins(d, num_buckets, strict=True)

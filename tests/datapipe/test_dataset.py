@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import datapipe
 from datapipe.dataset import Batch, Ragged
-from datapipe.format import DatasetError
+from datapipe.format import DatasetError, seal_manifest
 
 
 def test_getitems_matches_getitem(small_ds, rows):
@@ -76,12 +76,14 @@ def test_checksum_mismatch_is_named(small_ds):
 
 def test_schema_mismatch_in_shard(small_ds, tmp_path):
     other = datapipe.write_dataset([{"input_ids": [1, 2], "z": 1}] * 20, tmp_path / "other", shard_rows=20)
+    other_manifest = json.loads((other / "manifest.json").read_text())
     src = other / "shards" / "00000.arrow"
     dst = small_ds.path / "shards" / "00000.arrow"
     dst.write_bytes(src.read_bytes())
     m = json.loads((small_ds.path / "manifest.json").read_text())
     m["shards"][0]["bytes"] = src.stat().st_size
-    (small_ds.path / "manifest.json").write_text(json.dumps(m))
+    m["shards"][0]["checksum"] = other_manifest["shards"][0]["checksum"]
+    (small_ds.path / "manifest.json").write_text(seal_manifest(m))  # a consistent manifest over a foreign shard
     ds = datapipe.ArrowDataset.open(small_ds.path)
     with pytest.raises(DatasetError, match=r"00000\.arrow: schema"):
         ds[0]

@@ -57,3 +57,41 @@ def test_hf_tokenizer_json(tmp_path):
     assert len(r[0]) == 3
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_tokenizer(str(tmp_path / "nope.json"))
+
+
+def _trunc_pad_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["a b c d e f g h"], trainers.WordLevelTrainer(special_tokens=["[UNK]", "[PAD]", "</s>"]))
+    tok.enable_truncation(max_length=3)
+    tok.enable_padding(length=6, pad_id=1, pad_token="[PAD]")
+    return tok
+
+
+def test_hf_tokenizer_object_is_copied_and_lossless():
+    tok = _trunc_pad_tokenizer()
+    t = load_tokenizer(tok)
+    ids = t.encode_batch(["a b c d e f g h", "a"])
+    assert len(ids[0]) == 9 and ids[0][-1] == tok.token_to_id("</s>") and len(ids[1]) == 2
+    assert tok.truncation is not None and tok.padding is not None  # the caller's object is untouched
+    with pytest.raises(TypeError, match="tokenizer must be 'bytes'"):
+        load_tokenizer(3.5)
+
+
+def test_bad_tokenizer_file_is_a_value_error(tmp_path):
+    p = tmp_path / "tokenizer.json"
+    p.write_text('{"a": 1}')
+    with pytest.raises(ValueError, match=r"tokenizer\.json: not a tokenizer\.json"):
+        load_tokenizer(str(p))
+
+
+def test_hf_tokenizer_warns_on_non_utf8_file(tmp_path):
+    path = tmp_path / "tok.json"
+    _trunc_pad_tokenizer().save(str(path))
+    f = tmp_path / "latin1.txt"
+    f.write_bytes("a b \xe9".encode("latin-1"))
+    with pytest.warns(UserWarning, match=r"decoded 1 files that are not valid UTF-8.*latin1\.txt"):
+        out = datapipe.ingest(str(f), tmp_path / "ds", tokenizer=str(path))
+    assert len(datapipe.ArrowDataset.open(out)[0]["input_ids"]) == 4  # a, b, [UNK] for U+FFFD, EOS

@@ -65,7 +65,7 @@ def test_round_trip_every_source_kind(tmp_path, kind, compression):
 def test_manifest_contents(tmp_path):
     out = datapipe.write_dataset(make_rows(30), tmp_path / "ds", shard_rows=16, index_columns=("length", "domain"))
     m = json.loads((out / "manifest.json").read_text())
-    assert m["num_rows"] == 30 and m["format_version"] == 1
+    assert m["num_rows"] == 30 and m["format_version"] == 2 and m["manifest_checksum"].startswith("xxh3_64:")
     assert [s["rows"] for s in m["shards"]] == [16, 14]
     assert all(s["checksum"].startswith(("xxh3_64:", "blake2b:")) and s["bytes"] > 0 for s in m["shards"])
     assert m["index_columns"] == ["length", "domain"]
@@ -139,10 +139,13 @@ def test_interrupted_write_leaves_no_manifest_and_next_write_succeeds(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], cwd=os.getcwd(), capture_output=True)
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "manifest.json").exists()
+    left = [p for p in tmp_path.iterdir()]
+    assert left and all(p.name.startswith(".ds.") for p in left)  # the killed writer's temporary and lock
     with pytest.raises(DatasetError, match="no manifest.json"):
-        datapipe.ArrowDataset.open(tmp_path / [p.name for p in tmp_path.iterdir()][0])
+        datapipe.ArrowDataset.open(next(p for p in left if p.is_dir()))
     datapipe.write_dataset(make_rows(10), out)
     assert len(datapipe.ArrowDataset.open(out)) == 10
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # the next write removed what the dead one left
 
 
 def test_interrupted_overwrite_keeps_the_old_dataset(tmp_path):
@@ -171,3 +174,63 @@ def test_rows_with_numpy_arrays_and_torch_tensors(tmp_path):
     ds = datapipe.ArrowDataset.open(datapipe.write_dataset(rows, tmp_path / "ds", shard_rows=4))
     assert ds[5]["input_ids"].tolist() == list(range(5)) and ds[5]["t"].tolist() == [5.0]
     assert ds.index["length"].tolist() == list(range(6))
+
+
+@pytest.mark.parametrize("ids,match", [
+    ([[1, 2], [3, None, 4]], r"rows: row 1, column 'input_ids': null token id at position 1"),
+    ([[1, 2], [3], [4, -7]], r"rows: row 2, column 'input_ids': token id -7 at position 1 is negative"),
+    ([[1], [2**31]], r"row 1, column 'input_ids': token id 2147483648 at position 0 does not fit int32"),
+])
+def test_null_negative_or_too_large_token_ids_are_refused_naming_row_and_column(tmp_path, ids, match):
+    with pytest.raises(DatasetError, match=match):
+        datapipe.write_dataset([{"input_ids": x} for x in ids], tmp_path / "ds")
+    t = pa.table({"input_ids": pa.array(ids, pa.list_(pa.int64()))})
+    with pytest.raises(DatasetError, match=match.replace("rows: ", "<table>: ")):
+        datapipe.write_dataset(t, tmp_path / "ds")
+    assert not (tmp_path / "ds").exists()
+
+
+def test_float_token_ids_are_refused(tmp_path):
+    with pytest.raises(DatasetError, match="'input_ids' must be a list of integer token ids"):
+        datapipe.write_dataset([{"input_ids": [1.5, 2.0]}], tmp_path / "ds")
+
+
+def test_bad_index_values_name_the_file_and_the_row_within_it(tmp_path):
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    pq.write_table(pa.table({"input_ids": [[1]] * 8, "duration": [1.0] * 8}), a)
+    d = [1.0] * 8
+    d[5] = float("nan")
+    pq.write_table(pa.table({"input_ids": [[1]] * 8, "duration": d}), b)
+    with pytest.raises(DatasetError, match=r"b\.parquet: row 5, column 'duration': value nan is not finite"):
+        datapipe.write_dataset([str(a), str(b)], tmp_path / "ds")
+
+
+@pytest.mark.parametrize("col,values,match", [
+    ("length", pa.array([3, 2**63 + 10], pa.uint64()), r"row 1, column 'length': value 9223372036854775818 does not fit int64"),
+    ("duration", pa.array([1.0, 1e30]), r"row 1, column 'duration': value 1e\+30 is absurdly large"),
+    ("num_frames", pa.array([4, -1]), r"row 1, column 'num_frames': value -1 is negative"),
+])
+def test_absurd_lengths_are_refused(tmp_path, col, values, match):
+    with pytest.raises(DatasetError, match=match):
+        datapipe.write_dataset(pa.table({"x": [1, 2], col: values}), tmp_path / "ds")
+
+
+def test_named_batches_name_their_source(tmp_path):
+    good = pa.record_batch({"input_ids": pa.array([[1, 2]] * 4, pa.list_(pa.int32()))})
+    bad = pa.record_batch({"input_ids": pa.array([[1], [2], [-3]], pa.list_(pa.int32()))})
+    pairs = [("a.txt", good), ("b.txt", good), ("b.txt", bad)]
+    with pytest.raises(DatasetError, match=r"b\.txt: row 6, column 'input_ids': token id -3"):
+        datapipe.write_dataset(iter(pairs), tmp_path / "ds")
+    ds = datapipe.ArrowDataset.open(datapipe.write_dataset(pairs[:2], tmp_path / "ok"))
+    assert len(ds) == 8
+
+
+def test_extra_files_are_listed_and_checked(tmp_path):
+    out = datapipe.write_dataset(make_rows(5), tmp_path / "ds",
+                                 extra_files={"notes.bin": lambda p: p.write_bytes(b"hello")})
+    m = json.loads((out / "manifest.json").read_text())
+    assert [(f["file"], f["bytes"]) for f in m["files"]] == [("notes.bin", 5)]
+    assert datapipe.ArrowDataset.open(out).verify()["files"] == 3
+    (out / "notes.bin").write_bytes(b"hellp")
+    with pytest.raises(DatasetError, match=r"notes\.bin: checksum mismatch"):
+        datapipe.ArrowDataset.open(out).verify()

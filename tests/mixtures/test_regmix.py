@@ -215,6 +215,33 @@ def test_read_pair_joins_on_index_and_rejects_mismatches(tmp_path):
         read_pair(tmp_path / "noidx.csv", tmp_path / "l.csv")
 
 
+def test_read_pair_detects_swapped_files_and_names_rows(tmp_path):
+    mix = pd.DataFrame({"index": [1, 2, 3, 4], "a": [0.2, 0.5, 1.0, 0.0], "b": [0.8, 0.5, 0.0, 1.0]})
+    loss = pd.DataFrame({"index": [1, 2, 3, 4], "metric/the_pile_a_val_loss": [3.1, 2.9, 2.5, 3.3]})
+    mix.to_csv(tmp_path / "m.csv", index=False)
+    loss.to_csv(tmp_path / "l.csv", index=False)
+    with pytest.raises(ValueError, match=r"look swapped: .*m\.csv holds mixture weights .*l\.csv has loss columns"):
+        read_pair(tmp_path / "l.csv", tmp_path / "m.csv")
+    mix.assign(b=[0.8, 0.5, 0.5, 1.0]).to_csv(tmp_path / "sum.csv", index=False)  # row 2 sums to 1.5
+    with pytest.raises(ValueError, match=r"sum\.csv: row 2 \(line 4\) is not a mixture: its weights sum to 1\.5"):
+        read_pair(tmp_path / "sum.csv", tmp_path / "l.csv")
+    mix.assign(index=[1, 2, 2, 4]).to_csv(tmp_path / "dup.csv", index=False)
+    with pytest.raises(ValueError, match=r"dup\.csv: row 2 \(line 4\): index 2 appears twice"):
+        read_pair(tmp_path / "dup.csv", tmp_path / "l.csv")
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(ValueError, match="empty.csv: empty file"):
+        read_pair(tmp_path / "empty.csv", tmp_path / "l.csv")
+
+
+def test_load_model_refuses_other_files(tmp_path):
+    (tmp_path / "best.json").write_text('{"weights": {"a": 1.0}}')
+    with pytest.raises(ValueError, match=r"best\.json: not a model file"):
+        regmix.load_model(tmp_path / "best.json")
+    (tmp_path / "empty.pkl").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.pkl: not a model file .*EOFError"):
+        regmix.load_model(tmp_path / "empty.pkl")
+
+
 def test_resolve_target_short_names():
     cols = ["metric/the_pile_pile_cc_val_loss", "metric/the_pile_arxiv_val_loss"]
     assert resolve_target(cols, "pile_cc") == cols[0]

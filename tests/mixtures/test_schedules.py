@@ -119,3 +119,22 @@ def test_plot_writes_an_image(tmp_path):
     assert path.stat().st_size > 1000
     with open(path, "rb") as f:
         assert f.read(4) == b"\x89PNG"
+
+
+def test_constant_from_json(tmp_path):
+    import json
+
+    p = tmp_path / "best.json"
+    p.write_text(json.dumps({"weights": {"web": 0.6, "code": 0.3999}, "target": "metric/x", "n": 10}))
+    sched = Constant.from_json(p)  # RegMix search output; rounded weights within 1e-3 are renormalised
+    assert sched.domains == ("web", "code")
+    np.testing.assert_allclose(sched.weights_at(0, 5), [0.6 / 0.9999, 0.3999 / 0.9999])
+    p.write_text(json.dumps(BASE))  # a bare object domain -> weight
+    assert Constant.from_json(p).weights_dict(3, 5) == pytest.approx(BASE)
+    for text, match in [("{not json", r"best\.json: line 1: not JSON"), ("[1, 2]", "expected a JSON object"),
+                        (json.dumps({"a": 0.5, "b": 0.2}), r"best\.json: weights must sum to 1"),
+                        (json.dumps({"a": "x"}), "must be a number"),
+                        (json.dumps({"a": 1.2, "b": -0.2}), r"weights\['b'\] must be finite and >= 0")]:
+        p.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            Constant.from_json(p)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from native.ragged import gather_ragged, pack_ragged, pad_ragged
+from native.ragged import gather_ragged, gather_values, pack_layout, pack_ragged, pad_ragged, pad_rows
 
 rows_st = st.lists(st.lists(st.integers(0, 1000), max_size=12), min_size=1, max_size=100)
 
@@ -54,3 +54,77 @@ def test_gather_out_of_range():
     vals, off = to_ragged([[1], [2, 3]])
     with pytest.raises(IndexError, match="rows must be in"):
         gather_ragged(vals, off, np.array([2]))
+
+
+def split_sources(vals, off, take, cuts):
+    """The rows `take` of a ragged column as several sources (as shards would hand them over): each source is a
+    separate copy of a slice of rows, with the batch positions of the rows it holds."""
+    bounds = sorted({0, len(off) - 1, *cuts})
+    sources = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b <= a:
+            continue
+        s_off = (off[a : b + 1] - off[a]).astype(np.int32)
+        s_vals = vals[off[a] : off[b]].copy()
+        pos = np.flatnonzero((take >= a) & (take < b)).astype(np.int64)
+        sources.append((s_off, s_vals, (take[pos] - a).astype(np.int64), pos))
+    return sources
+
+
+@settings(max_examples=50, deadline=None)
+@given(rows=rows_st, data=st.data(), parallel=st.booleans(), dtype=st.sampled_from([np.int32, np.int64]))
+def test_pad_rows_from_several_sources_matches_numpy(rows, data, parallel, dtype):
+    vals, off = to_ragged(rows)
+    take = np.array(data.draw(st.lists(st.integers(0, len(rows) - 1), min_size=1, max_size=60)), dtype=np.int64)
+    cuts = data.draw(st.lists(st.integers(0, len(rows)), max_size=3))
+    width = data.draw(st.integers(0, 14))
+    ids = np.full((len(take), width), 99, dtype=dtype)
+    mask, labels = np.full_like(ids, 99), np.full((len(take), width), 99, dtype=np.int64)
+    for s_off, s_vals, r, p in split_sources(vals, off, take, cuts):
+        pad_rows(s_off, s_vals, r, p, ids, mask, labels, pad_id=-1, label_pad=-100, parallel=parallel)
+    for b, t in enumerate(take):  # numpy reference: truncate to the width, pad the rest
+        row = np.asarray(rows[t][:width], dtype=np.int64)
+        n = len(row)
+        assert ids[b].tolist() == row.tolist() + [-1] * (width - n)
+        assert labels[b].tolist() == row.tolist() + [-100] * (width - n)
+        assert mask[b].tolist() == [1] * n + [0] * (width - n)
+
+
+@settings(max_examples=50, deadline=None)
+@given(rows=rows_st, data=st.data(), parallel=st.booleans(), dtype=st.sampled_from([np.int32, np.int64]))
+def test_gather_then_pack_layout_from_several_sources_matches_numpy(rows, data, parallel, dtype):
+    vals, off = to_ragged(rows)
+    take = np.array(data.draw(st.lists(st.integers(0, len(rows) - 1), min_size=1, max_size=150)), dtype=np.int64)
+    cuts = data.draw(st.lists(st.integers(0, len(rows)), max_size=3))
+    lengths = np.diff(off)[take]
+    out_off = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    T = int(out_off[-1])
+    ids, pos, labels = np.empty(T, dtype), np.empty(T, dtype), np.empty(T, np.int64)
+    for s_off, s_vals, r, p in split_sources(vals, off, take, cuts):
+        gather_values(s_off, s_vals, r, p, out_off, ids, parallel=parallel)
+    pack_layout(out_off, ids, pos, labels, label_pad=-7, parallel=parallel)
+    ref = [np.asarray(rows[t], dtype=np.int64) for t in take]  # numpy reference
+    flat = np.concatenate(ref) if T else np.zeros(0, np.int64)
+    assert ids.tolist() == flat.tolist()
+    assert pos.tolist() == np.concatenate([np.arange(len(r)) for r in ref]).tolist()
+    ref_labels = flat.copy()
+    ref_labels[out_off[:-1][lengths > 0]] = -7
+    assert labels.tolist() == ref_labels.tolist()
+
+
+def test_pack_ragged_keeps_offsets_that_do_not_start_at_zero():
+    vals = np.arange(10, dtype=np.int32)
+    ids, pos, labels = pack_ragged(vals, np.array([3, 5, 8]), dtype=np.int32)
+    assert ids.tolist() == [3, 4, 5, 6, 7] and ids.dtype == np.int32 and pos.tolist() == [0, 1, 0, 1, 2]
+    assert labels.tolist() == [-100, 4, -100, 6, 7] and labels.dtype == np.int64
+
+
+def test_layout_errors_name_the_problem():
+    vals, off = to_ragged([[1], [2, 3]])
+    out = np.zeros((2, 2), np.int64)
+    with pytest.raises(IndexError, match="rows must be in"):
+        pad_rows(off, vals, np.array([0, 2]), np.array([0, 1]), out, out.copy(), out.copy())
+    with pytest.raises(IndexError, match="pos must be in"):
+        pad_rows(off, vals, np.array([0, 1]), np.array([0, 2]), out, out.copy(), out.copy())
+    with pytest.raises(ValueError, match="out_offsets must start at 0"):
+        pack_layout(np.array([0, 5]), np.zeros(3), np.zeros(3), np.zeros(3))

@@ -3,6 +3,8 @@ exact resume, errors. The index is the kernel's output (any object with the arra
 
 from __future__ import annotations
 
+import json
+
 import os
 import types
 
@@ -100,7 +102,7 @@ def test_property_exactly_once_and_same_shape(W, seed, cycles, epoch, curriculum
 
 def _cycle_steps(s):
     st_ = s.stats()
-    k = st_["step_log2"]
+    k = np.asarray(st_["step_log2"])
     return k, st_
 
 
@@ -126,7 +128,7 @@ def test_custom_odds_and_zero_odds_bucket():
     s = DecomposedBatchSampler(INDEX, tokens_per_batch=T, curriculum={4: 1, 5: 1, 6: 1, 7: 1, 8: 1, 9: 0})
     st_ = s.stats()
     assert st_["dropped"]["zero_odds"] == int((INDEX.sequence_log2 == 9).sum())
-    assert 9 not in set(st_["step_log2"].tolist())
+    assert 9 not in set(st_["step_log2"])
     assert st_["curriculum"].startswith("custom:")
 
 
@@ -146,7 +148,7 @@ def test_resumes_exactly_mid_cycle_and_across_cycles_and_epochs(cycles, W):
 def test_state_is_small_and_checked():
     s = DecomposedBatchSampler(INDEX, tokens_per_batch=T, cycles=2)
     state = s.state_dict()
-    assert all(isinstance(v, (int, str)) for v in state.values())
+    assert len(json.dumps(state)) < 2048
     other = DecomposedBatchSampler(INDEX, tokens_per_batch=2 * T, cycles=2)
     with pytest.raises(ValueError, match="tokens_per_batch"):
         other.load_state_dict(state)
@@ -161,8 +163,8 @@ def test_stats_tokens_and_attention_cost():
     assert sum(st_["tokens_per_bucket"].values()) == st_["tokens"] == int(INDEX.sequence_tokens[plan.indices].sum())
     assert len(st_["attention_cost_per_step"]) == st_["steps"]
     # bucket steps: sum over L^2 of the step's document segments, never more than 2^k * tokens per step
-    k = st_["step_log2"]
-    assert (st_["attention_cost_per_step"] <= (T * np.exp2(k)) + 1e-6).all()
+    k = np.asarray(st_["step_log2"])
+    assert (np.asarray(st_["attention_cost_per_step"]) <= (T * np.exp2(k)) + 1e-6).all()
     assert 0 < st_["attention_cost_vs_concat_chunk"] < 1
     assert st_["buckets"][9]["batch_size"] == 4 and st_["buckets"][4]["batch_size"] == 128
 

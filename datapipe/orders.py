@@ -1,0 +1,112 @@
+"""The index orders of torch's default samplers, reproduced so that a ``datapipe.DataLoader`` can resume them.
+
+``torch.utils.data.RandomSampler`` draws a fresh order each pass from a seed it takes from the global RNG (or from
+its ``generator``); nothing about it can be saved. :func:`epoch_order` draws the *same* indices with the *same* RNG
+consumption as torch (so ``torch.manual_seed`` before an epoch, or the same ``generator`` seed, gives the order
+plain torch gives) and returns, beside the order, the small record (the drawn seed, or the generator's state at the
+start of the epoch) that redraws it exactly after a restart.
+
+:class:`SeededRandomSampler` is the order ``DataLoader(..., shuffle=True, seed=s)`` uses: a pure function of
+``(seed, epoch)`` that consumes no RNG at all.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.utils.data as tud
+from numpy.typing import NDArray
+
+from native.rng import mix_seed, permutation
+
+__all__ = ["SeededRandomSampler", "epoch_order", "is_reproducible"]
+
+
+class SeededRandomSampler(tud.Sampler[int]):
+    """A random order of ``range(len(data_source))`` that is a pure function of ``(seed, epoch)``.
+
+    What ``datapipe.DataLoader(dataset, shuffle=True, seed=s)`` shuffles with (``loader.sampler`` is this object):
+    no global RNG is consumed, every epoch is reshuffled (the loader sets the epoch), and a restart redraws the
+    same order from the seed alone. The length follows ``len(data_source)`` at each pass.
+
+    Args:
+        data_source: a sized dataset.
+        seed: integer seed.
+    """
+
+    def __init__(self, data_source, seed: int) -> None:
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+            raise TypeError(f"seed must be an int (got {type(seed).__name__})")
+        self.data_source = data_source
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def order(self, epoch: int | None = None) -> NDArray[np.int64]:
+        return permutation(len(self.data_source), mix_seed(self.seed, self.epoch if epoch is None else epoch))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order().tolist())
+
+    def __len__(self) -> int:
+        return len(self.data_source)
+
+
+def is_reproducible(sampler) -> bool:
+    """Whether :func:`epoch_order` reproduces ``sampler``'s order (torch's own Sequential/Random samplers, exactly
+    those classes, and :class:`SeededRandomSampler`)."""
+    return type(sampler) in (tud.SequentialSampler, tud.RandomSampler, SeededRandomSampler)
+
+
+def _gen_state(g: torch.Generator) -> str:
+    return base64.b64encode(g.get_state().numpy().tobytes()).decode()
+
+
+def _set_gen_state(g: torch.Generator, text: str) -> None:
+    g.set_state(torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy()))
+
+
+def epoch_order(sampler, epoch: int, record: Mapping | None = None) -> tuple[NDArray[np.int64], dict]:
+    """The indices ``sampler`` yields in one pass, and the record that redraws them.
+
+    Args:
+        sampler: a sampler for which :func:`is_reproducible` is true.
+        epoch: the loader's epoch (used by :class:`SeededRandomSampler` only).
+        record: the record returned when this epoch was first drawn (a restart), or None to draw afresh, consuming
+            the RNG exactly as torch's sampler does.
+
+    Returns:
+        ``(int64 indices, record)``; the record is small and JSON-serialisable.
+    """
+    if isinstance(sampler, SeededRandomSampler):
+        return sampler.order(epoch), {}
+    if isinstance(sampler, tud.SequentialSampler):
+        return np.arange(len(sampler.data_source), dtype=np.int64), {}
+    n, num = len(sampler.data_source), sampler.num_samples
+    record = dict(record or {})
+    if sampler.generator is None:
+        if "seed" not in record:
+            record["seed"] = int(torch.empty((), dtype=torch.int64).random_().item())
+        g = torch.Generator()
+        g.manual_seed(record["seed"])
+    else:
+        g = sampler.generator
+        if "generator_state" in record:
+            _set_gen_state(g, record["generator_state"])
+        else:
+            record["generator_state"] = _gen_state(g)
+    parts = []
+    if sampler.replacement:
+        for _ in range(num // 32):
+            parts.append(torch.randint(high=n, size=(32,), dtype=torch.int64, generator=g))
+        parts.append(torch.randint(high=n, size=(num % 32,), dtype=torch.int64, generator=g))
+    else:
+        for _ in range(num // n):
+            parts.append(torch.randperm(n, generator=g))
+        parts.append(torch.randperm(n, generator=g)[: num % n])
+    return torch.cat(parts).numpy().astype(np.int64, copy=False), record

