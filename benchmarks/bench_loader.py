@@ -148,7 +148,8 @@ def bench_corpus(label: str, docs: list[np.ndarray], args, tmp: str) -> list[tup
         for x, y in zip(a, b, strict=True):
             assert same(x, y), f"{label} {name}: outputs differ"
         with ThreadPrefetcher(lambda rows, f=ours_fn: f(ours.__getitems__(rows)), sampler()) as it:
-            for x, y in zip(it, tud.DataLoader(hf, batch_sampler=sampler(), collate_fn=hf_fn), strict=True):
+            ref = datapipe.DataLoader(ours, batch_sampler=sampler(), collate_fn=ours_fn)  # checked equal to HF's
+            for x, y in zip(it, ref, strict=True):
                 assert same(x, y), f"{label} {name}: thread-prefetched outputs differ"
     print("  verified: identical tensors for every batch (padded and packed, 0 workers and threads)", flush=True)
 

@@ -11,7 +11,7 @@ from native._lazy import attach
 _LAZY = {
     "datapipe.writer": ("write_dataset",),
     "datapipe.dataset": ("ArrowDataset", "Batch", "DatasetError", "Ragged"),
-    "datapipe.loader": ("DataLoader",),
+    "datapipe.loader": ("DataLoader", "SeededRandomSampler"),
     "datapipe.tokenize": ("ByteTokenizer", "load_tokenizer"),
     "datapipe.ingestion": ("ingest",),
     "datapipe.decomposition": ("DecomposedIndex", "decompose"),

@@ -33,7 +33,7 @@ from numpy.typing import NDArray
 from datapipe.dataset import ArrowDataset
 from datapipe.format import (DatasetError, _hasher, check_file_entry, check_manifest_digest, exclusive_output,
                              fsync_path, load_json, publish_dir, temp_name, verify_checksum, write_manifest)
-from native.decompose import (REMAINDER_POLICIES, _check_log2, bucket_totals, check_doc_lengths,
+from native.decompose import (REMAINDER_POLICIES, bucket_totals, check_doc_lengths, check_log2,
                               decompose_lengths)
 
 __all__ = ["DECOMPOSITION_DIR", "DecomposedIndex", "bucket_histogram_lines", "decompose", "plot_buckets",
@@ -143,7 +143,7 @@ def decompose(dataset_dir: str | os.PathLike, *, min_log2: int = 8, max_log2: in
         ValueError: bad parameters (``min_log2 > max_log2``, unknown ``remainder`` or ``engine``).
         DatasetError: no dataset, no ``length`` column, or a document of length 0 (names the file and row).
     """
-    min_log2, max_log2 = _check_log2(min_log2, max_log2)
+    min_log2, max_log2 = check_log2(min_log2, max_log2)
     if remainder not in REMAINDER_POLICIES:
         raise ValueError(f"remainder must be one of {REMAINDER_POLICIES} (got {remainder=})")
     if engine not in ENGINES:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import sysconfig
 import time
@@ -95,7 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     resumed = next(iter(b))["input_ids"]
     ref_loader = make()
     ref = [x["input_ids"] for _, x in zip(range(6), ref_loader)][5]
-    print(f"resume from {state}: next batch identical to the uninterrupted run: {bool((resumed == ref).all())}")
+    where = {k: state[k] for k in ("epoch", "batches_delivered")}
+    print(f"resume from {where} (state: {len(json.dumps(state))} bytes of JSON, guarded by the sampler's options and "
+          f"a digest of the lengths): next batch identical to the uninterrupted run: {bool((resumed == ref).all())}")
 
     png = out / "lengths.png"
     plot_summary(path, png)

@@ -33,7 +33,8 @@ import torch
 import torch.utils.data as tud
 from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter, _SingleProcessDataLoaderIter
 
-from datapipe.orders import SeededRandomSampler, epoch_order, is_reproducible
+from datapipe.orders import (SeededRandomSampler, epoch_order, generator_state, is_reproducible,
+                             set_generator_state)
 from samplers.base import BatchSamplerBase
 
 __all__ = ["DataLoader", "SeededRandomSampler"]
@@ -384,6 +385,14 @@ class DataLoader(tud.DataLoader[T_co]):
         for b0 in range(start * bs, stop, bs):
             yield order[b0 : b0 + bs]
 
+    def _order_generator(self) -> torch.Generator | None:
+        """The generator a torch RandomSampler of this loader draws its order from (None: the global RNG)."""
+        if self._iterable or _kind(self) != "ordered":
+            return None
+        src = self._index_sampler_torch()
+        sampler = src.sampler if type(src) is tud.BatchSampler else src
+        return getattr(sampler, "generator", None) if type(sampler) is tud.RandomSampler else None
+
     def _replayed_items(self, start: int) -> Iterator:
         it = iter(self._index_sampler_torch())
         for _ in range(start):
@@ -428,8 +437,13 @@ class DataLoader(tud.DataLoader[T_co]):
         """Small and JSON-serialisable: the epoch, the batches delivered (and those delivered ahead with
         ``in_order=False``), how the epoch's order was drawn, the configuration it belongs to, and a datapipe
         sampler's own state nested under ``"sampler_state"``."""
+        record = self._record
+        gen = self._order_generator()
+        if record is None and gen is not None:
+            # the epoch's order is not drawn yet: it will come from this generator's state (as torch draws it)
+            record = {"generator_state_at_save": generator_state(gen)}
         state = {"version": STATE_VERSION, "epoch": self._epoch, "batches_delivered": self._prefix,
-                 "delivered_ahead": sorted(self._ahead), "order_record": self._record, "config": self._config()}
+                 "delivered_ahead": sorted(self._ahead), "order_record": record, "config": self._config()}
         s = self._native()
         if s is not None:
             if self._sampler_epoch is None or s.epoch != self._sampler_epoch:
@@ -480,12 +494,21 @@ class DataLoader(tud.DataLoader[T_co]):
             self._sampler_epoch = s.epoch
         self._epoch, self._prefix, self._ahead = int(epoch), int(prefix), {int(a) for a in ahead}
         self._record = dict(state["order_record"]) if state["order_record"] else None
+        if self._record and "generator_state_at_save" in self._record:
+            gen = self._order_generator()
+            if gen is not None:
+                set_generator_state(gen, self._record["generator_state_at_save"])
+            self._record = None
         self._fresh = True
         if not self._iterable:
             n = self._epoch_len()
             if self._prefix > n:
                 raise ValueError(f"batches_delivered={self._prefix} exceeds the {n} batches of epoch {self._epoch}")
             if self._prefix == n and not self._ahead:  # saved at an epoch's end: the next iter() runs the next
+                if self._record and "generator_state" in self._record:
+                    # leave the generator where the finished epoch's draws left it, as in the uninterrupted run
+                    src = self._index_sampler_torch()
+                    epoch_order(src.sampler if type(src) is tud.BatchSampler else src, self._epoch, self._record)
                 self._move(self._epoch + 1)
 
 

@@ -22,7 +22,7 @@ from numpy.typing import NDArray
 
 from native.rng import mix_seed, permutation
 
-__all__ = ["SeededRandomSampler", "epoch_order", "is_reproducible"]
+__all__ = ["SeededRandomSampler", "epoch_order", "generator_state", "is_reproducible", "set_generator_state"]
 
 
 class SeededRandomSampler(tud.Sampler[int]):
@@ -63,11 +63,12 @@ def is_reproducible(sampler) -> bool:
     return type(sampler) in (tud.SequentialSampler, tud.RandomSampler, SeededRandomSampler)
 
 
-def _gen_state(g: torch.Generator) -> str:
+def generator_state(g: torch.Generator) -> str:
+    """A generator's state as text (base64), for a JSON checkpoint."""
     return base64.b64encode(g.get_state().numpy().tobytes()).decode()
 
 
-def _set_gen_state(g: torch.Generator, text: str) -> None:
+def set_generator_state(g: torch.Generator, text: str) -> None:
     g.set_state(torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy()))
 
 
@@ -97,9 +98,9 @@ def epoch_order(sampler, epoch: int, record: Mapping | None = None) -> tuple[NDA
     else:
         g = sampler.generator
         if "generator_state" in record:
-            _set_gen_state(g, record["generator_state"])
+            set_generator_state(g, record["generator_state"])
         else:
-            record["generator_state"] = _gen_state(g)
+            record["generator_state"] = generator_state(g)
     parts = []
     if sampler.replacement:
         for _ in range(num // 32):

@@ -278,7 +278,22 @@ class Recipe:
 
     def _decomposition(self, path: Path, *, build: bool):
         """The domain's decomposition with the recipe's parameters: the stored one when they match, else built
-        (``build=True``: stored beside the dataset) or computed in memory (the dry run)."""
+        (``build=True``: stored beside the dataset) or computed in memory (the dry run). Under torch.distributed
+        rank 0 builds it while the other ranks wait, then they open it."""
+        if build:
+            try:
+                import torch.distributed as dist
+
+                group = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+            except ImportError:  # pragma: no cover - torch is a dependency
+                group = False
+            if group:
+                ix = self._find_or_build(path, build=True) if dist.get_rank() == 0 else None
+                dist.barrier()
+                return ix if ix is not None else self._find_or_build(path, build=True)
+        return self._find_or_build(path, build=build)
+
+    def _find_or_build(self, path: Path, *, build: bool):
         from datapipe.dataset import ArrowDataset
         from datapipe.decomposition import DecomposedIndex, decompose
 
@@ -365,7 +380,9 @@ class Recipe:
     def loader(self, rank: int | None = None, world_size: int | None = None, **dataloader_kwargs):
         """A ``datapipe.DataLoader`` of this rank's batches; keyword arguments go to the loader (``num_workers``,
         ``collate_fn``, ...). Decomposed batches are ``[b, 2^k]`` tensors; token kinds are padded by
-        ``collate.pad()`` unless ``collate_fn`` is given. Every batch has ``domain`` (ids in domain order)."""
+        ``collate.pad()`` unless ``collate_fn`` is given. Every batch has ``domain`` (ids in domain order).
+        A domain without a matching decomposition gets one first (under torch.distributed, rank 0 builds it while
+        the other ranks wait; without a process group, build it once before starting several ranks)."""
         from datapipe.loader import DataLoader
 
         for k in ("batch_sampler", "sampler", "batch_size", "shuffle", "drop_last"):

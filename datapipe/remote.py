@@ -389,6 +389,11 @@ class ShardCache:
             return None, True
         return fd, True
 
+    def discard(self, name: str) -> None:
+        """Remove a cached file (a damaged copy)."""
+        with self.locked(), contextlib.suppress(FileNotFoundError):
+            os.unlink(self.dir / name)
+
     @staticmethod
     def unread(path: Path) -> bool:
         """True for a prefetched file no reader has used yet."""
@@ -516,8 +521,9 @@ class RemoteArrowDataset(ArrowDataset):
         digest = meta["checksum"].split(":", 1)[-1][:16]
         return f"{meta['file'].replace('/', '__').removesuffix('.arrow')}-{digest}.arrow"
 
-    def _take(self, s: int, rows: NDArray[np.int64]) -> pa.RecordBatch:
-        """Rows ``rows`` of shard ``s``, copied out; the shard is pinned only meanwhile."""
+    def _take(self, s: int, rows: NDArray[np.int64], *, again: bool = False) -> pa.RecordBatch:
+        """Rows ``rows`` of shard ``s``, copied out; the shard is pinned only meanwhile. A cached copy that fails
+        its check (damaged on the local disk) is removed and downloaded again, once."""
         meta = self.manifest["shards"][s]
         what = self._url_of(meta["file"])
         src = _join(self._root, meta["file"])
@@ -533,19 +539,31 @@ class RemoteArrowDataset(ArrowDataset):
             buf = _download(self.filesystem, src, meta, what, self.timeout, None)
             return self._take_from(buf, rows, meta, what, validate=True)
         try:
-            path = self.cache.dir / name
-            with pa.memory_map(str(path), "r") as mm:
-                buf = mm.read_buffer()
-                key = (name, os.fstat(fd).st_ino)
-                first = key not in self._checked
-                if first and not downloaded:  # cached by another process: checked once per process, as local files
-                    verify_buffer(buf, meta["checksum"], f"{path} (the cached copy of {what})")
-                out = self._take_from(buf, rows, meta, what, validate=first)
-                self._checked.add(key)
-                del buf
-                return out
+            out = self._from_cache(fd, name, rows, meta, what, check=not downloaded, strict=again)
         finally:
             self.cache.release(fd)  # unpin: the mapping is closed and the taken rows are copies
+        if out is None:  # the cached copy was damaged on the local disk: drop it, download again
+            self.cache.discard(name)
+            return self._take(s, rows, again=True)
+        return out
+
+    def _from_cache(self, fd: int, name: str, rows, meta, what, *, check: bool, strict: bool):
+        path = self.cache.dir / name
+        with pa.memory_map(str(path), "r") as mm:
+            buf = mm.read_buffer()
+            key = (name, os.fstat(fd).st_ino)
+            first = key not in self._checked
+            if first and check:  # cached by another reader: checked once per process, as local files are
+                try:
+                    verify_buffer(buf, meta["checksum"], f"{path} (the cached copy of {what})")
+                except DatasetError:
+                    if strict:
+                        raise
+                    return None
+            out = self._take_from(buf, rows, meta, what, validate=first)
+            self._checked.add(key)
+            del buf
+            return out
 
     def _take_from(self, buf: pa.Buffer, rows, meta, what, *, validate: bool) -> pa.RecordBatch:
         try:
@@ -728,6 +746,16 @@ def _upload_file(fs: pafs.FileSystem, local: Path, dest: str, what: str, timeout
     with_retries(go, what, timeout=timeout)
 
 
+def _delete(fs: pafs.FileSystem, path: str) -> None:
+    try:
+        fs.delete_file(path)
+    except OSError:
+        # pyarrow's S3 filesystem re-creates the parent "directory" marker after a delete, which some
+        # S3-compatible servers refuse: the object is gone all the same
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            raise
+
+
 def remote_exists(url, filesystem: pafs.FileSystem | None = None, name: str = MANIFEST,
                   timeout: float = DEFAULT_TIMEOUT) -> bool:
     """True when ``url/name`` exists in the store."""
@@ -764,7 +792,7 @@ def upload_dataset(local_dir: str | os.PathLike, url, filesystem: pafs.FileSyste
     if remote_exists(url, filesystem, manifest, timeout):
         if not overwrite:
             raise DatasetError(f"{url}: a dataset already exists (pass overwrite=True to replace it)")
-        with_retries(lambda: fs.delete_file(_join(root, manifest)), f"{url}/{manifest}", timeout=timeout)
+        with_retries(lambda: _delete(fs, _join(root, manifest)), f"{url}/{manifest}", timeout=timeout)
     files = sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != manifest)
     if not (local_dir / manifest).exists():
         raise DatasetError(f"{local_dir}: no {manifest} to upload: the local build is unfinished")
@@ -783,7 +811,7 @@ def upload_dataset(local_dir: str | os.PathLike, url, filesystem: pafs.FileSyste
         rel = info.path[len(root):].lstrip("/") if root else info.path
         if info.type == pafs.FileType.File and rel not in keep:
             with contextlib.suppress(OSError):
-                fs.delete_file(info.path)
+                _delete(fs, info.path)
     return url
 
 

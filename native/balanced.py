@@ -26,25 +26,12 @@ from numba import prange
 from numpy.typing import ArrayLike, NDArray
 
 from native._config import njit
-from native.rng import mix_seed
+from native.rng import mix_seed, splitmix64_at_many
 
 __all__ = ["balanced_kmeans", "leaf_sizes"]
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-
 #: elements of one gathered (groups, size, dim) block; bounds the extra memory to ~128 MB of float32.
 _BLOCK_ELEMS = 1 << 25
-
-
-def _hash_u64(seed: int, keys: NDArray[np.int64]) -> NDArray[np.uint64]:
-    """SplitMix64 finaliser of ``seed + (key + 1) * golden``, elementwise (counter-based, order-free)."""
-    with np.errstate(over="ignore"):
-        z = np.uint64(seed) + (keys.astype(np.uint64) + np.uint64(1)) * _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
-        return z ^ (z >> np.uint64(31))
 
 
 def init_pairs(seed: int, level: int, group_keys: NDArray[np.int64], sizes: NDArray[np.int64]) -> NDArray[np.int64]:
@@ -60,8 +47,9 @@ def init_pairs(seed: int, level: int, group_keys: NDArray[np.int64], sizes: NDAr
         int64 ``[G, 2]`` positions inside each group, distinct within a row.
     """
     s = mix_seed(seed, level, 0xBA1A)
-    h1 = _hash_u64(s, 2 * group_keys)
-    h2 = _hash_u64(s, 2 * group_keys + 1)
+    # counter-based SplitMix64 draws (keys 2g and 2g+1), so the pair of a group is independent of the others
+    h1 = splitmix64_at_many(s, 2 * group_keys)
+    h2 = splitmix64_at_many(s, 2 * group_keys + 1)
     sz = sizes.astype(np.uint64)
     p1 = (h1 % sz).astype(np.int64)
     p2 = (h2 % (sz - np.uint64(1))).astype(np.int64)

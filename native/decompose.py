@@ -24,6 +24,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from native._config import njit
+from native.rng import splitmix64_next
 
 __all__ = ["REMAINDER_POLICIES", "bucket_totals", "check_doc_lengths", "decompose_lengths"]
 
@@ -33,24 +34,12 @@ _BLOCK_ROWS = 32768  # rows per block of the one-process path (many more blocks 
 _MAX_BLOCKS = 1024
 
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-
-
 # The random stream is ``native.rng``'s SplitMix64 (state hashed from the row, then xor the seed; one
 # ``rand_below`` per size draw) with the state kept in a register instead of a one-element array: the same
 # numbers, no allocation per document. The state is derived only for documents long enough to draw.
 @njit(inline="always")
-def _mix(z: np.uint64) -> np.uint64:
-    z = (z ^ (z >> np.uint64(30))) * _M1
-    z = (z ^ (z >> np.uint64(27))) * _M2
-    return z ^ (z >> np.uint64(31))
-
-
-@njit(inline="always")
 def _doc_seed(seed: np.uint64, row: np.int64) -> np.uint64:
-    return _mix(np.uint64(row) + _GOLDEN) ^ seed
+    return splitmix64_next(np.uint64(row))[1] ^ seed
 
 
 @njit(inline="always")
@@ -65,14 +54,14 @@ def _floor_log2(x: np.int64) -> np.int64:
 def _draw_log2(s: np.uint64, min_log2: np.int64, max_log2: np.int64):
     # P(k) = 2^(max-k) / (2^(m+1) - 1), m = max - min: draw r in [0, 2^(m+1) - 1); j = floor(log2(r + 1)).
     # Returns (next state, k).
-    s = s + _GOLDEN
+    s, z = splitmix64_next(s)
     n = np.uint64((np.int64(1) << (max_log2 - min_log2 + 1)) - 1)
-    r = np.int64(((_mix(s) >> np.uint64(32)) * n) >> np.uint64(32)) + 1
+    r = np.int64(((z >> np.uint64(32)) * n) >> np.uint64(32)) + 1
     return s, max_log2 - _floor_log2(r)
 
 
 @njit(inline="always")
-def _count_tail(length, row, min_log2, max_log2, seed):
+def count_tail(length, row, min_log2, max_log2, seed):
     # bucket pieces of one document and the tail left at its end; below 2^(max+1) tokens the pieces are the
     # set bits of the length from 2^min up (its binary decomposition), so only long documents draw
     rem = length
@@ -115,8 +104,8 @@ def _put_piece(row, pos, k, j, full_shift, out_row, out_start, out_len, out_seq,
 
 
 @njit(inline="always")
-def _fill_doc(length, row, min_log2, max_log2, seed, policy, j, o, c, nf, out_row, out_start, out_len, out_seq,
-              out_log2, write_seq, seq_tokens, seq_off, full_shift, rem_seq):
+def fill_doc(length, row, min_log2, max_log2, seed, policy, j, o, c, nf, out_row, out_start, out_len, out_seq,
+             out_log2, write_seq, seq_tokens, seq_off, full_shift, rem_seq):
     # one document: bucket pieces at j - full_shift (sequence j), then its tail's remainder pieces at o (packed
     # at concatenated tail position c, or padded as sequence rem_seq); returns the next (j, o, c)
     cap = np.int64(1) << min_log2
@@ -168,7 +157,8 @@ def _fill_doc(length, row, min_log2, max_log2, seed, policy, j, o, c, nf, out_ro
     return j, o, c
 
 
-_POLICY_CODE = {"pack": 0, "pad": 1, "drop": 2}
+#: remainder policy name -> the code the kernels take.
+POLICY_CODE = {"pack": 0, "pad": 1, "drop": 2}
 
 
 # ---- one-process fast path: block-parallel layout, no per-document layout arrays --------------------------------
@@ -183,7 +173,7 @@ def _plan_blocks(lengths, edges, min_log2, max_log2, seed, policy):
         pieces = tails = nonempty = bare = tokens = np.int64(0)
         for i in range(edges[b], edges[b + 1]):
             L = lengths[i]
-            c, t = _count_tail(L, i, min_log2, max_log2, seed)
+            c, t = count_tail(L, i, min_log2, max_log2, seed)
             pieces += c
             tails += t
             tokens += L
@@ -213,7 +203,7 @@ def _plan_blocks(lengths, edges, min_log2, max_log2, seed, policy):
                 if L < (np.int64(1) << (max_log2 + 1)):
                     t = L & ((np.int64(1) << min_log2) - 1)
                 else:
-                    t = _count_tail(L, i, min_log2, max_log2, seed)[1]
+                    t = count_tail(L, i, min_log2, max_log2, seed)[1]
                 if t:
                     r += _rem_pieces(a, t, min_log2)
                     a += t
@@ -231,7 +221,7 @@ def _fill_blocks(lengths, edges, base, min_log2, max_log2, seed, policy, nf, out
         j, c, r = base[b, 0], base[b, 1], base[b, 2]
         o = nf + r
         for i in range(edges[b], edges[b + 1]):
-            j, o2, c = _fill_doc(lengths[i], i, min_log2, max_log2, seed, policy, j, o, c, nf, out_row, out_start,
+            j, o2, c = fill_doc(lengths[i], i, min_log2, max_log2, seed, policy, j, o, c, nf, out_row, out_start,
                                  out_len, out_seq, out_log2, True, seq_tokens, seq_off, np.int64(0), nf + r)
             r += o2 - o
             o = o2
@@ -254,7 +244,7 @@ def _bucket_totals(log2, tokens, num_k):
 
 
 @njit
-def _offsets_from_sorted(seq, num):
+def offsets_from_sorted(seq, num):
     off = np.empty(num + 1, dtype=np.int64)
     j = 0
     for s in range(num + 1):
@@ -264,7 +254,8 @@ def _offsets_from_sorted(seq, num):
     return off
 
 
-def _check_log2(min_log2: int, max_log2: int) -> tuple[int, int]:
+def check_log2(min_log2: int, max_log2: int) -> tuple[int, int]:
+    """Validate the bucket range: integers with ``0 <= min_log2 <= max_log2 <= 40`` and a span of at most 30."""
     for name, v in (("min_log2", min_log2), ("max_log2", max_log2)):
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not 0 <= v <= _MAX_LOG2:
             raise ValueError(f"{name} must be an integer in [0, {_MAX_LOG2}] (got {name}={v!r})")
@@ -294,7 +285,8 @@ def check_doc_lengths(lengths, *, name: str = "lengths", allow_zero: bool = Fals
     return arr
 
 
-def _seed64(seed: int) -> np.uint64:
+def check_seed(seed: int) -> np.uint64:
+    """Validate an integer seed and take it modulo 2**64 for the kernels."""
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int (got {type(seed).__name__})")
     return np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF)
@@ -346,18 +338,18 @@ def decompose_lengths(lengths, *, min_log2: int = 8, max_log2: int = 13, remaind
         ValueError: ``min_log2 > max_log2``, an unknown ``remainder``, a length ``<= 0`` (names the row).
         TypeError: non-integer lengths or seed.
     """
-    min_log2, max_log2 = _check_log2(min_log2, max_log2)
+    min_log2, max_log2 = check_log2(min_log2, max_log2)
     if remainder not in REMAINDER_POLICIES:
         raise ValueError(f"remainder must be one of {REMAINDER_POLICIES} (got {remainder=})")
     lengths = check_doc_lengths(lengths)
-    seed64 = _seed64(seed)
+    seed64 = check_seed(seed)
     # the same output as scan_documents + plan_layout + fill_block + finish_output (the block API the Ray engine
     # uses), with the layout kept per block of rows instead of per document: pass 1 counts, pass 2 fills, both
     # over blocks in parallel; outputs are allocated once, by numpy (huge pages), and written once
     n = len(lengths)
     nb = max(1, min(_MAX_BLOCKS, -(-n // _BLOCK_ROWS)))
     edges = (np.arange(nb + 1, dtype=np.int64) * n) // nb
-    lo_k, hi_k, code = np.int64(min_log2), np.int64(max_log2), np.int64(_POLICY_CODE[remainder])
+    lo_k, hi_k, code = np.int64(min_log2), np.int64(max_log2), np.int64(POLICY_CODE[remainder])
     with numba.parallel_chunksize(1):  # blocks handed out one at a time: a busy core does not hold the rest
         stats, base = _plan_blocks(lengths, edges, lo_k, hi_k, seed64, code)
     nf, n_rp = int(base[nb, 0]), int(base[nb, 2])

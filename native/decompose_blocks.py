@@ -1,7 +1,7 @@
 """The staged (block) form of the dataset-decomposition kernel, for engines that split the rows over workers
 (the Ray Data engine): ``scan_documents`` per block, ``plan_layout`` once, ``fill_block`` per block,
 ``finish_output`` once. The result is byte-identical to ``native.decompose.decompose_lengths``, which runs the same
-per-document code (``_count_tail``, ``_fill_doc``) in one process. Paper: "Dataset Decomposition: Faster LLM
+per-document code (``count_tail``, ``fill_doc``) in one process. Paper: "Dataset Decomposition: Faster LLM
 Training with Variable Sequence Length Curriculum" (Pouransari et al., NeurIPS 2024).
 """
 
@@ -12,8 +12,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from native._config import njit
-from native.decompose import (_POLICY_CODE, REMAINDER_POLICIES, _check_log2, _count_tail, _fill_doc,
-                              _offsets_from_sorted, _seed64, check_doc_lengths)
+from native.decompose import (POLICY_CODE, REMAINDER_POLICIES, check_doc_lengths, check_log2, check_seed, count_tail,
+                              fill_doc, offsets_from_sorted)
 
 __all__ = ["empty_output", "fill_block", "finish_output", "plan_layout", "scan_documents"]
 
@@ -25,7 +25,7 @@ def _scan(lengths, row_offset, min_log2, max_log2, seed):
     counts = np.empty(n, dtype=np.int64)
     tail = np.empty(n, dtype=np.int64)
     for i in numba.prange(n):
-        counts[i], tail[i] = _count_tail(lengths[i], row_offset + i, min_log2, max_log2, seed)
+        counts[i], tail[i] = count_tail(lengths[i], row_offset + i, min_log2, max_log2, seed)
     return counts, tail
 
 
@@ -63,7 +63,7 @@ def _fill(lengths, row_offset, min_log2, max_log2, seed, policy, cap, piece_off,
     # write_seq (global output) also each sequence's tokens and first piece, so no later pass is needed
     n = lengths.shape[0]
     for i in numba.prange(n):
-        _fill_doc(lengths[i], row_offset + i, min_log2, max_log2, seed, policy, piece_off[i],
+        fill_doc(lengths[i], row_offset + i, min_log2, max_log2, seed, policy, piece_off[i],
                   rem_base + tail_off[i] - rem_shift, tail_pos[i], n_full_total, out_row, out_start, out_len,
                   out_seq, out_log2, write_seq, seq_tokens, seq_off, full_shift, n_full_total + tail_off[i])
 
@@ -82,9 +82,9 @@ def scan_documents(lengths, *, min_log2: int = 8, max_log2: int = 13, seed: int 
         ``(counts, tail)``: int64 ``[n]`` bucket pieces per document, and tokens left at its end
         (``< 2^min_log2``).
     """
-    min_log2, max_log2 = _check_log2(min_log2, max_log2)
+    min_log2, max_log2 = check_log2(min_log2, max_log2)
     lengths = check_doc_lengths(lengths, allow_zero=True)
-    return _scan(lengths, np.int64(row_offset), np.int64(min_log2), np.int64(max_log2), _seed64(seed))
+    return _scan(lengths, np.int64(row_offset), np.int64(min_log2), np.int64(max_log2), check_seed(seed))
 
 
 def plan_layout(counts, tail, *, min_log2: int, remainder: str = "pack") -> dict:
@@ -99,7 +99,7 @@ def plan_layout(counts, tail, *, min_log2: int, remainder: str = "pack") -> dict
     cap = 1 << int(min_log2)
     counts = np.ascontiguousarray(counts, dtype=np.int64)
     tail = np.ascontiguousarray(tail, dtype=np.int64)
-    piece_off, tail_off, tail_pos = _layout(counts, tail, np.int64(_POLICY_CODE[remainder]), np.int64(cap))
+    piece_off, tail_off, tail_pos = _layout(counts, tail, np.int64(POLICY_CODE[remainder]), np.int64(cap))
     tail_tokens = int(tail_pos[-1])
     if remainder == "pack":
         n_rseq = -(-tail_tokens // cap)
@@ -144,8 +144,8 @@ def fill_block(lengths, layout: dict, *, lo: int, hi: int, min_log2: int, max_lo
         full_shift, rem_base, rem_shift = 0, nf_total, 0
         write_seq, seq_tokens, seq_off = True, out["sequence_tokens"], out["sequence_offsets"]
         out["sequences_filled"] = lo == 0 and hi == len(layout["piece_off"]) - 1
-    _fill(lengths, np.int64(lo), np.int64(min_log2), np.int64(max_log2), _seed64(seed),
-          np.int64(_POLICY_CODE[layout["remainder"]]), np.int64(1 << int(min_log2)),
+    _fill(lengths, np.int64(lo), np.int64(min_log2), np.int64(max_log2), check_seed(seed),
+          np.int64(POLICY_CODE[layout["remainder"]]), np.int64(1 << int(min_log2)),
           po, to, tp, np.int64(nf_total),
           buf["row"], buf["start"], buf["length"], buf["sequence"], log2,
           np.int64(full_shift), np.int64(rem_base), np.int64(rem_shift), write_seq, seq_tokens, seq_off)
@@ -184,7 +184,7 @@ def finish_output(out: dict, layout: dict, lengths, counts, tail) -> dict:
     tokens = out["sequence_tokens"]
     if not filled:
         tokens[:nf] = out["length"][:nf]
-        out["sequence_offsets"] = _offsets_from_sorted(out["sequence"], np.int64(s))
+        out["sequence_offsets"] = offsets_from_sorted(out["sequence"], np.int64(s))
         if policy == "pad":
             tokens[nf:] = out["length"][nf:]
     out["sequence_offsets"][s] = len(out["row"])

@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from native._config import njit
-from native.rng import _shuffle_inplace
+from native.rng import shuffle_inplace
 
 __all__ = ["assign_buckets_2d", "bucket_batches", "pack_best_fit"]
 
@@ -115,7 +115,7 @@ def _bucket_batches(rows: np.ndarray, bucket_offsets: np.ndarray, dur: np.ndarra
             continue
         seg = out[s:e]
         if shuffle:
-            _shuffle_inplace(seg, state)
+            shuffle_inplace(seg, state)
         w = chunk_rows[b]
         if w > 1:
             c = 0
@@ -285,7 +285,7 @@ def _pack(rows: np.ndarray, dur: np.ndarray, window_offsets: np.ndarray, capacit
             continue
         items = rows[s:e].copy()
         if shuffle:
-            _shuffle_inplace(items, state)  # random order among equal durations
+            shuffle_inplace(items, state)  # random order among equal durations
         order = np.argsort(-dur[items], kind="mergesort")
         items = items[order]
         pack_of = np.empty(e - s, dtype=np.int64)

@@ -21,35 +21,25 @@ import numpy as np
 from numpy.typing import NDArray
 
 from native._config import njit
+from native.rng import MASK63 as _MASK63
+from native.rng import fmix64, mix_prefix, mix_step, shuffle_from, splitmix64_next
 
-__all__ = ["feistel_index", "feistel_permute", "mix_prefix", "mix_step", "stream_batches"]
+__all__ = ["feistel_index", "feistel_permute", "feistel_range", "mix_prefix", "mix_step", "shard_window_rows",
+           "stream_batches"]
 
 #: Feistel rounds; 8 keeps small domains (n of a few elements) close to uniform over seeds.
 ROUNDS = 8
 #: Largest ``n`` supported (the network works on at most 62 bits).
 MAX_N = 1 << 62
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_MASK63 = np.uint64((1 << 63) - 1)
-_MIX_INIT = 0x243F6A8885A308D3
-
-
-@njit
-def _fmix(z: np.uint64) -> np.uint64:
-    z = (z ^ (z >> np.uint64(30))) * _M1
-    z = (z ^ (z >> np.uint64(27))) * _M2
-    return z ^ (z >> np.uint64(31))
-
 
 @njit
 def _round_keys(seed: np.uint64) -> np.ndarray:
+    # the first ROUNDS outputs of the SplitMix64 stream started at ``seed``
     keys = np.empty(ROUNDS, dtype=np.uint64)
     s = np.uint64(seed)
     for r in range(ROUNDS):
-        s = s + _GOLDEN
-        keys[r] = _fmix(s)
+        s, keys[r] = splitmix64_next(s)
     return keys
 
 
@@ -72,7 +62,7 @@ def _feistel_keyed(i: np.int64, n: np.int64, h: np.int64, keys: np.ndarray) -> n
         left = x >> uh
         right = x & mask
         for r in range(ROUNDS):
-            f = _fmix(right ^ keys[r]) & mask
+            f = fmix64(right ^ keys[r]) & mask
             left, right = right, left ^ f
         x = (left << uh) | right
         if x < np.uint64(n):
@@ -133,25 +123,8 @@ def feistel_permute(indices: NDArray[np.int64], n: int, seed: int) -> NDArray[np
     return _feistel_permute(idx, np.int64(n), np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF))
 
 
-# ---- seeds inside kernels ------------------------------------------------------------------------------------
-@njit
-def mix_step(h: np.uint64, part: np.uint64) -> np.uint64:
-    """One step of ``native.rng.mix_seed``'s fold: ``mix_seed(*parts, p) == mix_step(mix_prefix(*parts), p) & (2**63-1)``."""
-    h = h ^ (part + _GOLDEN + (h << np.uint64(6)) + (h >> np.uint64(2)))
-    return _fmix(h + _GOLDEN)
-
-
-def mix_prefix(*parts: int) -> int:
-    """The unmasked fold state of ``native.rng.mix_seed(*parts)``, to be continued in a kernel by :func:`mix_step`."""
-    h = _MIX_INIT
-    m = 0xFFFFFFFFFFFFFFFF
-    for p in parts:
-        h ^= ((int(p) & m) + 0x9E3779B97F4A7C15 + ((h << 6) & m) + (h >> 2)) & m
-        z = (h + 0x9E3779B97F4A7C15) & m
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
-        h = z ^ (z >> 31)
-    return h
+# Seeds inside kernels: ``mix_prefix`` / ``mix_step`` are ``native.rng``'s one seed fold, re-exported here
+# because the stream kernels below are keyed by them.
 
 
 # ---- permuted streams ----------------------------------------------------------------------------------------
@@ -180,18 +153,6 @@ def _stream_fill(out: np.ndarray, at: np.int64, start: np.int64, count: np.int64
 
 
 @njit
-def _shuffle(a: np.ndarray, seed: np.uint64) -> None:
-    s = seed
-    for i in range(a.shape[0] - 1, 0, -1):
-        s = s + _GOLDEN
-        r = _fmix(s) >> np.uint64(32)
-        j = np.int64((r * np.uint64(i + 1)) >> np.uint64(32))
-        t = a[i]
-        a[i] = a[j]
-        a[j] = t
-
-
-@njit
 def _stream_batches(starts: np.ndarray, counts: np.ndarray, sizes: np.ndarray, offsets: np.ndarray,
                     prefixes: np.ndarray, batch_ids: np.ndarray, shuffle_prefix: np.uint64) -> np.ndarray:
     nb, nd = counts.shape
@@ -208,7 +169,7 @@ def _stream_batches(starts: np.ndarray, counts: np.ndarray, sizes: np.ndarray, o
             if c > 0:
                 _stream_fill(out, at, starts[b, d], c, sizes[d], offsets[d], prefixes[d])
                 at += c
-        _shuffle(out[first:at], mix_step(shuffle_prefix, np.uint64(batch_ids[b])) & _MASK63)
+        shuffle_from(out[first:at], mix_step(shuffle_prefix, np.uint64(batch_ids[b])) & _MASK63)
     return out
 
 
@@ -239,3 +200,97 @@ def stream_batches(starts: NDArray[np.int64], counts: NDArray, sizes: NDArray[np
                            np.ascontiguousarray(prefixes, dtype=np.uint64),
                            np.ascontiguousarray(batch_ids, dtype=np.int64),
                            np.uint64(int(shuffle_prefix) & 0xFFFFFFFFFFFFFFFF))
+
+
+# ---- ranges of a permutation, and shard-window shuffles ------------------------------------------------------
+@njit
+def _feistel_range(start: np.int64, stop: np.int64, n: np.int64, seed: np.uint64) -> np.ndarray:
+    out = np.empty(stop - start, dtype=np.int64)
+    if n <= 1:
+        out[:] = 0
+        return out
+    h = _half_bits(n)
+    keys = _round_keys(seed)
+    for k in range(stop - start):
+        out[k] = _feistel_keyed(start + k, n, h, keys)
+    return out
+
+
+def feistel_range(start: int, stop: int, n: int, seed: int) -> NDArray[np.int64]:
+    """``feistel_permute(np.arange(start, stop), n, seed)`` without the ``arange``: positions ``[start, stop)`` of
+    the seeded permutation of ``[0, n)``.
+
+    Args:
+        start, stop: ``0 <= start <= stop <= n``.
+        n: domain size, ``1 <= n <= 2**62``.
+        seed: any integer (taken modulo 2**64).
+
+    Returns:
+        int64 ``[stop - start]``.
+    """
+    if not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_N:
+        raise ValueError(f"n must be an integer in [1, 2**62] (got {n=})")
+    if not 0 <= start <= stop <= n:
+        raise ValueError(f"need 0 <= start <= stop <= n (got {start=}, {stop=}, {n=})")
+    return _feistel_range(np.int64(start), np.int64(stop), np.int64(n), np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF))
+
+
+@njit
+def _shard_window_rows(start: np.int64, stop: np.int64, cum: np.ndarray, first_row: np.ndarray, window: np.int64,
+                       prefix: np.uint64) -> np.ndarray:
+    out = np.empty(stop - start, dtype=np.int64)
+    num_shards = cum.shape[0] - 1
+    p = start
+    at = 0
+    while p < stop:
+        s = np.searchsorted(cum, p, side="right") - 1
+        w = s // window
+        lo_s = w * window
+        hi_s = min(num_shards, lo_s + window)
+        lo = cum[lo_s]
+        m = cum[hi_s] - lo
+        end = min(stop, cum[hi_s])
+        h = _half_bits(m) if m > 1 else np.int64(1)
+        keys = _round_keys(mix_step(prefix, np.uint64(w)) & _MASK63)
+        part = cum[lo_s : hi_s + 1]
+        for q in range(p - lo, end - lo):
+            x = _feistel_keyed(q, m, h, keys) if m > 1 else np.int64(0)
+            t = lo + x
+            j = lo_s + np.searchsorted(part, t, side="right") - 1
+            out[at] = first_row[j] + (t - cum[j])
+            at += 1
+        p = end
+    return out
+
+
+def shard_window_rows(start: int, stop: int, shard_rows: NDArray[np.int64], shard_first_row: NDArray[np.int64],
+                      window: int, prefix: int) -> NDArray[np.int64]:
+    """Rows at positions ``[start, stop)`` of a shard-window shuffle (Mosaic streaming's ``py1b``, stateless).
+
+    The stream is the shards in the given order (``shard_rows[j]`` rows starting at dataset row
+    ``shard_first_row[j]``), cut into windows of ``window`` consecutive shards; window ``w``'s rows are
+    permuted among themselves by a Feistel permutation keyed ``mix_step(prefix, w) & 2**63-1``. A batch then
+    touches at most the shards of one or two windows, and any position costs O(log shards).
+
+    Args:
+        start, stop: stream positions, ``0 <= start <= stop <= shard_rows.sum()``.
+        shard_rows: int64 ``[S]`` rows per shard, in stream (shuffled) order.
+        shard_first_row: int64 ``[S]`` first dataset row of each of those shards.
+        window: shards per window, ``>= 1``.
+        prefix: fold state from :func:`mix_prefix` (the window seeds continue it).
+
+    Returns:
+        int64 ``[stop - start]`` dataset rows.
+    """
+    rows = np.ascontiguousarray(shard_rows, dtype=np.int64)
+    first = np.ascontiguousarray(shard_first_row, dtype=np.int64)
+    if rows.ndim != 1 or first.shape != rows.shape:
+        raise ValueError(f"shard_rows and shard_first_row must be 1-D of one length (got {rows.shape}, {first.shape})")
+    if window < 1:
+        raise ValueError(f"window must be >= 1 shard (got {window=})")
+    cum = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(rows, out=cum[1:])
+    if not 0 <= start <= stop <= cum[-1]:
+        raise ValueError(f"need 0 <= start <= stop <= {int(cum[-1])} rows (got {start=}, {stop=})")
+    return _shard_window_rows(np.int64(start), np.int64(stop), cum, first, np.int64(window),
+                              np.uint64(int(prefix) & 0xFFFFFFFFFFFFFFFF))

@@ -17,11 +17,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from native._config import njit
-from native.rng import splitmix64
+from native.rng import SPLITMIX_M1, splitmix64
 
 __all__ = ["bin_table", "draw_pairs", "margin_bins"]
-
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
 
 
 @njit
@@ -129,7 +127,7 @@ def _draw_pairs(queries, offsets, qbin_off, bin_start, bin_count, sorted_rows, s
     for i in range(n):
         q = queries[i]
         # counter-based: the draw of query q depends only on (seed, q), not on where q sits in the epoch
-        state[0] = seed ^ (np.uint64(q) * _M1)
+        state[0] = seed ^ (np.uint64(q) * SPLITMIX_M1)
         r1 = splitmix64(state) >> np.uint64(32)
         r2 = splitmix64(state) >> np.uint64(32)
         if balanced:

@@ -82,7 +82,7 @@ def largest_remainder_counts(weights: NDArray[np.float64], total: int,
     return base + (ranks < short[:, None])
 
 
-def _constant_runs(schedule, total_steps: int) -> list[int] | None:
+def constant_runs(schedule, total_steps: int) -> list[int] | None:
     """Sorted first steps of the constant runs of a schedule that declares itself piecewise constant
     (``piecewise_constant = True`` and ``phase_starts(total_steps)``, as ``mixtures.Constant``/``Piecewise``/
     ``DomainUpsampling`` do), else None (ask every step). Duck-typed: samplers import no schedule class."""
@@ -199,7 +199,7 @@ class MixtureBatchSampler(BatchSamplerBase):
         """``[total_steps, D]`` weights (the schedule is pure, so they are computed once)."""
         D, T = len(self.domains), self.total_steps
         W = np.empty((T, D), dtype=np.float64)
-        starts = _constant_runs(self.schedule, T)  # steps where a piecewise-constant schedule changes
+        starts = constant_runs(self.schedule, T)  # steps where a piecewise-constant schedule changes
         steps = range(T) if starts is None else starts
         ends = None if starts is None else [*starts[1:], T]
         for i, s in enumerate(steps):

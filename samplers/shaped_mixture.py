@@ -44,7 +44,7 @@ from native.feistel import mix_prefix, stream_batches
 from native.rng import mix_seed
 from native.shaped_counts import shaped_counts
 from samplers.base import BatchSamplerBase, Plan, PlanWarning
-from samplers.mixture import _constant_runs, largest_remainder_counts
+from samplers.mixture import constant_runs, largest_remainder_counts
 
 
 __all__ = ["ShapedMixtureBatchSampler"]
@@ -57,7 +57,7 @@ def schedule_weights(schedule, total_steps: int, num_domains: int) -> NDArray[np
     """``[total_steps, D]`` weights of a schedule (asked once per constant run of a known piecewise schedule)."""
     T, D = total_steps, num_domains
     W = np.empty((T, D), dtype=np.float64)
-    starts = _constant_runs(schedule, T)
+    starts = constant_runs(schedule, T)
     steps = range(T) if starts is None else starts
     ends = None if starts is None else [*starts[1:], T]
     for i, s in enumerate(steps):
@@ -112,9 +112,9 @@ class ShapedMixtureBatchSampler(BatchSamplerBase):
     _elastic = False
 
     def __init__(self, groups: Sequence[ArrayLike], schedule, *, batch_sizes: Mapping[int, int], total_steps: int,
-                 sizes: Sequence[ArrayLike] | Mapping[int, float] | None = None, group_odds: Mapping[int, float] | None = None,
-                 cycles: int = 1, max_passes: float = 4.0, strict: bool = False, seed: int = 0,
-                 rank: int | None = None, world_size: int | None = None) -> None:
+                 sizes: Sequence[ArrayLike] | Mapping[int, float] | None = None,
+                 group_odds: Mapping[int, float] | None = None, cycles: int = 1, max_passes: float = 4.0,
+                 strict: bool = False, seed: int = 0, rank: int | None = None, world_size: int | None = None) -> None:
         super().__init__(seed=seed, rank=rank, world_size=world_size, drop_last=False, strict=strict)
         if not hasattr(schedule, "weights_at") or not hasattr(schedule, "domains"):
             raise TypeError("schedule must have .domains and weights_at(step, total_steps) "
@@ -179,7 +179,8 @@ class ShapedMixtureBatchSampler(BatchSamplerBase):
         if per_group:
             bad = [k for k in present if not (k in sizes and np.isfinite(sizes[k]) and sizes[k] > 0)]
             if bad:
-                raise ValueError(f"sizes (per group) must give a finite size > 0 for every group; bad or missing: {bad}")
+                raise ValueError(f"sizes (per group) must give a finite size > 0 for every group (bad or missing: "
+                                 f"{bad})")
         avail = np.zeros((D, G), dtype=np.int64)
         units = np.zeros((D, G), dtype=np.float64)
         self.excluded = np.zeros(D, dtype=np.int64)

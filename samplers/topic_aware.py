@@ -318,11 +318,11 @@ class TopicAwareBatchSampler(BatchSamplerBase):
             starts = np.searchsorted(ub, np.arange(nb))
             distinct = np.bincount(ub, minlength=nb)
             purity = np.maximum.reduceat(cnt, starts) / plan.sizes
-            out.update(topic_purity=purity, topic_purity_mean=float(purity.mean()),
+            out.update(topic_purity=purity.tolist(), topic_purity_mean=float(purity.mean()),
                        topic_purity_min=float(purity.min()), clusters_in_batch_max=int(distinct.max()),
                        batches_over_cluster_limit=int((distinct > self.clusters_per_batch).sum()))
         else:
-            out.update(topic_purity=np.zeros(0), topic_purity_mean=0.0, topic_purity_min=0.0,
+            out.update(topic_purity=[], topic_purity_mean=0.0, topic_purity_min=0.0,
                        clusters_in_batch_max=0, batches_over_cluster_limit=0)
         if self.pairs is not None:
             nbins = self.margin_bins

@@ -59,7 +59,8 @@ class S3Server:
         return f"127.0.0.1:{self.port}"
 
     def filesystem(self, **options) -> pafs.S3FileSystem:
-        opts = dict(connect_timeout=1, request_timeout=5)
+        # one attempt per call: datapipe.remote does the retrying (and the tests see it do so)
+        opts = dict(connect_timeout=1, request_timeout=5, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))
         opts.update(options)
         return pafs.S3FileSystem(endpoint_override=self.endpoint, scheme="http", access_key=ACCESS_KEY,
                                  secret_key=SECRET_KEY, region=REGION, **opts)

@@ -355,3 +355,35 @@ def test_two_gloo_ranks_resume_on_three():
     rest = [r for part in second for b in part["rows"] for r in b]
     both = consumed + rest
     assert len(both) == len(set(both)) == 301
+
+
+# ---- resume cost -------------------------------------------------------------------------------------------
+class CountingBudget(samplers.TokenBudgetBatchSampler):
+    builds: list
+
+    def _build_plan(self, epoch):
+        self.builds.append(epoch)
+        return super()._build_plan(epoch)
+
+
+def test_restoring_builds_the_current_epochs_plan_once():
+    lengths = np.arange(500) % 60 + 1
+
+    def make():
+        s = CountingBudget(lengths, max_tokens=200, seed=1)
+        s.builds = []
+        return datapipe.DataLoader(Rows(500), batch_sampler=s), s
+
+    a, _ = make()
+    for _ in range(2):
+        list(a)
+    it = iter(a)
+    for _ in range(3):
+        next(it)
+    state = a.state_dict()
+    del it
+    b, s = make()
+    b.load_state_dict(state)
+    rest = list(b)
+    assert s.builds == [2], s.builds  # the epoch being resumed, once; nothing rebuilt at iter()
+    assert len(rest) == len(s) - 3

@@ -152,3 +152,26 @@ def test_device_prefetcher_copies_one_step_ahead_on_cpu():
     rest = list(it)
     assert [b["n"] for b in rest] == [1, 2, 3] and all(b["x"].device.type == "cpu" for b in rest)
     assert torch.equal(rest[-1]["x"], torch.full((2,), 3))
+
+
+def test_device_prefetcher_raises_a_source_error_in_order_and_keeps_len():
+    def source():
+        yield {"x": torch.zeros(1)}
+        raise OSError("shard gone")
+
+    it = DevicePrefetcher(source(), torch.device("cpu"))
+    assert torch.equal(next(it)["x"], torch.zeros(1))
+    with pytest.raises(OSError, match="shard gone"):
+        next(it)
+    with pytest.raises(StopIteration):
+        next(it)
+    assert len(DevicePrefetcher([1, 2, 3], "cpu")) == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_pin_and_device_prefetch():
+    batches = [{"ids": torch.arange(i, i + 1000)} for i in range(5)]
+    pinned = [pin(b) for b in batches]
+    assert all(p["ids"].is_pinned() for p in pinned)
+    out = list(DevicePrefetcher(iter(pinned), "cuda"))
+    assert all(o["ids"].is_cuda and torch.equal(o["ids"].cpu(), b["ids"]) for o, b in zip(out, batches))

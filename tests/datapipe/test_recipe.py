@@ -261,3 +261,39 @@ def test_multidataset_merges_decomposed_batches(root, run):
         one = ds.datasets[d].__getitems__([int(batch["sequence_ids"][i])])
         inner = cu[(cu >= i * L) & (cu <= (i + 1) * L)] - i * L
         np.testing.assert_array_equal(inner, one["cu_seqlens"].numpy())
+
+
+def _rank_main(rank, world, port, recipe_path, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loader = Recipe.load(recipe_path).loader()  # rank and world size from torch.distributed
+            shapes = [tuple(b["input_ids"].shape) for b in loader]
+        got = [None] * world
+        dist.all_gather_object(got, shapes)
+        if rank == 0:
+            (out / "shapes.json").write_text(json.dumps(got))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes importing torch: ~10-40 s on the shared 2-core machine
+def test_two_process_group_decomposes_and_ranks_agree(tmp_path):
+    """A real gloo group of 2 processes on fresh domains (rank 0 decomposes while rank 1 waits at a barrier): the
+    ranks yield the same shape at every step."""
+    import torch.multiprocessing as mp
+
+    from tests.helpers import free_port
+
+    write_domains(tmp_path, n=300, seed=4)
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(acceptance_recipe(total_steps=40)))
+    mp.start_processes(_rank_main, args=(2, free_port(), str(path), tmp_path), nprocs=2, join=True,
+                       start_method="spawn")
+    r0, r1 = json.loads((tmp_path / "shapes.json").read_text())
+    assert len(r0) == len(r1) == 40 and r0 == r1
+    assert all(b * L == TPB for b, L in r0)
+    assert all((tmp_path / n / "decomposition" / "manifest.json").exists() for n in NAMES)

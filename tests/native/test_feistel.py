@@ -184,3 +184,52 @@ def test_stream_passes_are_fresh_permutations():
     assert np.bincount(got - 100, minlength=size).tolist() == [passes] * size
     per_pass = [feistel_permute(np.arange(size), size, mix_seed(5, p)) for p in range(passes)]
     assert len({tuple(p) for p in per_pass}) == passes
+
+
+# ---- ranges and shard-window shuffles ----------------------------------------------------------------------
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 5000), a=st.integers(0, 5000), b=st.integers(0, 5000), seed=st.integers(0, 2**64 - 1))
+def test_feistel_range_is_permute_of_arange(n, a, b, seed):
+    from native.feistel import feistel_range
+
+    lo, hi = sorted((a % (n + 1), b % (n + 1)))
+    np.testing.assert_array_equal(feistel_range(lo, hi, n, seed), feistel_reference(np.arange(lo, hi), n, seed))
+
+
+def shard_window_reference(start, stop, shard_rows, first_row, window, prefix):
+    """Plain NumPy: windows of ``window`` shards in order, each window's rows permuted by its own Feistel seed."""
+    out = []
+    for w0 in range(0, len(shard_rows), window):
+        rows = np.concatenate([np.arange(f, f + n) for f, n in zip(first_row[w0:w0 + window],
+                                                                    shard_rows[w0:w0 + window])] + [[]])
+        rows = rows.astype(np.int64)
+        seed = int(mix_step(np.uint64(prefix), np.uint64(w0 // window))) & (2**63 - 1)
+        out.append(rows[feistel_reference(np.arange(len(rows)), len(rows), seed)] if len(rows) else rows)
+    return np.concatenate(out)[start:stop]
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(0, 30), min_size=1, max_size=10), window=st.integers(1, 4),
+       seed=st.integers(0, 2**40), cut=st.tuples(st.integers(0, 400), st.integers(0, 400)))
+def test_shard_window_rows_matches_reference(sizes, window, seed, cut):
+    from native.feistel import shard_window_rows
+
+    sizes = np.array(sizes, dtype=np.int64)
+    first = np.concatenate([[0], np.cumsum(sizes)[:-1]])[::-1].copy()  # shards listed in reverse order
+    sizes = sizes[::-1].copy()
+    n = int(sizes.sum())
+    lo, hi = sorted((cut[0] % (n + 1), cut[1] % (n + 1)))
+    prefix = mix_prefix(seed)
+    got = shard_window_rows(lo, hi, sizes, first, window, prefix)
+    np.testing.assert_array_equal(got, shard_window_reference(lo, hi, sizes, first, window, prefix))
+    if lo == 0 and hi == n:
+        assert sorted(got.tolist()) == list(range(n))
+
+
+def test_shard_window_rows_rejects_bad_input():
+    from native.feistel import shard_window_rows
+
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        shard_window_rows(0, 1, np.array([3]), np.array([0]), 0, 1)
+    with pytest.raises(ValueError, match="need 0 <= start <= stop <= 3 rows"):
+        shard_window_rows(0, 4, np.array([3]), np.array([0]), 1, 1)

@@ -1,0 +1,144 @@
+"""Windowed token-budget plans: batches of one window of rows depend on nothing else.
+
+A window is a contiguous range of a *block-level* permutation: rows are grouped into blocks of ``block``
+contiguous rows (one or two cache lines of an int32 length column, so a pass over the lengths reads memory
+almost sequentially, also through a memory map), the blocks are permuted by a stateless Feistel permutation
+(``native.feistel``), and window ``w`` holds the rows of permuted blocks ``[w * per_window, (w + 1) *
+per_window)``. Inside a window the rows are shuffled (Fisher-Yates, seed ``mix_step(prefix, w)``), cut into
+chunks of ``sort_window`` rows, each chunk sorted by length (stable), and batches cut greedily under the padded
+budget (``native.batching.budget_cuts``): the "random yet tight" batches of DESIGN.md, window by window.
+
+:func:`window_sizes` is the counting pass (batch sizes of many windows, in parallel over windows: each window's
+integers are computed on their own, so the result is bitwise the same for any thread count);
+:func:`window_batches` gives one window's rows and batch offsets when its batches are yielded.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numpy.typing import NDArray
+
+from native._config import njit
+from native.batching import _budget_cuts
+from native.feistel import _MASK63, _feistel_keyed, _half_bits, _round_keys, mix_step
+from native.rng import _shuffle_inplace
+
+__all__ = ["window_batches", "window_sizes"]
+
+
+@njit
+def _window_plan(lengths: np.ndarray, w: np.int64, n: np.int64, block: np.int64, per_window: np.int64,
+                 permute: bool, block_seed: np.uint64, prefix: np.uint64, sort_window: np.int64,
+                 max_tokens: np.int64, max_rows: np.int64) -> tuple[np.ndarray, np.ndarray, np.int64]:
+    nblocks = (n + block - 1) // block
+    b0 = w * per_window
+    b1 = min(nblocks, b0 + per_window)
+    rows = np.empty((b1 - b0) * block, dtype=np.int64)
+    h = _half_bits(nblocks) if nblocks > 1 else np.int64(1)
+    keys = _round_keys(block_seed)
+    at = 0
+    dropped = 0
+    for k in range(b0, b1):
+        blk = _feistel_keyed(k, nblocks, h, keys) if permute and nblocks > 1 else k
+        lo = blk * block
+        hi = min(n, lo + block)
+        for i in range(lo, hi):
+            if lengths[i] <= max_tokens:
+                rows[at] = i
+                at += 1
+            else:
+                dropped += 1
+    rows = rows[:at]
+    if permute:
+        state = np.empty(1, dtype=np.uint64)
+        state[0] = mix_step(prefix, np.uint64(w)) & _MASK63
+        _shuffle_inplace(rows, state)
+    lens = np.empty(at, dtype=np.int64)
+    for i in range(at):
+        lens[i] = lengths[rows[i]]
+    if sort_window > 1:
+        for c0 in range(0, at, sort_window):
+            c1 = min(at, c0 + sort_window)
+            order = np.argsort(lens[c0:c1], kind="mergesort")  # stable: ties keep the shuffled order
+            rows[c0:c1] = rows[c0:c1][order]
+            lens[c0:c1] = lens[c0:c1][order]
+    cuts = _budget_cuts(lens, max_tokens, max_rows)
+    return rows, cuts, dropped
+
+
+@njit(parallel=True)
+def _window_sizes(lengths: np.ndarray, w0: np.int64, w1: np.int64, n: np.int64, block: np.int64,
+                  per_window: np.int64, permute: bool, block_seed: np.uint64, prefix: np.uint64,
+                  sort_window: np.int64, max_tokens: np.int64, max_rows: np.int64):
+    k = w1 - w0
+    cap = per_window * block
+    counts = np.zeros(k, dtype=np.int64)
+    sizes = np.zeros((k, cap), dtype=np.int32)
+    stats = np.zeros((k, 3), dtype=np.int64)  # dropped rows, tokens, padded tokens
+    for i in numba.prange(k):
+        rows, cuts, dropped = _window_plan(lengths, w0 + i, n, block, per_window, permute, block_seed, prefix,
+                                           sort_window, max_tokens, max_rows)
+        nb = cuts.shape[0] - 1
+        counts[i] = nb
+        tokens = 0
+        padded = 0
+        for b in range(nb):
+            size = cuts[b + 1] - cuts[b]
+            sizes[i, b] = size
+            top = 0
+            for j in range(cuts[b], cuts[b + 1]):
+                v = np.int64(lengths[rows[j]])
+                tokens += v
+                if v > top:
+                    top = v
+            padded += top * size
+        stats[i, 0] = dropped
+        stats[i, 1] = tokens
+        stats[i, 2] = padded
+    return counts, sizes, stats
+
+
+def _args(n, block, per_window, permute, block_seed, prefix, sort_window, max_tokens, max_rows):
+    if block < 1 or per_window < 1 or sort_window < 1 or max_tokens < 1:
+        raise ValueError(f"block, per_window, sort_window and max_tokens must be >= 1 (got {block=}, "
+                         f"{per_window=}, {sort_window=}, {max_tokens=})")
+    cap = np.iinfo(np.int64).max if max_rows is None else int(max_rows)
+    return (np.int64(n), np.int64(block), np.int64(per_window), bool(permute),
+            np.uint64(int(block_seed) & 0xFFFFFFFFFFFFFFFF), np.uint64(int(prefix) & 0xFFFFFFFFFFFFFFFF),
+            np.int64(sort_window), np.int64(max_tokens), np.int64(cap))
+
+
+def window_sizes(lengths: NDArray, w0: int, w1: int, *, block: int, per_window: int, permute: bool,
+                 block_seed: int, prefix: int, sort_window: int, max_tokens: int,
+                 max_rows: int | None = None) -> tuple[list[NDArray[np.int32]], NDArray[np.int64]]:
+    """Batch sizes of windows ``[w0, w1)`` (the counting pass; parallel over windows, bitwise reproducible).
+
+    Args:
+        lengths: integer ``[N]`` lengths (any integer dtype; a memory map is read, not copied).
+        w0, w1: window range.
+        block: rows per block; per_window: blocks per window.
+        permute: shuffle (block permutation seeded ``block_seed``, in-window shuffles by ``prefix``); else rows
+            in order.
+        sort_window, max_tokens, max_rows: as ``TokenBudgetBatchSampler``'s.
+
+    Returns:
+        ``(sizes, stats)``: per window an int32 array of batch sizes, and int64 ``[w1 - w0, 3]`` (rows dropped
+        as longer than ``max_tokens``, tokens, padded tokens) per window.
+    """
+    a = _args(len(lengths), block, per_window, permute, block_seed, prefix, sort_window, max_tokens, max_rows)
+    counts, sizes, stats = _window_sizes(lengths, np.int64(w0), np.int64(w1), *a)
+    return [sizes[i, : counts[i]].copy() for i in range(len(counts))], stats
+
+
+def window_batches(lengths: NDArray, w: int, *, block: int, per_window: int, permute: bool, block_seed: int,
+                   prefix: int, sort_window: int, max_tokens: int,
+                   max_rows: int | None = None) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Rows and batch offsets of window ``w`` (arguments as :func:`window_sizes`).
+
+    Returns:
+        ``(rows, offsets)``: int64 rows of the window's batches, batch after batch, and int64 ``[B_w + 1]``.
+    """
+    a = _args(len(lengths), block, per_window, permute, block_seed, prefix, sort_window, max_tokens, max_rows)
+    rows, cuts, _ = _window_plan(lengths, np.int64(w), *a)
+    return rows, cuts
