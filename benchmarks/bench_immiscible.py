@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from samplers.immiscible import assign_linear, knn_noise, knn_noise_exact  # noqa: E402
+from datapipe.immiscible import assign_linear, knn_noise, knn_noise_exact  # noqa: E402
 
 K_SET = (4, 16, 64)
 K_MATCH = (256, 1024, 4096)  # extra k for the exact sampler, to find the k matching LA

@@ -94,10 +94,19 @@ def case(args) -> dict:
         plan = rec.plan(world_size=args.world_size)
         out = {"tokens": sum(plan["tokens"].values()), "passes_max": max(plan["passes"].values())}
     else:  # run every rank's sampler over the first `--iter-steps` steps and count tokens (projected to the run)
+        from types import SimpleNamespace
+
+        from datapipe.dataset import ArrowDataset
+        from native.decompose import decompose_lengths
         from samplers.shaped_mixture import ShapedMixtureBatchSampler
 
         b = rec.batching
-        indexes = [rec._decomposition(p, build=False) for p in rec.paths()]  # once, shared by the ranks
+        indexes = []  # decomposed once (in memory, as the dry run does), shared by the ranks
+        for p in rec.paths():
+            arr = decompose_lengths(ArrowDataset.open(p).index["length"], min_log2=b["min_log2"],
+                                    max_log2=b["max_log2"])
+            indexes.append(SimpleNamespace(sequence_log2=arr["sequence_log2"], sequence_tokens=arr["sequence_tokens"],
+                                           max_log2=b["max_log2"]))
         build, tok, steady = time.perf_counter() - t, 0, 0.0
         for r in range(args.world_size):
             t0 = time.perf_counter()

@@ -31,7 +31,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from samplers.immiscible import assign_linear, knn_noise_exact, plain_noise  # noqa: E402
+from datapipe.immiscible import assign_linear, knn_noise_exact, plain_noise  # noqa: E402
 
 METHODS = {
     "plain": lambda x, g: plain_noise(x, generator=g),

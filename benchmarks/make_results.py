@@ -22,6 +22,8 @@ ORDER = [
     ("Mixture batches at scale (issue 8)", "bench_mixture.md"),
     ("Checked reads: first-touch checksum cost (issue 12)", "bench_integrity.md"),
     ("Recipe dry run: 1e5 steps, 8 domains (issue 16)", "bench_recipe.md"),
+    ("Sampler plans at 1e7-1e9 rows, shard-local shuffles (issue 15)", "bench_scale.md"),
+    ("Datasets on object storage: an epoch over S3 on loopback vs the local copy (issue 15)", "bench_remote.md"),
 ]
 
 

@@ -20,7 +20,8 @@ _LAZY = {
     "datapipe.tas_ingest": ("cluster_embeddings", "ingest_tas", "load_pair_table", "save_pair_table"),
     "datapipe.multi": ("MultiDataset",),
     "datapipe.recipe": ("Recipe",),
+    "datapipe.immiscible": ("ImmiscibleCollate",),
 }
-_MODULES = ("collate",)
+_MODULES = ("collate", "immiscible")
 
 __getattr__, __dir__, __all__, _WHERE = attach(__name__, _LAZY, _MODULES)

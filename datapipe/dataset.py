@@ -24,7 +24,7 @@ from numpy.typing import NDArray
 from datapipe.format import INDEX_FILE, MANIFEST, DatasetError, read_manifest, schema_from_b64, verify_buffer
 from native.ragged import gather_lengths, gather_values
 
-__all__ = ["VERIFY_MODES", "ArrowDataset", "Batch", "DatasetError", "Ragged", "open_ipc"]
+__all__ = ["ArrowDataset", "Batch", "DatasetError", "Ragged", "VERIFY_MODES", "open_ipc"]
 
 
 class Ragged:

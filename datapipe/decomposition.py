@@ -32,7 +32,8 @@ from numpy.typing import NDArray
 
 from datapipe.dataset import ArrowDataset
 from datapipe.format import (DatasetError, _hasher, check_file_entry, check_manifest_digest, exclusive_output,
-                             fsync_path, load_json, publish_dir, temp_name, verify_checksum, write_manifest)
+                             fsync_path, load_json, publish_dir, temp_name, verify_buffer, verify_checksum,
+                             write_manifest)
 from native.decompose import (REMAINDER_POLICIES, bucket_totals, check_doc_lengths, check_log2,
                               decompose_lengths)
 
@@ -362,6 +363,41 @@ class DecomposedIndex:
                                f"{int(self.start[rows[0]])}, length {int(self.length[rows[0]])}) lies outside its "
                                "document; rerun `datapipe decompose`")
 
+    def open_bucket(self, k: int) -> pa.Table:
+        """The materialized bucket ``k`` (``buckets/kNN.arrow``), memory-mapped and checked: size, checksum on the
+        first touch in this process (as ``ArrowDataset`` shards), Arrow structure.
+
+        Raises:
+            DatasetError: no materialized bucket ``k``, or the file is truncated, changed or malformed.
+        """
+        from datapipe.dataset import _VERIFIED
+
+        meta = ((self.materialized or {}).get("buckets") or {}).get(str(int(k)))
+        if meta is None:
+            raise DatasetError(f"{self.path}/buckets: bucket {k} is not materialized; rerun `datapipe decompose "
+                               "--materialize`")
+        p = self.path / "buckets" / meta["file"]
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            raise DatasetError(f"{p}: missing; rerun `datapipe decompose --materialize`") from None
+        if st.st_size != meta["bytes"]:
+            raise DatasetError(f"{p}: {st.st_size} bytes but the manifest says {meta['bytes']}; rerun "
+                               "`datapipe decompose --materialize`")
+        key = (str(p), st.st_ino, st.st_size, st.st_mtime_ns, meta["checksum"])
+        buf = pa.memory_map(str(p), "r").read_buffer()
+        if key not in _VERIFIED:
+            verify_buffer(buf, meta["checksum"], p)
+            _VERIFIED.add(key)
+        try:
+            t = pa.ipc.open_file(buf).read_all()
+            t.validate(full=True)
+        except (pa.ArrowException, OSError) as e:
+            raise DatasetError(f"{p}: cannot read ({e}); rerun `datapipe decompose --materialize`") from None
+        if t.num_rows != meta["rows"]:
+            raise DatasetError(f"{p}: {t.num_rows} rows but the manifest says {meta['rows']}")
+        return t
+
     @classmethod
     def open(cls, dataset_dir: str | os.PathLike, *, verify: bool = True) -> DecomposedIndex:
         """Open the decomposition stored in ``dataset_dir``.
@@ -425,18 +461,16 @@ def bucket_histogram_lines(dataset_dir: str | os.PathLike) -> list[str]:
 def plot_buckets(dataset_dir: str | os.PathLike, ax=None):
     """Bar chart of tokens per bucket on a matplotlib axis (a new figure when ``ax`` is None); returns the axis.
 
-    Does nothing (returns ``ax``) when the dataset has no decomposition.
+    Does nothing (returns ``ax``) when the dataset has no decomposition. A new figure is a bare
+    ``matplotlib.figure.Figure`` (save it with ``ax.figure.savefig``): the process's pyplot backend is left alone.
     """
     if not DecomposedIndex.exists(dataset_dir):
         return ax
     idx = DecomposedIndex.open(dataset_dir)
     if ax is None:
-        import matplotlib
+        from matplotlib.figure import Figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        _, ax = plt.subplots(figsize=(6, 3.5))
+        ax = Figure(figsize=(6, 3.5)).subplots()
     ks = sorted(idx.bucket_tokens)
     ax.bar([str(1 << k) for k in ks], [idx.bucket_tokens[k] for k in ks], color="tab:blue")
     ax.set_xlabel("sequence length (tokens), bucket D_k")

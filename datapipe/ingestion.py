@@ -59,6 +59,13 @@ def _row_of(mask) -> int:
     return int(np.flatnonzero(np.asarray(mask, dtype=bool))[0])
 
 
+def _refuse_nulls(name: str, row0: int, column: str, arr: pa.Array, what: str) -> None:
+    """Raise naming the first null row of ``arr`` (``what`` says what it is and the fix)."""
+    if arr.null_count:
+        bad = _row_of(arr.is_null().to_numpy(zero_copy_only=False))
+        raise DatasetError(f"{name}: row {row0 + bad}, column {column!r}: {what}")
+
+
 def _check_ids(name: str, row0: int, column: str, arr: pa.Array, vocab_size: int | None) -> pa.Array:
     """``arr`` as list<int32> after refusing nulls, non-integers, negatives and ids >= vocab size / > int32."""
     t = arr.type
@@ -68,10 +75,7 @@ def _check_ids(name: str, row0: int, column: str, arr: pa.Array, vocab_size: int
     if not (pa.types.is_integer(t.value_type) or pa.types.is_null(t.value_type)):
         raise DatasetError(f"{name}: column {column!r} holds lists of {t.value_type}, not integer token ids; cast "
                            "the ids to integers before ingest")
-    if arr.null_count:
-        bad = _row_of(arr.is_null().to_numpy(zero_copy_only=False))
-        raise DatasetError(f"{name}: row {row0 + bad}, column {column!r}: null token list; drop the row or give it "
-                           "an empty list")
+    _refuse_nulls(name, row0, column, arr, "null token list; drop the row or give it an empty list")
     values = pc.list_flatten(arr)
     parents = None
     if values.null_count:
@@ -99,10 +103,8 @@ def _tokenize_column(name: str, row0: int, column: str, text: pa.Array, tok) -> 
     if not (pa.types.is_string(t) or pa.types.is_large_string(t) or is_binary):
         raise DatasetError(f"{name}: column {column!r} holds {t}, not text; pass the text column as text_column= "
                            "(or ids as tokens_column=)")
-    if text.null_count:
-        bad = _row_of(text.is_null().to_numpy(zero_copy_only=False))
-        raise DatasetError(f"{name}: row {row0 + bad}, column {column!r}: null text ({text.null_count} null rows "
-                           "in this batch); drop those rows or fill them")
+    _refuse_nulls(name, row0, column, text,
+                  f"null text ({text.null_count} null rows in this batch); drop those rows or fill them")
     docs = text.to_pylist()
     if is_binary and not isinstance(tok, ByteTokenizer):
         docs = [d.decode("utf-8", errors="replace") for d in docs]

@@ -82,10 +82,7 @@ def summarize(path: str | os.PathLike, *, verify: bool = True) -> dict:
 def plot_summary(path: str | os.PathLike, png: str | os.PathLike) -> None:
     """Length histogram (log-spaced bins; a duration histogram for speech datasets without lengths) and, if a
     decomposition exists, its bucket histogram, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: a notebook's backend stays as it was
 
     ds = ArrowDataset.open(path)
     lengths = ds.index.get("length")
@@ -95,7 +92,8 @@ def plot_summary(path: str | os.PathLike, png: str | os.PathLike) -> None:
     except ImportError:
         pass
     has_dec = plot_buckets is not None and os.path.isdir(os.path.join(ds.path, "decomposition"))
-    fig, axes = plt.subplots(1, 2 if has_dec else 1, figsize=(11 if has_dec else 6, 4), squeeze=False)
+    fig = Figure(figsize=(11 if has_dec else 6, 4))
+    axes = fig.subplots(1, 2 if has_dec else 1, squeeze=False)
     ax = axes[0, 0]
     if lengths is not None and len(lengths):
         bins = np.unique(np.logspace(0, np.log10(max(2, lengths.max())), 50).astype(int))
@@ -112,4 +110,3 @@ def plot_summary(path: str | os.PathLike, png: str | os.PathLike) -> None:
         plot_buckets(ds.path, axes[0, 1])
     fig.tight_layout()
     fig.savefig(png, dpi=110)
-    plt.close(fig)

@@ -25,6 +25,7 @@ Where the order of a pass comes from, and how a resume finds it again:
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import TypeVar
 
@@ -68,23 +69,30 @@ def _dataset_identity(ds) -> dict:
 
 class _IndexSource:
     """What torch's iterator reads as the index sampler: the loader's pass, from its position, skipping batches
-    delivered ahead. Every ``iter()`` (also a persistent-worker reset) starts the pass the loader set up."""
+    delivered ahead. Every ``iter()`` (also a persistent-worker reset) starts the pass the loader set up.
+
+    It and the iterators hold the loader weakly: as with torch, ``del loader`` (or its iterator) frees the workers at
+    once, without waiting for the cycle collector."""
 
     def __init__(self, loader: DataLoader) -> None:
-        self.loader = loader
+        self._loader = weakref.ref(loader)
 
     def __len__(self) -> int:
-        return self.loader._epoch_len()
+        return self._loader()._epoch_len()
 
     def __iter__(self) -> Iterator:
-        return self.loader._pass_indices()
+        return self._loader()._pass_indices()
 
 
 class _Tracked:
     """Shared by the single- and multi-process iterators: counts each batch delivered (or raised) at its position."""
 
+    @property
+    def _dp(self) -> DataLoader:
+        return self._dp_ref()
+
     def _track(self, loader: DataLoader) -> None:
-        self._dp = loader
+        self._dp_ref = weakref.ref(loader)
         self._discard = loader._pass_discard
         self._task: int | None = None
         self._sent = 0
@@ -97,7 +105,7 @@ class _Tracked:
         super()._reset(loader, first_iter)
 
     def _end(self) -> None:
-        if not self._ended:  # once per pass, however often next() is called on the spent iterator
+        if not self._ended and self._dp is not None:  # once per pass, however often next() is called
             self._ended = True
             self._dp._pass_finished()
 
@@ -105,6 +113,8 @@ class _Tracked:
         if self._next_pass is not None:
             return next(self._next_pass)
         dp = self._dp
+        if dp is None:  # the loader is gone (only its iterator is used): nothing left to count for
+            return super().__next__()
         while self._discard:  # an IterableDataset resumes by reading and dropping what was delivered before
             self._discard -= 1
             try:
@@ -149,15 +159,8 @@ class _SingleIter(_Tracked, _SingleProcessDataLoaderIter):
             from datapipe.prefetch import ThreadPrefetcher
 
             fetcher = self._dataset_fetcher
-            self._threads = ThreadPrefetcher(fetcher.fetch, self._counted_indices(), depth=loader.prefetch,
+            self._threads = ThreadPrefetcher(fetcher.fetch, self._sampler_iter, depth=loader.prefetch,
                                              num_threads=min(loader.prefetch, 4))
-
-    def _counted_indices(self):
-        while True:
-            try:
-                yield super()._next_index()
-            except StopIteration:
-                return
 
     def _next_index(self):
         index = super()._next_index()
@@ -179,7 +182,7 @@ class _SingleIter(_Tracked, _SingleProcessDataLoaderIter):
             self._threads.close()
             from datapipe.prefetch import ThreadPrefetcher
 
-            self._threads = ThreadPrefetcher(self._dataset_fetcher.fetch, self._counted_indices(),
+            self._threads = ThreadPrefetcher(self._dataset_fetcher.fetch, self._sampler_iter,
                                              depth=loader.prefetch, num_threads=min(loader.prefetch, 4))
 
     def __del__(self) -> None:
@@ -341,49 +344,22 @@ class DataLoader(tud.DataLoader[T_co]):
         return super().__iter__()
 
     def _pass_indices(self) -> Iterator:
-        """The indices of the current pass, from the loader's position; records each item's position."""
+        """The indices of the current pass, from the loader's position; records each item's position. The
+        generators below hold no reference to the loader (see :class:`_IndexSource`)."""
         kind = _kind(self)
         start, ahead = self._pass_prefix, self._pass_ahead
-        self._positions = [] if ahead else None
+        positions = self._positions = [] if ahead else None
         if kind == "native":
             s = self._native()
             s.seek(start)
             self._sampler_epoch = s.epoch
             items = s
         elif kind == "ordered":
-            items = self._ordered_items(start)
+            src = self._index_sampler_torch()
+            items = _ordered_items(weakref.ref(self), src, self._epoch, start)
         else:
-            items = self._replayed_items(start)
-        return self._skipping(items, start, ahead)
-
-    def _skipping(self, items, start: int, ahead) -> Iterator:
-        convert = self._convert
-        for pos, item in enumerate(items, start):
-            if pos in ahead:
-                continue
-            if self._positions is not None:
-                self._positions.append(pos)
-            yield convert(item)
-
-    def _convert(self, item):
-        if isinstance(item, np.ndarray):
-            return item if self._arrays else item.tolist()
-        return item
-
-    def _ordered_items(self, start: int) -> Iterator:
-        src = self._index_sampler_torch()
-        sampler = src.sampler if type(src) is tud.BatchSampler else src
-        if isinstance(sampler, SeededRandomSampler):
-            sampler.set_epoch(self._epoch)
-        order, self._record = epoch_order(sampler, self._epoch, self._record)
-        if type(src) is not tud.BatchSampler:  # batch_size=None: one index at a time
-            for i in order[start:].tolist():
-                yield i
-            return
-        bs = src.batch_size
-        stop = len(order) - len(order) % bs if src.drop_last else len(order)
-        for b0 in range(start * bs, stop, bs):
-            yield order[b0 : b0 + bs]
+            items = _replayed_items(self._index_sampler_torch(), start)
+        return _skipping(items, start, ahead, positions, self._arrays)
 
     def _order_generator(self) -> torch.Generator | None:
         """The generator a torch RandomSampler of this loader draws its order from (None: the global RNG)."""
@@ -392,13 +368,6 @@ class DataLoader(tud.DataLoader[T_co]):
         src = self._index_sampler_torch()
         sampler = src.sampler if type(src) is tud.BatchSampler else src
         return getattr(sampler, "generator", None) if type(sampler) is tud.RandomSampler else None
-
-    def _replayed_items(self, start: int) -> Iterator:
-        it = iter(self._index_sampler_torch())
-        for _ in range(start):
-            if next(it, None) is None:
-                return
-        yield from it
 
     def _delivered(self, task: int) -> None:
         if self._iterable:
@@ -510,6 +479,44 @@ class DataLoader(tud.DataLoader[T_co]):
                     src = self._index_sampler_torch()
                     epoch_order(src.sampler if type(src) is tud.BatchSampler else src, self._epoch, self._record)
                 self._move(self._epoch + 1)
+
+
+def _skipping(items, start: int, ahead, positions: list | None, arrays: bool) -> Iterator:
+    for pos, item in enumerate(items, start):
+        if pos in ahead:
+            continue
+        if positions is not None:
+            positions.append(pos)
+        if isinstance(item, np.ndarray) and not arrays:
+            item = item.tolist()  # a dataset not of this library gets Python ints, as from torch's samplers
+        yield item
+
+
+def _ordered_items(loader_ref, src, epoch: int, start: int) -> Iterator:
+    """Torch's (or the seeded) order of one epoch, drawn at the first ``next()`` as torch's samplers draw it."""
+    sampler = src.sampler if type(src) is tud.BatchSampler else src
+    if isinstance(sampler, SeededRandomSampler):
+        sampler.set_epoch(epoch)
+    loader = loader_ref()  # None when only the iterator is left (``for b in DataLoader(...)``): nothing to record
+    order, record = epoch_order(sampler, epoch, None if loader is None else loader._record)
+    if loader is not None:
+        loader._record = record
+    del loader
+    if type(src) is not tud.BatchSampler:  # batch_size=None: one index at a time
+        yield from order[start:].tolist()
+        return
+    bs = src.batch_size
+    stop = len(order) - len(order) % bs if src.drop_last else len(order)
+    for b0 in range(start * bs, stop, bs):
+        yield order[b0 : b0 + bs]
+
+
+def _replayed_items(sampler, start: int) -> Iterator:
+    it = iter(sampler)
+    for _ in range(start):
+        if next(it, None) is None:
+            return
+    yield from it
 
 
 def _ours(dataset) -> bool:

@@ -98,7 +98,7 @@ class ThreadPrefetcher:
             except StopIteration:
                 self._source = None
                 return
-            except BaseException as e:  # noqa: BLE001  re-raised in order by __next__
+            except Exception as e:  # noqa: BLE001  re-raised in order by __next__ (KeyboardInterrupt: at once)
                 self._source = None
                 failed: Future = Future()
                 failed.set_exception(e)
@@ -294,7 +294,7 @@ class DevicePrefetcher:
         except StopIteration:
             self._next = _DONE
             return
-        except BaseException as e:  # noqa: BLE001  re-raised when the caller reaches it
+        except Exception as e:  # noqa: BLE001  re-raised when the caller reaches it
             self._next, self._error = _DONE, e
             return
         if self._cuda:

@@ -28,7 +28,7 @@ Example (``recipe.toml``)::
     max_log2 = 13
     curriculum = "grow-p2"
 
-Relative paths are read from the recipe file's directory.
+Relative paths are read from the recipe file's directory (else from the working directory).
 """
 
 from __future__ import annotations
@@ -188,12 +188,14 @@ class Recipe:
         return list(self.domains)
 
     def paths(self) -> list[Path]:
-        """The domain directories, relative paths read from ``base_dir``."""
+        """The domain directories: relative paths are read from ``base_dir`` (the recipe file's directory), or from
+        the working directory when only it has them."""
         out = []
         for spec in self.domains.values():
             p = Path(spec["path"]).expanduser()
             if not p.is_absolute() and self.base_dir is not None:
-                p = Path(self.base_dir) / p
+                beside = Path(self.base_dir) / p
+                p = p if not beside.exists() and p.exists() else beside
             out.append(p)
         return out
 

@@ -709,9 +709,13 @@ class RemoteArrowDataset(ArrowDataset):
                 what = self._url_of(meta["file"])
                 data = _download(self.filesystem, _join(self._root, meta["file"]), meta, what, self.timeout, None)
                 try:
-                    t = pa.ipc.open_file(pa.py_buffer(data)).read_all()
-                except (pa.ArrowInvalid, OSError) as e:
-                    raise DatasetError(f"{what}: cannot open the index ({e})") from None
+                    t = pa.ipc.open_file(data).read_all()
+                    t.validate(full=True)
+                except (pa.ArrowException, OSError) as e:
+                    raise DatasetError(f"{what}: cannot read the index ({type(e).__name__}: {e})") from None
+                if t.num_rows != len(self):
+                    raise DatasetError(f"{what}: {t.num_rows} rows but the dataset has {len(self)}; rebuild the "
+                                       "dataset")
                 self._index = {n: t.column(n).to_numpy() for n in t.column_names}
         return self._index
 

@@ -304,8 +304,9 @@ def write_dataset(source, out_dir: str | os.PathLike, *, shard_rows: int = DEFAU
 
     Args:
         source: a pyarrow Table, RecordBatch or RecordBatchReader; a ``datasets.Dataset``; a path or list of paths
-            to Parquet/JSONL files; or an iterable of dicts (column -> value). Token ids go in ``input_ids``
-            (stored as ``list<int32>``).
+            to Parquet/JSONL files; an iterable of dicts (column -> value); or an iterable of
+            ``(source name, RecordBatch)`` pairs (errors then name the source and the row within it). Token ids
+            go in ``input_ids`` (stored as ``list<int32>``).
         out_dir: the dataset directory to create.
         shard_rows: rows per shard file.
         index_columns: per-row metadata columns copied into ``index.arrow`` for samplers. ``length`` is derived

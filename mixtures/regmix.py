@@ -31,6 +31,7 @@ from scipy.spatial.distance import cdist
 from scipy.stats import pearsonr, spearmanr
 
 from mixtures.regmix_io import INDEX, as_matrix, as_targets, resolve_target, shares_vector
+from native.rounding import largest_remainder
 
 __all__ = ["RegMixModel", "evaluate", "fit", "load_model", "propose", "save_model", "search"]
 
@@ -50,17 +51,6 @@ GP_EPS = 0.01  # log(w + eps): zero weights stay finite, small weights still spr
 
 
 # ---- proposals --------------------------------------------------------------------------------------------------
-def _largest_remainder(w: NDArray[np.float64], units: int) -> NDArray[np.int64]:
-    """Rows of ``w`` (each summing to 1) as integer counts summing to ``units`` (largest remainder, ties low index)."""
-    raw = w * units
-    base = np.floor(raw).astype(np.int64)
-    short = units - base.sum(axis=1)
-    order = np.argsort(-(raw - base), axis=1, kind="stable")
-    ranks = np.empty_like(order)
-    np.put_along_axis(ranks, order, np.arange(w.shape[1])[None, :].repeat(len(w), 0), axis=1)
-    return base + (ranks < short[:, None])
-
-
 def propose(token_shares, n: int, *, temperature: float = 0.5, scales: Sequence[float] = DEFAULT_SCALES,
             max_repeat: float | None = 15, target_tokens: float | None = None, min_weight: float = 2e-4,
             seed: int = 0, max_draws: int | None = None) -> NDArray[np.float64]:
@@ -132,7 +122,7 @@ def propose(token_shares, n: int, *, temperature: float = 0.5, scales: Sequence[
         w[w < min_weight] = 0.0
         w = w[w.sum(axis=1) > 0]
         w /= w.sum(axis=1, keepdims=True)
-        q = _largest_remainder(w, units)
+        q = largest_remainder(w, units, exact=True)
         q = q[np.all(q <= np.floor(bound * units + 1e-9), axis=1)]
         for row in q:
             kept.setdefault(row.tobytes(), row)

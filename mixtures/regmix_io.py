@@ -274,22 +274,20 @@ def write_mixtures(path: str | os.PathLike, mixtures: NDArray[np.float64], domai
     df.to_csv(path, index=False)
 
 
-def _pyplot():
-    import matplotlib
+def _figure(**kwargs):
+    # a bare Figure, not pyplot: saving a plot leaves the process's (a notebook's) backend as it was
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(layout="constrained", **kwargs)
 
 
 def plot_predictions(predicted: NDArray, actual: NDArray, path: str | os.PathLike, *, title: str = "") -> None:
     """Scatter of predicted vs actual loss with the Spearman rho in the legend, saved to ``path``."""
     from scipy.stats import spearmanr
 
-    plt = _pyplot()
     predicted, actual = np.asarray(predicted, np.float64).ravel(), np.asarray(actual, np.float64).ravel()
-    fig, ax = plt.subplots(figsize=(5, 5), layout="constrained")
+    fig = _figure(figsize=(5, 5))
+    ax = fig.subplots()
     ax.scatter(predicted, actual, s=12, alpha=0.7, label=f"Spearman rho = {spearmanr(predicted, actual)[0]:.4f}")
     lo, hi = min(predicted.min(), actual.min()), max(predicted.max(), actual.max())
     ax.plot([lo, hi], [lo, hi], ls="--", lw=1, color="gray")
@@ -299,16 +297,15 @@ def plot_predictions(predicted: NDArray, actual: NDArray, path: str | os.PathLik
     ax.legend(loc="upper left")
     ax.grid(True, ls=":")
     fig.savefig(path)
-    plt.close(fig)
 
 
 def plot_mixture(mixture: NDArray, domains: Sequence[str], path: str | os.PathLike, *,
                  prior: NDArray | None = None, title: str = "") -> None:
     """Bar chart of a mixture (and the token prior next to it, if given), saved to ``path``."""
-    plt = _pyplot()
     names = [domain_key(d) for d in domains]
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(names)), 4.5), layout="constrained")
+    fig = _figure(figsize=(max(6, 0.5 * len(names)), 4.5))
+    ax = fig.subplots()
     width = 0.4 if prior is not None else 0.8
     ax.bar(x - (width / 2 if prior is not None else 0), mixture, width, label="searched mixture")
     if prior is not None:
@@ -319,4 +316,3 @@ def plot_mixture(mixture: NDArray, domains: Sequence[str], path: str | os.PathLi
     ax.set_title(title)
     ax.legend()
     fig.savefig(path)
-    plt.close(fig)

@@ -238,17 +238,15 @@ class Linear(Schedule):
 
 def plot(schedule: Schedule, total_steps: int, path, *, title: str | None = None) -> None:
     """Stacked area plot of the weights over training, saved to ``path`` (PNG, PDF, SVG by extension)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: a notebook's backend stays as it was
 
     if not isinstance(total_steps, (int, np.integer)) or total_steps < 1:
         raise ValueError(f"total_steps must be an integer >= 1 (got {total_steps=})")
     steps = np.unique(np.linspace(0, total_steps - 1, min(total_steps, 1000)).astype(np.int64))
     steps = np.union1d(steps, [s for s in schedule.phase_starts(total_steps) if s < total_steps])
     W = np.stack([schedule.weights_at(int(s), total_steps) for s in steps])
-    fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.subplots()
     ax.stackplot(steps, W.T, labels=schedule.domains, step="post")
     ax.set_xlim(0, total_steps - 1)
     ax.set_ylim(0, 1)
@@ -257,4 +255,3 @@ def plot(schedule: Schedule, total_steps: int, path, *, title: str | None = None
     ax.set_title(title or type(schedule).__name__)
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.savefig(path)
-    plt.close(fig)

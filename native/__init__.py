@@ -19,6 +19,7 @@ _LAZY = {
     "native.balanced": ("balanced_kmeans", "leaf_sizes"),
     "native.feistel": ("feistel_index", "feistel_permute", "stream_batches"),
     "native.duration": ("assign_buckets_2d", "bucket_batches", "pack_best_fit"),
+    "native.rounding": ("largest_remainder",),
 }
 _MODULES = ()
 

@@ -88,15 +88,21 @@ def _rem_pieces(a, t, cap_log2):
 
 
 @njit(inline="always")
+def _put(at, row, pos, length, seq, out_row, out_start, out_len, out_seq):
+    # piece ``at`` of the output: ``length`` tokens at ``pos`` in document ``row``, part of training sequence ``seq``
+    out_row[at] = row
+    out_start[at] = pos
+    out_len[at] = length
+    out_seq[at] = seq
+
+
+@njit(inline="always")
 def _put_piece(row, pos, k, j, full_shift, out_row, out_start, out_len, out_seq, out_log2, write_seq, seq_tokens,
                seq_off):
     # bucket piece j (its own training sequence j) of 2^k tokens at pos in document row
     p = np.int64(1) << k
     w = j - full_shift
-    out_row[w] = row
-    out_start[w] = pos
-    out_len[w] = p
-    out_seq[w] = j
+    _put(w, row, pos, p, j, out_row, out_start, out_len, out_seq)
     out_log2[w] = k
     if write_seq:
         seq_tokens[j] = p
@@ -134,20 +140,14 @@ def fill_doc(length, row, min_log2, max_log2, seed, policy, j, o, c, nf, out_row
     if rem == 0 or policy == 2:
         return j, o, c
     if policy == 1:
-        out_row[o] = row
-        out_start[o] = pos
-        out_len[o] = rem
-        out_seq[o] = rem_seq
+        _put(o, row, pos, rem, rem_seq, out_row, out_start, out_len, out_seq)
         if write_seq:
             seq_tokens[rem_seq] = rem
             seq_off[rem_seq] = o
         return j, o + 1, c
     while rem > 0:
         take = min(rem, cap - (c & (cap - 1)))
-        out_row[o] = row
-        out_start[o] = pos
-        out_len[o] = take
-        out_seq[o] = nf + (c >> min_log2)
+        _put(o, row, pos, take, nf + (c >> min_log2), out_row, out_start, out_len, out_seq)
         if write_seq and (c & (cap - 1)) == 0:
             seq_off[nf + (c >> min_log2)] = o
         o += 1

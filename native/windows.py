@@ -21,8 +21,8 @@ from numpy.typing import NDArray
 
 from native._config import njit
 from native.batching import _budget_cuts
-from native.feistel import _MASK63, _feistel_keyed, _half_bits, _round_keys, mix_step
-from native.rng import _shuffle_inplace
+from native.feistel import _feistel_keyed, _half_bits, _round_keys
+from native.rng import MASK63, mix_step, shuffle_inplace
 
 __all__ = ["window_batches", "window_sizes"]
 
@@ -52,8 +52,8 @@ def _window_plan(lengths: np.ndarray, w: np.int64, n: np.int64, block: np.int64,
     rows = rows[:at]
     if permute:
         state = np.empty(1, dtype=np.uint64)
-        state[0] = mix_step(prefix, np.uint64(w)) & _MASK63
-        _shuffle_inplace(rows, state)
+        state[0] = mix_step(prefix, np.uint64(w)) & MASK63
+        shuffle_inplace(rows, state)
     lens = np.empty(at, dtype=np.int64)
     for i in range(at):
         lens[i] = lengths[rows[i]]
@@ -67,6 +67,44 @@ def _window_plan(lengths: np.ndarray, w: np.int64, n: np.int64, block: np.int64,
     return rows, cuts, dropped
 
 
+@njit
+def _window_lengths(lengths: np.ndarray, w: np.int64, n: np.int64, block: np.int64, per_window: np.int64,
+                    permute: bool, block_seed: np.uint64, prefix: np.uint64, sort_window: np.int64,
+                    max_tokens: np.int64) -> tuple[np.ndarray, np.int64]:
+    """The lengths of :func:`_window_plan`'s rows in its order, without the rows: the same draws (a Fisher-Yates
+    shuffle depends only on the length of what it shuffles) and plain sorts (the order of ties does not change
+    a sorted sequence), so the counting pass costs less than planning the rows."""
+    nblocks = (n + block - 1) // block
+    b0 = w * per_window
+    b1 = min(nblocks, b0 + per_window)
+    lens = np.empty((b1 - b0) * block, dtype=np.int64)
+    h = _half_bits(nblocks) if nblocks > 1 else np.int64(1)
+    keys = _round_keys(block_seed)
+    at = 0
+    dropped = 0
+    for k in range(b0, b1):
+        blk = _feistel_keyed(k, nblocks, h, keys) if permute and nblocks > 1 else k
+        lo = blk * block
+        hi = min(n, lo + block)
+        for i in range(lo, hi):
+            v = np.int64(lengths[i])
+            if v <= max_tokens:
+                lens[at] = v
+                at += 1
+            else:
+                dropped += 1
+    lens = lens[:at]
+    if permute:
+        state = np.empty(1, dtype=np.uint64)
+        state[0] = mix_step(prefix, np.uint64(w)) & MASK63
+        shuffle_inplace(lens, state)
+    if sort_window > 1:
+        for c0 in range(0, at, sort_window):
+            c1 = min(at, c0 + sort_window)
+            lens[c0:c1] = np.sort(lens[c0:c1])
+    return lens, dropped
+
+
 @njit(parallel=True)
 def _window_sizes(lengths: np.ndarray, w0: np.int64, w1: np.int64, n: np.int64, block: np.int64,
                   per_window: np.int64, permute: bool, block_seed: np.uint64, prefix: np.uint64,
@@ -77,8 +115,9 @@ def _window_sizes(lengths: np.ndarray, w0: np.int64, w1: np.int64, n: np.int64, 
     sizes = np.zeros((k, cap), dtype=np.int32)
     stats = np.zeros((k, 3), dtype=np.int64)  # dropped rows, tokens, padded tokens
     for i in numba.prange(k):
-        rows, cuts, dropped = _window_plan(lengths, w0 + i, n, block, per_window, permute, block_seed, prefix,
-                                           sort_window, max_tokens, max_rows)
+        lens, dropped = _window_lengths(lengths, w0 + i, n, block, per_window, permute, block_seed, prefix,
+                                        sort_window, max_tokens)
+        cuts = _budget_cuts(lens, max_tokens, max_rows)
         nb = cuts.shape[0] - 1
         counts[i] = nb
         tokens = 0
@@ -88,7 +127,7 @@ def _window_sizes(lengths: np.ndarray, w0: np.int64, w1: np.int64, n: np.int64, 
             sizes[i, b] = size
             top = 0
             for j in range(cuts[b], cuts[b + 1]):
-                v = np.int64(lengths[rows[j]])
+                v = lens[j]
                 tokens += v
                 if v > top:
                     top = v

@@ -1,7 +1,8 @@
 """Batch samplers: one technique per module, all following the contract of ``samplers.base``.
 
 Each sampler reads small numpy metadata arrays (never payloads) and yields int64 row-index arrays, one per
-batch, for its rank. Names are imported lazily so ``import samplers`` does not import torch or compile kernels.
+batch, for its rank. Names are imported lazily so ``import samplers`` does not import torch or compile kernels;
+``__init__.pyi`` lists them for readers and type checkers (generated: ``python -m native._stubgen``).
 """
 
 from __future__ import annotations
@@ -24,5 +25,7 @@ _LAZY = {
 }
 _MODULES = ("base", "bins", "calibrate", "decomposed", "duration", "immiscible", "mixture", "ngame", "packing",
             "random", "shaped_mixture", "token_budget", "topic_aware")
+# moved to datapipe.immiscible (a collator, not a sampler); these resolve for one release and warn
+_DEPRECATED = ("ImmiscibleCollate", "assign_linear", "immiscible", "knn_noise", "knn_noise_exact", "plain_noise")
 
-__getattr__, __dir__, __all__, _WHERE = attach(__name__, _LAZY, _MODULES)
+__getattr__, __dir__, __all__, _WHERE = attach(__name__, _LAZY, _MODULES, _DEPRECATED)

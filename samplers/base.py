@@ -396,9 +396,14 @@ class BatchSamplerBase:
         """Emit the epoch's PlanWarning (or raise with ``strict``) when the plan drops or repeats rows unasked."""
         self._announce(epoch, plan.dropped, plan.repeated, plan)
 
+    def _asked_for(self) -> frozenset:
+        """Drop/repeat reasons the user's options asked for (no PlanWarning for them)."""
+        return ASKED_FOR if self.drop_last else frozenset()
+
     def _announce(self, epoch: int, dropped: Mapping, repeated: Mapping, plan: Plan | None = None) -> None:
-        drops = {k: int(v) for k, v in dropped.items() if v and not (self.drop_last and k in ASKED_FOR)}
-        reps = {k: int(v) for k, v in repeated.items() if v}
+        asked = self._asked_for()
+        drops = {k: int(v) for k, v in dropped.items() if v and k not in asked}
+        reps = {k: int(v) for k, v in repeated.items() if v and k not in asked}
         if not (drops or reps) or epoch in self._warned:
             return
         self._warned.add(epoch)

@@ -144,6 +144,10 @@ class DecomposedBatchSampler(BatchSamplerBase):
     def _metadata(self) -> dict:
         return {"sequences": self.num_sequences, "sequence_log2": digest_array(self.sequence_log2)}
 
+    def _asked_for(self) -> frozenset:
+        # incomplete="repeat" asks for the repeats that fill a bucket's last step (drop_last is always True here)
+        return frozenset({"incomplete_step"}) if self.incomplete == "repeat" else frozenset()
+
     def _lost_share(self, plan: Plan) -> str:
         real = np.left_shift(np.int64(1), self.sequence_log2)
         return f" ({1 - float(real[np.unique(plan.indices)].sum()) / float(real.sum()):.1%} of sequence tokens)"

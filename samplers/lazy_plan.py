@@ -21,7 +21,7 @@ from numpy.typing import NDArray
 
 from native.batching import split_to_multiple
 
-__all__ = ["SizePlan", "arrange_sizes", "even_out_sizes"]
+__all__ = ["SizePlan", "arrange_sizes", "check_lengths_chunked", "count_above", "even_out_sizes"]
 
 
 @dataclasses.dataclass
@@ -99,3 +99,46 @@ def arrange_sizes(first, segments: tuple[tuple[int, int], ...], world_size: int,
     for w, k in segments[1:]:
         plan = even_out_sizes(plan, w, drop_last).skip(k * w)
     return even_out_sizes(plan, world_size, drop_last)
+
+
+#: rows validated per step by :func:`check_lengths_chunked` (64 MiB of int32 temporaries at most)
+CHECK_CHUNK = 1 << 24
+
+
+def check_lengths_chunked(lengths, name: str = "lengths") -> NDArray:
+    """:func:`samplers.base.check_lengths` for arrays too large to copy: 1-D, integers (or floats holding whole
+    numbers, finite, ``<= 2**53``), ``>= 0``, checked ``CHECK_CHUNK`` rows at a time. Returns the array as given
+    (a memory map stays a memory map, int32 stays int32); errors name the parameter and the first bad row."""
+    arr = np.asarray(lengths)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must have shape 1-D (got shape {arr.shape})")
+    kind = arr.dtype.kind
+    if kind not in "iuf":
+        raise TypeError(f"{name} must be integers (got dtype {arr.dtype})")
+    if arr.dtype == np.uint64:
+        raise TypeError(f"{name} must be int64/int32 or smaller (got uint64); store lengths as int64")
+    for a in range(0, len(arr), CHECK_CHUNK):
+        part = arr[a : a + CHECK_CHUNK]
+        if kind == "f":
+            bad = np.flatnonzero(~np.isfinite(part))
+            if len(bad):
+                raise ValueError(f"{name} has NaN/inf at row {a + int(bad[0])}")
+            bad = np.flatnonzero((part != np.round(part)) | (np.abs(part) > 2.0**53))
+            if len(bad):
+                raise ValueError(f"{name} must be whole numbers below 2**53: row {a + int(bad[0])} has "
+                                 f"{part[bad[0]]}")
+        if kind != "u" and part.min(initial=0) < 0:
+            i = int(np.flatnonzero(part < 0)[0])
+            raise ValueError(f"{name} has a negative value {part[i]} at row {a + i}")
+    return arr
+
+
+def count_above(values: NDArray, limit: float) -> tuple[int, int]:
+    """``(rows with value > limit, first such row or -1)``, ``CHECK_CHUNK`` rows at a time."""
+    count, first = 0, -1
+    for a in range(0, len(values), CHECK_CHUNK):
+        hit = np.flatnonzero(values[a : a + CHECK_CHUNK] > limit)
+        if len(hit) and first < 0:
+            first = a + int(hit[0])
+        count += len(hit)
+    return count, first

@@ -42,6 +42,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from native.feistel import mix_prefix, stream_batches
+from native.rounding import largest_remainder as largest_remainder_counts  # the name samplers export
 from samplers.base import BatchSamplerBase, Plan, digest_array
 
 __all__ = ["MixtureBatchSampler", "largest_remainder_counts"]
@@ -52,36 +53,6 @@ _ITER_CHUNK = 32  # steps computed per kernel call while iterating
 _MAX_PLAN_ROWS = 1 << 28  # global_plan() refuses to materialise more rows (2 GiB)
 
 
-def largest_remainder_counts(weights: NDArray[np.float64], total: int,
-                             tie_keys: NDArray | None = None) -> NDArray[np.int64]:
-    """Integer counts summing to ``total`` closest to ``weights * total`` (Hamilton's largest remainder).
-
-    Args:
-        weights: float64 ``[B, D]`` rows summing to 1.
-        total: count per row.
-        tie_keys: optional ``[B, D]`` random keys that break equal remainders (default: lower index first).
-
-    Returns:
-        int64 ``[B, D]``.
-    """
-    w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
-    raw = w * total
-    base = np.floor(raw + 1e-9).astype(np.int64)
-    short = total - base.sum(axis=1)
-    if tie_keys is None:
-        tie = (w.shape[1] - 1 - np.arange(w.shape[1]))[None, :] / w.shape[1]
-    else:
-        tie = np.asarray(tie_keys, dtype=np.float64)
-        if tie.shape != w.shape or np.any(tie < 0) or np.any(tie >= 1):
-            raise ValueError(f"tie_keys must be floats in [0, 1) of shape {w.shape}")
-    # remainders compared to 1e-9, ties (within that) broken by the key; the top ``short`` get one more row
-    key = np.round(np.maximum(raw - base, 0.0), 9) + tie * 1e-10
-    order = np.argsort(-key, axis=1, kind="stable")
-    ranks = np.empty_like(order)
-    np.put_along_axis(ranks, order, np.broadcast_to(np.arange(w.shape[1]), w.shape).copy(), axis=1)
-    return base + (ranks < short[:, None])
-
-
 def constant_runs(schedule, total_steps: int) -> list[int] | None:
     """Sorted first steps of the constant runs of a schedule that declares itself piecewise constant
     (``piecewise_constant = True`` and ``phase_starts(total_steps)``, as ``mixtures.Constant``/``Piecewise``/
@@ -89,6 +60,41 @@ def constant_runs(schedule, total_steps: int) -> list[int] | None:
     if not getattr(schedule, "piecewise_constant", False) or not hasattr(schedule, "phase_starts"):
         return None
     return sorted({0, *(int(x) for x in schedule.phase_starts(total_steps) if 0 <= x < total_steps)})
+
+
+def schedule_weights(schedule, total_steps: int, num_domains: int) -> NDArray[np.float64]:
+    """``[total_steps, D]`` weights of a schedule, checked and normalised (the schedule is pure, so a sampler asks
+    once). A schedule that declares itself piecewise constant is asked once per constant run (and at the run's last
+    step, to check the claim).
+
+    Raises:
+        ValueError: a row of the wrong shape, negative, not finite or not summing to 1; a piecewise-constant
+            schedule whose weights change inside a run.
+    """
+    T, D = total_steps, num_domains
+    W = np.empty((T, D), dtype=np.float64)
+    starts = constant_runs(schedule, T)  # steps where a piecewise-constant schedule changes
+    steps = range(T) if starts is None else starts
+    ends = None if starts is None else [*starts[1:], T]
+    for i, s in enumerate(steps):
+        w = np.asarray(schedule.weights_at(s, T), dtype=np.float64)
+        if w.shape != (D,):
+            raise ValueError(f"schedule.weights_at({s}) returned shape {w.shape}, expected ({D},)")
+        if ends is None:
+            W[s] = w
+        else:
+            last = np.asarray(schedule.weights_at(ends[i] - 1, T), dtype=np.float64)
+            if not np.array_equal(last, w):
+                raise ValueError(f"schedule says piecewise_constant but weights_at({s}) != weights_at("
+                                 f"{ends[i] - 1}) within one phase; set piecewise_constant = False on it")
+            W[s : ends[i]] = w
+    sums = W.sum(axis=1)
+    bad = ~(np.all(np.isfinite(W), axis=1) & np.all(W >= 0, axis=1) & (np.abs(sums - 1.0) <= 1e-6))
+    if bad.any():
+        s = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"schedule.weights_at({s}) must be finite, >= 0 and sum to 1 (got {W[s].tolist()})")
+    W /= sums[:, None]
+    return W
 
 
 class MixtureBatchSampler(BatchSamplerBase):
@@ -149,7 +155,7 @@ class MixtureBatchSampler(BatchSamplerBase):
         self.total_steps = int(total_steps)
         self.mode = mode
         self.max_repeat = max_repeat
-        self._weights = self._schedule_weights()
+        self._weights = schedule_weights(self.schedule, self.total_steps, len(self.domains))
         self._tables_cache: tuple[tuple[int, int], tuple] | None = None  # keyed by (seed, epoch)
         self._plan_cache: tuple[tuple[int, int], Plan] | None = None
         self._row_map: NDArray[np.int64] | None = None  # concatenation position -> dataset row (from_domains)
@@ -195,33 +201,6 @@ class MixtureBatchSampler(BatchSamplerBase):
         return "its per-step counts are drawn for a fixed number of ranks; resume with the same number of ranks"
 
     # ---- composition ---------------------------------------------------------------------------------------------
-    def _schedule_weights(self) -> NDArray[np.float64]:
-        """``[total_steps, D]`` weights (the schedule is pure, so they are computed once)."""
-        D, T = len(self.domains), self.total_steps
-        W = np.empty((T, D), dtype=np.float64)
-        starts = constant_runs(self.schedule, T)  # steps where a piecewise-constant schedule changes
-        steps = range(T) if starts is None else starts
-        ends = None if starts is None else [*starts[1:], T]
-        for i, s in enumerate(steps):
-            w = np.asarray(self.schedule.weights_at(s, T), dtype=np.float64)
-            if w.shape != (D,):
-                raise ValueError(f"schedule.weights_at({s}) returned shape {w.shape}, expected ({D},)")
-            if ends is None:
-                W[s] = w
-            else:
-                last = np.asarray(self.schedule.weights_at(ends[i] - 1, T), dtype=np.float64)
-                if not np.array_equal(last, w):
-                    raise ValueError(f"schedule says piecewise_constant but weights_at({s}) != weights_at("
-                                     f"{ends[i] - 1}) within one phase; set piecewise_constant = False on it")
-                W[s : ends[i]] = w
-        sums = W.sum(axis=1)
-        bad = ~(np.all(np.isfinite(W), axis=1) & np.all(W >= 0, axis=1) & (np.abs(sums - 1.0) <= 1e-6))
-        if bad.any():
-            s = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"schedule.weights_at({s}) must be finite, >= 0 and sum to 1 (got {W[s].tolist()})")
-        W /= sums[:, None]
-        return W
-
     def _tables(self, epoch: int) -> tuple[NDArray, NDArray[np.int64], NDArray[np.int64]]:
         """Counts of an epoch: ``(counts [B, D] (smallest unsigned dtype holding batch_size), step_prefix int64
         [total_steps + 1, D] (stream position of each domain at the start of each step), need int64 [D])``.

@@ -39,7 +39,6 @@ __all__ = ["EXACT_MAX_ROWS", "RandomBatchSampler"]
 EXACT_MAX_ROWS = 1 << 24
 #: ``global_plan()`` refuses to materialise more rows than this (2 GiB); iterating never materialises.
 MAX_PLAN_ROWS = 1 << 28
-SHUFFLES = (True, False, "global", "shard_local")
 
 
 class RandomBatchSampler(BatchSamplerBase):
@@ -83,7 +82,9 @@ class RandomBatchSampler(BatchSamplerBase):
                 f"world_size={self.world_size} is larger than num_rows={num_rows}: some rank would get no rows; "
                 "use fewer ranks or more data"
             )
-        if not any(shuffle is s or (isinstance(s, str) and shuffle == s) for s in SHUFFLES):
+        if isinstance(shuffle, (bool, int, np.bool_, np.integer)):
+            shuffle = bool(shuffle)
+        elif shuffle not in ("global", "shard_local"):
             raise ValueError(f"shuffle must be True, False, 'global' or 'shard_local' (got {shuffle=})")
         self.num_rows = int(num_rows)
         self.batch_size = int(batch_size)

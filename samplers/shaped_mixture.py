@@ -218,7 +218,8 @@ class ShapedMixtureBatchSampler(BatchSamplerBase):
         self.group_labels = [str(k) for k in present]
         self.shape_units = np.full(G, np.nan)  # padded units of one row of a group (2^k, the bucket's max)
         self.real_unit = self.unit  # mean real units per row (less than shape for padded remainders)
-        self.dropped_by_reason: dict[str, int] = {}
+        #: reason -> rows left out (group -1); a constructor may name the reason before calling __init__
+        self.dropped_by_reason: dict[str, int] = getattr(self, "dropped_by_reason", {})
         self._tables_cache: tuple | None = None
         self._warned_epoch: int | None = None
         self._tables(0)  # validates, warns about repeats up front
@@ -300,12 +301,12 @@ class ShapedMixtureBatchSampler(BatchSamplerBase):
         for i, u in enumerate(upper.tolist()):
             b = max(1, int(budget // cost(np.float64(u))))
             sizes[i] = b if max_rows is None else min(b, int(max_rows))
-        out = cls(groups, schedule, batch_sizes=sizes, sizes=vals, **kwargs)
+        out = cls.__new__(cls)
+        out.dropped_by_reason = {long_reason: dropped} if dropped else {}  # named before __init__ warns about it
+        out.__init__(groups, schedule, batch_sizes=sizes, sizes=vals, **kwargs)
         out.unit_name = unit_name
         out.shape_units = upper[out.group_ids]
         out.group_labels = [f"<={upper[k]:g}" for k in out.group_ids]
-        if dropped:
-            out.dropped_by_reason = {long_reason: dropped}
         return out
 
     @classmethod
@@ -421,7 +422,16 @@ class ShapedMixtureBatchSampler(BatchSamplerBase):
         tables = (step_group, counts, starts, deal.astype(np.int64), need, fallback)
         self._tables_cache = (key, tables)
         self._check_passes(epoch, need)
+        if self._dropped():  # rows no step can take (longer than the budget): counted, and warned once per epoch
+            self._announce(epoch, self._dropped(), {})
         return tables
+
+    def _dropped(self) -> dict[str, int]:
+        dropped = dict(self.dropped_by_reason)
+        other = int(self.excluded.sum()) - sum(dropped.values())
+        if other > 0:
+            dropped["outside_groups"] = other
+        return dropped
 
     def _passes(self, need: NDArray[np.int64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
         """Passes per domain (units read / units held) and per (domain, group) (rows read / rows held)."""
@@ -560,10 +570,7 @@ class ShapedMixtureBatchSampler(BatchSamplerBase):
         shape_total = float(np.nansum(need * self.shape_units[None, :]))
         total = max(float(read.sum()), 1e-300)
         rows_per_step = self.batch_sizes[step_group] * W
-        dropped = dict(self.dropped_by_reason)
-        other = int(self.excluded.sum()) - sum(dropped.values())
-        if other > 0:
-            dropped["outside_groups"] = other
+        dropped = self._dropped()
         steps_per_group = np.bincount(step_group, minlength=len(self.group_ids))
         D = self.domains
         return {

@@ -3,6 +3,17 @@
 Rows are shuffled, cut into chunks of ``sort_window`` rows, each chunk sorted by length, then cut greedily
 under the budget, and the batch order shuffled: random batch-mates each epoch, yet little padding (the
 "random yet tight" technique of DESIGN.md). ``sort_window=1`` gives plain random order.
+
+Above ``EXACT_MAX_ROWS`` rows the plan is *windowed* (``native.windows``), so a billion rows cost memory per
+batch, not per row: rows are grouped in blocks of ``BLOCK_ROWS`` contiguous rows, the blocks permuted by a
+stateless Feistel permutation, and each window of ``WINDOW_ROWS`` rows (a contiguous range of that block
+permutation) shuffled, sorted in ``sort_window`` chunks and cut on its own; the batches of all windows are then
+dealt in a random order. A counting pass over the lengths (parallel over windows, reading them through the
+memory map almost sequentially) gives every window's batch sizes once per epoch; a batch's rows are computed
+when it is yielded, from its window alone. The plan differs from the exact one only in that cuts restart at
+window boundaries and batch-mates come from one window; ``benchmarks/bench_scale.py`` shows padding and mixing
+are unchanged within noise. Samplers of one process over the same lengths (same digest, options, seed and epoch)
+share a counting pass, so building a second one to resume costs no second pass.
 """
 
 from __future__ import annotations
@@ -10,14 +21,42 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike
 
+from collections import OrderedDict
+from collections.abc import Iterator
+
 from native.batching import budget_cuts
+from native.feistel import feistel_range, mix_prefix
 from native.rng import permutation
+from native.windows import window_batches, window_sizes
 from samplers.base import (BatchSamplerBase, Plan, check_budget, check_lengths, digest_array,
                            take_batches)
+from samplers.lazy_plan import SizePlan, arrange_sizes, check_lengths_chunked, count_above, even_out_sizes
+
+__all__ = ["BLOCK_ROWS", "EXACT_MAX_ROWS", "TokenBudgetBatchSampler", "WINDOW_ROWS"]
+
+#: Up to this many rows the plan is exact (one permutation, sorted chunks, one cut over the epoch: the plans of
+#: earlier versions); above, it is windowed. 2**22 rows: the exact plan's ~64 B/row peak stays ~256 MiB and its
+#: rebuild on resume a few seconds (at 1e7 rows it took 19 s on a loaded 2-core machine).
+EXACT_MAX_ROWS = 1 << 22
+#: Rows planned together in the windowed plan (at least 16 sort windows).
+WINDOW_ROWS = 1 << 16
+#: Contiguous rows moved together by the windowed plan's block permutation (one 64-byte line of int32 lengths).
+BLOCK_ROWS = 16
+#: Windows per call of the counting kernel (bounds its temporaries to ~``64 * WINDOW_ROWS * 4`` bytes).
+_COUNT_WINDOWS = 64
+#: ``global_plan()`` refuses to materialise a windowed plan of more rows than this.
+MAX_PLAN_ROWS = 1 << 28
+#: Counting passes shared by the samplers of one process (a resume builds a second sampler over the same lengths):
+#: (lengths digest, options, seed, epoch) -> tables, the last two. The tables are read-only.
+_SHARED_TABLES: OrderedDict = OrderedDict()
 
 
 class TokenBudgetBatchSampler(BatchSamplerBase):
     """Batches whose padded size ``len(batch) * max(length)`` stays within ``max_tokens``.
+
+    Up to :data:`EXACT_MAX_ROWS` rows the epoch is planned whole (as before); above, window by window (see the
+    module docstring): ``lengths`` may then be a memory-mapped int32 array of 1e9 rows, validated in chunks and
+    never copied, and a rank holds a few int64 per batch (1e9 rows: ~240 MiB). Both plans resume elastically.
 
     Args:
         lengths: int array ``[N]`` of token counts per row (``ArrowDataset.index["length"]``).
@@ -34,7 +73,8 @@ class TokenBudgetBatchSampler(BatchSamplerBase):
                  shuffle: bool = True, on_long: str = "drop", seed: int = 0, rank: int | None = None,
                  world_size: int | None = None, drop_last: bool = False, strict: bool = False) -> None:
         super().__init__(seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, strict=strict)
-        self.lengths = check_lengths(lengths)
+        self.windowed = len(lengths) > EXACT_MAX_ROWS
+        self.lengths = check_lengths_chunked(lengths) if self.windowed else check_lengths(lengths)
         if not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1 (got {max_tokens=})")
         if sort_window < 1:
@@ -49,6 +89,9 @@ class TokenBudgetBatchSampler(BatchSamplerBase):
         self.sort_window = int(sort_window)
         self.shuffle = bool(shuffle)
         self.num_rows = len(self.lengths)
+        if self.windowed:
+            self._init_windowed(on_long, strict)
+            return
         too_long = np.flatnonzero(self.lengths > self.max_tokens)
         if len(too_long) and on_long == "error":
             raise ValueError(
@@ -63,18 +106,44 @@ class TokenBudgetBatchSampler(BatchSamplerBase):
         if not drop_last and 0 < len(self._keep) < self.world_size:
             raise ValueError(f"world_size={self.world_size} is larger than the {len(self._keep)} usable rows")
 
+    def _init_windowed(self, on_long: str, strict: bool) -> None:
+        count, first = count_above(self.lengths, self.max_tokens)
+        if count and (on_long == "error" or strict):
+            why = "use on_long='drop'" if on_long == "error" else "(strict=True)"
+            raise ValueError(f"row {first} has length {int(self.lengths[first])} > max_tokens={self.max_tokens} "
+                             f"({count} rows in all); raise max_tokens or {why}")
+        usable = self.num_rows - count
+        if not self.drop_last and 0 < usable < self.world_size:
+            raise ValueError(f"world_size={self.world_size} is larger than the {usable} usable rows")
+        self._block = BLOCK_ROWS
+        self._per_window = max(1, max(WINDOW_ROWS, 16 * self.sort_window) // BLOCK_ROWS)
+        self._window_rows = self._per_window * self._block
+        self._num_windows = -(-self.num_rows // self._window_rows)
+        self._epoch_tables: OrderedDict = OrderedDict()  # epoch -> tables (the last two epochs)
+        self._windows: OrderedDict = OrderedDict()  # (epoch, window) -> (rows, offsets) (the last four)
+        self._lazy: tuple | None = None
+        self._digest = (self.num_rows, str(self.lengths.dtype), digest_array(self.lengths))
+        self._tables(self.epoch)  # the counting pass of the first epoch, up front (or another sampler's)
+
     def _options(self) -> dict:
-        return {"max_tokens": self.max_tokens, "max_rows": self.max_rows, "sort_window": self.sort_window,
-                "shuffle": self.shuffle}
+        out = {"max_tokens": self.max_tokens, "max_rows": self.max_rows, "sort_window": self.sort_window,
+               "shuffle": self.shuffle}
+        if self.windowed:
+            out.update(plan="windowed", window_rows=self._window_rows, block_rows=self._block)
+        return out
 
     def _metadata(self) -> dict:
         return {"rows": self.num_rows, "lengths": digest_array(self.lengths)}
 
-    def _lost_share(self, plan: Plan) -> str:
+    def _lost_share(self, plan: Plan | None) -> str:
+        if plan is None:
+            return ""
         total = float(self.lengths.sum())
         return f" ({1 - float(self.lengths[plan.indices].sum()) / total:.1%} of tokens)" if total else ""
 
     def _build_plan(self, epoch: int) -> Plan:
+        if self.windowed:
+            return self._materialise(epoch, SizePlan(0, self._tables(epoch)["sizes"]), self._tables(epoch)["dropped"])
         rows = self._keep
         seed = self.epoch_seed(epoch)
         if self.shuffle:
@@ -93,7 +162,132 @@ class TokenBudgetBatchSampler(BatchSamplerBase):
             plan.dropped["longer_than_max_tokens"] = int(dropped)
         return plan
 
+    # ---- windowed plans (above EXACT_MAX_ROWS) -------------------------------------------------------------
+    def _window_kw(self, epoch: int) -> dict:
+        return dict(block=self._block, per_window=self._per_window, permute=self.shuffle,
+                    block_seed=self.epoch_seed(epoch, 0xB10C), prefix=mix_prefix(self.epoch_seed(epoch, 0x5107)),
+                    sort_window=self.sort_window, max_tokens=self.max_tokens, max_rows=self.max_rows)
+
+    def _tables(self, epoch: int) -> dict:
+        """The counting pass of an epoch: batch sizes in plan order, where each plan batch lives, totals."""
+        if epoch in self._epoch_tables:
+            self._epoch_tables.move_to_end(epoch)
+            return self._epoch_tables[epoch]
+        key = (self._digest, repr(self._options()), self.seed, epoch)
+        if key in _SHARED_TABLES:
+            _SHARED_TABLES.move_to_end(key)
+            self._epoch_tables[epoch] = _SHARED_TABLES[key]
+            return _SHARED_TABLES[key]
+        kw = self._window_kw(epoch)
+        parts, totals = [], np.zeros(3, dtype=np.int64)
+        for w0 in range(0, self._num_windows, _COUNT_WINDOWS):
+            sizes, st = window_sizes(self.lengths, w0, min(self._num_windows, w0 + _COUNT_WINDOWS), **kw)
+            parts.extend(sizes)
+            totals += st.sum(axis=0)
+        counts = np.array([len(p) for p in parts], dtype=np.int64)
+        wcum = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=wcum[1:])
+        by_window = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+        nb = len(by_window)
+        # plan batch g is window-order batch order[g]: the batches of all windows in a random order
+        order = feistel_range(0, nb, nb, self.epoch_seed(epoch, 0xBA7C)) if self.shuffle and nb else None
+        sizes = by_window if order is None else by_window[order]
+        voff = np.zeros(nb + 1, dtype=np.int64)
+        np.cumsum(sizes, out=voff[1:])
+        dropped = {"longer_than_max_tokens": int(totals[0])} if totals[0] else {}
+        tables = {"order": order, "wcum": wcum, "sizes": sizes, "voff": voff, "dropped": dropped,
+                  "tokens": int(totals[1]), "padded": int(totals[2])}
+        self._epoch_tables[epoch] = tables
+        while len(self._epoch_tables) > 2:
+            self._epoch_tables.popitem(last=False)
+        _SHARED_TABLES[key] = tables
+        while len(_SHARED_TABLES) > 2:
+            _SHARED_TABLES.popitem(last=False)
+        return tables
+
+    def _window(self, epoch: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        key = (epoch, w)
+        if key not in self._windows:
+            self._windows[key] = window_batches(self.lengths, w, **self._window_kw(epoch))
+            while len(self._windows) > 4:
+                self._windows.popitem(last=False)
+        return self._windows[key]
+
+    def _rows(self, epoch: int, start: int, stop: int) -> np.ndarray:
+        """Rows at positions ``[start, stop)`` of the epoch's stream (plan batches one after another); a batch
+        of the arranged plan never spans two plan batches (an elastic split only halves a batch)."""
+        t = self._tables(epoch)
+        g = int(np.searchsorted(t["voff"], start, side="right")) - 1
+        wid = g if t["order"] is None else int(t["order"][g])
+        w = int(np.searchsorted(t["wcum"], wid, side="right")) - 1
+        rows, off = self._window(epoch, w)
+        local = wid - int(t["wcum"][w])
+        a = int(off[local]) + start - int(t["voff"][g])
+        return rows[a : a + stop - start].copy()
+
+    def _materialise(self, epoch: int, plan: SizePlan, dropped: dict) -> Plan:
+        if plan.rows > MAX_PLAN_ROWS:
+            raise ValueError(f"global_plan() would materialise {plan.rows} rows (> {MAX_PLAN_ROWS}); iterate the "
+                             "sampler instead, it computes batches on demand")
+        t = self._tables(epoch)
+        starts = plan.base + plan.offsets[:-1]
+        g = np.searchsorted(t["voff"], starts, side="right") - 1
+        wid = g if t["order"] is None else t["order"][g]
+        win = np.searchsorted(t["wcum"], wid, side="right") - 1
+        rows = np.empty(plan.rows, dtype=np.int64)
+        by_window = np.argsort(win, kind="stable")
+        bounds = np.searchsorted(win[by_window], np.unique(win), side="right") if len(win) else []
+        kw = self._window_kw(epoch)
+        lo = 0
+        for hi in bounds:  # each window planned once, its batches put in place
+            sel = by_window[lo:hi]
+            w = int(win[sel[0]])
+            wrows, off = window_batches(self.lengths, w, **kw)
+            for b in sel.tolist():
+                a = int(off[wid[b] - t["wcum"][w]]) + int(starts[b] - t["voff"][g[b]])
+                rows[plan.offsets[b] : plan.offsets[b + 1]] = wrows[a : a + int(plan.sizes[b])]
+            lo = hi
+        return Plan(rows, plan.offsets.copy(), dropped=dict(dropped))
+
+    def _size_plan(self) -> SizePlan:
+        key = (self.epoch, self._segments, self.world_size)
+        if self._lazy is None or self._lazy[0] != key:
+            t = self._tables(self.epoch)
+
+            def first(w: int) -> SizePlan:
+                return even_out_sizes(SizePlan(0, t["sizes"], dict(t["dropped"])), w, self.drop_last)
+
+            plan = arrange_sizes(first, self._segments, self.world_size, self.drop_last)
+            self._lazy = (key, plan)
+            self._announce(self.epoch, plan.dropped, {})
+        return self._lazy[1]
+
+    def global_plan(self) -> Plan:
+        """The arranged global plan of the current epoch (materialised; windowed plans only when small)."""
+        if not self.windowed:
+            return super().global_plan()
+        plan = self._size_plan()
+        return self._materialise(self.epoch, plan, plan.dropped)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        if not self.windowed:
+            yield from super().__iter__()
+            return
+        plan, epoch, w, r = self._size_plan(), self.epoch, self.world_size, self.rank
+        for j in range(self._begin_pass(), plan.num_batches // w):
+            rows = self._rows(epoch, *plan.span(j * w + r))
+            self._yielded = j + 1
+            yield rows
+        self._yielded = 0
+
+    def __len__(self) -> int:
+        if not self.windowed:
+            return super().__len__()
+        return self._size_plan().num_batches // self.world_size
+
     def stats(self) -> dict:
+        if self.windowed:
+            return self._windowed_stats()
         out = super().stats()
         plan = self.global_plan()
         real, padded = (int(x) for x in plan.padding(self.lengths))
@@ -104,3 +298,28 @@ class TokenBudgetBatchSampler(BatchSamplerBase):
             mean_tokens_per_batch=real / plan.num_batches if plan.num_batches else 0.0,
         )
         return out
+
+    def _windowed_stats(self) -> dict:
+        """Statistics of a windowed plan from the counting pass (padding of the plan before an elastic split)."""
+        plan, t = self._size_plan(), self._tables(self.epoch)
+        sizes = plan.sizes
+        real, padded = t["tokens"], t["padded"]
+        nb = plan.num_batches
+        return {
+            "epoch": self.epoch,
+            "num_batches": int(nb),
+            "batches_per_rank": int(nb // self.world_size),
+            "rows": plan.rows,
+            "mean_batch_size": float(sizes.mean()) if nb else 0.0,
+            "min_batch_size": int(sizes.min()) if nb else 0,
+            "max_batch_size": int(sizes.max()) if nb else 0,
+            "dropped_rows": int(sum(plan.dropped.values())),
+            "dropped": {k: int(v) for k, v in plan.dropped.items()},
+            "repeated": {},
+            "tokens": real,
+            "padded_tokens": padded,
+            "padding_fraction": 1.0 - real / padded if padded else 0.0,
+            "mean_tokens_per_batch": real / nb if nb else 0.0,
+            "plan": "windowed",
+            "window_rows": self._window_rows,
+        }

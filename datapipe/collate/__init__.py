@@ -141,13 +141,15 @@ class PadCollate:
             L = -(-L // self.pad_to_multiple_of) * self.pad_to_multiple_of
         B = len(lengths)
         alloc, tensor = _outputs()
+        fresh = POOL.fresh
         ids, mask, labels = alloc((B, L), self.dtype), alloc((B, L), self.dtype), alloc((B, L), self.label_dtype)
         parallel = self._mode.pick()
         t0 = time.perf_counter()
         for off, val, rows, pos in sources:  # one pass from each shard's buffers into the padded outputs
             pad_rows(off, val, rows, pos, ids, mask, labels, pad_id=self.pad_id, label_pad=self.label_pad,
                      parallel=parallel, check=False)
-        self._mode.record(parallel, time.perf_counter() - t0, B * L)
+        # fresh buffers pay page faults inside the kernel: not a measure of the kernel
+        self._mode.record(parallel, time.perf_counter() - t0, B * L if POOL.fresh == fresh else 0)
         out = {"input_ids": tensor(ids), "attention_mask": tensor(mask), "labels": tensor(labels)}
         if self.keep_columns:
             out.update(_extras(batch, {self.column, *out}))
@@ -173,13 +175,14 @@ class PackedCollate:
         if T >= 2**31:
             raise ValueError(f"a batch of {T} tokens overflows int32 cu_seqlens; use smaller batches")
         alloc, tensor = _outputs()
+        fresh = POOL.fresh
         ids, pos, labels = alloc(T, self.dtype), alloc(T, self.dtype), alloc(T, self.label_dtype)
         parallel = self._mode.pick()
         t0 = time.perf_counter()
         for off, val, rows, where in sources:  # from each shard's buffers straight into the ids
             gather_values(off, val, rows, where, offsets, ids, parallel=parallel)
         pack_layout(offsets, ids, pos, labels, label_pad=self.label_pad, parallel=parallel)
-        self._mode.record(parallel, time.perf_counter() - t0, T)
+        self._mode.record(parallel, time.perf_counter() - t0, T if POOL.fresh == fresh else 0)
         cu = offsets.astype(np.int32)
         max_seqlen = int((offsets[1:] - offsets[:-1]).max()) if len(offsets) > 1 else 0
         out = {"input_ids": tensor(ids), "cu_seqlens": torch.from_numpy(cu), "position_ids": tensor(pos),

@@ -27,6 +27,8 @@ class BufferPool:
         self._free: list[np.ndarray] = []
         self._idle = 0
         self._lock = threading.Lock()
+        #: buffers allocated so far (not recycled); their first writes pay page faults
+        self.fresh = 0
 
     def alloc(self, shape, dtype) -> np.ndarray:
         dtype = np.dtype(dtype)
@@ -46,6 +48,7 @@ class BufferPool:
                 self._idle -= buf.nbytes
         if buf is None:
             buf = np.empty(nbytes + nbytes // 4, dtype=np.uint8)  # headroom: the next batch is often a bit larger
+            self.fresh += 1
         arr = buf[: count * dtype.itemsize].view(dtype).reshape(shape)
         weakref.finalize(arr, self._release, buf)
         return arr

@@ -60,7 +60,8 @@ class S3Server:
 
     def filesystem(self, **options) -> pafs.S3FileSystem:
         # one attempt per call: datapipe.remote does the retrying (and the tests see it do so)
-        opts = dict(connect_timeout=1, request_timeout=5, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))
+        opts = dict(connect_timeout=2, request_timeout=20,
+                    retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))
         opts.update(options)
         return pafs.S3FileSystem(endpoint_override=self.endpoint, scheme="http", access_key=ACCESS_KEY,
                                  secret_key=SECRET_KEY, region=REGION, **opts)
@@ -79,7 +80,8 @@ class S3Server:
         deadline = time.monotonic() + wait
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"rclone serve s3 exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+                raise RuntimeError(f"rclone serve s3 exited with {self.proc.returncode}: "
+                                   f"{self.log.read_text()[-2000:]}")
             try:
                 fs.get_file_info(pafs.FileSelector(BUCKET))
                 return self

@@ -114,8 +114,17 @@ def test_fused_path_equals_the_materialised_batch(small_ds):
 
 
 def test_kernel_mode_follows_the_measured_costs(monkeypatch):
+    import datapipe.collate._parallel as par
     from datapipe.collate._parallel import KernelMode
 
+    busy = [True]
+    monkeypatch.setattr(par, "_busy", lambda: busy[0])
+    m = KernelMode(explore_every=4)
+    for _ in range(6):  # cores taken: parallel kernels are not even tried
+        p = m.pick()
+        assert p is False
+        m.record(p, 2.0, 1)
+    busy[0] = False
     m = KernelMode(explore_every=4)
     seq = []
     for _ in range(4):  # warm-up call and one measurement per mode: serial first
@@ -129,8 +138,6 @@ def test_kernel_mode_follows_the_measured_costs(monkeypatch):
         picks.append(p)
         m.record(p, 1.0 if p else 2.0, 1)
     assert [i for i, p in enumerate(picks) if not p] == [3, 11]  # serial tried after 4 calls, lost, then after 8
-    import datapipe.collate._parallel as par
-
     monkeypatch.setattr(par, "may_parallelize", lambda: False)  # in workers and prefetch threads
     assert m.pick() is False
 

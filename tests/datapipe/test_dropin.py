@@ -171,3 +171,15 @@ def test_replayed_sampler_order_is_the_users():
     loader = datapipe.DataLoader(Rows(9), batch_size=4, sampler=Reverse(9))
     assert [b.tolist() for b in loader] == [[8, 7, 6, 5], [4, 3, 2, 1], [0]]
     assert_loader_resumes_exactly(lambda: datapipe.DataLoader(Rows(9), batch_size=4, sampler=Reverse(9)))
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_deleting_the_loader_and_iterator_ends_the_workers_at_once(persistent):
+    loader = datapipe.DataLoader(Rows(40), batch_size=2, num_workers=2, persistent_workers=persistent)
+    it = iter(loader)
+    next(it)
+    workers = list(it._workers)
+    del it, loader  # no reference cycle: freed now, as with torch, not at the next garbage collection
+    for w in workers:
+        w.join(timeout=30)
+        assert not w.is_alive()

@@ -271,13 +271,14 @@ def _flip_each_and_verify(root, files, positions=3):
     assert r.exit_code == 0, r.output
 
 
-def test_verify_names_a_flipped_byte_in_any_decomposition_file(tmp_path):
+@pytest.mark.parametrize("positions", [3, pytest.param(40, marks=pytest.mark.slow)])
+def test_verify_names_a_flipped_byte_in_any_decomposition_file(tmp_path, positions):
     rows = [{"input_ids": list(range(1, 3 + (i * 37) % 300))} for i in range(60)]
     path = datapipe.write_dataset(rows, tmp_path / "ds", shard_rows=25)
     datapipe.decompose(path, min_log2=4, max_log2=7, materialize=True)
     files = sorted(p for p in (path / "decomposition").rglob("*") if p.is_file())
     assert {p.name for p in files} >= {"manifest.json", "pieces.arrow", "sequences.arrow", "k04.arrow", "k07.arrow"}
-    _flip_each_and_verify(path, files)
+    _flip_each_and_verify(path, files, positions)
 
 
 def test_verify_names_every_bad_dataset_file(ds_dir):
@@ -561,3 +562,37 @@ def test_exchange_swaps_two_directories_atomically(tmp_path):
     if not _exchange(tmp_path / "a", tmp_path / "b"):
         pytest.skip("renameat2(RENAME_EXCHANGE) is not available here (the two-rename fallback is tested above)")
     assert [p.name for p in (tmp_path / "b").iterdir()] == ["from_a"] and not list((tmp_path / "a").iterdir())
+
+
+def test_verify_a_standalone_cluster_file(tmp_path):
+    from datapipe.tas_ingest import cluster_embeddings
+
+    np.save(tmp_path / "emb.npy", np.random.default_rng(1).normal(size=(30, 4)).astype(np.float32))
+    out = tmp_path / "clusters.arrow"
+    cluster_embeddings(tmp_path / "emb.npy", 3, out=out)
+    r = CliRunner().invoke(main, ["verify", str(out)])
+    assert r.exit_code == 0 and "ok: 1 files" in r.output, r.output
+    t = pa.ipc.open_file(pa.memory_map(str(out))).read_all()
+    ids = t.column("cluster").to_numpy().copy()
+    ids[0] = (ids[0] + 1) % 3
+    with pa.OSFile(str(out), "wb") as sink, pa.ipc.new_file(sink, t.schema) as w:
+        w.write_table(pa.table({"cluster": ids}).replace_schema_metadata(t.schema.metadata))
+    r = CliRunner().invoke(main, ["verify", str(out)])
+    assert r.exit_code == 1 and "clusters.arrow: content does not match" in r.output, r.output
+
+
+def test_materialized_bucket_is_checked_on_first_touch(tmp_path):
+    rows = [{"input_ids": list(range(1, 3 + (i * 37) % 300))} for i in range(60)]
+    path = datapipe.write_dataset(rows, tmp_path / "ds", shard_rows=25)
+    idx = datapipe.decompose(path, min_log2=4, max_log2=7, materialize=True)
+    t = idx.open_bucket(5)
+    assert t.num_rows == idx.bucket_sequences[5] and t.column("input_ids").type.list_size == 32
+    f = idx.path / "buckets" / "k06.arrow"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 1
+    os.unlink(f)  # a new file (new inode): this process has not verified it
+    f.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match=r"k06\.arrow: checksum mismatch"):
+        datapipe.DecomposedIndex.open(path).open_bucket(6)
+    with pytest.raises(DatasetError, match="bucket 3 is not materialized"):
+        idx.open_bucket(3)

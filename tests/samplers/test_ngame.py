@@ -12,18 +12,12 @@ import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from native.balanced import balanced_kmeans
 from samplers.ngame import NGAMEBatchSampler, positive_mask
 from tests.helpers import assert_exactly_once, assert_sampler_resumes_exactly, free_port
 
 
 def emb_of(n: int, d: int = 8, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
-
-
-def as_bank(e: np.ndarray) -> np.ndarray:
-    """What the bank holds: unit rows in float16."""
-    return (e / np.linalg.norm(e, axis=1, keepdims=True)).astype(np.float16)
 
 
 def epoch_batches(s: NGAMEBatchSampler, epoch: int) -> list[np.ndarray]:
@@ -56,7 +50,8 @@ def test_clusters_balanced_and_batches_are_whole_clusters(n, cs):
     st_ = s.stats()
     assert st_["clustered"] and st_["num_clusters"] == -(-n // cs)
     assert st_["max_cluster_size"] - st_["min_cluster_size"] <= 1 and st_["max_cluster_size"] <= cs
-    ids = balanced_kmeans(as_bank(emb_of(n)), cs, seed=s.epoch_seed(0, 0xC105))
+    ids = s.cluster_ids
+    assert ids is not None and len(ids) == n
     for b in s:
         # each batch holds whole clusters, at most batch_size // cluster_size of them
         clusters = np.unique(ids[b])
@@ -240,13 +235,18 @@ def test_two_gloo_ranks_share_rank0_plan(tmp_path):
         allrows = np.concatenate([r[0][key], r[1][key]])
         assert sorted(allrows.tolist()) == list(range(n)), key
     assert int(r[0]["n1"]) == int(r[1]["n1"])
-    # both ranks hold the clustering rank 0 computed from the merged bank (the true embeddings, as the bank stores them)
-    seed = NGAMEBatchSampler(n, batch_size=12, cluster_size=4, seed=s0).epoch_seed(1, 0xC105)
-    expect = balanced_kmeans(as_bank(emb_of(n, 8, seed=11)), 4, seed=seed)
+    # both ranks hold the clustering rank 0 computed from the merged bank: the clustering one process gets when
+    # its bank holds every row's true embedding
+    one = NGAMEBatchSampler(n, batch_size=12, cluster_size=4, warmup_epochs=1, refresh_every=1, seed=s0)
+    one.update_embeddings(np.arange(n), emb_of(n, 8, seed=11))
+    one.set_epoch(1)
+    expect = one.cluster_ids
+    assert expect is not None
     np.testing.assert_array_equal(r[0]["ids_a"], expect)
     np.testing.assert_array_equal(r[1]["ids_a"], expect)
-    seed_b = NGAMEBatchSampler(n, batch_size=12, cluster_size=4, seed=s0).epoch_seed(0, 0xC105)
-    expect_b = balanced_kmeans(as_bank(emb_of(n, 8, seed=100)), 4, seed=seed_b)
+    # scenario B: rank 0's initial embeddings win, as in one process given them
+    expect_b = NGAMEBatchSampler(n, batch_size=12, cluster_size=4, embeddings=emb_of(n, 8, seed=100),
+                                 seed=s0).cluster_ids
     np.testing.assert_array_equal(r[0]["ids_b"], expect_b)
     np.testing.assert_array_equal(r[1]["ids_b"], expect_b)
     assert sorted(np.concatenate([r[0]["b_batches"], r[1]["b_batches"]]).tolist()) == list(range(n))

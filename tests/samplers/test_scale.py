@@ -30,7 +30,7 @@ def path(request, monkeypatch):
     return request.param
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 300), bs=st.integers(1, 20), w=st.integers(1, 6), epoch=st.integers(0, 3),
        drop_last=st.booleans(), seed=st.integers(0, 2**40), cut=st.lists(st.tuples(st.integers(1, 6),
                                                                                   st.integers(0, 5)), max_size=2))
@@ -175,3 +175,121 @@ def test_shard_local_resumes_exactly_and_elastically():
 def test_shard_local_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         samplers.RandomBatchSampler(10, 2, **kwargs)
+
+
+# ---- windowed token-budget plans (above EXACT_MAX_ROWS; forced here on small inputs) ---------------------------
+@pytest.fixture
+def windowed(monkeypatch):
+    import samplers.token_budget as tb
+
+    monkeypatch.setattr(tb, "EXACT_MAX_ROWS", 0)
+    monkeypatch.setattr(tb, "WINDOW_ROWS", 64)
+
+
+def lengths_of(n, seed=0):
+    return np.random.default_rng(seed).integers(1, 60, n).astype(np.int32)
+
+
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(1, 600), w=st.integers(1, 5), epoch=st.integers(0, 2), drop_last=st.booleans(),
+       shuffle=st.booleans(), cut=st.lists(st.tuples(st.integers(1, 5), st.integers(0, 4)), max_size=2))
+def test_token_budget_windowed_plan_is_its_materialised_plan(n, w, epoch, drop_last, shuffle, cut):
+    import samplers.token_budget as tb
+
+    saved = tb.EXACT_MAX_ROWS, tb.WINDOW_ROWS
+    tb.EXACT_MAX_ROWS, tb.WINDOW_ROWS = 0, 64
+    try:
+        lengths = lengths_of(n, n)
+        lengths[::97] = 300  # too long: dropped and counted
+        usable = int((lengths <= 200).sum())
+        if not drop_last and usable < max([w] + [c[0] for c in cut]):
+            return
+        make = lambda r, ws: tb.TokenBudgetBatchSampler(lengths, 200, sort_window=8, shuffle=shuffle,  # noqa
+                                                        seed=7, world_size=ws, rank=r, drop_last=drop_last)
+        segments = []
+        for w_old, k in cut:
+            s0 = make(0, w_old)
+            s0._position(epoch, 0, tuple(segments))
+            segments.append((w_old, min(k, len(s0))))
+        segments = tuple(segments)
+        seen = []
+        for r in range(w):
+            s = make(r, w)
+            assert s.windowed
+            glob, want = reference(s, epoch, segments)
+            s._position(epoch, 0, segments)
+            got = [b.tolist() for b in s]
+            assert got == want and len(s) == len(want)
+            for b in got:
+                assert len(b) * lengths[b].max() <= 200
+            seen += [x for b in got for x in b]
+        assert len(seen) == len(set(seen))
+        if not segments and not drop_last:
+            st_ = make(0, w).stats()
+            assert len(seen) + st_["dropped_rows"] == n
+            assert st_["dropped"].get("longer_than_max_tokens", 0) == n - usable
+    finally:
+        tb.EXACT_MAX_ROWS, tb.WINDOW_ROWS = saved
+
+
+def test_token_budget_windowed_resumes_exactly(windowed):
+    lengths = lengths_of(500)
+    assert_sampler_resumes_exactly(lambda: samplers.TokenBudgetBatchSampler(lengths, 200, sort_window=8, seed=3,
+                                                                            world_size=2, rank=1),
+                                   steps=[0, 1, 5, 20])
+
+
+def test_token_budget_windowed_stats_match_the_rows(windowed):
+    lengths = lengths_of(3000)
+    s = samplers.TokenBudgetBatchSampler(lengths, 256, sort_window=8, seed=1)
+    st_ = s.stats()
+    plan = s.global_plan()
+    real, padded = plan.padding(lengths.astype(np.int64))
+    assert (st_["tokens"], st_["padded_tokens"]) == (int(real), int(padded))
+    assert st_["plan"] == "windowed" and st_["num_batches"] == plan.num_batches
+    s.set_epoch(1)
+    assert not np.array_equal(s.global_plan().indices, plan.indices)  # a new block permutation each epoch
+
+
+def test_token_budget_windowed_reads_an_int32_memmap_without_copying(windowed, tmp_path):
+    np.save(tmp_path / "len.npy", lengths_of(2000))
+    mm = np.load(tmp_path / "len.npy", mmap_mode="r")
+    s = samplers.TokenBudgetBatchSampler(mm, 256, sort_window=8)
+    assert s.lengths.dtype == np.int32 and np.shares_memory(s.lengths, mm)
+    assert sorted(np.concatenate(list(s)).tolist()) == list(range(2000))
+    bad = lengths_of(2000)
+    bad[1234] = -3
+    with pytest.raises(ValueError, match="lengths has a negative value -3 at row 1234"):
+        samplers.TokenBudgetBatchSampler(bad, 256)
+    long = lengths_of(2000)
+    long[77] = 999
+    with pytest.raises(ValueError, match="row 77 has length 999 > max_tokens=256"):
+        samplers.TokenBudgetBatchSampler(long, 256, on_long="error")
+
+
+def test_token_budget_exact_path_below_the_threshold():
+    s = samplers.TokenBudgetBatchSampler(lengths_of(500), 200, sort_window=8)
+    assert not s.windowed and "plan" not in s._options()
+
+
+def test_token_budget_windowed_samplers_share_a_counting_pass(windowed, monkeypatch):
+    import samplers.token_budget as tb
+
+    lengths = lengths_of(1500, 5)
+    a = tb.TokenBudgetBatchSampler(lengths, 256, sort_window=8, seed=21, world_size=2, rank=0)
+    it = iter(a)
+    for _ in range(3):
+        next(it)
+    calls = []
+    real = tb.window_sizes
+    monkeypatch.setattr(tb, "window_sizes", lambda *x, **k: calls.append(1) or real(*x, **k))
+    b = tb.TokenBudgetBatchSampler(lengths, 256, sort_window=8, seed=21, world_size=2, rank=0)
+    b.load_state_dict(a.state_dict())
+    assert calls == [] and next(iter(b)).tolist() == next(it).tolist()
+    c = tb.TokenBudgetBatchSampler(lengths, 256, sort_window=8, seed=22, world_size=2, rank=0)  # another seed
+    assert calls and len(c) > 0
+    other = lengths.copy()
+    other[::2] = 7  # other lengths: another digest, another pass
+    calls.clear()
+    tb.TokenBudgetBatchSampler(other, 256, sort_window=8, seed=21, world_size=2, rank=0)
+    assert calls

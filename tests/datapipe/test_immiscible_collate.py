@@ -1,15 +1,18 @@
-"""Tests for samplers.immiscible.ImmiscibleCollate: noise aligned with the batch, deterministic per seed, rank,
-epoch and worker, through real DataLoader workers, a real gloo group and a real Arrow dataset."""
+"""Tests for datapipe.immiscible.ImmiscibleCollate: noise aligned with the batch, a pure function of seed, rank,
+epoch and the batch's rows (not of the worker or call order), through real DataLoader workers, a real gloo group
+and a real Arrow dataset; and the deprecated ``samplers.immiscible`` alias."""
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from samplers.immiscible import METHODS, ImmiscibleCollate, assign_linear
+from datapipe.immiscible import METHODS, ImmiscibleCollate, assign_linear
 
 
 def _gen(seed: int, device: str = "cpu") -> torch.Generator:
@@ -50,9 +53,10 @@ def test_collate_adds_aligned_noise(method: str) -> None:
         torch.testing.assert_close(ref, batch["noise"])
 
 
-def test_collate_deterministic_and_differs_by_seed_rank_epoch_call() -> None:
+def test_collate_is_a_function_of_seed_rank_epoch_and_rows() -> None:
     ds = _Digits()
     samples = [ds[i] for i in range(8)]
+    others = [ds[i] for i in range(8, 16)]
 
     def first(**kw) -> torch.Tensor:
         return ImmiscibleCollate(None, k=4, **kw)(samples)["noise"]
@@ -62,28 +66,30 @@ def test_collate_deterministic_and_differs_by_seed_rank_epoch_call() -> None:
     assert not torch.equal(base, first(seed=2, rank=0))
     assert not torch.equal(base, first(seed=1, rank=1))
     col = ImmiscibleCollate(None, k=4, seed=1, rank=0)
-    n0, n1 = col(samples)["noise"], col(samples)["noise"]
-    assert torch.equal(n0, base) and not torch.equal(n0, n1)
+    other = col(others)["noise"]  # a call on other rows first: the noise of `samples` does not depend on it
+    assert torch.equal(col(samples)["noise"], base) and torch.equal(col(samples)["noise"], base)
+    assert not torch.equal(other[: len(base)], base)
     col.set_epoch(1)
     assert not torch.equal(col(samples)["noise"], base)
     col.set_epoch(0)
     assert torch.equal(col(samples)["noise"], base)
+    swapped = col(samples[::-1])["noise"]  # other rows in the batch (here: another order) draw other noise
+    assert not torch.equal(swapped.flip(0), base)
 
 
-def test_collate_worker_seeds_differ_and_are_reproducible() -> None:
+def test_collate_noise_is_the_same_for_any_num_workers() -> None:
     ds = _Digits(24)
     col = ImmiscibleCollate(None, k=4, seed=5, rank=0)
 
-    def run() -> list[torch.Tensor]:
-        dl = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, collate_fn=col, shuffle=False)
+    def run(workers: int) -> list[torch.Tensor]:
+        dl = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=workers, collate_fn=col, shuffle=False)
         return _noises(dl)
 
-    a, b = run(), run()
+    a, b = run(2), run(0)
+    assert len(a) == len(b) == 6
     assert all(torch.equal(p, q) for p, q in zip(a, b))
-    # batches 0 and 1 go to workers 0 and 1, each at its first call: same images would still get other noise
-    samples = [ds[i] for i in range(4)]
-    main = ImmiscibleCollate(None, k=4, seed=5, rank=0)(samples)["noise"]
-    assert not torch.equal(a[0], main)  # worker 0 != main process
+    main = ImmiscibleCollate(None, k=4, seed=5, rank=0)([ds[i] for i in range(8, 12)])["noise"]
+    assert torch.equal(a[2], main)  # batch 2 (rows 8..11), collated in a worker, equals a call in this process
     assert not any(torch.equal(a[i], a[j]) for i in range(len(a)) for j in range(i))
 
 
@@ -181,3 +187,17 @@ def test_collate_stacks_row_lists_and_checks_shape() -> None:
         ImmiscibleCollate(lambda s: {"pixel_values": list(s)}, rank=0)([torch.ones(6), torch.ones(5)])
     with pytest.raises(ValueError, match="cannot be viewed as shape"):
         ImmiscibleCollate(lambda s: {"pixel_values": list(s)}, rank=0, shape=(4, 4))([torch.ones(6)])
+
+
+def test_samplers_immiscible_is_a_deprecated_alias() -> None:
+    import datapipe
+    import datapipe.immiscible
+    import samplers
+
+    sys.modules.pop("samplers.immiscible", None)
+    with pytest.warns(DeprecationWarning, match="moved to datapipe.immiscible"):
+        old = importlib.import_module("samplers.immiscible")
+    assert old.ImmiscibleCollate is datapipe.immiscible.ImmiscibleCollate is datapipe.ImmiscibleCollate
+    assert samplers.ImmiscibleCollate is datapipe.ImmiscibleCollate
+    assert samplers.knn_noise_exact is datapipe.immiscible.knn_noise_exact
+    assert "ImmiscibleCollate" not in samplers.__all__ and "immiscible" not in samplers.__all__

@@ -1,7 +1,6 @@
-"""Tests for samplers.immiscible (Immiscible Diffusion noise assignment: LA, KNN, exact KNN, collate)."""
+"""Tests for datapipe.immiscible (Immiscible Diffusion noise assignment: LA, KNN, exact KNN, collate)."""
 
 from __future__ import annotations
-
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
 from scipy.stats import ks_2samp
 
-from samplers.immiscible import (
+from datapipe.immiscible import (
     ImmiscibleCollate,
     assign_linear,
     knn_noise,

@@ -1,0 +1,310 @@
+"""bench_scale: plan memory and time of the samplers at 1e7, 1e8 and 1e9 rows (issue 15), batch quality of the
+windowed token-budget plan vs the exact one, and the shard-local shuffle's shards per batch and mixing.
+
+Every size case runs in a fresh subprocess (``--case``) that measures its own anonymous memory (``RssAnon`` of
+``/proc/self/status``, polled every 20 ms for the peak) and times construction, the first batch, and a resume:
+a second sampler built the same way, then ``load_state_dict`` of the state after 100 batches and its first
+batch (the 101st), checked equal to the uninterrupted run's. Metadata is a memory-mapped ``.npy`` of int32
+lengths (log-normal, median ~400 tokens) or float32 durations written under ``--tmp`` and deleted at the end.
+World size 8, rank 3, as in the issue's table.
+
+    python benchmarks/bench_scale.py                       # 1e7 and 1e8 rows + quality (a few minutes)
+    python benchmarks/bench_scale.py --sizes 1e7,1e8,1e9   # also 1e9 (writes 4 GB files under /tmp)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+#: the issue's table (main before issue 15): (first batch s, peak) at 1e8, and 1e9
+OLD = {
+    "random": ("4 s / 1.2 GiB", "36 s, 10.4 GiB"),
+    "token_budget": ("50 s / 6.9 GiB", "~60 GiB (MemoryError in lexsort at 3e8)"),
+    "duration": ("48 s / 7.8 GiB", "~69 GiB"),
+}
+
+
+def anon_kb() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    return 0
+
+
+class Peak:
+    """Polls RssAnon in a thread: the peak anonymous memory while a case runs."""
+
+    def __init__(self) -> None:
+        self.peak = anon_kb()
+        self.stop = False
+        self.t = threading.Thread(target=self.run, daemon=True)
+        self.t.start()
+
+    def run(self) -> None:
+        while not self.stop:
+            self.peak = max(self.peak, anon_kb())
+            time.sleep(0.02)
+
+    def done(self) -> int:
+        self.stop = True
+        self.t.join()
+        return max(self.peak, anon_kb())
+
+
+def metadata_file(kind: str, n: int, tmp: Path) -> Path:
+    path = tmp / f"bench_scale_{kind}_{n}.npy"
+    if path.exists():
+        return path
+    dtype = np.int32 if kind == "lengths" else np.float32
+    part = path.with_suffix(".part.npy")
+    mm = np.lib.format.open_memmap(part, mode="w+", dtype=dtype, shape=(n,))
+    rng = np.random.default_rng(0)
+    step = 1 << 24
+    for a in range(0, n, step):
+        k = min(n, a + step) - a
+        if kind == "lengths":
+            mm[a:a + k] = np.minimum(rng.lognormal(6.0, 1.0, k), 8192).astype(np.int32) + 1
+        else:
+            mm[a:a + k] = np.clip(rng.lognormal(1.8, 0.6, k), 0.5, 40.0).astype(np.float32)
+    mm.flush()
+    del mm
+    part.rename(path)
+    return path
+
+
+def make(kind: str, n: int, tmp: Path):
+    import samplers
+
+    kw = dict(seed=1, rank=3, world_size=8)
+    if kind == "random":
+        return lambda: samplers.RandomBatchSampler(n, 1024, **kw)
+    if kind == "token_budget":
+        lengths = np.load(metadata_file("lengths", n, tmp), mmap_mode="r")
+        return lambda: samplers.TokenBudgetBatchSampler(lengths, max_tokens=2**20, **kw)
+    durations = np.load(metadata_file("durations", n, tmp), mmap_mode="r")
+    return lambda: samplers.DurationBucketSampler(durations, max_duration=600.0, num_buckets=30, **kw)
+
+
+def warm_up(kind: str) -> None:
+    """Load the kernels (compiled code, numba's own memory) on a tiny input of the same dtypes, both paths, so a
+    case measures its plan, not the JIT."""
+    import samplers
+    import samplers.random as sr
+    import samplers.token_budget as tb
+
+    saved = sr.EXACT_MAX_ROWS, tb.EXACT_MAX_ROWS
+    for limit in (0, 1 << 62):
+        sr.EXACT_MAX_ROWS, tb.EXACT_MAX_ROWS = limit, limit
+        if kind == "random":
+            next(iter(samplers.RandomBatchSampler(5000, 64, seed=1, rank=3, world_size=8)))
+        elif kind == "token_budget":
+            lengths = np.arange(5000, dtype=np.int32) % 300 + 1
+            next(iter(samplers.TokenBudgetBatchSampler(lengths, max_tokens=4096, seed=1, rank=3, world_size=8)))
+    sr.EXACT_MAX_ROWS, tb.EXACT_MAX_ROWS = saved
+    if kind == "duration":
+        d = (np.arange(5000, dtype=np.float32) % 30 + 1).astype(np.float32)
+        next(iter(samplers.DurationBucketSampler(d, max_duration=600.0, num_buckets=30, seed=1, rank=3, world_size=8)))
+
+
+def run_case(kind: str, n: int, tmp: Path) -> dict:
+    import warnings
+
+    warnings.simplefilter("ignore")
+    build = make(kind, n, tmp)  # writes the metadata file when missing (not timed)
+    warm_up(kind)
+    base = anon_kb()
+    peak = Peak()
+    t0, c0 = time.perf_counter(), time.process_time()
+    s = build()
+    t1, c1 = time.perf_counter(), time.process_time()
+    it = iter(s)
+    first = next(it)
+    t2 = time.perf_counter()
+    for _ in range(99):
+        next(it)
+    state = s.state_dict()
+    want = next(it)
+    t3 = time.perf_counter()
+    s2 = build()
+    t4 = time.perf_counter()
+    s2.load_state_dict(state)
+    got = next(iter(s2))
+    t5 = time.perf_counter()
+    assert np.array_equal(got, want), "resumed batch differs"
+    top = peak.done()
+    return {"kind": kind, "rows": n, "construct_s": t1 - t0, "construct_cpu_s": c1 - c0, "first_batch_s": t2 - t0,
+            "first_alone_s": t2 - t1,
+            "next_100_s": t3 - t2, "construct2_s": t4 - t3, "resume_s": t5 - t4, "batches_per_rank": len(s),
+            "first_rows": len(first), "peak_anon_mib": (top - base) / 1024, "end_anon_mib": (anon_kb() - base) / 1024}
+
+
+# ---- quality: windowed vs exact token-budget plans, shard-local vs global shuffles (1e6 rows) -----------------
+def mates_overlap(bid0: np.ndarray, bid1: np.ndarray, anchors: np.ndarray) -> float:
+    """Mean share of an anchor row's epoch-0 batch-mates that are again its batch-mates in epoch 1."""
+    order0 = np.argsort(bid0, kind="stable")
+    starts = np.searchsorted(bid0[order0], np.arange(bid0.max() + 2))
+    out = []
+    for a in anchors:
+        if bid0[a] < 0:
+            continue
+        mates = order0[starts[bid0[a]]:starts[bid0[a] + 1]]
+        mates = mates[mates != a]
+        if len(mates):
+            out.append(float(np.mean(bid1[mates] == bid1[a])))
+    return float(np.mean(out))
+
+
+def batch_ids(plan, n: int) -> np.ndarray:
+    bid = np.full(n, -1, dtype=np.int64)
+    bid[plan.indices] = np.repeat(np.arange(plan.num_batches), plan.sizes)
+    return bid
+
+
+def quality_token_budget(n: int = 10**6, max_tokens: int = 2**16) -> list[dict]:
+    import samplers
+    import samplers.token_budget as tb
+
+    lengths = np.minimum(np.random.default_rng(0).lognormal(6.0, 1.0, n), 8192).astype(np.int32) + 1
+    anchors = np.random.default_rng(1).choice(n, 3000, replace=False)
+    rows = []
+    saved = tb.EXACT_MAX_ROWS
+    try:
+        for name, limit in (("exact (<= 0.2 plan)", 1 << 62), ("windowed", 0)):
+            tb.EXACT_MAX_ROWS = limit
+            for seed in (1, 2):
+                s = samplers.TokenBudgetBatchSampler(lengths, max_tokens=max_tokens, seed=seed)
+                st0 = s.stats()
+                b0 = batch_ids(s.global_plan(), n)
+                s.set_epoch(1)
+                b1 = batch_ids(s.global_plan(), n)
+                # rows of one 16-row block: how often two of them share a batch (the windowed plan's weak spot)
+                same_block = float(np.mean(b0[anchors] == b0[anchors ^ 1]))
+                rows.append({"plan": name, "seed": seed, "batches": st0["num_batches"],
+                             "mean_rows": st0["mean_batch_size"], "padding": st0["padding_fraction"],
+                             "overlap": mates_overlap(b0, b1, anchors), "same_block": same_block,
+                             "expected": float(np.mean(st0["mean_batch_size"])) / n})
+    finally:
+        tb.EXACT_MAX_ROWS = saved
+    return rows
+
+
+def quality_shard_local(n: int = 10**6, shard_rows: int = 1000, bs: int = 1024) -> list[dict]:
+    import samplers
+
+    off = np.arange(0, n + 1, shard_rows, dtype=np.int64)
+    anchors = np.random.default_rng(1).choice(n, 3000, replace=False)
+    out = []
+    for name, kw in (("global", {}), ("shard_local, window 4", dict(shuffle="shard_local", shard_offsets=off,
+                                                                     shard_window=4)),
+                     ("shard_local, window 16", dict(shuffle="shard_local", shard_offsets=off, shard_window=16)),
+                     ("shard_local, window 64", dict(shuffle="shard_local", shard_offsets=off, shard_window=64))):
+        s = samplers.RandomBatchSampler(n, bs, seed=1, **kw)
+        p0 = s.global_plan()
+        touched = np.array([len(np.unique(p0.indices[a:b] // shard_rows))
+                            for a, b in zip(p0.offsets[:-1], p0.offsets[1:])])
+        s.set_epoch(1)
+        b0, b1 = batch_ids(p0, n), batch_ids(s.global_plan(), n)
+        same_shard = float(np.mean([np.mean(p0.indices[a:b] // shard_rows == p0.indices[a] // shard_rows)
+                                    for a, b in zip(p0.offsets[:-1:50], p0.offsets[1::50])]))
+        out.append({"shuffle": name, "touched_mean": float(touched.mean()), "touched_max": int(touched.max()),
+                    "same_shard": same_shard, "overlap": mates_overlap(b0, b1, anchors)})
+    return out
+
+
+# ---- driver -----------------------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1e7,1e8")
+    ap.add_argument("--kinds", default="random,token_budget,duration")
+    ap.add_argument("--duration-max", type=float, default=1e7, help="largest size run for DurationBucketSampler "
+                    "(its plan is not windowed yet: 1e8 needs ~8 GiB)")
+    ap.add_argument("--tmp", default="/tmp")
+    ap.add_argument("--case", nargs=2, metavar=("KIND", "ROWS"), help=argparse.SUPPRESS)
+    ap.add_argument("--no-quality", action="store_true")
+    ap.add_argument("--out", default=str(HERE / "results" / "bench_scale.md"))
+    args = ap.parse_args()
+    tmp = Path(args.tmp)
+    if args.case:
+        print(json.dumps(run_case(args.case[0], int(float(args.case[1])), tmp)))
+        return
+    results = []
+    made = set()
+    for n in (int(float(x)) for x in args.sizes.split(",")):
+        for kind in args.kinds.split(","):
+            if kind == "duration" and n > args.duration_max:
+                continue
+            made.add((kind, n))
+            cmd = [sys.executable, __file__, "--case", kind, str(n), "--tmp", str(tmp)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            if proc.returncode:
+                results.append({"kind": kind, "rows": n, "error": proc.stderr.strip().splitlines()[-1][:200]})
+            else:
+                results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(json.dumps(results[-1]), flush=True)
+        for f in tmp.glob(f"bench_scale_*_{n}.npy"):  # one size's files at a time (1e9: 4 GB each)
+            f.unlink()
+    quality = None if args.no_quality else (quality_token_budget(), quality_shard_local())
+    write(results, quality, args)
+
+
+def write(results: list[dict], quality, args) -> None:
+    load = os.getloadavg()[0]
+    lines = ["# bench_scale: sampler plans at 1e7-1e9 rows (issue 15)", "",
+             f"Command: `.venv/bin/python benchmarks/bench_scale.py --sizes {args.sizes}` (run "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, 2-core machine shared with ~7 other jobs, load "
+             f"average {load:.0f} at the end: wall times are inflated and noisy, memory is not). world_size 8, rank 3; "
+             "metadata: memory-mapped int32 lengths / float32 durations; each case in a fresh process.", "",
+             "*first batch* counts construction; *resume* is `load_state_dict(state after 100 batches)` + the first "
+             "batch of a second, freshly built sampler (its construction is listed apart); *anon* is the growth of "
+             "`RssAnon` (peak while the case ran), i.e. memory the plan holds, not the page cache of the memory map.",
+             "", "| sampler | rows | construct (s) [CPU s] | first batch (s) | resume to batch 101 (s) | "
+             "2nd construct (s) | peak anon (MiB) | batches/rank | before issue 15 (issue's table) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        old = OLD.get(r["kind"], ("", ""))
+        before = old[0] if r["rows"] == 10**8 else old[1] if r["rows"] == 10**9 else ""
+        if "error" in r:
+            lines.append(f"| {r['kind']} | {r['rows']:.0e} | failed: {r['error']} | | | | | | {before} |")
+            continue
+        cpu = f" [{r['construct_cpu_s']:.1f}]" if "construct_cpu_s" in r else ""
+        lines.append(f"| {r['kind']} | {r['rows']:.0e} | {r['construct_s']:.2f}{cpu} | {r['first_batch_s']:.2f} | "
+                     f"{r['resume_s']:.3f} | {r['construct2_s']:.2f} | {r['peak_anon_mib']:.0f} | "
+                     f"{r['batches_per_rank']} | {before} |")
+    if quality:
+        tbq, shq = quality
+        lines += ["", "## Windowed token-budget plan vs the exact plan (1e6 rows, max_tokens 2**16, sort_window "
+                  "1024)", "",
+                  "*overlap*: mean share of a row's epoch-0 batch-mates that are its batch-mates again in epoch 1 "
+                  "(3000 anchor rows); *same block*: share of anchors sharing a batch with the next row (same "
+                  "16-row block of the windowed plan's block permutation); *1/N x rows per batch* is what a uniform "
+                  "random batching gives for both.", "",
+                  "| plan | seed | batches | rows/batch | padding | overlap | same block | 1/N x rows per batch |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for q in tbq:
+            lines.append(f"| {q['plan']} | {q['seed']} | {q['batches']} | {q['mean_rows']:.1f} | {q['padding']:.4f} "
+                         f"| {q['overlap']:.5f} | {q['same_block']:.4f} | {q['expected']:.6f} |")
+        lines += ["", "## Shard-local shuffle (1e6 rows in 1000 shards of 1000 rows, batch 1024)", "",
+                  "| shuffle | shards per batch (mean) | max | batch-mates from the first row's shard | overlap "
+                  "across epochs |", "|---|---|---|---|---|"]
+        for q in shq:
+            lines.append(f"| {q['shuffle']} | {q['touched_mean']:.1f} | {q['touched_max']} | {q['same_shard']:.4f} | "
+                         f"{q['overlap']:.5f} |")
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
