@@ -137,7 +137,8 @@ def main() -> None:
             f"Date: {_dt.date.today().isoformat()}. Corpus: {len(local):,} documents, {tokens:,} tokens "
             f"(lognormal lengths), {local.num_shards} shards, {nbytes / 2**20:.1f} MiB; one epoch of "
             f"{len(batches)} random batches of {args.batch} documents, `collate.packed()`, `num_workers=0`; "
-            f"medians of {args.repeats} epochs; `rclone serve s3` on 127.0.0.1 (same 2-core shared machine). "
+            f"medians of {args.repeats} epochs; `rclone serve s3` on 127.0.0.1 (same 2-core shared machine; load "
+            f"average {os.getloadavg()[0]:.1f} at the end). "
             f"Upload with `write_dataset(..., \"s3://bkt/ds\")`: {t_upload:.2f} s (local write {t_local_write:.2f} s).",
             "",
             "| setting | epoch (s) | runs (s) | vs local |",

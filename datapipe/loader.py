@@ -25,6 +25,7 @@ Where the order of a pass comes from, and how a resume finds it again:
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Iterator, Mapping
 from typing import TypeVar
@@ -354,6 +355,11 @@ class DataLoader(tud.DataLoader[T_co]):
             s.seek(start)
             self._sampler_epoch = s.epoch
             items = s
+            hint = getattr(self.dataset, "prefetch_plan", None)
+            if hint is not None and self.num_workers == 0:
+                # a remote dataset downloads shards in the order this pass will read them: a copy of the sampler
+                # (same plan, its own cursor) walks the pass on the dataset's background thread
+                hint(iter(copy.copy(s)))
         elif kind == "ordered":
             src = self._index_sampler_torch()
             items = _ordered_items(weakref.ref(self), src, self._epoch, start)
