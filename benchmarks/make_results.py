@@ -24,6 +24,7 @@ ORDER = [
     ("Recipe dry run: 1e5 steps, 8 domains (issue 16)", "bench_recipe.md"),
     ("Sampler plans at 1e7-1e9 rows, shard-local shuffles (issue 15)", "bench_scale.md"),
     ("Datasets on object storage: an epoch over S3 on loopback vs the local copy (issue 15)", "bench_remote.md"),
+    ("Drop-in: PyTorch's own DataLoader test suite with datapipe.DataLoader (issue 18)", "dropin.md"),
 ]
 
 

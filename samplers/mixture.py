@@ -110,11 +110,11 @@ class MixtureBatchSampler(BatchSamplerBase):
         max_repeat: passes allowed over any domain in one run; exceeding raises ValueError. ``None`` (default)
             allows any number but emits a ``PlanWarning`` past 4 passes (the range where "To Repeat or Not To
             Repeat" (Xue et al., 2023) finds repeated tokens lose value); ``strict=True`` raises instead.
-        seed, rank, world_size: as in every sampler. A state saved at another world size is refused: the run
-            is planned per step for a fixed number of ranks.
+        seed, rank, world_size: as in every sampler. A state saved at another world size resumes elastically by
+            global position: the run goes on at the step it had reached, each domain's stream from the position
+            the old ranks had read it to, with this world size's per-step counts.
     """
 
-    _elastic = False
 
     def __init__(self, domain_sizes: Mapping[str, int], schedule, *, batch_size: int, total_steps: int,
                  mode: str = "stratified", max_repeat: float | None = None, seed: int = 0, rank: int | None = None,
@@ -156,7 +156,7 @@ class MixtureBatchSampler(BatchSamplerBase):
         self.mode = mode
         self.max_repeat = max_repeat
         self._weights = schedule_weights(self.schedule, self.total_steps, len(self.domains))
-        self._tables_cache: tuple[tuple[int, int], tuple] | None = None  # keyed by (seed, epoch)
+        self._tables_cache: dict[tuple[int, int, int], tuple] = {}  # keyed by (seed, epoch, world size)
         self._plan_cache: tuple[tuple[int, int], Plan] | None = None
         self._row_map: NDArray[np.int64] | None = None  # concatenation position -> dataset row (from_domains)
         self._tables(0)  # draws epoch 0's counts and checks max_repeat up front
@@ -197,20 +197,20 @@ class MixtureBatchSampler(BatchSamplerBase):
     def _metadata(self) -> dict:
         return {} if self._row_map is None else {"row_map": digest_array(self._row_map)}
 
-    def _elastic_reason(self) -> str:
-        return "its per-step counts are drawn for a fixed number of ranks; resume with the same number of ranks"
-
     # ---- composition ---------------------------------------------------------------------------------------------
-    def _tables(self, epoch: int) -> tuple[NDArray, NDArray[np.int64], NDArray[np.int64]]:
+    def _tables(self, epoch: int,
+                world_size: int | None = None) -> tuple[NDArray, NDArray[np.int64], NDArray[np.int64]]:
         """Counts of an epoch: ``(counts [B, D] (smallest unsigned dtype holding batch_size), step_prefix int64
         [total_steps + 1, D] (stream position of each domain at the start of each step), need int64 [D])``.
 
         Computed in chunks of batches so that no temporary is larger than a chunk; the random draws are the same
         as in one go (a single Generator consumed in order).
         """
-        if self._tables_cache is not None and self._tables_cache[0] == (self.seed, epoch):
-            return self._tables_cache[1]
-        T, W, D, bs = self.total_steps, self.world_size, len(self.domains), self.batch_size
+        W = self.world_size if world_size is None else int(world_size)
+        key = (self.seed, epoch, W)
+        if key in self._tables_cache:
+            return self._tables_cache[key]
+        T, D, bs = self.total_steps, len(self.domains), self.batch_size
         dtype = np.uint8 if bs <= 0xFF else np.uint16 if bs <= 0xFFFF else np.uint32 if bs <= 0xFFFFFFFF else np.int64
         counts = np.empty((T * W, D), dtype=dtype)
         step_prefix = np.zeros((T + 1, D), dtype=np.int64)
@@ -228,8 +228,24 @@ class MixtureBatchSampler(BatchSamplerBase):
         np.cumsum(step_prefix, axis=0, out=step_prefix)
         need = step_prefix[-1].copy()
         self._check_repeat(need, epoch)
-        self._tables_cache = ((self.seed, epoch), (counts, step_prefix, need))
+        if len(self._tables_cache) >= 4:  # this epoch's, and the world sizes of an elastic resume
+            self._tables_cache.pop(next(iter(self._tables_cache)))
+        self._tables_cache[key] = (counts, step_prefix, need)
         return counts, step_prefix, need
+
+    def _elastic_start(self, epoch: int) -> tuple[int, NDArray[np.int64]]:
+        """``(first step, stream offset [D])`` of this world size's part of the epoch after an elastic resume: the
+        steps the earlier world sizes ran, and how far each domain's stream had been read at that point beyond what
+        this world size's counts would have read by then."""
+        D = len(self.domains)
+        step, read = 0, np.zeros(D, dtype=np.int64)
+        for w, k in self._segments:
+            prefix = self._tables(epoch, w)[1]
+            read += prefix[min(step + k, self.total_steps)] - prefix[step]
+            step = min(step + k, self.total_steps)
+        if not self._segments:
+            return 0, read
+        return step, read - self._tables(epoch)[1][step]
 
     def counts(self, epoch: int | None = None) -> NDArray[np.int64]:
         """Rows per domain of every global batch of an epoch: int64 ``[total_steps * world_size, D]``."""
@@ -254,7 +270,8 @@ class MixtureBatchSampler(BatchSamplerBase):
                 f"total_steps or raise max_repeat")
 
     # ---- rows, computed on demand --------------------------------------------------------------------------------
-    def _global_batches(self, epoch: int, batch_ids: NDArray[np.int64]) -> NDArray[np.int64]:
+    def _global_batches(self, epoch: int, batch_ids: NDArray[np.int64],
+                        offset: NDArray[np.int64] | None = None) -> NDArray[np.int64]:
         """Rows of global batches ``batch_ids`` (batch ``b`` is step ``b // world_size``, rank ``b % world_size``)
         of an epoch, batch after batch: int64 ``[len(batch_ids) * batch_size]``.
 
@@ -270,6 +287,8 @@ class MixtureBatchSampler(BatchSamplerBase):
         per_rank = counts.reshape(self.total_steps, W, D)[s].astype(np.int64)  # [k, W, D]
         before = np.cumsum(per_rank, axis=1) - per_rank  # rows of earlier ranks in the same step
         starts = step_prefix[s] + before[np.arange(len(b)), r]
+        if offset is not None:
+            starts = starts + offset[None, :]
         prefixes = np.array([mix_prefix(self.seed, epoch, d) for d in range(D)], dtype=np.uint64)
         rows = stream_batches(starts, counts[b], self.sizes, self.offsets[:-1], prefixes, b,
                               mix_prefix(self.epoch_seed(epoch, 0xBA7C4)))
@@ -302,17 +321,19 @@ class MixtureBatchSampler(BatchSamplerBase):
     def __iter__(self) -> Iterator[NDArray[np.int64]]:
         epoch, W, r, T, bs = self.epoch, self.world_size, self.rank, self.total_steps, self.batch_size
         self._tables(epoch)
-        for s0 in range(self._begin_pass(), T, _ITER_CHUNK):
+        first, offset = self._elastic_start(epoch)
+        for s0 in range(first + self._begin_pass(), T, _ITER_CHUNK):
             s1 = min(T, s0 + _ITER_CHUNK)
-            rows = self._global_batches(epoch, np.arange(s0, s1, dtype=np.int64) * W + r)
+            rows = self._global_batches(epoch, np.arange(s0, s1, dtype=np.int64) * W + r,
+                                        offset if self._segments else None)
             for j in range(s1 - s0):
-                self._yielded = s0 + j + 1
+                self._yielded = s0 + j + 1 - first
                 yield rows[j * bs : (j + 1) * bs].copy()
         # a finished pass starts the next pass of the same epoch from its beginning, as torch samplers do
         self._yielded = 0
 
     def __len__(self) -> int:
-        return self.total_steps
+        return self.total_steps - (self._elastic_start(self.epoch)[0] if self._segments else 0)
 
     # ---- statistics ----------------------------------------------------------------------------------------------
     def stats(self) -> dict:

@@ -259,7 +259,16 @@ ELASTIC = {
                                                           world_size=w),
     "topic_aware": lambda r, w: samplers.TopicAwareBatchSampler(np.arange(203) % 7, batch_size=6, seed=3, rank=r,
                                                                 world_size=w),
+    "decomposed": lambda r, w: samplers.DecomposedBatchSampler(_index(), tokens_per_batch=64, seed=3, rank=r,
+                                                               world_size=w),
 }
+
+
+def _index():
+    from types import SimpleNamespace
+
+    log2 = np.random.default_rng(1).integers(2, 5, 203)
+    return SimpleNamespace(sequence_log2=log2, max_log2=4)
 
 
 @pytest.mark.parametrize("old,new", [(2, 3), (4, 2), (3, 3), (2, 5)])
@@ -288,6 +297,11 @@ def test_elastic_resume_delivers_the_rest_exactly_once(name, old, new):
         bucket = news[0].bucket_of
         for step in zip(*rest):
             assert len({int(bucket[b[0]]) for b in step}) == 1
+    if name == "decomposed":  # one 2^k bucket per step on every rank, constant tokens per batch
+        log2 = _index().sequence_log2
+        for step in zip(*rest):
+            ks = {int(log2[b[0]]) for b in step}
+            assert len(ks) == 1 and all(len(b) << ks.pop() == 64 for b in step[:1])
     # a checkpoint of the elastic epoch resumes again (at the new size)
     again = make(0, new)
     base = k if old == new else 0  # an elastic epoch counts batches from where the new world size took over
@@ -303,12 +317,35 @@ def test_elastic_resume_delivers_the_rest_exactly_once(name, old, new):
 
 
 def test_elastic_is_refused_where_the_plan_cannot_move():
-    from mixtures.schedules import Constant
-
-    mk = lambda w: samplers.MixtureBatchSampler({"a": 50}, Constant({"a": 1.0}), batch_size=4, total_steps=5,
-                                                rank=0, world_size=w)
+    mk = lambda w: samplers.NGAMEBatchSampler(40, batch_size=4, cluster_size=2, rank=0, world_size=w)
     with pytest.raises(ValueError, match="same number of ranks"):
         mk(3).load_state_dict(mk(2).state_dict())
+
+
+@pytest.mark.parametrize("old,new", [(2, 3), (4, 2)])
+def test_mixture_continues_its_run_by_global_position(old, new):
+    from mixtures.schedules import DomainUpsampling
+
+    sched = DomainUpsampling({"a": 0.7, "b": 0.3}, {"a": 0.2, "b": 0.8}, final_fraction=0.3)
+    sizes = {"a": 5000, "b": 5000}  # no domain wraps: every stream position is a distinct row
+    mk = lambda r, w: samplers.MixtureBatchSampler(sizes, sched, batch_size=8, total_steps=40, seed=2, rank=r,
+                                                   world_size=w)
+    olds = [mk(r, old) for r in range(old)]
+    k = 13
+    consumed = []
+    for s in olds:
+        it = iter(s)
+        consumed += [next(it) for _ in range(k)]
+    news = [mk(r, new) for r in range(new)]
+    for s in news:
+        s.load_state_dict(olds[0].state_dict())
+    rest = [list(s) for s in news]
+    assert all(len(r) == 40 - k for r in rest) and len(news[0]) == 40 - k  # the run goes on at step k
+    seen = np.concatenate(consumed + [b for r in rest for b in r])
+    assert len(np.unique(seen)) == len(seen)  # each domain's stream continues where the old ranks left it
+    # the schedule's shares hold at the steps the new ranks run (its last 30 % up-samples b)
+    late = np.concatenate([b for r in rest for b in r[-10:]])
+    assert abs((late >= 5000).mean() - 0.8) < 0.1  # per-batch rounding of 8 rows: 6 of 8 here
 
 
 def _elastic_rank(rank: int, world: int, port: int, queue, state=None, k=0):

@@ -190,8 +190,7 @@ def test_state_rejects_other_configuration():
     state = a.state_dict()
     with pytest.raises(ValueError, match="total_steps"):
         make(total_steps=21).load_state_dict(state)
-    with pytest.raises(ValueError, match="world_size"):  # per-step counts are drawn for a fixed world size
-        make(world_size=2).load_state_dict(state)
+    make(world_size=2).load_state_dict(state)  # elastic: goes on by global position (tests/datapipe)
 
 
 def test_stats_report_targets_and_realised_weights():
