@@ -142,13 +142,63 @@ class _Tracked:
             raise
         except BaseException:
             self._got_any = True
-            if self._task is not None:
-                dp._delivered(self._task)
+            self._count(dp)
             raise
         self._got_any = True
-        if self._task is not None:
-            dp._delivered(self._task)
+        self._count(dp)
         return data
+
+    _defer = False  # set by _DeviceIter: the batch counts when it is handed over, a step later
+
+    def _count(self, dp) -> None:
+        if self._defer:
+            self.last_task = self._task
+        elif self._task is not None:
+            dp._delivered(self._task)
+
+
+class _DeviceIter:
+    """``DataLoader(device=...)``: torch's iterator, each batch copied to ``device`` one step ahead (a CUDA side
+    stream, see ``datapipe.prefetch.DevicePrefetcher``). A batch counts as delivered when it is handed over, so the
+    loader's state stays exact; an exception raised by one batch reaches the caller at that batch's turn."""
+
+    def __init__(self, it: _Tracked, loader: DataLoader, device) -> None:
+        from datapipe.prefetch import DevicePrefetcher
+
+        it._defer = True
+        self._it, self._loader = it, weakref.ref(loader)
+        self._prefetcher = DevicePrefetcher(self._tagged(), device)
+
+    def _tagged(self):
+        while True:
+            try:
+                data = next(self._it)
+            except StopIteration:
+                return
+            except Exception as e:  # noqa: BLE001  handed over (raised) at its turn
+                yield ("error", e, self._it.last_task)
+            else:
+                yield ("batch", data, self._it.last_task)
+
+    def __iter__(self) -> _DeviceIter:
+        return self
+
+    def __len__(self) -> int:
+        return len(self._it)
+
+    def __next__(self):
+        loader = self._loader()
+        try:
+            kind, value, task = next(self._prefetcher)
+        except StopIteration:
+            if loader is not None:
+                loader._pass_finished()
+            raise
+        if loader is not None and task is not None:
+            loader._delivered(task)
+        if kind == "error":
+            raise value
+        return value
 
 
 class _SingleIter(_Tracked, _SingleProcessDataLoaderIter):
@@ -170,11 +220,12 @@ class _SingleIter(_Tracked, _SingleProcessDataLoaderIter):
 
     def _next_data(self):
         if self._threads is None:
-            return super()._next_data()
-        self._task, self._sent = self._sent, self._sent + 1  # results come in source order: the k-th is task k
-        data = next(self._threads)
+            data = self._dataset_fetcher.fetch(self._next_index())
+        else:
+            self._task, self._sent = self._sent, self._sent + 1  # results come in source order: the k-th is task k
+            data = next(self._threads)
         if self._pin_memory:
-            data = torch.utils.data._utils.pin_memory.pin_memory(data, self._pin_memory_device)
+            data = _pinned(data, self._pin_memory_device)
         return data
 
     def _reset(self, loader, first_iter: bool = False) -> None:
@@ -220,6 +271,9 @@ class DataLoader(tud.DataLoader[T_co]):
         prefetch: with ``num_workers=0``, load this many batches ahead on a small thread pool in this process
             (``datapipe`` datasets and collators release the GIL); results come in plan order and the state still
             counts batches delivered. ``0`` (default): load each batch when it is asked for, as torch does.
+        device: copy each batch to this device one step ahead (on a CUDA side stream; with ``pin_memory=True``
+            the copy is asynchronous). ``iter(loader)`` is then a thin wrapper around torch's iterator; the state
+            counts a batch when it is handed over.
 
     The epoch advances by itself when an epoch ends (or at a new ``iter()`` after an abandoned pass), so
     ``for epoch in range(E): for batch in loader`` goes through the epochs; ``set_epoch`` chooses the next one, and
@@ -231,7 +285,8 @@ class DataLoader(tud.DataLoader[T_co]):
                  batch_sampler=None, num_workers: int = 0, collate_fn=None, pin_memory: bool = False,
                  drop_last: bool = False, timeout: float = 0, worker_init_fn=None, multiprocessing_context=None,
                  generator=None, *, prefetch_factor: int | None = None, persistent_workers: bool = False,
-                 pin_memory_device: str = "", in_order: bool = True, seed: int | None = None, prefetch: int = 0):
+                 pin_memory_device: str = "", in_order: bool = True, seed: int | None = None, prefetch: int = 0,
+                 device: str | torch.device | None = None):
         if collate_fn is None and hasattr(dataset, "__getitems__") and batch_size is not None \
                 and _ours(dataset):
             from datapipe.collate import default
@@ -256,6 +311,7 @@ class DataLoader(tud.DataLoader[T_co]):
                          pin_memory_device=pin_memory_device, in_order=in_order)
         self.seed = None if seed is None else int(seed)
         self.prefetch = int(prefetch)
+        self.device = None if device is None else torch.device(device)
         self._iterable = isinstance(dataset, tud.IterableDataset)
         self._source = _IndexSource(self)
         self._arrays = _ours(dataset)  # datapipe datasets take int64 arrays; others get Python ints, as from torch
@@ -342,7 +398,8 @@ class DataLoader(tud.DataLoader[T_co]):
             # e.g. ImmiscibleCollate keys its noise by (rows, epoch); persistent workers keep the copy they got
             # at their start, so such a collate should not rely on it there
             self.collate_fn.set_epoch(self._epoch)
-        return super().__iter__()
+        it = super().__iter__()
+        return it if self.device is None else _DeviceIter(it, self, self.device)
 
     def _pass_indices(self) -> Iterator:
         """The indices of the current pass, from the loader's position; records each item's position. The
@@ -523,6 +580,16 @@ def _replayed_items(sampler, start: int) -> Iterator:
         if next(it, None) is None:
             return
     yield from it
+
+
+def _pinned(data, device):
+    """Pin a batch: tensors in dicts/lists/tuples into recycled page-locked buffers (``datapipe.prefetch.pin``: no
+    fresh page-locked allocation per batch), anything else as torch pins it."""
+    from datapipe.prefetch import pin
+
+    if isinstance(data, (torch.Tensor, Mapping, list, tuple)) and not hasattr(data, "pin_memory"):
+        return pin(data)
+    return torch.utils.data._utils.pin_memory.pin_memory(data, device)
 
 
 def _ours(dataset) -> bool:

@@ -18,13 +18,14 @@ _LAZY = {
     "samplers.packing": ("PackedDurationSampler",),
     "samplers.calibrate": ("BatchShape", "BatchShape2D", "calibrate_batch_sizes"),
     "samplers.topic_aware": ("PairTable", "TopicAwareBatchSampler"),
-    "samplers.ngame": ("NGAMEBatchSampler", "positive_mask"),
+    "samplers.ngame": ("NGAMEBatchSampler",),
+    "samplers.labels": ("positive_mask",),
     "samplers.immiscible": ("ImmiscibleCollate", "assign_linear", "knn_noise", "knn_noise_exact", "plain_noise"),
     "samplers.mixture": ("MixtureBatchSampler", "largest_remainder_counts"),
     "samplers.shaped_mixture": ("ShapedMixtureBatchSampler",),
 }
-_MODULES = ("base", "bins", "calibrate", "decomposed", "duration", "immiscible", "mixture", "ngame", "packing",
-            "random", "shaped_mixture", "token_budget", "topic_aware")
+_MODULES = ("base", "bins", "calibrate", "decomposed", "duration", "immiscible", "labels", "mixture", "ngame",
+            "packing", "random", "shaped_mixture", "token_budget", "topic_aware")
 # moved to datapipe.immiscible (a collator, not a sampler); these resolve for one release and warn
 _DEPRECATED = ("ImmiscibleCollate", "assign_linear", "immiscible", "knn_noise", "knn_noise_exact", "plain_noise")
 

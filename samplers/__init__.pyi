@@ -5,6 +5,7 @@ from . import bins as bins
 from . import calibrate as calibrate
 from . import decomposed as decomposed
 from . import duration as duration
+from . import labels as labels
 from . import mixture as mixture
 from . import ngame as ngame
 from . import packing as packing
@@ -22,10 +23,10 @@ from .decomposed import DecomposedBatchSampler as DecomposedBatchSampler
 from .duration import DurationBucketSampler as DurationBucketSampler
 from .duration import estimate_duration_bins as estimate_duration_bins
 from .duration import estimate_duration_bins_2d as estimate_duration_bins_2d
+from .labels import positive_mask as positive_mask
 from .mixture import MixtureBatchSampler as MixtureBatchSampler
 from .mixture import largest_remainder_counts as largest_remainder_counts
 from .ngame import NGAMEBatchSampler as NGAMEBatchSampler
-from .ngame import positive_mask as positive_mask
 from .packing import PackedDurationSampler as PackedDurationSampler
 from .random import RandomBatchSampler as RandomBatchSampler
 from .shaped_mixture import ShapedMixtureBatchSampler as ShapedMixtureBatchSampler
@@ -57,6 +58,7 @@ __all__ = [
     "duration",
     "estimate_duration_bins",
     "estimate_duration_bins_2d",
+    "labels",
     "largest_remainder_counts",
     "mixture",
     "ngame",

@@ -6,7 +6,9 @@ positive labels are hard in-batch negatives at no extra encoding cost. The clust
 hierarchical 2-means (:func:`native.balanced.balanced_kmeans`) over a memory bank that the training loop
 fills with the embeddings it computes anyway (:meth:`NGAMEBatchSampler.update_embeddings`), and are refreshed
 every ``refresh_every`` epochs after ``warmup_epochs`` of random batches. Unlike the reference (one GPU), the
-plan is shared across ranks: rank 0 gathers the bank, clusters, and broadcasts the cluster ids.
+plan is shared across ranks: rank 0 gathers the bank, clusters, and broadcasts the cluster ids
+(:mod:`samplers.ngame_dist`). The cluster file is :mod:`samplers.ngame_io`; the in-batch positive mask of NGAME's
+loss is :func:`samplers.labels.positive_mask`.
 """
 
 from __future__ import annotations
@@ -21,23 +23,27 @@ from numpy.typing import ArrayLike, NDArray
 from native.balanced import balanced_kmeans
 from native.batching import fixed_sizes
 from native.rng import permutation
-from samplers.base import BatchSamplerBase, Plan, digest_array, take_batches
+from samplers.base import BatchSamplerBase, Plan, take_batches
+from samplers.ngame_dist import any_rank, broadcast_ids, dist_group, sync_bank_to_rank0
+from samplers.ngame_io import read_cluster_file, write_cluster_file
 
-__all__ = ["NGAMEBatchSampler", "positive_mask"]
+__all__ = ["NGAMEBatchSampler"]
+
+
+def __getattr__(name: str):
+    # ``from samplers.ngame import positive_mask`` keeps working one release (it moved to samplers.labels)
+    if name == "positive_mask":
+        import warnings
+
+        warnings.warn("samplers.ngame.positive_mask moved to samplers.labels; import it from there or from "
+                      "samplers (the old name goes in the next release)", DeprecationWarning, stacklevel=2)
+        from samplers.labels import positive_mask
+
+        return positive_mask
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _DYNAMIC_KEYS = ("clustered_epoch", "cluster_size_now", "clusters_digest", "bank_dirty", "decided_epoch")
-
-
-def _clusters_digest(arrays: Mapping[str, np.ndarray]) -> str:
-    """xxh3 of a cluster file's arrays (name, dtype, shape, bytes; sorted by name): the file's own checksum."""
-    import xxhash
-
-    h = xxhash.xxh3_64()
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(a.view(np.uint8).reshape(-1) if a.size else b"")
-    return f"xxh3_64:{h.hexdigest()}"
 
 
 def _parse_schedule(schedule, cluster_size: int) -> list[tuple[int, int]]:
@@ -54,81 +60,6 @@ def _parse_schedule(schedule, cluster_size: int) -> list[tuple[int, int]]:
 
 def _digest(ids: NDArray[np.int64] | None) -> str:
     return "" if ids is None else hashlib.blake2b(np.ascontiguousarray(ids).tobytes(), digest_size=8).hexdigest()
-
-
-# ---- torch.distributed plumbing: rank 0 merges the banks, clusters, and broadcasts the ids ---------------------
-class _Group:
-    def __init__(self, dist, rank: int, world: int, device) -> None:
-        self.dist, self.rank, self.world, self.device = dist, rank, world, device
-
-
-def dist_group(world_size: int) -> _Group | None:
-    """The initialised default process group when its size is ``world_size > 1``, else None."""
-    if world_size <= 1:
-        return None
-    try:
-        import torch
-        import torch.distributed as dist
-    except ImportError:  # pragma: no cover
-        return None
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() != world_size:
-        return None
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    return _Group(dist, dist.get_rank(), world_size, dev)
-
-
-def any_rank(group: _Group, flag: bool) -> bool:
-    import torch
-
-    t = torch.tensor([int(flag)], dtype=torch.int64, device=group.device)
-    group.dist.all_reduce(t, op=group.dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def sync_bank_to_rank0(group: _Group, bank: NDArray | None, stamp: NDArray[np.int64]) -> NDArray | None:
-    """Merge the ranks' banks on rank 0: each row from the rank that wrote it last (lowest rank on ties).
-
-    Collective. Returns the merged float32 ``[n, d]`` bank on rank 0 when every row has an embedding somewhere,
-    else None (and None on other ranks).
-    """
-    import torch
-
-    dist, dev = group.dist, group.device
-    d = torch.tensor([0 if bank is None else bank.shape[1]], dtype=torch.int64, device=dev)
-    dist.all_reduce(d, op=dist.ReduceOp.MAX)
-    d = int(d.item())
-    if d == 0:
-        return None
-    st = torch.from_numpy(stamp).to(dev)
-    newest = st.clone()
-    dist.all_reduce(newest, op=dist.ReduceOp.MAX)
-    claim = torch.where((st == newest) & (st >= 0), group.rank, group.world)
-    dist.all_reduce(claim, op=dist.ReduceOp.MIN)
-    mine = (claim == group.rank).cpu().numpy()
-    contrib = np.zeros((len(stamp), d), dtype=np.float32)
-    if bank is not None:
-        if bank.shape[1] != d:
-            raise ValueError(f"rank {group.rank} has a bank of dimension {bank.shape[1]} but another rank has {d}")
-        contrib[mine] = bank[mine]
-    t = torch.from_numpy(contrib).to(dev)
-    dist.reduce(t, dst=0, op=dist.ReduceOp.SUM)
-    if group.rank != 0 or bool((newest < 0).any()):
-        return None
-    return t.cpu().numpy()
-
-
-def broadcast_ids(group: _Group, ids: NDArray[np.int64] | None, n: int) -> NDArray[np.int64] | None:
-    """Broadcast rank 0's cluster ids (or its 'no clustering') to every rank. Collective."""
-    import torch
-
-    ok = torch.tensor([int(ids is not None)], dtype=torch.int64, device=group.device)
-    group.dist.broadcast(ok, src=0)
-    if not ok.item():
-        return None
-    buf = torch.from_numpy(ids) if group.rank == 0 else torch.empty(n, dtype=torch.int64)
-    buf = buf.to(group.device)
-    group.dist.broadcast(buf, src=0)
-    return buf.cpu().numpy().astype(np.int64)
 
 
 class NGAMEBatchSampler(BatchSamplerBase):
@@ -420,17 +351,7 @@ class NGAMEBatchSampler(BatchSamplerBase):
                   "ids": self._ids if self._ids is not None else np.zeros(0, np.int64)}
         if include_bank and self._bank is not None:
             arrays.update(bank=self._bank, stamp=self._stamp)
-        arrays["checksum"] = np.array(_clusters_digest(arrays))  # load_clusters refuses a changed file
-        tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_cluster_file(path, arrays)
 
     def load_clusters(self, path: str | os.PathLike) -> None:
         """Restore what :meth:`save_clusters` wrote (call before :meth:`load_state_dict`).
@@ -439,19 +360,7 @@ class NGAMEBatchSampler(BatchSamplerBase):
             ValueError: naming ``path`` when the file is unreadable or its content does not match the checksum it
                 carries, or it holds clusters of another number of items.
         """
-        import zipfile
-
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError) as e:
-            raise ValueError(f"{os.fspath(path)}: not a readable cluster file ({type(e).__name__}: {e}); it is "
-                             "truncated or corrupt: save the clusters again") from None
-        stored = str(arrays.pop("checksum", ""))
-        if stored and stored != _clusters_digest(arrays):
-            raise ValueError(f"{os.fspath(path)}: content does not match the checksum the file carries "
-                             f"({stored}); the cluster file is corrupt: save the clusters again")
-        z = arrays
+        z = read_cluster_file(path)
         if int(z["num_items"]) != self.num_items:
             raise ValueError(f"{os.fspath(path)} holds clusters of {int(z['num_items'])} rows, not "
                              f"num_items={self.num_items}")
@@ -482,55 +391,3 @@ class NGAMEBatchSampler(BatchSamplerBase):
             **self._counts,
         })
         return out
-
-
-def positive_mask(batch_rows: ArrayLike, label_indptr: ArrayLike, label_indices: ArrayLike, *,
-                  batch_labels: ArrayLike | None = None):
-    """The in-batch positive mask from the full (CSR) label matrix, for NGAME's in-batch loss.
-
-    Args:
-        batch_rows: int ``[B]`` row indices of the batch.
-        label_indptr: int ``[n + 1]`` CSR row pointer of the row -> label matrix.
-        label_indices: int ``[nnz]`` label ids of every row, row after row.
-        batch_labels: optional int ``[B]``: the label sampled for each row (the batch's label candidates).
-
-    Returns:
-        torch.bool ``[B, B]``: ``mask[i, j]`` is True when rows ``i`` and ``j`` share a positive label (so
-        ``mask[i, i]`` is True for every row with a label), or, with ``batch_labels``, when
-        ``batch_labels[j]`` is a positive label of row ``i``.
-
-    Raises:
-        ValueError: malformed CSR arrays, rows out of range, ``batch_labels`` of the wrong length.
-    """
-    import torch
-
-    rows = np.asarray(batch_rows)
-    if rows.ndim != 1 or (rows.size and not np.issubdtype(rows.dtype, np.integer)):
-        raise ValueError(f"batch_rows must be a 1-D integer array (got shape {rows.shape}, dtype {rows.dtype})")
-    indptr = np.asarray(label_indptr, dtype=np.int64)
-    indices = np.asarray(label_indices)
-    if indptr.ndim != 1 or len(indptr) < 1 or indptr[0] != 0 or (np.diff(indptr) < 0).any() \
-            or indptr[-1] > len(indices):
-        raise ValueError("label_indptr must be a 1-D non-decreasing CSR pointer starting at 0 and ending at most at "
-                         f"len(label_indices)={len(indices)}")
-    n = len(indptr) - 1
-    rows = rows.astype(np.int64)
-    if rows.size and (rows.min() < 0 or rows.max() >= n):
-        raise ValueError(f"batch_rows must be in [0, {n}) (got min {rows.min()}, max {rows.max()})")
-    B = len(rows)
-    starts, lens = indptr[rows], indptr[rows + 1] - indptr[rows]
-    owner = np.repeat(np.arange(B), lens)
-    pos = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens) + np.repeat(starts, lens)
-    labels = np.asarray(indices[pos], dtype=np.int64)
-    if batch_labels is not None:
-        bl = np.asarray(batch_labels, dtype=np.int64)
-        if bl.shape != (B,):
-            raise ValueError(f"batch_labels must have shape [{B}] like batch_rows (got {bl.shape})")
-        uniq, inv = np.unique(np.concatenate([labels, bl]), return_inverse=True)
-    else:
-        uniq, inv = np.unique(labels, return_inverse=True)
-    A = torch.zeros((B, len(uniq)), dtype=torch.float32)
-    A[torch.from_numpy(owner), torch.from_numpy(inv[: len(labels)])] = 1.0
-    if batch_labels is not None:
-        return A[:, torch.from_numpy(inv[len(labels):])] > 0
-    return (A @ A.T) > 0

@@ -183,3 +183,67 @@ def test_deleting_the_loader_and_iterator_ends_the_workers_at_once(persistent):
     for w in workers:
         w.join(timeout=30)
         assert not w.is_alive()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_device_copy_one_step_ahead_keeps_the_state_exact(workers):
+    def make():
+        return datapipe.DataLoader(Rows(30, bad=(9,)), batch_size=4, shuffle=True, seed=2, num_workers=workers,
+                                   device="cpu")
+
+    ref = datapipe.DataLoader(Rows(30, bad=(9,)), batch_size=4, shuffle=True, seed=2)
+    want = []
+    it = iter(ref)
+    for _ in range(len(ref)):
+        try:
+            want.append(next(it).tolist())
+        except KeyError:
+            want.append("error")
+    loader = make()
+    it = iter(loader)
+    assert len(it) == len(loader) == 8
+    got = []
+    for _ in range(3):
+        try:
+            got.append(next(it).tolist())
+        except KeyError:
+            got.append("error")
+    state = loader.state_dict()
+    assert state["batches_delivered"] == 3  # the batch copied ahead is not counted until handed over
+    resumed = make()
+    resumed.load_state_dict(state)
+    rest = []
+    it = iter(resumed)
+    while True:
+        try:
+            rest.append(next(it).tolist())
+        except KeyError:
+            rest.append("error")
+        except StopIteration:
+            break
+    assert got + rest == want
+    assert resumed.epoch == 1  # the pass ended: positioned at the next epoch
+
+
+def test_thread_prefetch_through_the_loader_is_exact(small_ds):
+    from datapipe import collate
+
+    def make(prefetch):
+        import samplers
+
+        s = samplers.RandomBatchSampler(len(small_ds), 8, seed=4)
+        return datapipe.DataLoader(small_ds, batch_sampler=s, collate_fn=collate.packed(), prefetch=prefetch)
+
+    want = to_plain(list(make(0)))
+    assert to_plain(list(make(3))) == want
+    a = make(3)
+    it = iter(a)
+    head = [next(it) for _ in range(4)]
+    state = a.state_dict()
+    assert state["batches_delivered"] == 4  # not the batches the threads loaded ahead
+    del it
+    b = make(3)
+    b.load_state_dict(state)
+    assert to_plain(head + list(b)) == want
+    with pytest.raises(ValueError, match="prefetch"):
+        datapipe.DataLoader(small_ds, batch_size=4, prefetch=2, num_workers=2)

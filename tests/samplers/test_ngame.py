@@ -12,7 +12,8 @@ import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from samplers.ngame import NGAMEBatchSampler, positive_mask
+from samplers.labels import positive_mask
+from samplers.ngame import NGAMEBatchSampler
 from tests.helpers import assert_exactly_once, assert_sampler_resumes_exactly, free_port
 
 
