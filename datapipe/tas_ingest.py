@@ -268,12 +268,51 @@ def _load_embeddings(source: str | os.PathLike, column: str | None) -> np.ndarra
                 raise DatasetError(f"{p}: column {column!r} row {row} has {lens[row]} values, row 0 has {lens[0]}")
             return np.asarray(vals.values).reshape(len(lens), -1)
         arr = np.asarray(vals)
-        return np.stack(arr) if arr.dtype == object else arr
+        if arr.dtype == object:
+            try:
+                arr = np.stack(arr)
+            except ValueError as e:
+                raise DatasetError(f"{p}: column {column!r} does not hold one equal-length vector per row "
+                                   f"({e})") from None
+        return _check_embeddings(arr, f"{p}: column {column!r}")
     if not p.exists():
         raise DatasetError(f"{p}: no such file")
     if p.suffix != ".npy":
         raise ValueError(f"source must be a .npy file or a dataset directory (got {str(p)!r})")
-    return np.load(p, mmap_mode="r")
+    with open(p, "rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY":
+        raise DatasetError(f"{p}: not a .npy file ({'empty' if not magic else 'no NUMPY header'}); save the "
+                           "embeddings with numpy.save(path, float32 array of shape [n, d])")
+    try:
+        x = np.load(p, mmap_mode="r", allow_pickle=False)
+    except (ValueError, EOFError, OSError) as e:  # empty, truncated, pickled objects, not a .npy at all
+        raise DatasetError(f"{p}: cannot read a numeric .npy array ({type(e).__name__}: {e}); save the embeddings "
+                           "with numpy.save(path, float32 array of shape [n, d])") from None
+    return _check_embeddings(x, str(p))
+
+
+def _check_embeddings(x: np.ndarray, where: str, chunk_rows: int = 1 << 16) -> np.ndarray:
+    """``x`` if it is a finite numeric ``[n, d]`` array with n, d >= 1, else a :class:`DatasetError` naming
+    ``where``, the shape or dtype found and the first bad row (checked ``chunk_rows`` rows at a time, so a
+    memory-mapped file is never copied whole)."""
+    if x.ndim != 2:
+        raise DatasetError(f"{where}: embeddings of shape {x.shape} ({x.ndim}-D), expected 2-D [n, d] (one row "
+                           "per query); reshape, e.g. x.reshape(-1, 1) for 1-D values")
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)
+            or np.issubdtype(x.dtype, np.bool_)):
+        raise DatasetError(f"{where}: embeddings of dtype {x.dtype}, expected numbers (float32 preferred)")
+    if x.shape[0] < 1 or x.shape[1] < 1:
+        raise DatasetError(f"{where}: embeddings of shape {x.shape}, expected at least one row and one column")
+    if np.issubdtype(x.dtype, np.floating):
+        for a in range(0, x.shape[0], chunk_rows):
+            bad = np.flatnonzero(~np.isfinite(x[a:a + chunk_rows]).all(axis=1))
+            if len(bad):
+                row = a + int(bad[0])
+                col = int(np.flatnonzero(~np.isfinite(x[row]))[0])
+                raise DatasetError(f"{where}: row {row}, column {col}: {x[row, col]} (NaN/inf); drop or fix the "
+                                   "rows before clustering")
+    return x
 
 
 def cluster_embeddings(source: str | os.PathLike, k: int, *, column: str | None = None,
