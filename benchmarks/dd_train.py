@@ -18,7 +18,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import datapipe  # noqa: E402
-from datapipe.collate.decomposed import DecomposedDataset  # noqa: E402
+from datapipe.decomposed_dataset import DecomposedDataset  # noqa: E402
 from samplers import DecomposedBatchSampler  # noqa: E402
 
 EOS = 256

@@ -15,7 +15,7 @@ _LAZY = {
     "datapipe.tokenize": ("ByteTokenizer", "load_tokenizer"),
     "datapipe.ingestion": ("ingest",),
     "datapipe.decomposition": ("DecomposedIndex", "decompose"),
-    "datapipe.collate.decomposed": ("DecomposedDataset",),
+    "datapipe.decomposed_dataset": ("DecomposedDataset",),
     "datapipe.audio": ("import_lhotse_cuts", "ingest_audio"),
     "datapipe.tas_ingest": ("cluster_embeddings", "ingest_tas", "load_pair_table", "save_pair_table"),
     "datapipe.multi": ("MultiDataset",),

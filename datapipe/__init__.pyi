@@ -4,11 +4,11 @@ from . import collate as collate
 from . import immiscible as immiscible
 from .audio import import_lhotse_cuts as import_lhotse_cuts
 from .audio import ingest_audio as ingest_audio
-from .collate.decomposed import DecomposedDataset as DecomposedDataset
 from .dataset import ArrowDataset as ArrowDataset
 from .dataset import Batch as Batch
 from .dataset import DatasetError as DatasetError
 from .dataset import Ragged as Ragged
+from .decomposed_dataset import DecomposedDataset as DecomposedDataset
 from .decomposition import DecomposedIndex as DecomposedIndex
 from .decomposition import decompose as decompose
 from .immiscible import ImmiscibleCollate as ImmiscibleCollate

@@ -38,6 +38,7 @@ __all__ = ["LEGACY_AUDIO_COLUMNS", "audio_columns", "import_lhotse_cuts", "inges
 
 _FEATURE_SUFFIXES = (".npy",)
 _BATCH_FILES = 64
+_BATCH_ROWS = 8192  # cuts per batch when only metadata is imported
 # the names ingest_audio wrote before the Lhotse names became the only ones (readable until the next release)
 LEGACY_AUDIO_COLUMNS = {"sampling_rate": "sample_rate", "audio_path": "path"}
 
@@ -223,11 +224,16 @@ def ingest_audio(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike,
                 cols["num_tokens"] = pa.array(np.array([int(tok_list[i]) for i in chunk], dtype=np.int64))
             yield pa.RecordBatch.from_pydict(cols)
 
-    it = batches()
-    first = next(it)
-    reader = pa.RecordBatchReader.from_batches(first.schema, _chain(first, it))
+    def named() -> Iterator[tuple[str, pa.RecordBatch]]:
+        # one (file, row) pair per cut: write_dataset's errors then name the audio or feature file itself
+        i = 0
+        for b in batches():
+            for j in range(b.num_rows):
+                yield str(paths[i + j]), b.slice(j, 1)
+            i += b.num_rows
+
     index = ["duration"] + (["num_tokens"] if tok_list is not None else []) + (["num_frames"] if features else [])
-    return write_dataset(reader, out_dir, shard_rows=shard_rows, index_columns=index, compression=compression,
+    return write_dataset(named(), out_dir, shard_rows=shard_rows, index_columns=index, compression=compression,
                          overwrite=overwrite, progress=progress,
                          params={"kind": "features" if features else "audio",
                                  **({"frame_shift": frame_shift} if features else {})})
@@ -340,25 +346,23 @@ def import_lhotse_cuts(cuts_jsonl_gz: str | os.PathLike, out_dir: str | os.PathL
         for cut in read_lhotse_cuts(path):
             yield _cut_row(cut, f"{path}: line {cut['_line']}", tokenizer, load_audio, channels)
 
-    if load_audio:
-        def batches() -> Iterator[pa.RecordBatch]:
-            chunk: list[dict] = []
-            for r in rows():
-                chunk.append(r)
-                if len(chunk) == _BATCH_FILES:
-                    yield _rows_to_batch(chunk)
-                    chunk = []
-            if chunk:
-                yield _rows_to_batch(chunk)
+    def batches() -> Iterator[tuple[str, pa.RecordBatch]]:
+        # (manifest, batch) pairs: write_dataset's errors name the manifest and the cut's row in it (from 0)
+        chunk: list[dict] = []
+        for r in rows():
+            chunk.append(r)
+            if len(chunk) == (_BATCH_FILES if load_audio else _BATCH_ROWS):
+                yield str(path), _rows_to_batch(chunk)
+                chunk = []
+        if chunk:
+            yield str(path), _rows_to_batch(chunk)
 
-        it = batches()
-        try:
-            first = next(it)
-        except StopIteration:
-            raise DatasetError(f"{path}: no cuts") from None
-        source = pa.RecordBatchReader.from_batches(first.schema, _chain(first, it))
-    else:
-        source = rows()
+    it = batches()
+    try:
+        first = next(it)
+    except StopIteration:
+        raise DatasetError(f"{path}: no cuts") from None
+    source = _chain(first, it)
     index = ["duration"] + (["num_tokens"] if tokenizer is not None else [])
     return write_dataset(source, out_dir, shard_rows=shard_rows, index_columns=index, compression=compression,
                          overwrite=overwrite, progress=progress, params={"kind": "lhotse", "source": str(path)})
@@ -367,5 +371,6 @@ def import_lhotse_cuts(cuts_jsonl_gz: str | os.PathLike, out_dir: str | os.PathL
 def _rows_to_batch(rows: list[dict]) -> pa.RecordBatch:
     cols = {k: [r[k] for r in rows] for k in rows[0] if k != "audio"}
     arrays = {k: pa.array(v) for k, v in cols.items()}
-    arrays["audio"] = _list_array([r["audio"] for r in rows])
+    if "audio" in rows[0]:
+        arrays["audio"] = _list_array([r["audio"] for r in rows])
     return pa.RecordBatch.from_pydict(arrays)

@@ -24,7 +24,7 @@ from numpy.typing import NDArray
 from datapipe.format import INDEX_FILE, MANIFEST, DatasetError, read_manifest, schema_from_b64, verify_buffer
 from native.ragged import gather_lengths, gather_values
 
-__all__ = ["ArrowDataset", "Batch", "DatasetError", "Ragged", "VERIFY_MODES", "open_ipc"]
+__all__ = ["ArrowDataset", "Batch", "DatasetError", "Ragged", "VERIFY_MODES", "map_checked", "open_ipc"]
 
 
 class Ragged:
@@ -138,6 +138,40 @@ def _check_ragged(path: Path, name: str, offsets: NDArray, num_values: int, rows
         raise _corrupt(path, f"column {name!r}, row {int(drops[0])}: list offsets decrease")
 
 
+def map_checked(path: Path, meta: dict, *, verify: str = "first_touch", what: str = "shard",
+                fix: str = "rebuild the dataset") -> pa.Buffer:
+    """Memory-map a file a manifest lists, after checking its size, and its checksum on the first touch in this
+    process (``verify="first_touch"``; a forked worker inherits what its parent verified).
+
+    Args:
+        path: the local file. meta: its manifest entry (``bytes``, ``checksum``).
+        what: what the file is, for errors. fix: what the user should do, for errors.
+
+    Returns:
+        the whole file as one buffer over the map (no copy).
+
+    Raises:
+        DatasetError: naming ``path``: missing, wrong size, unmappable, checksum mismatch.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: {what} file is missing; {fix}") from None
+    if st.st_size != meta["bytes"]:
+        raise DatasetError(f"{path}: {st.st_size} bytes but the manifest says {meta['bytes']}: the {what} is "
+                           f"truncated or was replaced; {fix}")
+    try:
+        buf = pa.memory_map(str(path), "r").read_buffer()
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot map the {what} ({e})") from None
+    if verify == "first_touch":
+        key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, meta["checksum"])
+        if key not in _VERIFIED:
+            verify_buffer(buf, meta["checksum"], path)
+            _VERIFIED.add(key)
+    return buf
+
+
 def open_ipc(path: Path, meta: dict, *, verify: str, what: str = "shard") -> pa.RecordBatch:
     """Memory-map one Arrow IPC file of a dataset and check it before anything reads its buffers.
 
@@ -151,22 +185,7 @@ def open_ipc(path: Path, meta: dict, *, verify: str, what: str = "shard") -> pa.
     Raises:
         DatasetError: naming ``path``: wrong size, checksum mismatch, unreadable or structurally invalid.
     """
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: {what} file is missing; rebuild the dataset") from None
-    if st.st_size != meta["bytes"]:
-        raise DatasetError(f"{path}: {st.st_size} bytes but the manifest says {meta['bytes']}: the {what} is "
-                           "truncated or was replaced; rebuild the dataset")
-    try:
-        buf = pa.memory_map(str(path), "r").read_buffer()
-    except OSError as e:
-        raise DatasetError(f"{path}: cannot map the {what} ({e})") from None
-    if verify == "first_touch":
-        key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, meta["checksum"])
-        if key not in _VERIFIED:
-            verify_buffer(buf, meta["checksum"], path)
-            _VERIFIED.add(key)
+    buf = map_checked(path, meta, verify=verify, what=what)
     try:
         reader = pa.ipc.open_file(buf)
         if reader.num_record_batches == 1:

@@ -30,9 +30,9 @@ import numpy as np
 import pyarrow as pa
 from numpy.typing import NDArray
 
-from datapipe.dataset import ArrowDataset
-from datapipe.format import (DatasetError, _hasher, check_file_entry, check_manifest_digest, exclusive_output,
-                             fsync_path, load_json, publish_dir, temp_name, verify_buffer, verify_checksum,
+from datapipe.dataset import ArrowDataset, map_checked
+from datapipe.format import (DatasetError, check_file_entry, check_manifest_digest, exclusive_output,
+                             fsync_path, load_json, new_hash, publish_dir, temp_name, verify_checksum,
                              write_manifest)
 from native.decompose import (REMAINDER_POLICIES, bucket_totals, check_doc_lengths, check_log2,
                               decompose_lengths)
@@ -52,7 +52,7 @@ class _HashingSink:
 
     def __init__(self, f) -> None:
         self._f = f
-        self.algo, self._h = _hasher()
+        self.algo, self._h = new_hash()
         self.closed = False
 
     def write(self, data) -> int:
@@ -102,7 +102,7 @@ def _column(table: pa.Table, name: str, path: Path) -> NDArray[np.int64]:
 
 
 def _dataset_lengths(ds: ArrowDataset) -> NDArray[np.int64]:
-    idx_file = ds.path / (ds.manifest.get("index") or {}).get("file", "index.arrow")
+    idx_file = f"{ds.path}/{(ds.manifest.get('index') or {}).get('file', 'index.arrow')}"
     lengths = ds.index.get("length")
     if lengths is None:
         raise DatasetError(f"{idx_file}: no 'length' column; write the dataset with token ids in 'input_ids' so "
@@ -120,8 +120,8 @@ def _fingerprint(ds: ArrowDataset) -> dict:
 
 def decompose(dataset_dir: str | os.PathLike, *, min_log2: int = 8, max_log2: int = 13, remainder: str = "pack",
               seed: int = 0, engine: str = "local", materialize: bool = False, ray_address: str | None = None,
-              num_blocks: int | None = None, progress: Callable[[str, float], None] | None = None
-              ) -> DecomposedIndex:
+              num_blocks: int | None = None, progress: Callable[[str, float], None] | None = None,
+              filesystem=None, cache_dir: str | os.PathLike | None = None) -> DecomposedIndex:
     """Decompose a dataset into power-of-two buckets and store the index beside it.
 
     Args:
@@ -136,6 +136,11 @@ def decompose(dataset_dir: str | os.PathLike, *, min_log2: int = 8, max_log2: in
         ray_address: Ray cluster address for ``engine="ray"`` (default: a local cluster).
         num_blocks: Ray blocks (default: one per CPU of the cluster).
         progress: called as ``progress(stage, fraction)`` while building.
+        filesystem, cache_dir: for a dataset on object storage (``dataset_dir`` a URL such as ``s3://bkt/ds``, or a
+            path inside ``filesystem``): the index (and the dataset's ``index.arrow``, and with ``materialize`` its
+            shards, through ``cache_dir``) is read from the store, built in a local temporary directory and
+            uploaded to ``<url>/decomposition`` (manifest last, after the previous manifest was removed; see
+            ``datapipe.remote.upload_dataset``). No lock guards two concurrent builds into one store.
 
     Returns:
         the opened :class:`DecomposedIndex`.
@@ -150,7 +155,7 @@ def decompose(dataset_dir: str | os.PathLike, *, min_log2: int = 8, max_log2: in
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES} (got {engine=})")
     report = progress or (lambda stage, frac: None)
-    ds = ArrowDataset.open(dataset_dir)
+    ds = ArrowDataset.open(dataset_dir, filesystem=filesystem, cache_dir=cache_dir)
     lengths = _dataset_lengths(ds)
     if len(lengths) == 0:
         raise DatasetError(f"{ds.path}: the dataset has no rows")
@@ -164,6 +169,17 @@ def decompose(dataset_dir: str | os.PathLike, *, min_log2: int = 8, max_log2: in
                                        seed=seed, ray_address=ray_address, num_blocks=num_blocks)
     report("decompose", 1.0)
     params = {"min_log2": min_log2, "max_log2": max_log2, "remainder": remainder, "seed": int(seed)}
+    from datapipe.remote import RemoteArrowDataset, upload_dataset
+
+    if isinstance(ds, RemoteArrowDataset):  # build locally, upload, manifest last
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="datapipe-upload-") as tmp:
+            out = Path(tmp) / DECOMPOSITION_DIR
+            _write_index_locked(ds, out, arrays, params, materialize, report)
+            upload_dataset(out, f"{ds.url.rstrip('/')}/{DECOMPOSITION_DIR}", ds.filesystem, overwrite=True,
+                           timeout=ds.timeout)
+        return DecomposedIndex.open(ds, verify=False)  # the downloads are checked on arrival
     write_index(ds, arrays, params, materialize=materialize, progress=report)
     return DecomposedIndex.open(ds.path, verify=False)  # checksummed while this process wrote them
 
@@ -200,7 +216,7 @@ def _write_index_locked(ds, out: Path, arrays: dict, params: dict, materialize: 
             "files": files, "materialized": None,
         }
         if materialize:
-            from datapipe.collate.decomposed import materialize_buckets
+            from datapipe.decomposed_buckets import materialize_buckets
 
             manifest["materialized"] = materialize_buckets(ds, arrays, params, tmp / "buckets", progress=progress)
             for meta in manifest["materialized"]["buckets"].values():
@@ -212,9 +228,10 @@ def _write_index_locked(ds, out: Path, arrays: dict, params: dict, materialize: 
         raise
 
 
-def _read_decomposition_manifest(path: Path) -> dict:
-    mpath = path / "manifest.json"
-    m = load_json(mpath)
+def _read_decomposition_manifest(path: Path, m: dict | None = None) -> dict:
+    """The checked manifest of the decomposition at ``path`` (``m``: its parsed JSON, read from a store)."""
+    mpath = path / "manifest.json" if isinstance(path, Path) else f"{path}/manifest.json"
+    m = load_json(mpath) if m is None else m
     version = m.get("format_version", 0)
     if m.get("format") != FORMAT_NAME or not isinstance(version, int) or version > FORMAT_VERSION:
         raise DatasetError(f"{mpath}: not a decomposition this datapipe reads (format {m.get('format')!r}, "
@@ -288,7 +305,18 @@ class DecomposedIndex:
         dataset_path, path: the dataset directory and the decomposition directory.
     """
 
-    def __init__(self, dataset_dir: str | os.PathLike, *, verify: bool = True) -> None:
+    def __init__(self, dataset_dir: str | os.PathLike | ArrowDataset, *, verify: bool = True, filesystem=None,
+                 cache_dir: str | os.PathLike | None = None, cache_limit: float | None = None) -> None:
+        from datapipe import remote
+
+        if isinstance(dataset_dir, ArrowDataset) and not isinstance(dataset_dir, remote.RemoteArrowDataset):
+            dataset_dir = dataset_dir.path
+        if isinstance(dataset_dir, remote.RemoteArrowDataset) or remote.is_remote(dataset_dir, filesystem):
+            ds = dataset_dir if isinstance(dataset_dir, remote.RemoteArrowDataset) else ArrowDataset.open(
+                dataset_dir, filesystem=filesystem, cache_dir=cache_dir, cache_limit=cache_limit)
+            self._init_remote(ds, verify)
+            return
+        dataset_dir = remote.local_path(dataset_dir)
         self.dataset_path = Path(dataset_dir)
         self.path = self.dataset_path / DECOMPOSITION_DIR
         mpath = self.path / "manifest.json"
@@ -313,11 +341,64 @@ class DecomposedIndex:
             if verify:
                 verify_checksum(self.path / meta["file"], meta["checksum"])
         pp = self.path / m["files"]["pieces"]["file"]
-        pieces = _read_table(pp)
+        sp = self.path / m["files"]["sequences"]["file"]
+        self._set_arrays(m, _read_table(pp), pp, _read_table(sp), sp, doc_lengths)
+
+    def _init_remote(self, ds, verify: bool) -> None:
+        """The decomposition of a dataset on object storage: its manifest read from the store, the piece and
+        sequence tables downloaded through the dataset's cache (checked on arrival; a copy cached earlier is
+        checked too with ``verify``) and memory-mapped from there, pinned while this index lives."""
+        import json
+        import weakref
+
+        from datapipe.remote import _join, _read_object
+
+        self.dataset = ds
+        self.dataset_path = ds.url
+        self.path = f"{ds.url.rstrip('/')}/{DECOMPOSITION_DIR}"
+        mpath = f"{self.path}/manifest.json"
+        try:
+            data = _read_object(ds.filesystem, _join(ds._root, f"{DECOMPOSITION_DIR}/manifest.json"), mpath,
+                                ds.timeout)
+        except DatasetError as e:
+            if "not found in the store" in str(e):
+                raise FileNotFoundError(f"{self.path}: no decomposition here; run `datapipe.decompose("
+                                        f"{ds.url!r}, filesystem=...)` first") from None
+            raise
+        try:
+            m = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DatasetError(f"{mpath}: not valid JSON ({e}); the manifest is damaged: rerun decompose") from None
+        if not isinstance(m, dict):
+            raise DatasetError(f"{mpath}: expected a JSON object, got {type(m).__name__}")
+        m = _read_decomposition_manifest(self.path, m)
+        if _fingerprint(ds) != m["dataset"]:
+            raise DatasetError(f"{mpath}: built for another version of the dataset ({m['dataset']} vs "
+                               f"{_fingerprint(ds)}); rerun decompose on {ds.url}")
+        pins: list[int] = []
+        weakref.finalize(self, _release_pins, ds.cache, pins)
+        tables = []
+        for key in ("pieces", "sequences"):
+            meta = m["files"][key]
+            buf, pin = ds.fetch_file(f"{DECOMPOSITION_DIR}/{meta['file']}", meta, check=verify)
+            if pin is not None:
+                pins.append(pin)
+            what = f"{self.path}/{meta['file']}"
+            try:
+                t = pa.ipc.open_file(buf).read_all()
+                t.validate(full=True)
+            except (pa.ArrowException, OSError) as e:
+                raise DatasetError(f"{what}: cannot open ({e}); rerun decompose") from None
+            tables += [t, what]
+        self._set_arrays(m, *tables, ds.index.get("length"))
+        # materialized buckets are not read from a store: DecomposedDataset gathers the same tokens from the
+        # dataset's shards (through the cache); the manifest entry stays readable in ``manifest``
+        self.materialized = None
+
+    def _set_arrays(self, m: dict, pieces: pa.Table, pp, seqs: pa.Table, sp, doc_lengths) -> None:
+        self.manifest = m
         for k in _PIECE_COLS:
             setattr(self, k, _column(pieces, k, pp))
-        sp = self.path / m["files"]["sequences"]["file"]
-        seqs = _read_table(sp)
         self.sequence_log2 = _column(seqs, "log2", sp)
         self.sequence_tokens = _column(seqs, "tokens", sp)
         self.sequence_offsets = np.append(_column(seqs, "first_piece", sp), np.int64(len(self.row)))
@@ -370,25 +451,12 @@ class DecomposedIndex:
         Raises:
             DatasetError: no materialized bucket ``k``, or the file is truncated, changed or malformed.
         """
-        from datapipe.dataset import _VERIFIED
-
         meta = ((self.materialized or {}).get("buckets") or {}).get(str(int(k)))
         if meta is None:
             raise DatasetError(f"{self.path}/buckets: bucket {k} is not materialized; rerun `datapipe decompose "
                                "--materialize`")
         p = self.path / "buckets" / meta["file"]
-        try:
-            st = os.stat(p)
-        except FileNotFoundError:
-            raise DatasetError(f"{p}: missing; rerun `datapipe decompose --materialize`") from None
-        if st.st_size != meta["bytes"]:
-            raise DatasetError(f"{p}: {st.st_size} bytes but the manifest says {meta['bytes']}; rerun "
-                               "`datapipe decompose --materialize`")
-        key = (str(p), st.st_ino, st.st_size, st.st_mtime_ns, meta["checksum"])
-        buf = pa.memory_map(str(p), "r").read_buffer()
-        if key not in _VERIFIED:
-            verify_buffer(buf, meta["checksum"], p)
-            _VERIFIED.add(key)
+        buf = map_checked(p, meta, what="materialized bucket", fix="rerun `datapipe decompose --materialize`")
         try:
             t = pa.ipc.open_file(buf).read_all()
             t.validate(full=True)
@@ -399,15 +467,23 @@ class DecomposedIndex:
         return t
 
     @classmethod
-    def open(cls, dataset_dir: str | os.PathLike, *, verify: bool = True) -> DecomposedIndex:
+    def open(cls, dataset_dir: str | os.PathLike | ArrowDataset, *, verify: bool = True, filesystem=None,
+             cache_dir: str | os.PathLike | None = None, cache_limit: float | None = None) -> DecomposedIndex:
         """Open the decomposition stored in ``dataset_dir``.
 
         Args:
+            dataset_dir: a dataset directory, an ``ArrowDataset``, or a dataset on object storage (a URL such as
+                ``s3://bkt/ds``, a path inside ``filesystem``, or an opened ``RemoteArrowDataset``, whose cache
+                then holds the downloads).
             verify: check the checksums of the piece and sequence tables (default; they are small next to the
                 dataset). Ranges are checked either way; :func:`verify_decomposition` also checks materialized
-                buckets.
+                buckets. Remote tables are always checked on arrival; ``verify`` also checks a copy another
+                reader cached earlier.
+            filesystem, cache_dir, cache_limit: as in ``ArrowDataset.open`` for a dataset on object storage. A
+                remote index keeps its two tables pinned in the cache while it lives, and reads no materialized
+                buckets (``materialized`` is ``None``: sequences are gathered from the shards).
         """
-        return cls(dataset_dir, verify=verify)
+        return cls(dataset_dir, verify=verify, filesystem=filesystem, cache_dir=cache_dir, cache_limit=cache_limit)
 
     @staticmethod
     def exists(dataset_dir: str | os.PathLike) -> bool:
@@ -449,6 +525,15 @@ class DecomposedIndex:
     def __repr__(self) -> str:
         return (f"DecomposedIndex({str(self.dataset_path)!r}, sequences={self.num_sequences}, "
                 f"pieces={self.num_pieces}, params={self.params})")
+
+
+def _release_pins(cache, pins: list[int]) -> None:
+    for fd in pins:
+        try:
+            cache.release(fd)
+        except OSError:  # closed already (a forked child closes the cache's descriptors)
+            pass
+    pins.clear()
 
 
 def bucket_histogram_lines(dataset_dir: str | os.PathLike) -> list[str]:

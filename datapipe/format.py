@@ -56,7 +56,12 @@ except ImportError:  # pragma: no cover
         return "blake2b", hashlib.blake2b(digest_size=16)
 
 
-def _new_hash(algo: str | None, where: object = "the manifest"):
+def new_hash(algo: str | None = None, where: object = "the manifest"):
+    """``(algo, hasher)``: a fresh hasher of ``algo`` (default: xxh3_64 when installed, else blake2b).
+
+    Raises:
+        DatasetError: naming ``where`` when ``algo`` is not one datapipe knows.
+    """
     if algo is None:
         return _hasher()
     if algo == "xxh3_64":
@@ -72,7 +77,7 @@ def _new_hash(algo: str | None, where: object = "the manifest"):
 
 def file_checksum(path: str | os.PathLike, algo: str | None = None) -> str:
     """``"<algo>:<hex>"`` of a file's bytes, read in 8 MiB blocks."""
-    name, h = _new_hash(algo)
+    name, h = new_hash(algo)
     with open(path, "rb") as f:
         while block := f.read(8 << 20):
             h.update(block)
@@ -81,7 +86,7 @@ def file_checksum(path: str | os.PathLike, algo: str | None = None) -> str:
 
 def buffer_checksum(buf, algo: str | None = None) -> str:
     """``"<algo>:<hex>"`` of a buffer (bytes, memoryview, ``pyarrow.Buffer`` of a memory map: no copy)."""
-    name, h = _new_hash(algo)
+    name, h = new_hash(algo)
     h.update(buf)
     return f"{name}:{h.hexdigest()}"
 
@@ -360,7 +365,7 @@ def publish_dir(tmp: Path, out: Path) -> None:
 
 # ---- standalone files: a digest of the content in the file's own metadata -----------------------------------
 def _table_digest(table: pa.Table, algo: str | None = None) -> str:
-    name, h = _new_hash(algo)
+    name, h = new_hash(algo)
     for col_name, col in zip(table.column_names, table.columns):
         h.update(col_name.encode() + b"\0" + str(col.type).encode() + b"\0")
         for chunk in col.chunks:

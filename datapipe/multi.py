@@ -23,15 +23,9 @@ import torch
 from numpy.typing import NDArray
 
 from datapipe.dataset import Batch, Ragged
+from native.ragged import concat_ranges
 
 __all__ = ["MultiDataset"]
-
-
-def _ranges(lo: NDArray[np.int64], n: NDArray[np.int64]) -> NDArray[np.int64]:
-    """Concatenation of ``arange(lo[i], lo[i] + n[i])``, vectorised."""
-    total = int(n.sum())
-    base = np.repeat(lo - np.concatenate([[0], np.cumsum(n)[:-1]]), n)
-    return base + np.arange(total, dtype=np.int64)
 
 
 def _take_ragged(parts: list[Ragged], inv: NDArray[np.int64]) -> Ragged:
@@ -41,7 +35,7 @@ def _take_ragged(parts: list[Ragged], inv: NDArray[np.int64]) -> Ragged:
     n = lengths[inv]
     offsets = np.zeros(len(inv) + 1, dtype=np.int64)
     np.cumsum(n, out=offsets[1:])
-    return Ragged(values[_ranges(starts[inv], n)], offsets)
+    return Ragged(values[concat_ranges(starts[inv], n)], offsets)
 
 
 def _merge_cu_seqlens(parts: list, rows: list[int], widths: list[int], new_row: NDArray[np.int64]):

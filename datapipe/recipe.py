@@ -372,7 +372,7 @@ class Recipe:
         from datapipe.multi import MultiDataset
 
         if self.batching["kind"] == "decomposed":
-            from datapipe.collate.decomposed import DecomposedDataset
+            from datapipe.decomposed_dataset import DecomposedDataset
 
             parts = [DecomposedDataset(p, self._decomposition(p, build=True)) for p in self.paths()]
         else:

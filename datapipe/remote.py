@@ -581,6 +581,49 @@ class RemoteArrowDataset(ArrowDataset):
             raise DatasetError(f"{what}: schema {batch.schema} differs from the manifest's {self.schema}")
         return batch.take(pa.array(rows, type=pa.int64()))
 
+    def fetch_file(self, name: str, meta: dict, *, check: bool = True, _again: bool = False
+                   ) -> tuple[pa.Buffer, int | None]:
+        """One more file of the dataset's directory (``decomposition/pieces.arrow``, ...) through the cache.
+
+        The file is downloaded into the cache (its size and checksum checked on arrival) and memory-mapped from
+        there, or read into memory when the cache has no room for it.
+
+        Args:
+            name: the file's path relative to the dataset (``/``-separated).
+            meta: its manifest entry (``bytes``, ``checksum``).
+            check: also check the checksum of a copy another reader cached earlier.
+
+        Returns:
+            ``(buffer, pin)``: the bytes, and the cache descriptor that keeps the cached file from eviction while
+            the buffer is used (``None`` when read into memory); give it back with ``self.cache.release(pin)``.
+
+        Raises:
+            DatasetError: the object is missing, truncated or changed, or the store kept failing.
+        """
+        what = self._url_of(name)
+        src = _join(self._root, name)
+        digest = meta["checksum"].split(":", 1)[-1][:16]
+        cname = f"{name.replace('/', '__').rsplit('.', 1)[0]}-{digest}.{name.rsplit('.', 1)[-1]}"
+        fd, downloaded = self.cache.acquire(
+            cname, meta["bytes"], lambda part: _download(self.filesystem, src, meta, what, self.timeout, part),
+            deadline=time.monotonic() + self.timeout, what=what)
+        if fd is None:  # no room within the bound: through memory (checked on arrival)
+            self.cache.stats["streamed"] += 1
+            return _download(self.filesystem, src, meta, what, self.timeout, None), None
+        path = self.cache.dir / cname
+        buf = pa.memory_map(str(path), "r").read_buffer()
+        if check and not downloaded:
+            try:
+                verify_buffer(buf, meta["checksum"], f"{path} (the cached copy of {what})")
+            except DatasetError:
+                del buf
+                self.cache.release(fd)
+                if _again:
+                    raise
+                self.cache.discard(cname)  # damaged on the local disk: download again, once
+                return self.fetch_file(name, meta, check=check, _again=True)
+        return buf, fd
+
     def _shard(self, s: int):
         raise NotImplementedError("remote shards are read through the cache (__getitems__), not kept open")
 

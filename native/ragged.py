@@ -356,3 +356,15 @@ def pad_tails(tokens: NDArray[np.int64], width: int, out_ids: NDArray, out_label
     if min(len(out_ids), len(out_labels), len(out_mask), len(out_pos)) < len(tokens) * width:
         raise ValueError(f"outputs must hold {len(tokens)} x {width} values")
     _pad_tails(tokens, width, pad_id, label_pad, out_ids, out_labels, out_mask, out_pos)
+
+
+def concat_ranges(lo: NDArray[np.int64], n: NDArray[np.int64]) -> NDArray[np.int64]:
+    """Concatenation of ``arange(lo[i], lo[i] + n[i])`` for every i, vectorised (numpy, no kernel).
+
+    Returns:
+        int64 ``[n.sum()]``: the positions of a ragged selection (pieces of rows, rows of shards) in order.
+    """
+    lo, n = np.asarray(lo, dtype=np.int64), np.asarray(n, dtype=np.int64)
+    total = int(n.sum())
+    base = np.repeat(lo - np.concatenate([[0], np.cumsum(n)[:-1]]), n)
+    return base + np.arange(total, dtype=np.int64)

@@ -8,23 +8,56 @@ plan is one Numba kernel (``native.duration``): each bucket is shuffled, cut int
 each chunk sorted by duration, batches cut under the budget, and the steps shuffled. Batch-mates change every
 epoch, yet padding is a fraction of plain bucketing's; every rank gets a batch of the same bucket at each step,
 and resuming is O(1) (recompute the plan, skip what was consumed).
+
+Above ``EXACT_MAX_ROWS`` rows (1D buckets) the plan is *windowed*, so 1e9 memory-mapped durations cost memory per
+batch, not per row: the bins come from an evenly strided sample of ``SAMPLE_ROWS`` durations; rows are grouped in
+blocks of ``BLOCK_ROWS`` contiguous rows, the blocks permuted by a stateless Feistel permutation, and each window
+of ``WINDOW_ROWS`` rows (a contiguous range of that block permutation) is shuffled, split by bucket, sorted in
+chunks and cut under the budget on its own (``native.duration.duration_window_sizes``/``_batches``). A counting
+pass (parallel over windows) gives every window's batch sizes and buckets once per epoch; steps of
+``world_size`` batches of one bucket are laid out in a seeded random order and a batch's rows are computed from
+its window when it is yielded (``samplers.grouped_lazy_plan``: the base's evening-out, step grouping and elastic
+re-grouping, on batch parts). The plan differs from the exact one only in that bucket cuts restart at window
+boundaries and batch-mates come from one window; ``benchmarks/bench_scale.py`` compares padding and batch sizes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from native.duration import assign_buckets_2d, bucket_batches
+from native.duration import assign_buckets_2d, bucket_batches, duration_window_batches, duration_window_sizes
+from native.feistel import mix_prefix
 from samplers.base import BatchSamplerBase, Plan, check_lengths, digest_array
 from samplers.bins import check_durations, estimate_duration_bins, estimate_duration_bins_2d
+from samplers.grouped_lazy_plan import PartPlan, arrange_parts
 
 __all__ = ["DurationBucketSampler", "estimate_duration_bins", "estimate_duration_bins_2d"]
 
 #: every bucket is sorted in at least this many chunks, so a cut's batch-mates change between epochs
 _MIN_CHUNKS = 4
+#: Up to this many rows (or with 2D buckets) the plan is exact (the plans of earlier versions, ~74 B/row at peak);
+#: above, it is windowed (see the module docstring).
+EXACT_MAX_ROWS = 1 << 22
+#: Rows planned together in the windowed plan (30 buckets: ~8,700 rows of a bucket per window).
+WINDOW_ROWS = 1 << 18
+#: Contiguous rows moved together by the windowed plan's block permutation (one 64-byte line of float32).
+BLOCK_ROWS = 16
+#: Durations (evenly strided) the windowed plan estimates its bins from.
+SAMPLE_ROWS = 1 << 22
+#: Windows per call of the counting kernel (bounds its outputs to ~``6 * WINDOW_ROWS`` bytes each).
+_COUNT_WINDOWS = 16
+#: Rows validated per step of the windowed path's scan (float64 temporaries of 128 MiB at most).
+_SCAN_CHUNK = 1 << 24
+#: ``global_plan()`` refuses to materialise a windowed plan of more rows than this.
+MAX_PLAN_ROWS = 1 << 28
+#: Counting passes and first arrangements shared by the samplers of one process (a resume builds a second
+#: sampler over the same durations): key -> read-only tables, the last two / the last one.
+_SHARED_TABLES: OrderedDict = OrderedDict()
+_SHARED_ARRANGED: OrderedDict = OrderedDict()
 
 
 def cut_cost(d: NDArray[np.float64], quadratic_duration: float | None) -> NDArray[np.float64]:
@@ -87,7 +120,8 @@ class DurationBucketSampler(BatchSamplerBase):
                  rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
                  strict: bool = False) -> None:
         super().__init__(seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, strict=strict)
-        self.durations = check_durations(durations)
+        self.windowed = output_lengths is None and len(durations) > EXACT_MAX_ROWS
+        self.durations = _check_durations_chunked(durations) if self.windowed else check_durations(durations)
         n = self.num_rows = len(self.durations)
         if max_duration is None and bucket_batch_sizes is None:
             raise ValueError("max_duration must be given (seconds per padded batch) unless bucket_batch_sizes is")
@@ -111,6 +145,10 @@ class DurationBucketSampler(BatchSamplerBase):
         self.bins = self._resolve_bins(bucket_bins, num_buckets, num_sub_buckets)
         self.is_2d = self.bins.ndim == 2
         self.num_buckets = len(self.bins) if self.is_2d else len(self.bins) + 1
+        self._bucket_batch_sizes = None if bucket_batch_sizes is None else [int(x) for x in bucket_batch_sizes]
+        if self.windowed:
+            self._init_windowed(on_long, bucket_batch_sizes)
+            return
 
         # which cuts are usable, and where they go
         cost = cut_cost(self.durations, self.quadratic_duration)
@@ -146,7 +184,6 @@ class DurationBucketSampler(BatchSamplerBase):
         kept = self._rows
         if not drop_last and 0 < len(kept) < self.world_size:
             raise ValueError(f"world_size={self.world_size} is larger than the {len(kept)} usable cuts")
-        self._bucket_batch_sizes = None if bucket_batch_sizes is None else [int(x) for x in bucket_batch_sizes]
         self.options = (f"max_duration={self.max_duration!r};q={self.quadratic_duration!r};max_cuts={max_cuts};"
                         f"buckets={self.num_buckets};2d={self.is_2d};chunk={self.chunk_batches};"
                         f"shuffle={self.shuffle}")
@@ -161,6 +198,9 @@ class DurationBucketSampler(BatchSamplerBase):
                 return np.zeros((0, 2) if self.output_lengths is not None else 0, np.float64)
             if self.output_lengths is not None:
                 return estimate_duration_bins_2d(self.durations, self.output_lengths, k, num_sub_buckets)
+            if self.windowed:  # an evenly strided sample stands for the whole
+                step = -(-self.num_rows // SAMPLE_ROWS)
+                return estimate_duration_bins(np.asarray(self.durations[::step], dtype=np.float64), k)
             return estimate_duration_bins(self.durations, k)
         bins = np.asarray(bucket_bins, dtype=np.float64)
         if bins.ndim == 1:

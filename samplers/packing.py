@@ -105,7 +105,7 @@ class PackedDurationSampler(BatchSamplerBase):
                                  max_items=self.max_cuts, shuffle=False, seed=seed)
         plan = Plan(idx, off, dropped=dict(self._dropped))
         if self.shuffle:
-            plan = take_batches(plan, permutation(plan.num_batches, seed ^ 0x9ACC))
+            plan = take_batches(plan, permutation(plan.num_batches, self.epoch_seed(epoch, 1)))
         return plan
 
     def stats(self) -> dict:

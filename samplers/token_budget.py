@@ -156,7 +156,7 @@ class TokenBudgetBatchSampler(BatchSamplerBase):
         cuts = budget_cuts(self.lengths[rows], self.max_tokens, self.max_rows)
         plan = Plan(rows.astype(np.int64), cuts)
         if self.shuffle:
-            plan = take_batches(plan, permutation(plan.num_batches, seed ^ 0x5A5A5A5A))
+            plan = take_batches(plan, permutation(plan.num_batches, self.epoch_seed(epoch, 1)))
         dropped = self.num_rows - len(self._keep)
         if dropped:
             plan.dropped["longer_than_max_tokens"] = int(dropped)

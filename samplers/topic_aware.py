@@ -195,7 +195,6 @@ class TopicAwareBatchSampler(BatchSamplerBase):
         self.margin_bins = int(margin_bins)
         self.strategy = strategy
         self.pairs = pairs
-        self._n_topup = 0  # set by each plan (the same for every epoch: it depends on cluster sizes only)
         self._cluster_uniq, self._cluster = np.unique(cl, return_inverse=True)
         self._cluster = self._cluster.astype(np.int64)
         eligible = np.ones(len(cl), dtype=bool)
@@ -231,19 +230,20 @@ class TopicAwareBatchSampler(BatchSamplerBase):
         return out
 
     # ---- plan ---------------------------------------------------------------------------------------------
-    def _topic_batches(self, seed: int) -> tuple[Plan, int]:
-        """Pure and top-up batches of query indices, in shuffled order; returns (plan, number of top-ups)."""
+    def _topic_batches(self, epoch: int) -> tuple[Plan, int]:
+        """Pure and top-up batches of query indices, in shuffled order; returns (plan, number of top-ups). A pure
+        function of (options, cluster ids, seed, epoch): every draw takes its own ``epoch_seed(epoch, salt)``."""
         bs, cpb = self.batch_size, self.clusters_per_batch
         m = -(-bs // cpb)
         cl_off = self._cl_off
-        order = shuffle_segments(self._rows, cl_off, seed ^ 0x1)
+        order = shuffle_segments(self._rows, cl_off, self.epoch_seed(epoch, 1))
         sizes = np.diff(cl_off)
         nfull = sizes // m
         rem = sizes - nfull * m
         nf = int(nfull.sum())
         first = np.cumsum(nfull) - nfull
         cstart = np.repeat(cl_off[:-1], nfull) + m * (np.arange(nf, dtype=np.int64) - np.repeat(first, nfull))
-        cstart = cstart[permutation(nf, seed ^ 0x2)]
+        cstart = cstart[permutation(nf, self.epoch_seed(epoch, 2))]
         ng = nf // cpb
         grp = (cstart[: ng * cpb].reshape(ng, cpb)[:, :, None] + np.arange(m)).reshape(ng, cpb * m)
         pure = grp[:, :bs].ravel()
@@ -259,7 +259,7 @@ class TopicAwareBatchSampler(BatchSamplerBase):
             piece_pos = np.concatenate([piece_pos, grp[:, bs:].ravel()])
             piece_id = np.concatenate([piece_id, np.repeat(np.arange(ng, dtype=np.int64) + len(p_len), over)])
         npieces = len(p_len) + (ng if over else 0)
-        rank = permutation(npieces, seed ^ 0x3)
+        rank = permutation(npieces, self.epoch_seed(epoch, 3))
         pool_pos = piece_pos[np.argsort(rank[piece_id], kind="stable")] if npieces else piece_pos
         npool = len(pool_pos)
         n_top = -(-npool // bs)
@@ -276,16 +276,15 @@ class TopicAwareBatchSampler(BatchSamplerBase):
         idx = order[np.concatenate([pure, pool_pos])]
         all_sizes = np.concatenate([np.full(ng, bs, dtype=np.int64), top_sizes])
         plan = Plan.from_sizes(idx, all_sizes, dropped=dropped)
-        plan = take_batches(plan, permutation(plan.num_batches, seed ^ 0x4))
+        plan = take_batches(plan, permutation(plan.num_batches, self.epoch_seed(epoch, 4)))
         return plan, n_top
 
     def _build_plan(self, epoch: int) -> Plan:
-        seed = self.epoch_seed(epoch)
-        plan, self._n_topup = self._topic_batches(seed)
+        plan, _ = self._topic_batches(epoch)
         if self._no_pairs:
             plan.dropped["no_pairs"] = self._no_pairs
         if self.pairs is not None:
-            rows = draw_pairs(plan.indices, self.pairs.offsets, self._table, seed ^ 0x5,
+            rows = draw_pairs(plan.indices, self.pairs.offsets, self._table, self.epoch_seed(epoch, 5),
                               balanced=self.strategy == "balanced")
             plan = Plan(rows, plan.offsets, None, plan.dropped, plan.repeated)
         return plan
@@ -310,7 +309,7 @@ class TopicAwareBatchSampler(BatchSamplerBase):
         q = self.queries_of(plan.indices)
         nb, c = plan.num_batches, len(self._cluster_uniq)
         out["num_clusters"] = int(len(self._cl_off) - 1)
-        out["topup_batches"] = int(self._n_topup)
+        out["topup_batches"] = int(self._topic_batches(self.epoch)[1])  # the same every epoch (cluster sizes)
         if nb:
             key = np.repeat(np.arange(nb, dtype=np.int64), plan.sizes) * c + self._cluster[q]
             uk, cnt = np.unique(key, return_counts=True)

@@ -20,36 +20,29 @@ import torch
 
 from datapipe.collate._parallel import KernelMode
 from datapipe.collate._pool import POOL
+from datapipe.collate.buffers import np_dtype, outputs
+from datapipe.collate.decomposed import collate_decomposed
+from datapipe.collate.features import FeaturesCollate, collate_features, features_collator
 from datapipe.dataset import Batch, Ragged
 from native.ragged import gather_values, pack_layout, pad_rows
 
-__all__ = ["DecomposedDataset", "FeaturesCollate", "PackedCollate", "PadCollate", "collate_decomposed", "collate_features", "default", "features_collator", "pad", "packed",
-           "ragged_column"]
+__all__ = ["FeaturesCollate", "PackedCollate", "PadCollate", "collate_decomposed", "collate_features", "default",
+           "features_collator", "packed", "pad", "ragged_column"]
 
 
-def _outputs(count: int = 3):
-    """``(alloc, to_tensor)``: outputs in shared memory inside a DataLoader worker (as torch's default_collate
-    does), so the batch crosses to the main process without another copy; recycled buffers elsewhere.
+def __getattr__(name: str):
+    # a Dataset, not a collator: datapipe.DecomposedDataset (datapipe.decomposed_dataset); the old name resolves
+    # for one release. Not imported eagerly: datapipe.decomposed_dataset imports datapipe.collate.buffers
+    if name == "DecomposedDataset":
+        import warnings
 
-    In a worker, the ``count`` outputs of one batch (same shape and dtype) are views of one shared-memory
-    tensor: one segment and one file descriptor cross per batch instead of one per output."""
-    if torch.utils.data.get_worker_info() is None:
-        return POOL.alloc, torch.from_numpy
-    made: dict[int, torch.Tensor] = {}
-    block: list = []
+        warnings.warn("datapipe.collate.DecomposedDataset moved to datapipe.DecomposedDataset "
+                      "(datapipe.decomposed_dataset); the old name goes in the next release", DeprecationWarning,
+                      stacklevel=2)
+        from datapipe.decomposed_dataset import DecomposedDataset
 
-    def alloc(shape, dtype):
-        shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
-        tdtype = torch.from_numpy(np.empty(0, dtype)).dtype
-        if not block or block[0].shape[1:] != shape or block[0].dtype != tdtype or block[1] >= count:
-            block[:] = [torch.empty((count, *shape), dtype=tdtype).share_memory_(), 0]
-        t = block[0][block[1]]
-        block[1] += 1
-        a = t.numpy()
-        made[id(a)] = t
-        return a
-
-    return alloc, lambda a: made.pop(id(a)) if id(a) in made else torch.from_numpy(a)
+        return DecomposedDataset
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def ragged_column(batch, column: str) -> Ragged:
@@ -88,20 +81,6 @@ def _extras(batch, skip: set) -> dict:
     return out
 
 
-def _np_dtype(dtype, name: str) -> np.dtype:
-    """int32/int64 given as a torch dtype, a numpy dtype or a string -> numpy dtype."""
-    d = dtype
-    if isinstance(d, torch.dtype):
-        d = {torch.int32: np.int32, torch.int64: np.int64}.get(d, d)
-    try:
-        d = np.dtype(d)
-    except TypeError:
-        d = None
-    if d not in (np.dtype(np.int32), np.dtype(np.int64)):
-        raise ValueError(f"{name} must be int32 or int64 (torch.int32, 'int32', np.int64, ...) (got {name}={dtype!r})")
-    return d
-
-
 def _sources(r: Ragged) -> tuple:
     """``(offsets, values, rows, pos)`` per source of a ragged column: the shards of an unmaterialised
     :class:`Ragged` (what ``ArrowDataset.__getitems__`` returns), else the batch's own values."""
@@ -127,7 +106,7 @@ class PadCollate:
             raise ValueError(f"max_length must be >= 1 (got {max_length=})")
         self.pad_id, self.pad_to_multiple_of, self.column = pad_id, pad_to_multiple_of, column
         self.max_length, self.label_pad, self.keep_columns = max_length, label_pad, keep_columns
-        self.dtype, self.label_dtype = _np_dtype(dtype, "dtype"), _np_dtype(label_dtype, "label_dtype")
+        self.dtype, self.label_dtype = np_dtype(dtype, "dtype"), np_dtype(label_dtype, "label_dtype")
         self._mode = KernelMode()
 
     def __call__(self, batch) -> dict:
@@ -140,7 +119,7 @@ class PadCollate:
         if self.pad_to_multiple_of:
             L = -(-L // self.pad_to_multiple_of) * self.pad_to_multiple_of
         B = len(lengths)
-        alloc, tensor = _outputs()
+        alloc, tensor = outputs()
         fresh = POOL.fresh
         ids, mask, labels = alloc((B, L), self.dtype), alloc((B, L), self.dtype), alloc((B, L), self.label_dtype)
         parallel = self._mode.pick()
@@ -162,7 +141,7 @@ class PackedCollate:
     def __init__(self, *, column: str = "input_ids", label_pad: int = -100, keep_columns: bool = True,
                  dtype=torch.int64, label_dtype=torch.int64):
         self.column, self.label_pad, self.keep_columns = column, label_pad, keep_columns
-        self.dtype, self.label_dtype = _np_dtype(dtype, "dtype"), _np_dtype(label_dtype, "label_dtype")
+        self.dtype, self.label_dtype = np_dtype(dtype, "dtype"), np_dtype(label_dtype, "label_dtype")
         self._mode = KernelMode()
 
     def __call__(self, batch) -> dict:
@@ -174,7 +153,7 @@ class PackedCollate:
         T = int(offsets[-1]) if len(offsets) else 0
         if T >= 2**31:
             raise ValueError(f"a batch of {T} tokens overflows int32 cu_seqlens; use smaller batches")
-        alloc, tensor = _outputs()
+        alloc, tensor = outputs()
         fresh = POOL.fresh
         ids, pos, labels = alloc(T, self.dtype), alloc(T, self.dtype), alloc(T, self.label_dtype)
         parallel = self._mode.pick()
@@ -256,7 +235,3 @@ def default(batch):
                 out[k] = v
         return out
     return torch.utils.data.default_collate(batch)
-
-
-from datapipe.collate.features import FeaturesCollate, collate_features, features_collator  # noqa: E402  (needs the helpers above)
-from datapipe.collate.decomposed import DecomposedDataset, collate_decomposed  # noqa: E402

@@ -88,6 +88,25 @@ def test_bad_audio_names_the_file(tmp_path, make_bad, match):
     assert not (tmp_path / "ds").exists()  # nothing half-written
 
 
+@pytest.mark.parametrize("bad", ["corrupt", "negative num_tokens"])
+def test_bad_file_among_good_ones_is_named(tmp_path, audio_files, bad):
+    paths, _, _ = audio_files
+    p = tmp_path / "bad.wav"
+    if bad == "corrupt":
+        p.write_bytes(b"RIFF not really a wav")
+        num_tokens, match = None, r"bad\.wav: cannot read audio"
+    else:  # a value write_dataset refuses: its error names the audio file and its row (0: one cut per file)
+        sf.write(p, np.full(1600, 0.1, np.float32), 16000)
+        num_tokens, match = {"bad": -3}, r"bad\.wav: row 0, column 'num_tokens'"
+    files = paths[:3] + [p] + paths[3:]
+    if num_tokens is not None:
+        num_tokens.update({q.stem: 5 for q in paths})
+    with pytest.raises(DatasetError, match=match) as e:
+        ingest_audio(files, tmp_path / "ds", num_tokens=num_tokens)
+    assert "<reader>" not in str(e.value)
+    assert not (tmp_path / "ds").exists()
+
+
 def test_bad_arguments(tmp_path, audio_files):
     paths, _, _ = audio_files
     with pytest.raises(ValueError, match="texts must have one entry per path"):

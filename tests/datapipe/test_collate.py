@@ -143,7 +143,8 @@ def test_kernel_mode_follows_the_measured_costs(monkeypatch):
 
 
 # ---- decomposed batches (Pouransari et al., 2024) ---------------------------------------------------------------
-from datapipe.collate.decomposed import _ranges, gather_sequences  # noqa: E402
+from datapipe.decomposed_buckets import gather_sequences  # noqa: E402
+from native.ragged import concat_ranges  # noqa: E402
 
 
 def boundaries_reference(index, seq: np.ndarray, pieces: np.ndarray, L: int, label_pad: int, ids: np.ndarray):
@@ -163,7 +164,7 @@ def boundaries_reference(index, seq: np.ndarray, pieces: np.ndarray, L: int, lab
     mask = np.ones(b * L, dtype=bool)
     pad_rows = np.flatnonzero(pad > 0)
     if len(pad_rows):
-        mask[_ranges(pad_rows * L + L - pad[pad_rows], (pad_rows + 1) * L)] = False
+        mask[concat_ranges(pad_rows * L + L - pad[pad_rows], pad[pad_rows])] = False
     labels = ids.reshape(-1).astype(np.int64)
     labels[seg_start] = label_pad  # no segment learns from the one before it (after the model's shift)
     labels[~mask] = label_pad
@@ -184,7 +185,7 @@ def decomposed(tmp_path_factory):
 
 
 def test_decomposed_batches_match_the_numpy_reference(decomposed):
-    from datapipe.collate.decomposed import DecomposedDataset
+    from datapipe.decomposed_dataset import DecomposedDataset
     from samplers.decomposed import DecomposedBatchSampler
 
     path, index = decomposed
@@ -210,7 +211,7 @@ def test_decomposed_dataset_pickles_a_user_index(decomposed):
     import pickle
     from types import SimpleNamespace
 
-    from datapipe.collate.decomposed import DecomposedDataset
+    from datapipe.decomposed_dataset import DecomposedDataset
 
     path, index = decomposed
     names = ("row", "start", "length", "sequence", "sequence_log2", "sequence_tokens", "sequence_offsets")

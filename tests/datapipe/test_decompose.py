@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 import datapipe
-from datapipe.collate.decomposed import DecomposedDataset, collate_decomposed
+from datapipe.collate import collate_decomposed
+from datapipe.decomposed_dataset import DecomposedDataset
 from datapipe.decomposition import DecomposedIndex, bucket_histogram_lines, plot_buckets
 from datapipe.format import DatasetError
 from native.decompose import decompose_lengths

@@ -155,3 +155,54 @@ def test_cli_ingest_and_cluster(tsvs, tmp_path):
     assert r.exit_code != 0 and "bad.tsv: line 1: qid 'q77'" in r.output
     for cmd in (["tas", "--help"], ["tas", "ingest", "--help"], ["tas", "cluster", "--help"]):
         assert "Example" in runner.invoke(main, cmd).output
+
+
+def _bad_npy(path, kind):
+    if kind == "1-D":
+        np.save(path, np.arange(10, dtype=np.float32))
+    elif kind == "empty file":
+        path.write_bytes(b"")
+    elif kind == "not npy":
+        path.write_bytes(b"qid\temb\n1\t0.5\n")
+    elif kind == "strings":
+        np.save(path, np.array([["a", "b"]] * 10))
+    elif kind == "objects":
+        np.save(path, np.array([{"a": 1}] * 10, dtype=object), allow_pickle=True)
+    elif kind == "no rows":
+        np.save(path, np.zeros((0, 4), np.float32))
+    elif kind == "NaN row":
+        x = np.ones((10, 4), np.float32)
+        x[7, 2] = np.nan
+        np.save(path, x)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("1-D", r"shape \(10,\) \(1-D\), expected 2-D \[n, d\]"),
+    ("empty file", r"not a \.npy file \(empty\)"),
+    ("not npy", r"not a \.npy file \(no NUMPY header\)"),
+    ("strings", r"dtype <U1, expected numbers"),
+    ("objects", r"cannot read a numeric \.npy array"),
+    ("no rows", r"shape \(0, 4\), expected at least one row"),
+    ("NaN row", r"row 7, column 2: nan"),
+])
+def test_cli_cluster_malformed_npy_is_one_error_line(tmp_path, kind, message):
+    import re
+
+    path = tmp_path / "x.npy"
+    _bad_npy(path, kind)
+    for cmd in (["cluster"], ["tas", "cluster"]):
+        r = CliRunner().invoke(main, [*cmd, str(path), "--k", "2", "--out", str(tmp_path / "c.arrow"), "--gpu", "no"])
+        assert r.exit_code == 1, r.output
+        assert "Error: " in r.output and f"{path}: " in r.output and re.search(message, r.output), r.output
+        assert "Traceback" not in r.output and "internal error" not in r.output, r.output
+        assert not (tmp_path / "c.arrow").exists()
+    with pytest.raises(DatasetError, match=message):
+        cluster_embeddings(path, 2)
+
+
+def test_cluster_dataset_column_of_scalars_names_the_column(tmp_path):
+    from datapipe import write_dataset
+
+    write_dataset(pa.table({"score": pa.array(np.arange(20, dtype=np.float32))}), tmp_path / "ds")
+    with pytest.raises(DatasetError, match=r"ds: column 'score': embeddings of shape \(20,\) \(1-D\)"):
+        cluster_embeddings(tmp_path / "ds", 2, column="score")
