@@ -1,5 +1,6 @@
 """bench_scale: plan memory and time of the samplers at 1e7, 1e8 and 1e9 rows (issue 15), batch quality of the
-windowed token-budget plan vs the exact one, and the shard-local shuffle's shards per batch and mixing.
+windowed token-budget and duration-bucket plans vs the exact ones, and the shard-local shuffle's shards per batch
+and mixing.
 
 Every size case runs in a fresh subprocess (``--case``) that measures its own anonymous memory (``RssAnon`` of
 ``/proc/self/status``, polled every 20 ms for the peak) and times construction, the first batch, and a resume:
@@ -10,6 +11,7 @@ World size 8, rank 3, as in the issue's table.
 
     python benchmarks/bench_scale.py                       # 1e7 and 1e8 rows + quality (a few minutes)
     python benchmarks/bench_scale.py --sizes 1e7,1e8,1e9   # also 1e9 (writes 4 GB files under /tmp)
+    python benchmarks/bench_scale.py --duration-section --sizes 1e7,1e8,1e9   # only DurationBucketSampler's section
 """
 
 from __future__ import annotations
@@ -115,8 +117,15 @@ def warm_up(kind: str) -> None:
             next(iter(samplers.TokenBudgetBatchSampler(lengths, max_tokens=4096, seed=1, rank=3, world_size=8)))
     sr.EXACT_MAX_ROWS, tb.EXACT_MAX_ROWS = saved
     if kind == "duration":
+        import samplers.duration as sd
+
         d = (np.arange(5000, dtype=np.float32) % 30 + 1).astype(np.float32)
-        next(iter(samplers.DurationBucketSampler(d, max_duration=600.0, num_buckets=30, seed=1, rank=3, world_size=8)))
+        saved = sd.EXACT_MAX_ROWS
+        for limit in (0, 1 << 62):
+            sd.EXACT_MAX_ROWS = limit
+            next(iter(samplers.DurationBucketSampler(d, max_duration=600.0, num_buckets=30, seed=1, rank=3,
+                                                     world_size=8)))
+        sd.EXACT_MAX_ROWS = saved
 
 
 def run_case(kind: str, n: int, tmp: Path) -> dict:
@@ -201,6 +210,37 @@ def quality_token_budget(n: int = 10**6, max_tokens: int = 2**16) -> list[dict]:
     return rows
 
 
+def quality_duration(n: int = 10**6) -> list[dict]:
+    """Windowed vs exact DurationBucketSampler plans over the same 1e6 durations: padding, batch sizes, buckets."""
+    import samplers
+    import samplers.duration as sd
+
+    d = np.clip(np.random.default_rng(0).lognormal(1.8, 0.6, n), 0.5, 40.0).astype(np.float32)
+    anchors = np.random.default_rng(1).choice(n, 3000, replace=False)
+    rows = []
+    saved = sd.EXACT_MAX_ROWS
+    try:
+        for name, limit in (("exact (<= 0.2 plan)", 1 << 62), ("windowed", 0)):
+            sd.EXACT_MAX_ROWS = limit
+            for seed in (1, 2):
+                s = samplers.DurationBucketSampler(d, max_duration=600.0, num_buckets=30, seed=seed, world_size=8)
+                st0 = s.stats()
+                p0 = s.global_plan()
+                sizes = p0.sizes
+                b0 = batch_ids(p0, n)
+                s.set_epoch(1)
+                b1 = batch_ids(s.global_plan(), n)
+                rows.append({"plan": name, "seed": seed, "batches": st0["num_batches"],
+                             "mean_rows": st0["mean_batch_size"], "p10": float(np.percentile(sizes, 10)),
+                             "p50": float(np.percentile(sizes, 50)), "p90": float(np.percentile(sizes, 90)),
+                             "min": int(sizes.min()), "max": int(sizes.max()),
+                             "padding": st0["padding_fraction"], "overlap": mates_overlap(b0, b1, anchors),
+                             "expected": float(st0["mean_batch_size"]) / n})
+    finally:
+        sd.EXACT_MAX_ROWS = saved
+    return rows
+
+
 def quality_shard_local(n: int = 10**6, shard_rows: int = 1000, bs: int = 1024) -> list[dict]:
     import samplers
 
@@ -229,8 +269,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1e7,1e8")
     ap.add_argument("--kinds", default="random,token_budget,duration")
-    ap.add_argument("--duration-max", type=float, default=1e7, help="largest size run for DurationBucketSampler "
-                    "(its plan is not windowed yet: 1e8 needs ~8 GiB)")
+    ap.add_argument("--duration-max", type=float, default=1e9, help="largest size run for DurationBucketSampler")
+    ap.add_argument("--duration-section", action="store_true", help="run only DurationBucketSampler (the sizes "
+                    "given, and its windowed-vs-exact quality at 1e6 rows) and replace only its section of --out")
     ap.add_argument("--tmp", default="/tmp")
     ap.add_argument("--case", nargs=2, metavar=("KIND", "ROWS"), help=argparse.SUPPRESS)
     ap.add_argument("--no-quality", action="store_true")
@@ -240,6 +281,8 @@ def main() -> None:
     if args.case:
         print(json.dumps(run_case(args.case[0], int(float(args.case[1])), tmp)))
         return
+    if args.duration_section:
+        args.kinds = "duration"
     results = []
     made = set()
     for n in (int(float(x)) for x in args.sizes.split(",")):
@@ -256,8 +299,54 @@ def main() -> None:
             print(json.dumps(results[-1]), flush=True)
         for f in tmp.glob(f"bench_scale_*_{n}.npy"):  # one size's files at a time (1e9: 4 GB each)
             f.unlink()
+    if args.duration_section:
+        write_duration_section(results, None if args.no_quality else quality_duration(), args)
+        return
     quality = None if args.no_quality else (quality_token_budget(), quality_shard_local())
     write(results, quality, args)
+
+
+DURATION_HEADING = "## DurationBucketSampler at scale"
+
+
+def write_duration_section(results: list[dict], quality, args) -> None:
+    """Replace (or insert before '## Reading') the DurationBucketSampler section of ``--out``, leaving the rest."""
+    load = os.getloadavg()[0]
+    lines = [DURATION_HEADING, "",
+             f"Command: `.venv/bin/python benchmarks/bench_scale.py --duration-section --sizes {args.sizes}` (run "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, shared 2-core machine, load average {load:.0f} "
+             "at the end). `DurationBucketSampler(durations, max_duration=600.0, num_buckets=30, seed=1, rank=3, "
+             "world_size=8)` over memory-mapped float32 durations (log-normal, median ~6 s, clipped to [0.5, 40]); "
+             "columns as in the first table.", "",
+             "| rows | construct (s) [CPU s] | first batch (s) | resume to batch 101 (s) | 2nd construct (s) | "
+             "peak anon (MiB) | batches/rank |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['rows']:.0e} | failed: {r['error']} | | | | | |")
+            continue
+        lines.append(f"| {r['rows']:.0e} | {r['construct_s']:.2f} [{r['construct_cpu_s']:.1f}] | "
+                     f"{r['first_batch_s']:.2f} | {r['resume_s']:.3f} | {r['construct2_s']:.2f} | "
+                     f"{r['peak_anon_mib']:.0f} | {r['batches_per_rank']} |")
+    if quality:
+        lines += ["", "Windowed vs exact plan over the same 1e6 durations (world size 8; batch sizes are rows per "
+                  "batch of the global plan; *overlap* as in the token-budget table):", "",
+                  "| plan | seed | batches | rows/batch | p10 / p50 / p90 | min / max | padding | overlap | "
+                  "1/N x rows per batch |", "|---|---|---|---|---|---|---|---|---|"]
+        for q in quality:
+            lines.append(f"| {q['plan']} | {q['seed']} | {q['batches']} | {q['mean_rows']:.2f} | {q['p10']:.0f} / "
+                         f"{q['p50']:.0f} / {q['p90']:.0f} | {q['min']} / {q['max']} | {q['padding']:.4f} | "
+                         f"{q['overlap']:.5f} | {q['expected']:.6f} |")
+    out = Path(args.out)
+    text = out.read_text() if out.exists() else ""
+    start = text.find(DURATION_HEADING)
+    if start >= 0:  # replace the old section, up to the next heading
+        nxt = text.find("\n## ", start + len(DURATION_HEADING))
+        text = text[:start] + text[nxt + 1:] if nxt >= 0 else text[:start]
+    at = text.find("## Reading")
+    section = "\n".join(lines) + "\n\n"
+    text = text[:at] + section + text[at:] if at >= 0 else text.rstrip("\n") + "\n\n" + section
+    out.write_text(text)
+    print(f"wrote {args.out}")
 
 
 def write(results: list[dict], quality, args) -> None:

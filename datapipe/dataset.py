@@ -24,7 +24,7 @@ from numpy.typing import NDArray
 from datapipe.format import INDEX_FILE, MANIFEST, DatasetError, read_manifest, schema_from_b64, verify_buffer
 from native.ragged import gather_lengths, gather_values
 
-__all__ = ["ArrowDataset", "Batch", "DatasetError", "Ragged", "VERIFY_MODES", "map_checked", "open_ipc"]
+__all__ = ["ArrowDataset", "Batch", "DatasetError", "Ragged", "VERIFY_MODES", "check_shard", "map_checked", "open_ipc"]
 
 
 class Ragged:
@@ -223,6 +223,16 @@ class _Shard:
                 self.flat[name] = col.to_numpy(zero_copy_only=False)
 
 
+def check_shard(path: Path, meta: dict, schema: pa.Schema) -> None:
+    """Check one shard's size, schema, row count and Arrow structure against its manifest entry (checksum not
+    read: see :func:`datapipe.format.verify_checksum`).
+
+    Raises:
+        DatasetError: naming ``path``: what does not match and the fix.
+    """
+    _Shard(path, meta, schema, verify="never")
+
+
 class ArrowDataset(torch.utils.data.Dataset):
     """Map-style dataset over a dataset directory (see ``datapipe.write_dataset``).
 
@@ -415,25 +425,24 @@ class ArrowDataset(torch.utils.data.Dataset):
         """The per-row metadata columns (``index.arrow``) as numpy arrays, memory-mapped where possible."""
         if self._index is None:
             meta = self.manifest.get("index")
-            if not meta:
-                self._index = {}
-            else:
-                p = self._local_file(meta)
-                batch = open_ipc(p, meta, verify=self.verify_mode, what="index")
-                if batch.num_rows != len(self) or meta["rows"] != len(self):
-                    raise DatasetError(f"{p}: {batch.num_rows} rows but the dataset has {len(self)}; rebuild the "
-                                       "dataset")
-                expected = list(self.manifest.get("index_columns") or batch.schema.names)
-                if batch.schema.names != expected:
-                    raise _corrupt(p, f"columns {batch.schema.names} differ from the manifest's index columns "
-                                      f"{expected}")
-                index = {}
-                for n, col in zip(batch.schema.names, batch.columns):
-                    if col.null_count:
-                        raise _corrupt(p, f"column {n!r} has {col.null_count} nulls")
-                    index[n] = col.to_numpy(zero_copy_only=False)
-                self._index = index
+            self._index = self._read_index(meta) if meta else {}
         return self._index
+
+    def _read_index(self, meta: dict) -> dict[str, NDArray]:
+        """The columns of the index file ``meta`` describes, checked (a remote dataset downloads it instead)."""
+        p = self._local_file(meta)
+        batch = open_ipc(p, meta, verify=self.verify_mode, what="index")
+        if batch.num_rows != len(self) or meta["rows"] != len(self):
+            raise DatasetError(f"{p}: {batch.num_rows} rows but the dataset has {len(self)}; rebuild the dataset")
+        expected = list(self.manifest.get("index_columns") or batch.schema.names)
+        if batch.schema.names != expected:
+            raise _corrupt(p, f"columns {batch.schema.names} differ from the manifest's index columns {expected}")
+        index = {}
+        for n, col in zip(batch.schema.names, batch.columns):
+            if col.null_count:
+                raise _corrupt(p, f"column {n!r} has {col.null_count} nulls")
+            index[n] = col.to_numpy(zero_copy_only=False)
+        return index
 
     def files(self) -> list[dict]:
         """Every file the manifest lists: shards, the index, extra files (``pairs.arrow``, ...)."""
@@ -467,7 +476,7 @@ class ArrowDataset(torch.utils.data.Dataset):
             total += meta["bytes"]
         for s in range(self.num_shards):
             meta = self.manifest["shards"][s]
-            _Shard(self._local_file(meta), meta, self.schema, verify="never")
+            check_shard(self._local_file(meta), meta, self.schema)
         if self.manifest.get("index"):
             self._index = None
             self.index  # noqa: B018  (opens and checks the index)

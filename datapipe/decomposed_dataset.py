@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from datapipe.collate.buffers import np_dtype
 from datapipe.dataset import ArrowDataset, Batch
 from datapipe.decomposition import DecomposedIndex
+from datapipe.dtypes import np_dtype
 from datapipe.format import DatasetError
 from native.ragged import concat_ranges, pad_tails, place_pieces
 

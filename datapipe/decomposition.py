@@ -351,15 +351,15 @@ class DecomposedIndex:
         import json
         import weakref
 
-        from datapipe.remote import _join, _read_object
+        from datapipe.remote import join_key, read_object
 
         self.dataset = ds
         self.dataset_path = ds.url
         self.path = f"{ds.url.rstrip('/')}/{DECOMPOSITION_DIR}"
         mpath = f"{self.path}/manifest.json"
         try:
-            data = _read_object(ds.filesystem, _join(ds._root, f"{DECOMPOSITION_DIR}/manifest.json"), mpath,
-                                ds.timeout)
+            data = read_object(ds.filesystem, join_key(ds._root, f"{DECOMPOSITION_DIR}/manifest.json"), mpath,
+                               ds.timeout)
         except DatasetError as e:
             if "not found in the store" in str(e):
                 raise FileNotFoundError(f"{self.path}: no decomposition here; run `datapipe.decompose("

@@ -153,14 +153,24 @@ def check_manifest_digest(manifest: dict, mpath, *, required: bool) -> None:
                            "rebuild the dataset")
 
 
-def load_json(mpath: Path) -> dict:
+def parse_json(data: bytes, where: object) -> dict:
+    """``data`` (a manifest's bytes, read from ``where``) as a JSON object.
+
+    Raises:
+        DatasetError: naming ``where``: not JSON, or not an object.
+    """
     try:
-        data = json.loads(Path(mpath).read_bytes())
+        out = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{mpath}: not valid JSON ({e}); the manifest is damaged: rebuild") from None
-    if not isinstance(data, dict):
-        raise DatasetError(f"{mpath}: expected a JSON object, got {type(data).__name__}; the manifest is damaged")
-    return data
+        raise DatasetError(f"{where}: not valid JSON ({e}); the manifest is damaged: rebuild") from None
+    if not isinstance(out, dict):
+        raise DatasetError(f"{where}: expected a JSON object, got {type(out).__name__}; the manifest is damaged")
+    return out
+
+
+def load_json(mpath: Path) -> dict:
+    """The JSON object in the file ``mpath`` (see :func:`parse_json`)."""
+    return parse_json(Path(mpath).read_bytes(), mpath)
 
 
 def check_file_entry(entry, mpath, where: str, *, rows: bool = True) -> dict:
@@ -196,7 +206,16 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise DatasetError(f"{root}: no such dataset directory")
     if not mpath.exists():
         raise DatasetError(f"{root}: no {MANIFEST}: not a datapipe dataset, or an unfinished build (rebuild it)")
-    manifest = load_json(mpath)
+    return check_manifest(load_json(mpath), mpath)
+
+
+def check_manifest(manifest: dict, mpath: object) -> dict:
+    """Check a dataset manifest read from ``mpath`` (a local file or a store's URL): format, version, its own
+    digest, the shape of every entry. Returns ``manifest``.
+
+    Raises:
+        DatasetError: naming ``mpath`` and what is wrong.
+    """
     if manifest.get("format") != FORMAT_NAME:
         raise DatasetError(f"{mpath}: format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
     version = manifest.get("format_version", 0)

@@ -35,7 +35,7 @@ def verify_tree(path: str | os.PathLike) -> dict:
         ``{"ok": bool, "files": n checked, "bytes": bytes checked, "problems": [(file, message), ...],
         "unchecked": [names of entries nothing vouches for]}``.
     """
-    from datapipe.dataset import ArrowDataset, _Shard
+    from datapipe.dataset import ArrowDataset, check_shard
     from datapipe.decomposition import DECOMPOSITION_DIR, verify_decomposition
     from datapipe.format import verify_buffer, verify_checksum
 
@@ -78,7 +78,7 @@ def verify_tree(path: str | os.PathLike) -> dict:
             p = ds._local_file(meta)
             if str(p) not in bad:
                 try:
-                    _Shard(p, meta, ds.schema, verify="never")
+                    check_shard(p, meta, ds.schema)
                 except DatasetError as e:
                     problems.append((str(p), str(e)))
         imeta = ds.manifest.get("index")

@@ -33,8 +33,9 @@ from typing import TypeVar
 import numpy as np
 import torch
 import torch.utils.data as tud
-from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter, _SingleProcessDataLoaderIter
 
+from datapipe.loader_iters import (DeviceIter, IndexSource, MultiProcessIter, SingleProcessIter, ordered_items,
+                                   replayed_items, skipping)
 from datapipe.orders import (SeededRandomSampler, epoch_order, generator_state, is_reproducible,
                              set_generator_state)
 from samplers.base import BatchSamplerBase
@@ -66,197 +67,6 @@ def _dataset_identity(ds) -> dict:
     if isinstance(fp, str):
         out["fingerprint"] = fp
     return out
-
-
-class _IndexSource:
-    """What torch's iterator reads as the index sampler: the loader's pass, from its position, skipping batches
-    delivered ahead. Every ``iter()`` (also a persistent-worker reset) starts the pass the loader set up.
-
-    It and the iterators hold the loader weakly: as with torch, ``del loader`` (or its iterator) frees the workers at
-    once, without waiting for the cycle collector."""
-
-    def __init__(self, loader: DataLoader) -> None:
-        self._loader = weakref.ref(loader)
-
-    def __len__(self) -> int:
-        return self._loader()._epoch_len()
-
-    def __iter__(self) -> Iterator:
-        return self._loader()._pass_indices()
-
-
-class _Tracked:
-    """Shared by the single- and multi-process iterators: counts each batch delivered (or raised) at its position."""
-
-    @property
-    def _dp(self) -> DataLoader:
-        return self._dp_ref()
-
-    def _track(self, loader: DataLoader) -> None:
-        self._dp_ref = weakref.ref(loader)
-        self._discard = loader._pass_discard
-        self._task: int | None = None
-        self._sent = 0
-        self._ended = False
-        self._resumed, self._got_any, self._next_pass = self._discard > 0, False, None
-
-    def _reset(self, loader, first_iter: bool = False) -> None:
-        self._sent, self._discard, self._ended = 0, loader._pass_discard, False
-        self._resumed, self._got_any, self._next_pass = self._discard > 0, False, None
-        super()._reset(loader, first_iter)
-
-    def _end(self) -> None:
-        if not self._ended and self._dp is not None:  # once per pass, however often next() is called
-            self._ended = True
-            self._dp._pass_finished()
-
-    def __next__(self):
-        if self._next_pass is not None:
-            return next(self._next_pass)
-        dp = self._dp
-        if dp is None:  # the loader is gone (only its iterator is used): nothing left to count for
-            return super().__next__()
-        while self._discard:  # an IterableDataset resumes by reading and dropping what was delivered before
-            self._discard -= 1
-            try:
-                super().__next__()
-            except StopIteration:
-                self._discard = 0
-                self._end()
-                raise
-            except Exception:  # noqa: BLE001  that batch failed before the checkpoint too; it was counted then
-                pass
-        self._task = None
-        try:
-            data = super().__next__()
-        except StopIteration:
-            self._end()
-            if self._resumed and not self._got_any:
-                # an IterableDataset checkpointed at its epoch's end: this pass is the next epoch, as uninterrupted
-                self._resumed = False
-                nxt = iter(dp)
-                if nxt is self:  # persistent workers: reset in place
-                    return self.__next__()
-                self._next_pass = nxt
-                return next(nxt)
-            raise
-        except BaseException:
-            self._got_any = True
-            self._count(dp)
-            raise
-        self._got_any = True
-        self._count(dp)
-        return data
-
-    _defer = False  # set by _DeviceIter: the batch counts when it is handed over, a step later
-
-    def _count(self, dp) -> None:
-        if self._defer:
-            self.last_task = self._task
-        elif self._task is not None:
-            dp._delivered(self._task)
-
-
-class _DeviceIter:
-    """``DataLoader(device=...)``: torch's iterator, each batch copied to ``device`` one step ahead (a CUDA side
-    stream, see ``datapipe.prefetch.DevicePrefetcher``). A batch counts as delivered when it is handed over, so the
-    loader's state stays exact; an exception raised by one batch reaches the caller at that batch's turn."""
-
-    def __init__(self, it: _Tracked, loader: DataLoader, device) -> None:
-        from datapipe.prefetch import DevicePrefetcher
-
-        it._defer = True
-        self._it, self._loader = it, weakref.ref(loader)
-        self._prefetcher = DevicePrefetcher(self._tagged(), device)
-
-    def _tagged(self):
-        while True:
-            try:
-                data = next(self._it)
-            except StopIteration:
-                return
-            except Exception as e:  # noqa: BLE001  handed over (raised) at its turn
-                yield ("error", e, self._it.last_task)
-            else:
-                yield ("batch", data, self._it.last_task)
-
-    def __iter__(self) -> _DeviceIter:
-        return self
-
-    def __len__(self) -> int:
-        return len(self._it)
-
-    def __next__(self):
-        loader = self._loader()
-        try:
-            kind, value, task = next(self._prefetcher)
-        except StopIteration:
-            if loader is not None:
-                loader._pass_finished()
-            raise
-        if loader is not None and task is not None:
-            loader._delivered(task)
-        if kind == "error":
-            raise value
-        return value
-
-
-class _SingleIter(_Tracked, _SingleProcessDataLoaderIter):
-    def __init__(self, loader) -> None:
-        self._track(loader)
-        super().__init__(loader)
-        self._threads = None
-        if loader.prefetch:
-            from datapipe.prefetch import ThreadPrefetcher
-
-            fetcher = self._dataset_fetcher
-            self._threads = ThreadPrefetcher(fetcher.fetch, self._sampler_iter, depth=loader.prefetch,
-                                             num_threads=min(loader.prefetch, 4))
-
-    def _next_index(self):
-        index = super()._next_index()
-        self._task, self._sent = self._sent, self._sent + 1
-        return index
-
-    def _next_data(self):
-        if self._threads is None:
-            data = self._dataset_fetcher.fetch(self._next_index())
-        else:
-            self._task, self._sent = self._sent, self._sent + 1  # results come in source order: the k-th is task k
-            data = next(self._threads)
-        if self._pin_memory:
-            data = _pinned(data, self._pin_memory_device)
-        return data
-
-    def _reset(self, loader, first_iter: bool = False) -> None:
-        super()._reset(loader, first_iter)
-        if getattr(self, "_threads", None) is not None:
-            self._threads.close()
-            from datapipe.prefetch import ThreadPrefetcher
-
-            self._threads = ThreadPrefetcher(self._dataset_fetcher.fetch, self._sampler_iter,
-                                             depth=loader.prefetch, num_threads=min(loader.prefetch, 4))
-
-    def __del__(self) -> None:
-        if getattr(self, "_threads", None) is not None:
-            self._threads.close()
-
-
-class _MultiIter(_Tracked, _MultiProcessingDataLoaderIter):
-    def __init__(self, loader) -> None:
-        self._track(loader)
-        self._last_idx = None
-        super().__init__(loader)
-
-    def _get_data(self):
-        idx, data = super()._get_data()
-        self._last_idx = idx
-        return idx, data
-
-    def _process_data(self, data, worker_idx):
-        # out of order, the batch handed over is the one just received; in order, the one at the receive cursor
-        self._task = self._last_idx if not self._in_order else self._rcvd_idx - 1
-        return super()._process_data(data, worker_idx)
 
 
 class DataLoader(tud.DataLoader[T_co]):
@@ -313,7 +123,7 @@ class DataLoader(tud.DataLoader[T_co]):
         self.prefetch = int(prefetch)
         self.device = None if device is None else torch.device(device)
         self._iterable = isinstance(dataset, tud.IterableDataset)
-        self._source = _IndexSource(self)
+        self._source = IndexSource(self)
         self._arrays = _ours(dataset)  # datapipe datasets take int64 arrays; others get Python ints, as from torch
         self._epoch = 0
         self._prefix = 0  # batches of the epoch delivered in a row from its start
@@ -335,7 +145,7 @@ class DataLoader(tud.DataLoader[T_co]):
         return self._source
 
     def _get_iterator(self):
-        return _SingleIter(self) if self.num_workers == 0 else _MultiIter(self)
+        return SingleProcessIter(self) if self.num_workers == 0 else MultiProcessIter(self)
 
     def __len__(self) -> int:
         if getattr(self, "_source", None) is not None and not self._iterable:
@@ -399,11 +209,11 @@ class DataLoader(tud.DataLoader[T_co]):
             # at their start, so such a collate should not rely on it there
             self.collate_fn.set_epoch(self._epoch)
         it = super().__iter__()
-        return it if self.device is None else _DeviceIter(it, self, self.device)
+        return it if self.device is None else DeviceIter(it, self, self.device)
 
     def _pass_indices(self) -> Iterator:
         """The indices of the current pass, from the loader's position; records each item's position. The
-        generators below hold no reference to the loader (see :class:`_IndexSource`)."""
+        generators below hold no reference to the loader (see :class:`IndexSource`)."""
         kind = _kind(self)
         start, ahead = self._pass_prefix, self._pass_ahead
         positions = self._positions = [] if ahead else None
@@ -419,10 +229,10 @@ class DataLoader(tud.DataLoader[T_co]):
                 hint(iter(copy.copy(s)))
         elif kind == "ordered":
             src = self._index_sampler_torch()
-            items = _ordered_items(weakref.ref(self), src, self._epoch, start)
+            items = ordered_items(weakref.ref(self), src, self._epoch, start)
         else:
-            items = _replayed_items(self._index_sampler_torch(), start)
-        return _skipping(items, start, ahead, positions, self._arrays)
+            items = replayed_items(self._index_sampler_torch(), start)
+        return skipping(items, start, ahead, positions, self._arrays)
 
     def _order_generator(self) -> torch.Generator | None:
         """The generator a torch RandomSampler of this loader draws its order from (None: the global RNG)."""
@@ -542,54 +352,6 @@ class DataLoader(tud.DataLoader[T_co]):
                     src = self._index_sampler_torch()
                     epoch_order(src.sampler if type(src) is tud.BatchSampler else src, self._epoch, self._record)
                 self._move(self._epoch + 1)
-
-
-def _skipping(items, start: int, ahead, positions: list | None, arrays: bool) -> Iterator:
-    for pos, item in enumerate(items, start):
-        if pos in ahead:
-            continue
-        if positions is not None:
-            positions.append(pos)
-        if isinstance(item, np.ndarray) and not arrays:
-            item = item.tolist()  # a dataset not of this library gets Python ints, as from torch's samplers
-        yield item
-
-
-def _ordered_items(loader_ref, src, epoch: int, start: int) -> Iterator:
-    """Torch's (or the seeded) order of one epoch, drawn at the first ``next()`` as torch's samplers draw it."""
-    sampler = src.sampler if type(src) is tud.BatchSampler else src
-    if isinstance(sampler, SeededRandomSampler):
-        sampler.set_epoch(epoch)
-    loader = loader_ref()  # None when only the iterator is left (``for b in DataLoader(...)``): nothing to record
-    order, record = epoch_order(sampler, epoch, None if loader is None else loader._record)
-    if loader is not None:
-        loader._record = record
-    del loader
-    if type(src) is not tud.BatchSampler:  # batch_size=None: one index at a time
-        yield from order[start:].tolist()
-        return
-    bs = src.batch_size
-    stop = len(order) - len(order) % bs if src.drop_last else len(order)
-    for b0 in range(start * bs, stop, bs):
-        yield order[b0 : b0 + bs]
-
-
-def _replayed_items(sampler, start: int) -> Iterator:
-    it = iter(sampler)
-    for _ in range(start):
-        if next(it, None) is None:
-            return
-    yield from it
-
-
-def _pinned(data, device):
-    """Pin a batch: tensors in dicts/lists/tuples into recycled page-locked buffers (``datapipe.prefetch.pin``: no
-    fresh page-locked allocation per batch), anything else as torch pins it."""
-    from datapipe.prefetch import pin
-
-    if isinstance(data, (torch.Tensor, Mapping, list, tuple)) and not hasattr(data, "pin_memory"):
-        return pin(data)
-    return torch.utils.data._utils.pin_memory.pin_memory(data, device)
 
 
 def _ours(dataset) -> bool:

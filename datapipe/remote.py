@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import os
 import tempfile
 import threading
@@ -53,11 +52,10 @@ import pyarrow.fs as pafs
 from numpy.typing import NDArray
 
 from datapipe.dataset import ArrowDataset, Batch, Ragged
-from datapipe.format import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, DatasetError, check_file_entry,
-                             check_manifest_digest, schema_from_b64, verify_buffer)
+from datapipe.format import MANIFEST, DatasetError, check_manifest, parse_json, schema_from_b64, verify_buffer
 
-__all__ = ["RemoteArrowDataset", "ShardCache", "is_remote", "local_path", "remote_exists", "resolve", "upload_dataset",
-           "with_retries", "write_remote"]
+__all__ = ["RemoteArrowDataset", "ShardCache", "is_remote", "join_key", "local_path", "read_object", "remote_exists",
+           "resolve", "upload_dataset", "with_retries", "write_remote"]
 
 DEFAULT_TIMEOUT = 60.0
 _BLOCK = 8 << 20
@@ -116,7 +114,8 @@ def resolve(url_or_path, filesystem: pafs.FileSystem | None = None) -> tuple[paf
     return fs, path.rstrip("/")
 
 
-def _join(root: str, name: str) -> str:
+def join_key(root: str, name: str) -> str:
+    """``root/name`` inside a store (``name`` alone at the store's root)."""
     return f"{root}/{name}" if root else name
 
 
@@ -157,7 +156,9 @@ def with_retries(fn: Callable, what: str, *, timeout: float, backoff: float = 0.
             delay = min(delay * 2, max_backoff)
 
 
-def _read_object(fs: pafs.FileSystem, path: str, what: str, timeout: float) -> bytes:
+def read_object(fs: pafs.FileSystem, path: str, what: str, timeout: float) -> bytes:
+    """The whole object at ``path`` in ``fs``, retried for ``timeout`` seconds (errors name ``what``)."""
+
     def go():
         with fs.open_input_stream(path) as f:
             return f.read()
@@ -478,32 +479,13 @@ class RemoteArrowDataset(ArrowDataset):
     def _read_manifest(self) -> dict:
         what = self._url_of(MANIFEST)
         try:
-            data = _read_object(self.filesystem, _join(self._root, MANIFEST), what, self.timeout)
+            data = read_object(self.filesystem, join_key(self._root, MANIFEST), what, self.timeout)
         except DatasetError as e:
             if "not found in the store" in str(e):
                 raise DatasetError(f"{self.url}: no {MANIFEST}: not a datapipe dataset, or an unfinished build or "
                                    "upload (rebuild it)") from None
             raise
-        try:
-            manifest = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DatasetError(f"{what}: not valid JSON ({e}); the manifest is damaged: rebuild") from None
-        if not isinstance(manifest, dict):
-            raise DatasetError(f"{what}: expected a JSON object, got {type(manifest).__name__}")
-        if manifest.get("format") != FORMAT_NAME:
-            raise DatasetError(f"{what}: format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
-        version = manifest.get("format_version", 0)
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise DatasetError(f"{what}: format_version {version!r} is newer than this datapipe ({FORMAT_VERSION}); "
-                               "upgrade datapipe")
-        check_manifest_digest(manifest, what, required=version >= 2)
-        if not isinstance(manifest.get("shards"), list) or not isinstance(manifest.get("num_rows"), int):
-            raise DatasetError(f"{what}: no 'shards' list or 'num_rows'; the manifest is damaged: rebuild")
-        for i, entry in enumerate(manifest["shards"]):
-            check_file_entry(entry, what, f"shards[{i}]")
-        if manifest.get("index") is not None:
-            check_file_entry(manifest["index"], what, "index")
-        return manifest
+        return check_manifest(parse_json(data, what), what)
 
     # ---- pickling: configuration only --------------------------------------------------------------------
     def __getstate__(self):
@@ -526,7 +508,7 @@ class RemoteArrowDataset(ArrowDataset):
         its check (damaged on the local disk) is removed and downloaded again, once."""
         meta = self.manifest["shards"][s]
         what = self._url_of(meta["file"])
-        src = _join(self._root, meta["file"])
+        src = join_key(self._root, meta["file"])
         name = self._cache_name(s)
 
         def fetch(part: Path) -> None:
@@ -601,7 +583,7 @@ class RemoteArrowDataset(ArrowDataset):
             DatasetError: the object is missing, truncated or changed, or the store kept failing.
         """
         what = self._url_of(name)
-        src = _join(self._root, name)
+        src = join_key(self._root, name)
         digest = meta["checksum"].split(":", 1)[-1][:16]
         cname = f"{name.replace('/', '__').rsplit('.', 1)[0]}-{digest}.{name.rsplit('.', 1)[-1]}"
         fd, downloaded = self.cache.acquire(
@@ -718,7 +700,7 @@ class RemoteArrowDataset(ArrowDataset):
                     if path.exists():
                         continue
                     what = self._url_of(meta["file"])
-                    src = _join(self._root, meta["file"])
+                    src = join_key(self._root, meta["file"])
                     while not stop.is_set():
                         before = self.cache.stats["prefetched"]
                         self.cache.acquire(self._cache_name(s), size,
@@ -741,26 +723,18 @@ class RemoteArrowDataset(ArrowDataset):
         return {**self.cache.stats, "bytes_now": self.cache.used(), "limit": self.cache.limit}
 
     # ---- metadata -----------------------------------------------------------------------------------------
-    @property
-    def index(self) -> dict[str, NDArray]:
-        """The per-row metadata columns (``index.arrow``, read from the store once) as numpy arrays."""
-        if self._index is None:
-            meta = self.manifest.get("index")
-            if not meta:
-                self._index = {}
-            else:
-                what = self._url_of(meta["file"])
-                data = _download(self.filesystem, _join(self._root, meta["file"]), meta, what, self.timeout, None)
-                try:
-                    t = pa.ipc.open_file(data).read_all()
-                    t.validate(full=True)
-                except (pa.ArrowException, OSError) as e:
-                    raise DatasetError(f"{what}: cannot read the index ({type(e).__name__}: {e})") from None
-                if t.num_rows != len(self):
-                    raise DatasetError(f"{what}: {t.num_rows} rows but the dataset has {len(self)}; rebuild the "
-                                       "dataset")
-                self._index = {n: t.column(n).to_numpy() for n in t.column_names}
-        return self._index
+    def _read_index(self, meta: dict) -> dict[str, NDArray]:
+        """The per-row metadata columns (``index.arrow``, read from the store once; ``index`` caches them)."""
+        what = self._url_of(meta["file"])
+        data = _download(self.filesystem, join_key(self._root, meta["file"]), meta, what, self.timeout, None)
+        try:
+            t = pa.ipc.open_file(data).read_all()
+            t.validate(full=True)
+        except (pa.ArrowException, OSError) as e:
+            raise DatasetError(f"{what}: cannot read the index ({type(e).__name__}: {e})") from None
+        if t.num_rows != len(self):
+            raise DatasetError(f"{what}: {t.num_rows} rows but the dataset has {len(self)}; rebuild the dataset")
+        return {n: t.column(n).to_numpy() for n in t.column_names}
 
     def verify(self) -> dict:
         """Download every file of the dataset (through memory, not the cache) and check its checksum.
@@ -773,7 +747,7 @@ class RemoteArrowDataset(ArrowDataset):
         """
         files = self.files()
         for meta in files:
-            _download(self.filesystem, _join(self._root, meta["file"]), meta, self._url_of(meta["file"]),
+            _download(self.filesystem, join_key(self._root, meta["file"]), meta, self._url_of(meta["file"]),
                       self.timeout, None)
         return {"ok": True, "files": len(files), "bytes": sum(m["bytes"] for m in files)}
 
@@ -807,7 +781,7 @@ def remote_exists(url, filesystem: pafs.FileSystem | None = None, name: str = MA
                   timeout: float = DEFAULT_TIMEOUT) -> bool:
     """True when ``url/name`` exists in the store."""
     fs, root = resolve(url, filesystem)
-    info = with_retries(lambda: fs.get_file_info(_join(root, name)), f"{os.fspath(url)}/{name}", timeout=timeout)
+    info = with_retries(lambda: fs.get_file_info(join_key(root, name)), f"{os.fspath(url)}/{name}", timeout=timeout)
     return info.type == pafs.FileType.File
 
 
@@ -839,7 +813,7 @@ def upload_dataset(local_dir: str | os.PathLike, url, filesystem: pafs.FileSyste
     if remote_exists(url, filesystem, manifest, timeout):
         if not overwrite:
             raise DatasetError(f"{url}: a dataset already exists (pass overwrite=True to replace it)")
-        with_retries(lambda: _delete(fs, _join(root, manifest)), f"{url}/{manifest}", timeout=timeout)
+        with_retries(lambda: _delete(fs, join_key(root, manifest)), f"{url}/{manifest}", timeout=timeout)
     files = sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != manifest)
     if not (local_dir / manifest).exists():
         raise DatasetError(f"{local_dir}: no {manifest} to upload: the local build is unfinished")
@@ -847,11 +821,11 @@ def upload_dataset(local_dir: str | os.PathLike, url, filesystem: pafs.FileSyste
     if fs.type_name not in ("s3", "gcs"):  # object stores have no directories (a marker could become a file)
         for d in [""] + dirs:
             with contextlib.suppress(OSError):  # the uploads below report a real error
-                fs.create_dir(_join(root, d) if d else root, recursive=True)
+                fs.create_dir(join_key(root, d) if d else root, recursive=True)
     for p in files:
         rel = p.relative_to(local_dir).as_posix()
-        _upload_file(fs, p, _join(root, rel), f"{url}/{rel}", timeout)
-    _upload_file(fs, local_dir / manifest, _join(root, manifest), f"{url}/{manifest}", timeout)
+        _upload_file(fs, p, join_key(root, rel), f"{url}/{rel}", timeout)
+    _upload_file(fs, local_dir / manifest, join_key(root, manifest), f"{url}/{manifest}", timeout)
     keep = {p.relative_to(local_dir).as_posix() for p in files} | {manifest}
     sel = pafs.FileSelector(root, recursive=True, allow_not_found=True)
     for info in with_retries(lambda: fs.get_file_info(sel), url, timeout=timeout):  # the old dataset's leftovers

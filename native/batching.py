@@ -13,7 +13,8 @@ from native._config import njit
 
 
 @njit
-def _budget_cuts(lengths: np.ndarray, max_tokens: np.int64, max_rows: np.int64) -> np.ndarray:
+def budget_cuts_kernel(lengths: np.ndarray, max_tokens: np.int64, max_rows: np.int64) -> np.ndarray:
+    """:func:`budget_cuts` without its checks, callable from other kernels (``native.windows``)."""
     n = lengths.shape[0]
     cuts = np.empty(n + 1, dtype=np.int64)
     nb = 0
@@ -57,7 +58,7 @@ def budget_cuts(lengths: NDArray, max_tokens: int, max_rows: int | None = None) 
     cap = np.iinfo(np.int64).max if max_rows is None else int(max_rows)
     if cap < 1:
         raise ValueError(f"max_rows must be >= 1 (got {max_rows=})")
-    return _budget_cuts(lengths, np.int64(max_tokens), np.int64(cap))
+    return budget_cuts_kernel(lengths, np.int64(max_tokens), np.int64(cap))
 
 
 @njit

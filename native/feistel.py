@@ -24,8 +24,8 @@ from native._config import njit
 from native.rng import MASK63 as _MASK63
 from native.rng import fmix64, mix_prefix, mix_step, shuffle_from, splitmix64_next
 
-__all__ = ["feistel_index", "feistel_permute", "feistel_range", "mix_prefix", "mix_step", "shard_window_rows",
-           "stream_batches"]
+__all__ = ["feistel_index", "feistel_keyed", "feistel_permute", "feistel_range", "half_bits", "mix_prefix", "mix_step",
+           "round_keys", "shard_window_rows", "stream_batches"]
 
 #: Feistel rounds; 8 keeps small domains (n of a few elements) close to uniform over seeds.
 ROUNDS = 8
@@ -34,8 +34,12 @@ MAX_N = 1 << 62
 
 
 @njit
-def _round_keys(seed: np.uint64) -> np.ndarray:
-    # the first ROUNDS outputs of the SplitMix64 stream started at ``seed``
+def round_keys(seed: np.uint64) -> np.ndarray:
+    """The network's ``ROUNDS`` round keys: the first outputs of the SplitMix64 stream started at ``seed``.
+
+    Bare kernels (no checks), shared with ``native.windows``: ``feistel_keyed(i, n, half_bits(n),
+    round_keys(seed))`` is :func:`feistel_index` without its argument checks.
+    """
     keys = np.empty(ROUNDS, dtype=np.uint64)
     s = np.uint64(seed)
     for r in range(ROUNDS):
@@ -44,7 +48,7 @@ def _round_keys(seed: np.uint64) -> np.ndarray:
 
 
 @njit
-def _half_bits(n: np.int64) -> np.int64:
+def half_bits(n: np.int64) -> np.int64:
     """Half the bits of the network domain: the smallest ``h >= 1`` with ``4**h >= n``."""
     h = 1
     while (np.int64(1) << (2 * h)) < n:
@@ -53,7 +57,7 @@ def _half_bits(n: np.int64) -> np.int64:
 
 
 @njit
-def _feistel_keyed(i: np.int64, n: np.int64, h: np.int64, keys: np.ndarray) -> np.int64:
+def feistel_keyed(i: np.int64, n: np.int64, h: np.int64, keys: np.ndarray) -> np.int64:
     """Image of ``i`` (in ``[0, n)``) under the keyed network on ``[0, 4**h)``, cycle-walked into ``[0, n)``."""
     mask = np.uint64((1 << h) - 1)
     uh = np.uint64(h)
@@ -83,7 +87,7 @@ def feistel_index(i: np.int64, n: np.int64, seed: np.uint64) -> np.int64:
     """
     if n <= 1:
         return np.int64(0)
-    return _feistel_keyed(i, n, _half_bits(n), _round_keys(seed))
+    return feistel_keyed(i, n, half_bits(n), round_keys(seed))
 
 
 @njit
@@ -92,10 +96,10 @@ def _feistel_permute(indices: np.ndarray, n: np.int64, seed: np.uint64) -> np.nd
     if n <= 1:
         out[:] = 0
         return out
-    h = _half_bits(n)
-    keys = _round_keys(seed)
+    h = half_bits(n)
+    keys = round_keys(seed)
     for k in range(indices.shape[0]):
-        out[k] = _feistel_keyed(indices[k], n, h, keys)
+        out[k] = feistel_keyed(indices[k], n, h, keys)
     return out
 
 
@@ -133,7 +137,7 @@ def _stream_fill(out: np.ndarray, at: np.int64, start: np.int64, count: np.int64
                  offset: np.int64, prefix: np.uint64) -> None:
     """Rows of stream positions ``[start, start + count)`` written to ``out[at:]``; pass ``p`` is keyed by
     ``mix_step(prefix, p) & 2**63-1``."""
-    h = _half_bits(size) if size > 1 else np.int64(1)
+    h = half_bits(size) if size > 1 else np.int64(1)
     k = start
     end = start + count
     while k < end:
@@ -141,9 +145,9 @@ def _stream_fill(out: np.ndarray, at: np.int64, start: np.int64, count: np.int64
         i = k - p * size
         stop = min(end, (p + 1) * size)
         if size > 1:
-            keys = _round_keys(mix_step(prefix, np.uint64(p)) & _MASK63)
+            keys = round_keys(mix_step(prefix, np.uint64(p)) & _MASK63)
             for q in range(i, i + (stop - k)):
-                out[at] = _feistel_keyed(q, size, h, keys) + offset
+                out[at] = feistel_keyed(q, size, h, keys) + offset
                 at += 1
         else:
             for q in range(stop - k):
@@ -209,10 +213,10 @@ def _feistel_range(start: np.int64, stop: np.int64, n: np.int64, seed: np.uint64
     if n <= 1:
         out[:] = 0
         return out
-    h = _half_bits(n)
-    keys = _round_keys(seed)
+    h = half_bits(n)
+    keys = round_keys(seed)
     for k in range(stop - start):
-        out[k] = _feistel_keyed(start + k, n, h, keys)
+        out[k] = feistel_keyed(start + k, n, h, keys)
     return out
 
 
@@ -250,11 +254,11 @@ def _shard_window_rows(start: np.int64, stop: np.int64, cum: np.ndarray, first_r
         lo = cum[lo_s]
         m = cum[hi_s] - lo
         end = min(stop, cum[hi_s])
-        h = _half_bits(m) if m > 1 else np.int64(1)
-        keys = _round_keys(mix_step(prefix, np.uint64(w)) & _MASK63)
+        h = half_bits(m) if m > 1 else np.int64(1)
+        keys = round_keys(mix_step(prefix, np.uint64(w)) & _MASK63)
         part = cum[lo_s : hi_s + 1]
         for q in range(p - lo, end - lo):
-            x = _feistel_keyed(q, m, h, keys) if m > 1 else np.int64(0)
+            x = feistel_keyed(q, m, h, keys) if m > 1 else np.int64(0)
             t = lo + x
             j = lo_s + np.searchsorted(part, t, side="right") - 1
             out[at] = first_row[j] + (t - cum[j])

@@ -20,40 +20,64 @@ import numpy as np
 from numpy.typing import NDArray
 
 from native._config import njit
-from native.batching import _budget_cuts
-from native.feistel import _feistel_keyed, _half_bits, _round_keys
+from native.batching import budget_cuts_kernel
+from native.feistel import feistel_keyed, half_bits, round_keys
 from native.rng import MASK63, mix_step, shuffle_inplace
 
-__all__ = ["window_batches", "window_sizes"]
+__all__ = ["window_batches", "window_blocks", "window_sizes"]
+
+
+@njit
+def window_blocks(w: np.int64, n: np.int64, block: np.int64, per_window: np.int64, permute: bool,
+                  block_seed: np.uint64) -> np.ndarray:
+    """int64 ids of the blocks of window ``w`` (blocks of ``block`` rows of ``n``; ``per_window`` per window), in
+    the order of the stateless Feistel permutation of all blocks (``permute``), else in order. A bare kernel."""
+    nblocks = (n + block - 1) // block
+    b0 = w * per_window
+    b1 = min(nblocks, b0 + per_window)
+    out = np.empty(max(b1 - b0, 0), dtype=np.int64)
+    h = half_bits(nblocks) if nblocks > 1 else np.int64(1)
+    keys = round_keys(block_seed)
+    for k in range(b0, b1):
+        out[k - b0] = feistel_keyed(k, nblocks, h, keys) if permute and nblocks > 1 else k
+    return out
+
+
+@njit
+def _window_take(lengths: np.ndarray, w: np.int64, n: np.int64, block: np.int64, per_window: np.int64,
+                 permute: bool, block_seed: np.uint64, prefix: np.uint64, max_tokens: np.int64,
+                 as_rows: bool) -> tuple[np.ndarray, np.int64]:
+    """Window ``w``'s rows (``as_rows``) or their lengths, block-permuted then shuffled, rows over ``max_tokens``
+    left out; and how many were left out. Both give the same order: a Fisher-Yates shuffle depends only on the
+    length of what it shuffles."""
+    blocks = window_blocks(w, n, block, per_window, permute, block_seed)
+    out = np.empty(blocks.shape[0] * block, dtype=np.int64)
+    at = 0
+    dropped = 0
+    for blk in blocks:
+        lo = blk * block
+        hi = min(n, lo + block)
+        for i in range(lo, hi):
+            v = np.int64(lengths[i])
+            if v <= max_tokens:
+                out[at] = i if as_rows else v
+                at += 1
+            else:
+                dropped += 1
+    out = out[:at]
+    if permute:
+        state = np.empty(1, dtype=np.uint64)
+        state[0] = mix_step(prefix, np.uint64(w)) & MASK63
+        shuffle_inplace(out, state)
+    return out, dropped
 
 
 @njit
 def _window_plan(lengths: np.ndarray, w: np.int64, n: np.int64, block: np.int64, per_window: np.int64,
                  permute: bool, block_seed: np.uint64, prefix: np.uint64, sort_window: np.int64,
                  max_tokens: np.int64, max_rows: np.int64) -> tuple[np.ndarray, np.ndarray, np.int64]:
-    nblocks = (n + block - 1) // block
-    b0 = w * per_window
-    b1 = min(nblocks, b0 + per_window)
-    rows = np.empty((b1 - b0) * block, dtype=np.int64)
-    h = _half_bits(nblocks) if nblocks > 1 else np.int64(1)
-    keys = _round_keys(block_seed)
-    at = 0
-    dropped = 0
-    for k in range(b0, b1):
-        blk = _feistel_keyed(k, nblocks, h, keys) if permute and nblocks > 1 else k
-        lo = blk * block
-        hi = min(n, lo + block)
-        for i in range(lo, hi):
-            if lengths[i] <= max_tokens:
-                rows[at] = i
-                at += 1
-            else:
-                dropped += 1
-    rows = rows[:at]
-    if permute:
-        state = np.empty(1, dtype=np.uint64)
-        state[0] = mix_step(prefix, np.uint64(w)) & MASK63
-        shuffle_inplace(rows, state)
+    rows, dropped = _window_take(lengths, w, n, block, per_window, permute, block_seed, prefix, max_tokens, True)
+    at = rows.shape[0]
     lens = np.empty(at, dtype=np.int64)
     for i in range(at):
         lens[i] = lengths[rows[i]]
@@ -63,7 +87,7 @@ def _window_plan(lengths: np.ndarray, w: np.int64, n: np.int64, block: np.int64,
             order = np.argsort(lens[c0:c1], kind="mergesort")  # stable: ties keep the shuffled order
             rows[c0:c1] = rows[c0:c1][order]
             lens[c0:c1] = lens[c0:c1][order]
-    cuts = _budget_cuts(lens, max_tokens, max_rows)
+    cuts = budget_cuts_kernel(lens, max_tokens, max_rows)
     return rows, cuts, dropped
 
 
@@ -71,36 +95,13 @@ def _window_plan(lengths: np.ndarray, w: np.int64, n: np.int64, block: np.int64,
 def _window_lengths(lengths: np.ndarray, w: np.int64, n: np.int64, block: np.int64, per_window: np.int64,
                     permute: bool, block_seed: np.uint64, prefix: np.uint64, sort_window: np.int64,
                     max_tokens: np.int64) -> tuple[np.ndarray, np.int64]:
-    """The lengths of :func:`_window_plan`'s rows in its order, without the rows: the same draws (a Fisher-Yates
-    shuffle depends only on the length of what it shuffles) and plain sorts (the order of ties does not change
-    a sorted sequence), so the counting pass costs less than planning the rows."""
-    nblocks = (n + block - 1) // block
-    b0 = w * per_window
-    b1 = min(nblocks, b0 + per_window)
-    lens = np.empty((b1 - b0) * block, dtype=np.int64)
-    h = _half_bits(nblocks) if nblocks > 1 else np.int64(1)
-    keys = _round_keys(block_seed)
-    at = 0
-    dropped = 0
-    for k in range(b0, b1):
-        blk = _feistel_keyed(k, nblocks, h, keys) if permute and nblocks > 1 else k
-        lo = blk * block
-        hi = min(n, lo + block)
-        for i in range(lo, hi):
-            v = np.int64(lengths[i])
-            if v <= max_tokens:
-                lens[at] = v
-                at += 1
-            else:
-                dropped += 1
-    lens = lens[:at]
-    if permute:
-        state = np.empty(1, dtype=np.uint64)
-        state[0] = mix_step(prefix, np.uint64(w)) & MASK63
-        shuffle_inplace(lens, state)
+    """The lengths of :func:`_window_plan`'s rows in its order, without the rows: the same draws and plain sorts
+    (the order of ties does not change a sorted sequence), so the counting pass costs less than planning the
+    rows."""
+    lens, dropped = _window_take(lengths, w, n, block, per_window, permute, block_seed, prefix, max_tokens, False)
     if sort_window > 1:
-        for c0 in range(0, at, sort_window):
-            c1 = min(at, c0 + sort_window)
+        for c0 in range(0, lens.shape[0], sort_window):
+            c1 = min(lens.shape[0], c0 + sort_window)
             lens[c0:c1] = np.sort(lens[c0:c1])
     return lens, dropped
 
@@ -117,7 +118,7 @@ def _window_sizes(lengths: np.ndarray, w0: np.int64, w1: np.int64, n: np.int64, 
     for i in numba.prange(k):
         lens, dropped = _window_lengths(lengths, w0 + i, n, block, per_window, permute, block_seed, prefix,
                                         sort_window, max_tokens)
-        cuts = _budget_cuts(lens, max_tokens, max_rows)
+        cuts = budget_cuts_kernel(lens, max_tokens, max_rows)
         nb = cuts.shape[0] - 1
         counts[i] = nb
         tokens = 0

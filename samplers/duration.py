@@ -29,10 +29,19 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from native.duration import assign_buckets_2d, bucket_batches, duration_window_batches, duration_window_sizes
+from native.duration import (
+    assign_buckets_2d,
+    bucket_batches,
+    duration_window_batches,
+    duration_window_sizes,
+)
 from native.feistel import mix_prefix
 from samplers.base import BatchSamplerBase, Plan, check_lengths, digest_array
-from samplers.bins import check_durations, estimate_duration_bins, estimate_duration_bins_2d
+from samplers.bins import (
+    check_durations,
+    estimate_duration_bins,
+    estimate_duration_bins_2d,
+)
 from samplers.grouped_lazy_plan import PartPlan, arrange_parts
 
 __all__ = ["DurationBucketSampler", "estimate_duration_bins", "estimate_duration_bins_2d"]
@@ -58,11 +67,34 @@ MAX_PLAN_ROWS = 1 << 28
 #: sampler over the same durations): key -> read-only tables, the last two / the last one.
 _SHARED_TABLES: OrderedDict = OrderedDict()
 _SHARED_ARRANGED: OrderedDict = OrderedDict()
+#: durations validated in this process: digest -> {(max_duration, q): (cuts over the budget, first such row)}
+_SCANNED: OrderedDict = OrderedDict()
 
 
 def cut_cost(d: NDArray[np.float64], quadratic_duration: float | None) -> NDArray[np.float64]:
     """Budget cost of cuts of duration ``d``: ``d + d**2 / q`` with a quadratic term, else ``d``."""
     return d if quadratic_duration is None else d + d * d / quadratic_duration
+
+
+def _check_durations_chunked(durations: ArrayLike, name: str = "durations") -> NDArray:
+    """:func:`samplers.bins.check_durations` for arrays too large to copy: 1-D, numbers, finite, ``> 0``, checked
+    ``_SCAN_CHUNK`` rows at a time. Returns the array as given (a float32 memory map stays one)."""
+    arr = np.asarray(durations)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (got shape {arr.shape})")
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be numbers (got dtype {arr.dtype})")
+    for a in range(0, len(arr), _SCAN_CHUNK):
+        part = arr[a : a + _SCAN_CHUNK]
+        if arr.dtype.kind == "f":
+            bad = np.flatnonzero(~np.isfinite(part))
+            if len(bad):
+                raise ValueError(f"{name} has NaN/inf at row {a + int(bad[0])}; fix the metadata")
+        bad = np.flatnonzero(part <= 0)
+        if len(bad):
+            raise ValueError(f"{name} must be > 0: row {a + int(bad[0])} has {part[bad[0]]}; remove empty or broken "
+                             "cuts before sampling")
+    return arr
 
 
 class DurationBucketSampler(BatchSamplerBase):
@@ -85,6 +117,13 @@ class DurationBucketSampler(BatchSamplerBase):
     Durations must be finite and ``> 0`` (NaN, inf, zero or negative raise a ``ValueError`` naming the row).
     A bucket holding fewer cuts than ``world_size`` cannot give every rank a batch at its step; its cuts are
     moved to the next larger bucket and counted in ``stats()["promoted"]`` too.
+
+    Above :data:`EXACT_MAX_ROWS` cuts with 1D buckets the plan is windowed (module docstring): ``durations`` may
+    then be a memory-mapped float32 array of 1e9 rows, validated in chunks and never copied; the bins come from
+    an evenly strided sample of :data:`SAMPLE_ROWS` durations; a rank holds ~22 bytes per batch (1e9 cuts of ~7 s:
+    ~2.2e7 batches). ``bucket_of`` is then ``None`` (use :meth:`buckets_of`), small buckets are not merged (a
+    bucket with fewer cuts than ranks drops them, counted), and 2D buckets keep the exact plan at any size.
+    Both plans resume elastically with same-bucket steps.
 
     Args:
         durations: float ``[N]`` seconds per cut (``ArrowDataset.index["duration"]``).
@@ -120,8 +159,14 @@ class DurationBucketSampler(BatchSamplerBase):
                  rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
                  strict: bool = False) -> None:
         super().__init__(seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, strict=strict)
-        self.windowed = output_lengths is None and len(durations) > EXACT_MAX_ROWS
-        self.durations = _check_durations_chunked(durations) if self.windowed else check_durations(durations)
+        self.windowed = output_lengths is None and np.ndim(durations) == 1 and len(durations) > EXACT_MAX_ROWS
+        if self.windowed:
+            arr = np.asarray(durations)
+            self._digest = (len(arr), str(arr.dtype), digest_array(arr) if arr.ndim == 1 else "")
+            # a second sampler over the same memory map (a resume) skips the scans
+            self.durations = arr if self._digest in _SCANNED else _check_durations_chunked(arr)
+        else:
+            self.durations = check_durations(durations)
         n = self.num_rows = len(self.durations)
         if max_duration is None and bucket_batch_sizes is None:
             raise ValueError("max_duration must be given (seconds per padded batch) unless bucket_batch_sizes is")
@@ -199,8 +244,7 @@ class DurationBucketSampler(BatchSamplerBase):
             if self.output_lengths is not None:
                 return estimate_duration_bins_2d(self.durations, self.output_lengths, k, num_sub_buckets)
             if self.windowed:  # an evenly strided sample stands for the whole
-                step = -(-self.num_rows // SAMPLE_ROWS)
-                return estimate_duration_bins(np.asarray(self.durations[::step], dtype=np.float64), k)
+                return self._memo(("bins", k, SAMPLE_ROWS), lambda: estimate_duration_bins(self._sample(), k))
             return estimate_duration_bins(self.durations, k)
         bins = np.asarray(bucket_bins, dtype=np.float64)
         if bins.ndim == 1:
@@ -281,7 +325,9 @@ class DurationBucketSampler(BatchSamplerBase):
     def _options(self) -> dict:
         return {"max_duration": self.max_duration, "quadratic_duration": self.quadratic_duration,
                 "max_cuts": self.max_cuts, "bins": self.bins.tolist(), "bucket_batch_sizes": self._bucket_batch_sizes,
-                "strict_2d": self.strict_2d, "chunk_batches": self.chunk_batches, "shuffle": self.shuffle}
+                "strict_2d": self.strict_2d, "chunk_batches": self.chunk_batches, "shuffle": self.shuffle,
+                **({"plan": "windowed", "window_rows": self._window_rows, "block_rows": self._block}
+                   if self.windowed else {})}
 
     def _metadata(self) -> dict:
         out = {"rows": self.num_rows, "durations": digest_array(self.durations)}
@@ -290,10 +336,25 @@ class DurationBucketSampler(BatchSamplerBase):
         return out
 
     def _lost_share(self, plan: Plan) -> str:
+        if self.windowed:
+            t = self._tables(self.epoch)
+            total = t["seconds"] + t["dropped_seconds"]
+            return f" ({t['dropped_seconds'] / total:.1%} of seconds before evening out)" if total else ""
         total = float(self.durations.sum())
         return f" ({1 - float(self.durations[plan.indices].sum()) / total:.1%} of seconds)" if total else ""
 
     def _build_plan(self, epoch: int) -> Plan:
+        if self.windowed:  # the counted batches window after window (small inputs only: tests, references)
+            t = self._tables(epoch)
+            if int(t["size"].sum(dtype=np.int64)) > MAX_PLAN_ROWS:
+                raise ValueError(f"the windowed plan of {self.num_rows} rows is too large to materialise; iterate "
+                                 "the sampler instead")
+            kw = self._window_kw(epoch)
+            parts = [duration_window_batches(self.durations, w, **kw) for w in range(self._num_windows)]
+            idx = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+            sizes = np.concatenate([np.diff(p[1]) for p in parts]) if parts else np.zeros(0, np.int64)
+            groups = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.int64)
+            return Plan.from_sizes(idx, sizes, groups=groups, dropped=dict(t["dropped"]))
         _, rows, offsets, chunk, _ = self._layout(self.world_size)
         idx, off, groups = bucket_batches(rows, offsets, self.durations, chunk, self._caps, self.max_duration,
                                           self.quadratic_duration, self.shuffle, self.epoch_seed(epoch))
@@ -308,8 +369,11 @@ class DurationBucketSampler(BatchSamplerBase):
         bucket up to the longest usable cut) or ``(max_duration, max_tokens)`` (2D), one per bucket."""
         if self.is_2d:
             return [(float(a), float(b)) for a, b in self.bins]
-        usable = self.durations[self.bucket_of >= 0]
-        top = float(usable.max()) if len(usable) else float(self.bins[-1]) if len(self.bins) else 0.0
+        if self.windowed:
+            top = self._tables(self.epoch)["top"]
+        else:
+            usable = self.durations[self.bucket_of >= 0]
+            top = float(usable.max()) if len(usable) else float(self.bins[-1]) if len(self.bins) else 0.0
         return [float(b) for b in self.bins] + [max(top, float(self.bins[-1]) if len(self.bins) else top)]
 
     # ---- statistics ---------------------------------------------------------------------------------------
@@ -318,7 +382,10 @@ class DurationBucketSampler(BatchSamplerBase):
         seconds), ``duration`` / ``padded_duration`` (s), ``batches_per_bucket`` and ``cuts_per_bucket``
         (lists, one per bucket), ``promoted`` (cuts moved to a larger bucket; ``promoted_by_reason`` splits
         it), ``discarded`` (cuts left out this epoch; ``dropped`` gives the reasons), ``bins``; in 2D also
-        ``token_padding_fraction``."""
+        ``token_padding_fraction``. A windowed plan (above ``EXACT_MAX_ROWS``) also gives ``plan`` and
+        ``window_rows``, and its seconds and padding come from the counting pass."""
+        if self.windowed:
+            return self._windowed_stats()
         out = super().stats()
         plan = self.global_plan()
         real, padded = plan.padding(self.durations)
@@ -339,3 +406,246 @@ class DurationBucketSampler(BatchSamplerBase):
             t, tp = plan.padding(self.output_lengths)
             out["token_padding_fraction"] = 1.0 - t / tp if tp else 0.0
         return out
+
+    # ---- windowed plans (above EXACT_MAX_ROWS, 1D buckets) ---------------------------------------------------
+    def _init_windowed(self, on_long: str, bucket_batch_sizes) -> None:
+        scans = _SCANNED.setdefault(self._digest, {})
+        _SCANNED.move_to_end(self._digest)
+        while len(_SCANNED) > 4:
+            _SCANNED.popitem(last=False)
+        budget = (self.max_duration, self.quadratic_duration)
+        if budget not in scans:
+            count, first = 0, -1
+            for a in range(0, self.num_rows, _SCAN_CHUNK):
+                d = np.asarray(self.durations[a : a + _SCAN_CHUNK], dtype=np.float64)
+                hit = np.flatnonzero(cut_cost(d, self.quadratic_duration) > self.max_duration)
+                if len(hit) and first < 0:
+                    first = a + int(hit[0])
+                count += len(hit)
+            scans[budget] = (count, first)
+        count, first = scans[budget]
+        if count and on_long == "error":
+            raise ValueError(f"cut {first} lasts {float(self.durations[first]):.3f} s, over max_duration="
+                             f"{self.max_duration} ({count} cuts in all); raise max_duration or use on_long='drop'")
+        self.dropped_static = {"longer_than_max_duration": count} if count else {}
+        if self.strict and count:
+            raise ValueError(f"the plan would drop {count} cuts ({self.dropped_static}; strict=True): raise "
+                             "max_duration or widen the bins")
+        usable = self.num_rows - count
+        if not self.drop_last and 0 < usable < self.world_size:
+            raise ValueError(f"world_size={self.world_size} is larger than the {usable} usable cuts")
+        self.promoted = {"to_fit_2d_bins": 0, "from_small_bucket": 0}
+        self.bucket_of = None  # not kept per row at this size: see buckets_of()
+        self._caps = self._resolve_caps(bucket_batch_sizes)
+        self._block = BLOCK_ROWS
+        self._per_window = max(1, WINDOW_ROWS // BLOCK_ROWS)
+        self._window_rows = self._per_window * self._block
+        self._num_windows = -(-self.num_rows // self._window_rows)
+        self._chunk_rows = self._windowed_chunk_rows()
+        self.options = (f"max_duration={self.max_duration!r};q={self.quadratic_duration!r};max_cuts={self.max_cuts};"
+                        f"buckets={self.num_buckets};2d=False;chunk={self.chunk_batches};shuffle={self.shuffle};"
+                        f"plan=windowed")
+        self._epoch_tables: OrderedDict = OrderedDict()
+        self._windows: OrderedDict = OrderedDict()
+        self._lazy: tuple | None = None
+        self._tables(self.epoch)  # the counting pass of the first epoch, up front (or another sampler's)
+
+    def _memo(self, key, compute):
+        """A result over these durations computed once per process (a resume's second sampler skips the pass)."""
+        scans = _SCANNED.setdefault(self._digest, {})
+        if key not in scans:
+            scans[key] = compute()
+        return scans[key]
+
+    def _sample(self) -> NDArray[np.float64]:
+        """Every ``ceil(N / SAMPLE_ROWS)``-th duration (float64)."""
+        step = -(-self.num_rows // SAMPLE_ROWS)
+        return self._memo(("sample", SAMPLE_ROWS), lambda: np.asarray(self.durations[::step], dtype=np.float64))
+
+    def _windowed_chunk_rows(self) -> NDArray[np.int64]:
+        """Rows per sorted chunk of each bucket, from the bin sample's mean cost per bucket (at most a quarter of a
+        bucket's expected rows in one window, so each is sorted in several chunks)."""
+        if self.chunk_batches == 0:
+            return np.zeros(self.num_buckets, dtype=np.int64)
+        d = self._sample()
+        cost = cut_cost(d, self.quadratic_duration)
+        d, cost = d[cost <= self.max_duration], cost[cost <= self.max_duration]
+        b = np.searchsorted(self.bins, d, side="left")
+        counts = np.bincount(b, minlength=self.num_buckets).astype(np.float64)
+        sums = np.bincount(b, weights=cost, minlength=self.num_buckets)
+        mean = np.where(counts > 0, sums / np.maximum(counts, 1), 1.0)
+        per_batch = np.minimum(np.floor(self.max_duration / mean), self._caps.astype(np.float64))
+        rows = self.chunk_batches * np.maximum(per_batch, 1)
+        per_window = counts / max(1.0, counts.sum()) * self._window_rows
+        rows = np.minimum(rows, np.ceil(per_window / _MIN_CHUNKS))
+        return np.maximum(1, rows).astype(np.int64)
+
+    def _window_kw(self, epoch: int) -> dict:
+        return dict(block=self._block, per_window=self._per_window, permute=self.shuffle,
+                    block_seed=self.epoch_seed(epoch, 0xB10C), prefix=mix_prefix(self.epoch_seed(epoch, 0x5107)),
+                    bins=self.bins, max_duration=self.max_duration, quadratic_duration=self.quadratic_duration,
+                    chunk_rows=self._chunk_rows, caps=self._caps)
+
+    def _tables(self, epoch: int) -> dict:
+        """The counting pass of an epoch: size and bucket of every window's batches (window after window)."""
+        if epoch in self._epoch_tables:
+            self._epoch_tables.move_to_end(epoch)
+            return self._epoch_tables[epoch]
+        key = (self._digest, repr(self._options()), self.seed, epoch)
+        if key in _SHARED_TABLES:
+            _SHARED_TABLES.move_to_end(key)
+            self._epoch_tables[epoch] = _SHARED_TABLES[key]
+            return _SHARED_TABLES[key]
+        kw = self._window_kw(epoch)
+        sizes, buckets, totals, top = [], [], np.zeros(4), 0.0
+        for w0 in range(0, self._num_windows, _COUNT_WINDOWS):
+            sz, gr, st = duration_window_sizes(self.durations, w0, min(self._num_windows, w0 + _COUNT_WINDOWS), **kw)
+            sizes.extend(sz)
+            buckets.extend(gr)
+            for row in st:  # in window order: the same sums on every rank
+                totals += row[:4]
+                top = max(top, float(row[4]))
+        wcum = np.zeros(len(sizes) + 1, dtype=np.int64)
+        np.cumsum([len(x) for x in sizes], out=wcum[1:])
+        size = np.concatenate(sizes) if sizes else np.zeros(0, np.int32)
+        del sizes
+        bucket = np.concatenate(buckets) if buckets else np.zeros(0, np.int16)
+        del buckets
+        dropped = {"longer_than_max_duration": int(totals[0])} if totals[0] else {}
+        tables = {"wcum": wcum, "size": size, "bucket": bucket, "dropped": dropped, "key": key,
+                  "seconds": float(totals[1]), "padded": float(totals[2]), "dropped_seconds": float(totals[3]),
+                  "top": top}
+        self._epoch_tables[epoch] = tables
+        while len(self._epoch_tables) > 2:
+            self._epoch_tables.popitem(last=False)
+        _SHARED_TABLES[key] = tables
+        while len(_SHARED_TABLES) > 2:
+            _SHARED_TABLES.popitem(last=False)
+        return tables
+
+    def _first_parts(self, epoch: int, world_size: int) -> PartPlan:
+        """The epoch's plan arranged for ``world_size`` ranks (``group_steps`` on the counted batches)."""
+        t = self._tables(epoch)
+        key = (t["key"], world_size, self.drop_last)
+        if key in _SHARED_ARRANGED:
+            return _SHARED_ARRANGED[key]
+        seed = self.epoch_seed(epoch, 0x5EED) if self.shuffle else None
+        plan = arrange_parts(None, None, t["size"], t["bucket"], world_size, self.drop_last, t["dropped"],
+                             step_seed=seed)
+        _SHARED_ARRANGED.clear()
+        _SHARED_ARRANGED[key] = plan
+        return plan
+
+    def _part_plan(self) -> PartPlan:
+        """The arranged plan of the current epoch and world size, after any elastic segments."""
+        key = (self.epoch, self._segments, self.world_size)
+        if self._lazy is None or self._lazy[0] != key:
+            self._lazy = None
+            epoch, bucket = self.epoch, self._tables(self.epoch)["bucket"]
+            if not self._segments:
+                plan = self._first_parts(epoch, self.world_size)
+            else:
+                w0, k0 = self._segments[0]
+                plan = self._first_parts(epoch, w0).skip(k0 * w0)
+                for w, k in self._segments[1:]:
+                    plan = arrange_parts(plan.src, plan.a, plan.size, bucket[plan.src], w, self.drop_last,
+                                         plan.dropped, in_time=True).skip(k * w)  # skip: in arranged order
+                plan = arrange_parts(plan.src, plan.a, plan.size, bucket[plan.src], self.world_size, self.drop_last,
+                                     plan.dropped, in_time=True)
+            self._lazy = (key, plan)
+            self._announce(self.epoch, plan.dropped, {})
+        return self._lazy[1]
+
+    def _window(self, epoch: int, w: int) -> tuple:
+        key = (epoch, w)
+        if key not in self._windows:
+            self._windows[key] = duration_window_batches(self.durations, w, **self._window_kw(epoch))
+            while len(self._windows) > 4:
+                self._windows.popitem(last=False)
+        return self._windows[key]
+
+    def _part_rows(self, epoch: int, src: int, a: int, size: int) -> NDArray[np.int64]:
+        wcum = self._tables(epoch)["wcum"]
+        w = int(np.searchsorted(wcum, src, side="right")) - 1
+        rows, off, _ = self._window(epoch, w)
+        start = int(off[src - int(wcum[w])]) + a
+        return rows[start : start + size].copy()
+
+    def _materialise(self, plan: PartPlan) -> Plan:
+        if plan.rows > MAX_PLAN_ROWS:
+            raise ValueError(f"global_plan() would materialise {plan.rows} rows (> {MAX_PLAN_ROWS}); iterate the "
+                             "sampler instead, it computes batches on demand")
+        g = plan.grouped_index(np.arange(plan.num_batches, dtype=np.int64))
+        src, a, size = plan.src[g], plan.a[g].astype(np.int64), plan.size[g].astype(np.int64)
+        t = self._tables(self.epoch)
+        win = np.searchsorted(t["wcum"], src, side="right") - 1
+        offsets = np.zeros(len(size) + 1, dtype=np.int64)
+        np.cumsum(size, out=offsets[1:])
+        rows = np.empty(int(offsets[-1]), dtype=np.int64)
+        for w in np.unique(win).tolist():  # each window planned once, its batches put in place
+            wrows, woff, _ = duration_window_batches(self.durations, w, **self._window_kw(self.epoch))
+            for b in np.flatnonzero(win == w).tolist():
+                start = int(woff[src[b] - t["wcum"][w]]) + int(a[b])
+                rows[offsets[b] : offsets[b + 1]] = wrows[start : start + size[b]]
+        return Plan(rows, offsets, t["bucket"][src].astype(np.int64), dict(plan.dropped))
+
+    def buckets_of(self, rows: ArrayLike) -> NDArray[np.int64]:
+        """The bucket of each of ``rows`` (the same for every cut of a batch)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.bucket_of is not None:
+            return self.bucket_of[rows]
+        return np.searchsorted(self.bins, np.asarray(self.durations[rows], dtype=np.float64), side="left")
+
+    def _windowed_stats(self) -> dict:
+        """Statistics of a windowed plan from the counting pass (seconds and padding before an elastic split)."""
+        plan, t = self._part_plan(), self._tables(self.epoch)
+        size, nb = plan.size, plan.num_batches
+        real, padded = t["seconds"], t["padded"]
+        return {
+            "epoch": self.epoch,
+            "num_batches": int(nb),
+            "batches_per_rank": int(nb // self.world_size),
+            "rows": plan.rows,
+            "mean_batch_size": float(size.mean()) if nb else 0.0,
+            "min_batch_size": int(size.min()) if nb else 0,
+            "max_batch_size": int(size.max()) if nb else 0,
+            "dropped_rows": int(sum(plan.dropped.values())),
+            "dropped": {k: int(v) for k, v in plan.dropped.items()},
+            "repeated": {},
+            "duration": real,
+            "padded_duration": padded,
+            "padding_fraction": 1.0 - real / padded if padded else 0.0,
+            "mean_batch_duration": real / nb if nb else 0.0,
+            "num_buckets": self.num_buckets,
+            "batches_per_bucket": np.bincount(t["bucket"][plan.src], minlength=self.num_buckets).tolist(),
+            "cuts_per_bucket": np.bincount(t["bucket"], weights=t["size"], minlength=self.num_buckets)
+            .astype(np.int64).tolist(),
+            "promoted": 0,
+            "promoted_by_reason": dict(self.promoted),
+            "discarded": int(sum(plan.dropped.values())),
+            "bins": self.bins.tolist(),
+            "plan": "windowed",
+            "window_rows": self._window_rows,
+        }
+
+    def global_plan(self) -> Plan:
+        """The arranged global plan of the current epoch (materialised; windowed plans only when small)."""
+        if not self.windowed:
+            return super().global_plan()
+        return self._materialise(self._part_plan())
+
+    def __iter__(self) -> Iterator[NDArray[np.int64]]:
+        if not self.windowed:
+            yield from super().__iter__()
+            return
+        plan, epoch, w, r = self._part_plan(), self.epoch, self.world_size, self.rank
+        for j in range(self._begin_pass(), plan.num_batches // w):
+            rows = self._part_rows(epoch, *plan.part(j * w + r))
+            self._yielded = j + 1
+            yield rows
+        self._yielded = 0
+
+    def __len__(self) -> int:
+        if not self.windowed:
+            return super().__len__()
+        return self._part_plan().num_batches // self.world_size

@@ -108,7 +108,7 @@ def arrange_parts(src, a, size, groups, world_size: int, drop_last: bool, droppe
     Args:
         src, a, size: the input parts in plan order (int64, int32, int32 ``[B]``); ``src=None`` stands for
             ``arange(B)`` and ``a=None`` for zeros (whole source batches, without the arrays).
-        groups: int ``[B]`` group of each part.
+        groups: int ``[B]`` group of each part (integers ``>= 0``).
         world_size, drop_last: as the sampler's.
         dropped: reason -> rows dropped so far (copied, then added to).
 
@@ -120,11 +120,13 @@ def arrange_parts(src, a, size, groups, world_size: int, drop_last: bool, droppe
     w = world_size
     if nb == 0:
         return PartPlan(np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32), w, None, dropped)
-    order = np.argsort(groups, kind="stable")
-    uniq, first, counts = np.unique(groups, return_index=True, return_counts=True)
-    bounds = np.zeros(len(uniq) + 1, dtype=np.int64)
-    np.cumsum(counts, out=bounds[1:])
-    cap = nb + len(uniq) * w
+    order = np.argsort(groups, kind="stable")  # radix sort for small integer groups
+    counts = np.bincount(groups)
+    present = np.flatnonzero(counts)
+    bounds = np.zeros(len(present) + 1, dtype=np.int64)
+    np.cumsum(counts[present], out=bounds[1:])
+    first = order[bounds[:-1]]  # a group's first part in the input (stable sort: its smallest index)
+    cap = nb + len(present) * w
     out_src = np.empty(cap, dtype=np.int64)
     out_a = np.empty(cap, dtype=np.int32)
     out_size = np.empty(cap, dtype=np.int32)

@@ -44,36 +44,13 @@ from native.feistel import mix_prefix, stream_batches
 from native.rng import mix_seed
 from native.shaped_counts import shaped_counts
 from samplers.base import BatchSamplerBase, Plan, PlanWarning
-from samplers.mixture import constant_runs, largest_remainder_counts
+from samplers.mixture import largest_remainder_counts, schedule_weights
 
 
 __all__ = ["ShapedMixtureBatchSampler"]
 
 _ITER_CHUNK = 64  # steps computed together while iterating
 _MAX_PLAN_ROWS = 1 << 26  # global_plan() refuses to materialise more rows
-
-
-def schedule_weights(schedule, total_steps: int, num_domains: int) -> NDArray[np.float64]:
-    """``[total_steps, D]`` weights of a schedule (asked once per constant run of a known piecewise schedule)."""
-    T, D = total_steps, num_domains
-    W = np.empty((T, D), dtype=np.float64)
-    starts = constant_runs(schedule, T)
-    steps = range(T) if starts is None else starts
-    ends = None if starts is None else [*starts[1:], T]
-    for i, s in enumerate(steps):
-        w = np.asarray(schedule.weights_at(s, T), dtype=np.float64)
-        if w.shape != (D,):
-            raise ValueError(f"schedule.weights_at({s}) returned shape {w.shape}, expected ({D},)")
-        if ends is None:
-            W[s] = w
-        else:
-            W[s : ends[i]] = w
-    sums = W.sum(axis=1)
-    bad = ~(np.all(np.isfinite(W), axis=1) & np.all(W >= 0, axis=1) & (np.abs(sums - 1.0) <= 1e-6))
-    if bad.any():
-        s = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"schedule.weights_at({s}) must be finite, >= 0 and sum to 1 (got {W[s].tolist()})")
-    return W / sums[:, None]
 
 
 def _present(g: NDArray[np.int64]) -> list[int]:

@@ -20,10 +20,11 @@ import torch
 
 from datapipe.collate._parallel import KernelMode
 from datapipe.collate._pool import POOL
-from datapipe.collate.buffers import np_dtype, outputs
+from datapipe.collate.buffers import outputs
 from datapipe.collate.decomposed import collate_decomposed
 from datapipe.collate.features import FeaturesCollate, collate_features, features_collator
 from datapipe.dataset import Batch, Ragged
+from datapipe.dtypes import np_dtype
 from native.ragged import gather_values, pack_layout, pad_rows
 
 __all__ = ["FeaturesCollate", "PackedCollate", "PadCollate", "collate_decomposed", "collate_features", "default",

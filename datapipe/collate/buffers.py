@@ -1,5 +1,5 @@
-"""Output buffers and dtypes shared by the collators (``pad``, ``packed``, ``features_collator``) and
-``datapipe.DecomposedDataset``: where a batch's arrays are allocated, and which integer dtypes they may have."""
+"""Output buffers shared by the collators (``pad``, ``packed``, ``features_collator``): where a batch's arrays
+are allocated (shared memory in a DataLoader worker, recycled buffers elsewhere)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from datapipe.collate._pool import POOL
 
-__all__ = ["np_dtype", "outputs"]
+__all__ = ["outputs"]
 
 
 def outputs(count: int = 3):
@@ -34,17 +34,3 @@ def outputs(count: int = 3):
         return a
 
     return alloc, lambda a: made.pop(id(a)) if id(a) in made else torch.from_numpy(a)
-
-
-def np_dtype(dtype, name: str) -> np.dtype:
-    """int32/int64 given as a torch dtype, a numpy dtype or a string -> numpy dtype."""
-    d = dtype
-    if isinstance(d, torch.dtype):
-        d = {torch.int32: np.int32, torch.int64: np.int64}.get(d, d)
-    try:
-        d = np.dtype(d)
-    except TypeError:
-        d = None
-    if d not in (np.dtype(np.int32), np.dtype(np.int64)):
-        raise ValueError(f"{name} must be int32 or int64 (torch.int32, 'int32', np.int64, ...) (got {name}={dtype!r})")
-    return d

@@ -259,6 +259,7 @@ def test_corrupt_object_is_refused_on_arrival(server, tmp_path):
 
 
 # ---- writing ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # rclone answers the multipart uploads slowly on a loaded machine (17-55 s for 6 small shards)
 def test_write_to_url_manifest_last_and_overwrite(server, tmp_path):
     # the first write goes to S3; overwrites (deletes) run on pyarrow's LocalFileSystem, the same upload code: on
     # rclone's server pyarrow's delete re-creates a directory marker that rclone refuses and then stalls on
