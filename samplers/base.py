@@ -322,16 +322,20 @@ class BatchSamplerBase:
     def stats(self) -> dict:
         """Plan statistics of the current epoch, over all ranks: batches, rows, batch sizes, drops and repeats."""
         plan = self.global_plan()
-        sizes = plan.sizes
+        return self._shared_stats(plan.sizes, len(plan.indices), plan.dropped, plan.repeated)
+
+    def _shared_stats(self, sizes: NDArray, rows: int, dropped: Mapping, repeated: Mapping) -> dict:
+        """The keys every sampler's ``stats()`` has, from the global plan's batch sizes, rows, drops and repeats."""
+        nb = len(sizes)
         return {
             "epoch": self.epoch,
-            "num_batches": int(plan.num_batches),
-            "batches_per_rank": int(plan.num_batches // self.world_size),
-            "rows": int(len(plan.indices)),
-            "mean_batch_size": float(sizes.mean()) if len(sizes) else 0.0,
-            "min_batch_size": int(sizes.min()) if len(sizes) else 0,
-            "max_batch_size": int(sizes.max()) if len(sizes) else 0,
-            "dropped_rows": int(sum(plan.dropped.values())),
-            "dropped": {k: int(v) for k, v in plan.dropped.items()},
-            "repeated": {k: int(v) for k, v in plan.repeated.items()},
+            "num_batches": int(nb),
+            "batches_per_rank": int(nb // self.world_size),
+            "rows": int(rows),
+            "mean_batch_size": float(sizes.mean()) if nb else 0.0,
+            "min_batch_size": int(sizes.min()) if nb else 0,
+            "max_batch_size": int(sizes.max()) if nb else 0,
+            "dropped_rows": int(sum(dropped.values())),
+            "dropped": {k: int(v) for k, v in dropped.items()},
+            "repeated": {k: int(v) for k, v in repeated.items()},
         }

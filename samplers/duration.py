@@ -602,16 +602,7 @@ class DurationBucketSampler(BatchSamplerBase):
         size, nb = plan.size, plan.num_batches
         real, padded = t["seconds"], t["padded"]
         return {
-            "epoch": self.epoch,
-            "num_batches": int(nb),
-            "batches_per_rank": int(nb // self.world_size),
-            "rows": plan.rows,
-            "mean_batch_size": float(size.mean()) if nb else 0.0,
-            "min_batch_size": int(size.min()) if nb else 0,
-            "max_batch_size": int(size.max()) if nb else 0,
-            "dropped_rows": int(sum(plan.dropped.values())),
-            "dropped": {k: int(v) for k, v in plan.dropped.items()},
-            "repeated": {},
+            **self._shared_stats(size, plan.rows, plan.dropped, {}),
             "duration": real,
             "padded_duration": padded,
             "padding_fraction": 1.0 - real / padded if padded else 0.0,

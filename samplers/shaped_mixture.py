@@ -41,7 +41,6 @@ from numpy.typing import ArrayLike, NDArray
 
 from native.curriculum import curriculum_order
 from native.feistel import mix_prefix, stream_batches
-from native.rng import mix_seed
 from native.shaped_counts import shaped_counts
 from samplers.base import BatchSamplerBase, Plan, PlanWarning
 from samplers.mixture import largest_remainder_counts, schedule_weights

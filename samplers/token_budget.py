@@ -306,16 +306,7 @@ class TokenBudgetBatchSampler(BatchSamplerBase):
         real, padded = t["tokens"], t["padded"]
         nb = plan.num_batches
         return {
-            "epoch": self.epoch,
-            "num_batches": int(nb),
-            "batches_per_rank": int(nb // self.world_size),
-            "rows": plan.rows,
-            "mean_batch_size": float(sizes.mean()) if nb else 0.0,
-            "min_batch_size": int(sizes.min()) if nb else 0,
-            "max_batch_size": int(sizes.max()) if nb else 0,
-            "dropped_rows": int(sum(plan.dropped.values())),
-            "dropped": {k: int(v) for k, v in plan.dropped.items()},
-            "repeated": {},
+            **self._shared_stats(sizes, plan.rows, plan.dropped, {}),
             "tokens": real,
             "padded_tokens": padded,
             "padding_fraction": 1.0 - real / padded if padded else 0.0,
