@@ -424,3 +424,40 @@ def test_restoring_builds_the_current_epochs_plan_once():
     rest = list(b)
     assert s.builds == [2], s.builds  # the epoch being resumed, once; nothing rebuilt at iter()
     assert len(rest) == len(s) - 3
+
+
+# ---- a resume in a fresh process ---------------------------------------------------------------------------
+FRESH = """
+import json, sys
+import numpy as np
+import datapipe, samplers
+from datapipe import collate
+ds = datapipe.ArrowDataset.open(sys.argv[1])
+s = samplers.TokenBudgetBatchSampler(ds.index["length"], max_tokens=64, seed=3)
+loader = datapipe.DataLoader(ds, batch_sampler=s, num_workers=int(sys.argv[3]), collate_fn=collate.packed())
+loader.load_state_dict(json.load(open(sys.argv[2])))
+print(json.dumps([b["input_ids"].tolist() for b in loader]))
+"""
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_in_a_fresh_interpreter(small_ds, tmp_path, num_workers):
+    import json
+    import subprocess
+    import sys
+
+    from datapipe import collate
+
+    def make():
+        s = samplers.TokenBudgetBatchSampler(small_ds.index["length"], max_tokens=64, seed=3)
+        return datapipe.DataLoader(small_ds, batch_sampler=s, collate_fn=collate.packed())
+
+    ref = [b["input_ids"].tolist() for b in make()]
+    a = make()
+    it = iter(a)
+    for _ in range(4):
+        next(it)
+    (tmp_path / "state.json").write_text(json.dumps(a.state_dict()))
+    out = subprocess.run([sys.executable, "-c", FRESH, str(small_ds.path), str(tmp_path / "state.json"),
+                          str(num_workers)], capture_output=True, text=True, timeout=300, check=True)
+    assert json.loads(out.stdout) == ref[4:]
