@@ -286,14 +286,21 @@ def _cut_row(cut: dict, where: str, tokenizer, load_audio: bool, channels: str) 
     sups = cut.get("supervisions") or []
     text = " ".join(s.get("text") or "" for s in sups).strip()
     channel = cut.get("channel", 0)
+
+    def number(value, column: str, kind=int):
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            raise DatasetError(f"{where}: cut {cut['id']!r}, column {column!r}: {value!r} is not a number") from None
+
     row = {
         "id": str(cut["id"]),
         "duration": float(dur),
-        "start": float(cut.get("start", 0.0)),
-        "channel": int(channel[0] if isinstance(channel, list) else channel),
+        "start": number(cut.get("start", 0.0), "start", float),
+        "channel": number(channel[0] if isinstance(channel, list) and channel else channel, "channel"),
         "recording_id": str(rec.get("id", "")),
         "audio_path": str(src.get("source", "")) if src.get("type") == "file" else "",
-        "sampling_rate": int(rec.get("sampling_rate", 0)),
+        "sampling_rate": number(rec.get("sampling_rate", 0), "sampling_rate"),
         "text": text,
         "language": str(next((s["language"] for s in sups if s.get("language")), "")),
         "speaker": str(next((s["speaker"] for s in sups if s.get("speaker")), "")),

@@ -183,6 +183,11 @@ def test_import_lhotse_errors(tmp_path):
         f.write("{not json\n")
     with pytest.raises(DatasetError, match="line 1: not JSON"):
         import_lhotse_cuts(p, tmp_path / "ds")
+    with gzip.open(p, "wt") as f:
+        f.write(json.dumps({"id": "s", "duration": 1.0, "type": "MonoCut",
+                            "recording": {"id": "r", "sampling_rate": "16k"}}) + "\n")
+    with pytest.raises(DatasetError, match="line 1: cut 's', column 'sampling_rate': '16k' is not a number"):
+        import_lhotse_cuts(p, tmp_path / "ds")
 
 
 # ---------------------------------------------------------------------------------------------------------------
