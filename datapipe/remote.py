@@ -126,8 +126,10 @@ class _ChecksumMismatch(Exception):
 
 
 def with_retries(fn: Callable, what: str, *, timeout: float, backoff: float = 0.05, max_backoff: float = 2.0,
-                 retry_checksum: int = 1):
-    """Call ``fn()``; retry transient store errors with exponential backoff for up to ``timeout`` seconds.
+                 retry_checksum: int = 1, min_attempts: int = 3):
+    """Call ``fn()``; retry transient store errors with exponential backoff for up to ``timeout`` seconds, and at
+    least ``min_attempts`` times (one stalled request that ends in an error after most of ``timeout``, such as a
+    dropped connection, still gets its retries; the wait stays bounded by the filesystem's request timeout).
 
     Raises:
         DatasetError: the object does not exist (at once), its checksum differs twice, or the store kept failing
@@ -148,7 +150,7 @@ def with_retries(fn: Callable, what: str, *, timeout: float, backoff: float = 0.
             retry_checksum -= 1
         except OSError as e:
             elapsed = time.monotonic() - start
-            if elapsed + delay > timeout:
+            if attempt >= min_attempts and elapsed + delay > timeout:
                 raise DatasetError(f"{what}: the store did not answer after {attempt} attempts over {elapsed:.1f} s "
                                    f"({e}); check that the endpoint is up and reachable and the credentials, or "
                                    f"raise timeout= (now {timeout} s)") from None

@@ -60,7 +60,7 @@ class S3Server:
 
     def filesystem(self, **options) -> pafs.S3FileSystem:
         # one attempt per call: datapipe.remote does the retrying (and the tests see it do so)
-        opts = dict(connect_timeout=5, request_timeout=60,
+        opts = dict(connect_timeout=5, request_timeout=20,
                     retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))
         opts.update(options)
         return pafs.S3FileSystem(endpoint_override=self.endpoint, scheme="http", access_key=ACCESS_KEY,
