@@ -32,7 +32,7 @@ from numpy.typing import NDArray
 
 from datapipe.dataset import ArrowDataset, map_checked
 from datapipe.format import (DatasetError, check_file_entry, check_manifest_digest, exclusive_output,
-                             fsync_path, load_json, new_hash, publish_dir, temp_name, verify_checksum,
+                             fsync_path, load_json, new_hash, parse_json, publish_dir, temp_name, verify_checksum,
                              write_manifest)
 from native.decompose import (REMAINDER_POLICIES, bucket_totals, check_doc_lengths, check_log2,
                               decompose_lengths)
@@ -348,7 +348,6 @@ class DecomposedIndex:
         """The decomposition of a dataset on object storage: its manifest read from the store, the piece and
         sequence tables downloaded through the dataset's cache (checked on arrival; a copy cached earlier is
         checked too with ``verify``) and memory-mapped from there, pinned while this index lives."""
-        import json
         import weakref
 
         from datapipe.remote import join_key, read_object
@@ -365,13 +364,7 @@ class DecomposedIndex:
                 raise FileNotFoundError(f"{self.path}: no decomposition here; run `datapipe.decompose("
                                         f"{ds.url!r}, filesystem=...)` first") from None
             raise
-        try:
-            m = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DatasetError(f"{mpath}: not valid JSON ({e}); the manifest is damaged: rerun decompose") from None
-        if not isinstance(m, dict):
-            raise DatasetError(f"{mpath}: expected a JSON object, got {type(m).__name__}")
-        m = _read_decomposition_manifest(self.path, m)
+        m = _read_decomposition_manifest(self.path, parse_json(data, mpath))
         if _fingerprint(ds) != m["dataset"]:
             raise DatasetError(f"{mpath}: built for another version of the dataset ({m['dataset']} vs "
                                f"{_fingerprint(ds)}); rerun decompose on {ds.url}")

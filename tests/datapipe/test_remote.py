@@ -25,13 +25,6 @@ pytestmark = pytest.mark.skipif(RCLONE is None, reason="no rclone binary (the S3
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = S3Server(tmp_path_factory.mktemp("s3") / "root", RCLONE).start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
 def data(server, tmp_path_factory):
     rows = make_rows(400, seed=7)  # list<int32> tokens, a string, a float and an int column
     local = datapipe.ArrowDataset.open(datapipe.write_dataset(rows, tmp_path_factory.mktemp("local") / "ds",

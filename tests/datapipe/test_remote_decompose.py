@@ -12,7 +12,7 @@ import datapipe
 from datapipe.decomposition import DecomposedIndex
 from datapipe.format import DatasetError
 from datapipe.remote import RemoteArrowDataset
-from tests.datapipe.s3server import S3Server, rclone_binary
+from tests.datapipe.s3server import rclone_binary
 
 RCLONE = rclone_binary()
 pytestmark = pytest.mark.skipif(RCLONE is None, reason="no rclone binary (the S3 server of these tests): install "
@@ -25,13 +25,6 @@ def doc_rows(n=300, seed=0):
     rng = np.random.default_rng(seed)
     return [{"input_ids": rng.integers(1, 1000, rng.integers(1, 80)).astype(np.int32).tolist(), "domain": i % 3}
             for i in range(n)]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = S3Server(tmp_path_factory.mktemp("s3") / "root", RCLONE).start()
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(scope="module")
