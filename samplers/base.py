@@ -22,7 +22,7 @@ a plan that drops rows (or repeats rows) beyond what was asked for emits :class:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 from numpy.typing import NDArray
@@ -187,19 +187,34 @@ class BatchSamplerBase:
         self._yielded = start
         return start
 
+    def _on_demand(self) -> tuple[int, Callable[[int], NDArray[np.int64]]] | None:
+        """For plans computed on demand (the windowed samplers at scale): ``(global batches of the arranged plan,
+        rows of global batch b)``; ``None`` (default) for plans built whole."""
+        return None
+
     def __iter__(self) -> Iterator[NDArray[np.int64]]:
-        plan = self._plans()[1]
-        start = self._begin_pass()
-        off, idx = plan.offsets, plan.indices
-        for b in range(start, plan.num_batches):
-            self._yielded = b + 1
-            yield idx[off[b] : off[b + 1]].copy()
+        lazy = self._on_demand()
+        if lazy is None:
+            plan = self._plans()[1]
+            start = self._begin_pass()
+            off, idx = plan.offsets, plan.indices
+            for b in range(start, plan.num_batches):
+                self._yielded = b + 1
+                yield idx[off[b] : off[b + 1]].copy()
+        else:
+            num, rows_of = lazy
+            w, r = self.world_size, self.rank
+            for j in range(self._begin_pass(), num // w):
+                rows = rows_of(j * w + r)  # rank r's batch at step j
+                self._yielded = j + 1
+                yield rows
         # a finished pass starts the next pass of the same epoch from its beginning, as torch samplers do
         self._yielded = 0
 
     def __len__(self) -> int:
         """Batches this rank yields in the epoch the next ``iter()`` runs."""
-        return self._plans()[1].num_batches
+        lazy = self._on_demand()
+        return self._plans()[1].num_batches if lazy is None else lazy[0] // self.world_size
 
     # ---- positioning: one entry ---------------------------------------------------------------------------
     def reset(self, initial_state: Mapping | None = None) -> None:

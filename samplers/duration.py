@@ -24,7 +24,7 @@ boundaries and batch-mates come from one window; ``benchmarks/bench_scale.py`` c
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -625,18 +625,8 @@ class DurationBucketSampler(BatchSamplerBase):
             return super().global_plan()
         return self._materialise(self._part_plan())
 
-    def __iter__(self) -> Iterator[NDArray[np.int64]]:
+    def _on_demand(self):
         if not self.windowed:
-            yield from super().__iter__()
-            return
-        plan, epoch, w, r = self._part_plan(), self.epoch, self.world_size, self.rank
-        for j in range(self._begin_pass(), plan.num_batches // w):
-            rows = self._part_rows(epoch, *plan.part(j * w + r))
-            self._yielded = j + 1
-            yield rows
-        self._yielded = 0
-
-    def __len__(self) -> int:
-        if not self.windowed:
-            return super().__len__()
-        return self._part_plan().num_batches // self.world_size
+            return None
+        plan, epoch = self._part_plan(), self.epoch
+        return plan.num_batches, lambda b: self._part_rows(epoch, *plan.part(b))

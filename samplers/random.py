@@ -21,7 +21,6 @@ Stream position -> row, per ``shuffle``:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -178,19 +177,14 @@ class RandomBatchSampler(BatchSamplerBase):
         return Plan(rows, plan.offsets.copy(), dropped=dict(plan.dropped))
 
     # ---- iteration ----------------------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[NDArray[np.int64]]:
-        plan, epoch, w, r = self._size_plan(), self.epoch, self.world_size, self.rank
-        nb = plan.num_batches // w
-        for j in range(self._begin_pass(), nb):
-            start, stop = plan.span(j * w + r)
-            rows = self._rows(epoch, start, stop)
-            self._yielded = j + 1
-            yield rows.copy() if rows.base is not None else rows
-        # a finished pass starts the next pass of the same epoch from its beginning, as torch samplers do
-        self._yielded = 0
+    def _on_demand(self):
+        plan, epoch = self._size_plan(), self.epoch
 
-    def __len__(self) -> int:
-        return self._size_plan().num_batches // self.world_size
+        def rows_of(b: int) -> NDArray[np.int64]:
+            rows = self._rows(epoch, *plan.span(b))
+            return rows.copy() if rows.base is not None else rows
+
+        return plan.num_batches, rows_of
 
     def stats(self) -> dict:
         """Plan statistics of the current epoch over all ranks, from the batch sizes (no rows materialised)."""

@@ -22,7 +22,6 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from collections import OrderedDict
-from collections.abc import Iterator
 
 from native.batching import budget_cuts
 from native.feistel import feistel_range, mix_prefix
@@ -269,21 +268,11 @@ class TokenBudgetBatchSampler(BatchSamplerBase):
         plan = self._size_plan()
         return self._materialise(self.epoch, plan, plan.dropped)
 
-    def __iter__(self) -> Iterator[np.ndarray]:
+    def _on_demand(self):
         if not self.windowed:
-            yield from super().__iter__()
-            return
-        plan, epoch, w, r = self._size_plan(), self.epoch, self.world_size, self.rank
-        for j in range(self._begin_pass(), plan.num_batches // w):
-            rows = self._rows(epoch, *plan.span(j * w + r))
-            self._yielded = j + 1
-            yield rows
-        self._yielded = 0
-
-    def __len__(self) -> int:
-        if not self.windowed:
-            return super().__len__()
-        return self._size_plan().num_batches // self.world_size
+            return None
+        plan, epoch = self._size_plan(), self.epoch
+        return plan.num_batches, lambda b: self._rows(epoch, *plan.span(b))
 
     def stats(self) -> dict:
         if self.windowed:
