@@ -10,9 +10,8 @@ deliver the same tensors, checked equal on every batch of a verification pass:
 Memory floor: the same output bytes (three int64 arrays of each batch's shape) written by ``numpy.copyto`` from
 contiguous int32 tokens into recycled buffers, batch by batch; ``floor`` is that time over datapipe's time.
 
-Settings: ``0`` workers (``datapipe.DataLoader``), ``threads`` (``datapipe.prefetch.ThreadPrefetcher`` with 2
-threads, 2 batches ahead, around ``collate(dataset.__getitems__(rows))``, compared with HF at 0 workers), ``2``
-workers. Corpora: the Python standard library's ``.py`` files, byte-tokenized, cut at blank lines into documents of
+Settings: ``0`` workers (``datapipe.DataLoader``), ``threads`` (``datapipe.DataLoader(..., prefetch=2)``: 2 batches
+built ahead on 2 threads of the main process, compared with HF at 0 workers), ``2`` workers. Corpora: the Python standard library's ``.py`` files, byte-tokenized, cut at blank lines into documents of
 at most ``--max-doc`` tokens; and a synthetic one with lognormal lengths (mean ~600 tokens). Prints tokens/s and
 ratios (medians over ``--repeats``).
 
@@ -37,15 +36,14 @@ import datapipe
 import samplers
 from datapipe import collate
 from datapipe.demo import stdlib_files
-from datapipe.prefetch import ThreadPrefetcher
 
 NOTE = """
 Both loaders deliver the same tensors (checked batch by batch before timing); the timed loops only take the
 batches (the previous version of this benchmark summed `attention_mask` per batch, which timed torch's reduction). `floor` is the memory floor's time
 over datapipe's: numpy writing the same output bytes (three int64 arrays per batch, from contiguous int32 tokens)
 into recycled buffers, one thread; datapipe's kernels may use both cores at 0 workers, so it can exceed 100 %.
-`threads` is `datapipe.prefetch.ThreadPrefetcher(lambda rows: collate(ds.__getitems__(rows)), sampler, depth=2,
-num_threads=2)` used directly (the `DataLoader(prefetch=)` wiring is not in this measurement); its ratio is against
+`threads` is `datapipe.DataLoader(ds, batch_sampler=..., collate_fn=..., prefetch=2)` (2 batches ahead on 2 threads of
+the main process, exact `state_dict` unchanged); its ratio is against
 HF at 0 workers. With workers, both sides are bound by torch's worker-to-main transfer and by 3 processes sharing 2
 cores, so for token batches 0 workers or threads are the fast settings here; workers pay off for heavy per-row
 Python transforms.
@@ -151,10 +149,10 @@ def bench_corpus(label: str, docs: list[np.ndarray], args, tmp: str) -> list[tup
         b = tud.DataLoader(hf, batch_sampler=sampler(), collate_fn=hf_fn)
         for x, y in zip(a, b, strict=True):
             assert same(x, y), f"{label} {name}: outputs differ"
-        with ThreadPrefetcher(lambda rows, f=ours_fn: f(ours.__getitems__(rows)), sampler()) as it:
-            ref = datapipe.DataLoader(ours, batch_sampler=sampler(), collate_fn=ours_fn)  # checked equal to HF's
-            for x, y in zip(it, ref, strict=True):
-                assert same(x, y), f"{label} {name}: thread-prefetched outputs differ"
+        it = datapipe.DataLoader(ours, batch_sampler=sampler(), collate_fn=ours_fn, prefetch=2)
+        ref = datapipe.DataLoader(ours, batch_sampler=sampler(), collate_fn=ours_fn)  # checked equal to HF's
+        for x, y in zip(it, ref, strict=True):
+            assert same(x, y), f"{label} {name}: thread-prefetched outputs differ"
     print("  verified: identical tensors for every batch (padded and packed, 0 workers and threads)", flush=True)
 
     rows, hf0 = [], {}
@@ -165,8 +163,7 @@ def bench_corpus(label: str, docs: list[np.ndarray], args, tmp: str) -> list[tup
             bufs = [np.empty(max(int(np.prod(s)) for s in shapes[name]), dtype=np.int64) for _ in range(3)]
             for _ in range(args.repeats):
                 if setting == "threads":
-                    dl = ThreadPrefetcher(lambda rows, f=ours_fn: f(ours.__getitems__(rows)), sampler(), depth=2,
-                                          num_threads=2)
+                    dl = datapipe.DataLoader(ours, batch_sampler=sampler(), collate_fn=ours_fn, prefetch=2)
                 else:
                     dl = datapipe.DataLoader(ours, batch_sampler=sampler(), collate_fn=ours_fn, num_workers=workers)
                 t, nb = run_epoch(dl)

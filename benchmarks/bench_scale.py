@@ -12,6 +12,7 @@ World size 8, rank 3, as in the issue's table.
     python benchmarks/bench_scale.py                       # 1e7 and 1e8 rows + quality (a few minutes)
     python benchmarks/bench_scale.py --sizes 1e7,1e8,1e9   # also 1e9 (writes 4 GB files under /tmp)
     python benchmarks/bench_scale.py --duration-section --sizes 1e7,1e8,1e9   # only DurationBucketSampler's section
+    python benchmarks/bench_scale.py --decompose-section --sizes 1e7,1e8,1e9  # only the streaming decompose section
 """
 
 from __future__ import annotations
@@ -147,6 +148,8 @@ def run_case(kind: str, n: int, tmp: Path) -> dict:
     state = s.state_dict()
     want = next(it)
     t3 = time.perf_counter()
+    with open(tmp / f"bench_scale_state_{kind}_{n}.json", "w") as f:  # for the fresh-process resume (resume_case)
+        json.dump({"state": state, "want": np.asarray(want).tolist()}, f)
     s2 = build()
     t4 = time.perf_counter()
     s2.load_state_dict(state)
@@ -158,6 +161,28 @@ def run_case(kind: str, n: int, tmp: Path) -> dict:
             "first_alone_s": t2 - t1,
             "next_100_s": t3 - t2, "construct2_s": t4 - t3, "resume_s": t5 - t4, "batches_per_rank": len(s),
             "first_rows": len(first), "peak_anon_mib": (top - base) / 1024, "end_anon_mib": (anon_kb() - base) / 1024}
+
+
+def resume_case(kind: str, n: int, tmp: Path) -> dict:
+    """A restarted job: in a fresh process, build the sampler, ``load_state_dict`` the state run_case saved after
+    100 batches, take the 101st batch (checked equal). The counting pass comes from the disk cache the first
+    process wrote (``samplers.plan_cache``); the kernels' machine code from numba's cache (counted)."""
+    import warnings
+
+    warnings.simplefilter("ignore")
+    saved = json.load(open(tmp / f"bench_scale_state_{kind}_{n}.json"))
+    build = make(kind, n, tmp)
+    base = anon_kb()
+    peak = Peak()
+    t0 = time.perf_counter()
+    s = build()
+    t1 = time.perf_counter()
+    s.load_state_dict(saved["state"])
+    got = next(iter(s))
+    t2 = time.perf_counter()
+    assert np.asarray(got).tolist() == saved["want"], "fresh-process resume gave another batch"
+    return {"fresh_construct_s": t1 - t0, "fresh_resume_s": t2 - t1, "fresh_total_s": t2 - t0,
+            "fresh_peak_anon_mib": (peak.done() - base) / 1024}
 
 
 # ---- quality: windowed vs exact token-budget plans, shard-local vs global shuffles (1e6 rows) -----------------
@@ -265,6 +290,138 @@ def quality_shard_local(n: int = 10**6, shard_rows: int = 1000, bs: int = 1024) 
 
 
 # ---- driver -----------------------------------------------------------------------------------------------------
+DECOMPOSE_HEADING = "## Streaming decompose at scale"
+DECOMPOSE_KW = {"min_log2": 8, "max_log2": 13, "remainder": "pack", "seed": 0}
+
+
+def decompose_case(mode: str, n: int, tmp: Path) -> dict:
+    """One decomposition of ``n`` memory-mapped lengths in this (fresh) process: ``stream`` (plan_stream +
+    write_stream into a temp dir, deleted after), ``stream-nowrite`` (the same two passes, each block's outputs
+    computed and dropped) or ``memory`` (``decompose_lengths`` + pyarrow's writer, the path before streaming)."""
+    import shutil
+
+    import pyarrow as pa
+
+    from datapipe.decomposition_stream import iter_blocks, plan_stream, write_stream
+    from datapipe.format import file_checksum
+    from native.decompose import decompose_lengths
+
+    lengths = np.load(metadata_file("lengths", n, tmp), mmap_mode="r")
+    out = tmp / f"bench_scale_decompose_out_{n}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    warm = out / "warm"
+    warm.mkdir()
+    write_stream(lengths[:5000], warm, plan_stream(lengths[:5000], **DECOMPOSE_KW))  # kernels loaded, not timed
+    decompose_lengths(lengths[:5000], **DECOMPOSE_KW)
+    shutil.rmtree(warm)
+    base = anon_kb()
+    peak = Peak()
+    t0, c0 = time.perf_counter(), time.process_time()
+    try:
+        if mode == "memory":
+            arrays = decompose_lengths(lengths, **DECOMPOSE_KW)
+            t1 = time.perf_counter()
+            tables = {"pieces": {k: arrays[k] for k in ("row", "start", "length", "sequence")},
+                      "sequences": {"log2": arrays["sequence_log2"], "tokens": arrays["sequence_tokens"],
+                                    "first_piece": arrays["sequence_offsets"][:-1]}}
+            nbytes = 0
+            for name, cols in tables.items():
+                table = pa.table({k: pa.array(v) for k, v in cols.items()})
+                with pa.OSFile(str(out / f"{name}.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+                    w.write_table(table, max_chunksize=max(1, table.num_rows))
+                file_checksum(out / f"{name}.arrow")
+                nbytes += (out / f"{name}.arrow").stat().st_size
+            pieces, seqs = len(arrays["row"]), len(arrays["sequence_log2"])
+        else:
+            plan = plan_stream(lengths, **DECOMPOSE_KW)
+            t1 = time.perf_counter()
+            pieces, seqs = plan.num_pieces, plan.num_sequences
+            if mode == "stream":
+                res = write_stream(lengths, out, plan)
+                nbytes = sum(f["bytes"] for f in res["files"].values())
+            else:
+                nbytes = 0  # what the two tables' columns would hold
+                for blk in iter_blocks(lengths, plan):
+                    nbytes += sum(v.nbytes for _, cols in blk.pieces + blk.sequences for v in cols.values())
+                    del blk  # one block held at a time, as write_stream does
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        return {"mode": mode, "rows": n, "wall_s": wall, "first_pass_s": t1 - t0, "cpu_s": cpu,
+                "peak_anon_mib": (peak.done() - base) / 1024, "bytes": nbytes, "pieces": pieces, "sequences": seqs}
+    finally:
+        peak.stop = True
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def replace_section(out: Path, heading: str, lines: list[str], before: str | None = None) -> None:
+    """Write ``lines`` (a section starting with ``heading``) into ``out`` in place of the old section (up to the next
+    heading), else before the heading ``before`` when present, else at the end."""
+    text = out.read_text() if out.exists() else ""
+    start = text.find(heading)
+    if start >= 0:
+        nxt = text.find("\n## ", start + len(heading))
+        text = text[:start] + text[nxt + 1:] if nxt >= 0 else text[:start]
+    section = "\n".join(lines) + "\n\n"
+    at = text.find(before) if before else -1
+    text = text[:at] + section + text[at:] if at >= 0 else text.rstrip("\n") + "\n\n" + section
+    out.write_text(text.rstrip("\n") + "\n")
+
+
+def run_decompose_section(args) -> None:
+    """Each (mode, size) of the decompose section in a fresh process; replaces only that section of ``--out``."""
+    import shutil
+
+    tmp = Path(args.tmp)
+    results = []
+    for n in (int(float(x)) for x in args.sizes.split(",")):
+        made = not (tmp / f"bench_scale_lengths_{n}.npy").exists()  # delete only what this run writes
+        metadata_file("lengths", n, tmp)
+        fits = n * 110 * 1.2 < shutil.disk_usage(tmp).free  # the files: ~110 bytes per document
+        modes = (["stream"] if fits else []) + (["stream-nowrite"] if not fits or n <= 10**8 else []) + (
+            ["memory"] if n <= 10**8 else [])  # in memory: ~120 bytes per document of RAM
+        for mode in modes:
+            cmd = [sys.executable, __file__, "--decompose-case", mode, str(n), "--tmp", str(tmp)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            if proc.returncode:
+                results.append({"mode": mode, "rows": n, "error": proc.stderr.strip().splitlines()[-1][:200]})
+            else:
+                results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(json.dumps(results[-1]), flush=True)
+        if made:
+            (tmp / f"bench_scale_lengths_{n}.npy").unlink(missing_ok=True)
+    write_decompose_section(results, args)
+
+
+def write_decompose_section(results: list[dict], args) -> None:
+    """Replace (or append at the end) the streaming-decompose section of ``--out``, leaving the rest."""
+    load = os.getloadavg()[0]
+    what = {"stream": "streaming, files written", "stream-nowrite": "streaming, outputs dropped",
+            "memory": "in memory (`decompose_lengths`) + write"}
+    lines = [DECOMPOSE_HEADING, "",
+             f"Command: `.venv/bin/python benchmarks/bench_scale.py --decompose-section --sizes {args.sizes}` (run "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, shared 2-core machine, load average {load:.0f} "
+             "at the end). Memory-mapped int32 lengths (log-normal, as above), "
+             f"`{', '.join(f'{k}={v!r}' for k, v in DECOMPOSE_KW.items())}`, each run in a fresh process: "
+             "*streaming* is `datapipe.decomposition_stream.plan_stream` + `write_stream` (what `datapipe.decompose` "
+             "runs, blocks of 2^20 rows) writing `pieces.arrow` / `sequences.arrow` into a temp dir under `--tmp`; "
+             "*outputs dropped* runs the same two passes (`iter_blocks`) without the files (used where the files do "
+             "not fit on the disk: ~110 bytes per document); *in memory* is `native.decompose.decompose_lengths` + "
+             "pyarrow's writer + the checksum, the path `decompose` took before. *1st pass* is the scan (in "
+             "memory: `decompose_lengths`, before the write); *peak anon* the growth of `RssAnon` while it ran; "
+             "*bytes* the two tables (files, or the columns of the dropped outputs).", "",
+             "| rows | engine | wall (s) | 1st pass or decompose_lengths (s) | CPU (s) | peak anon (MiB) | "
+             "bytes (GB) | pieces | sequences |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['rows']:.0e} | {what[r['mode']]} | failed: {r['error']} | | | | | | |")
+            continue
+        lines.append(f"| {r['rows']:.0e} | {what[r['mode']]} | {r['wall_s']:.1f} | {r['first_pass_s']:.1f} | "
+                     f"{r['cpu_s']:.1f} | {r['peak_anon_mib']:.0f} | {r['bytes'] / 1e9:.2f} | {r['pieces']:,} | "
+                     f"{r['sequences']:,} |")
+    replace_section(Path(args.out), DECOMPOSE_HEADING, lines)
+    print(f"wrote {args.out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1e7,1e8")
@@ -274,13 +431,28 @@ def main() -> None:
                     "given, and its windowed-vs-exact quality at 1e6 rows) and replace only its section of --out")
     ap.add_argument("--tmp", default="/tmp")
     ap.add_argument("--case", nargs=2, metavar=("KIND", "ROWS"), help=argparse.SUPPRESS)
+    ap.add_argument("--resume-case", nargs=2, metavar=("KIND", "ROWS"), help=argparse.SUPPRESS)
     ap.add_argument("--no-quality", action="store_true")
     ap.add_argument("--out", default=str(HERE / "results" / "bench_scale.md"))
+    ap.add_argument("--decompose-section", action="store_true", help="run only the streaming decompose of the "
+                    "sizes' lengths (and the in-memory path up to 1e8) and replace only its section of --out")
+    ap.add_argument("--decompose-case", nargs=2, metavar=("MODE", "ROWS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     tmp = Path(args.tmp)
+    if args.decompose_case:
+        print(json.dumps(decompose_case(args.decompose_case[0], int(float(args.decompose_case[1])), tmp)))
+        return
+    if args.decompose_section:
+        run_decompose_section(args)
+        return
     if args.case:
         print(json.dumps(run_case(args.case[0], int(float(args.case[1])), tmp)))
         return
+    if args.resume_case:
+        print(json.dumps(resume_case(args.resume_case[0], int(float(args.resume_case[1])), tmp)))
+        return
+    # the counting passes the cases write for their fresh-process resumes: a directory of this run's own
+    os.environ["DATAPIPE_PLAN_CACHE"] = str(tmp / "bench_scale_plan_cache")
     if args.duration_section:
         args.kinds = "duration"
     results = []
@@ -296,9 +468,18 @@ def main() -> None:
                 results.append({"kind": kind, "rows": n, "error": proc.stderr.strip().splitlines()[-1][:200]})
             else:
                 results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                cmd = [sys.executable, __file__, "--resume-case", kind, str(n), "--tmp", str(tmp)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                if proc.returncode:
+                    results[-1]["fresh_error"] = proc.stderr.strip().splitlines()[-1][:200]
+                else:
+                    results[-1].update(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(json.dumps(results[-1]), flush=True)
-        for f in tmp.glob(f"bench_scale_*_{n}.npy"):  # one size's files at a time (1e9: 4 GB each)
-            f.unlink()
+        for f in [*tmp.glob(f"bench_scale_*_{n}.npy"), *tmp.glob(f"bench_scale_state_*_{n}.json")]:
+            f.unlink()  # one size's files at a time (1e9: 4 GB each)
+    import shutil
+
+    shutil.rmtree(tmp / "bench_scale_plan_cache", ignore_errors=True)
     if args.duration_section:
         write_duration_section(results, None if args.no_quality else quality_duration(), args)
         return
@@ -319,13 +500,14 @@ def write_duration_section(results: list[dict], quality, args) -> None:
              "world_size=8)` over memory-mapped float32 durations (log-normal, median ~6 s, clipped to [0.5, 40]); "
              "columns as in the first table.", "",
              "| rows | construct (s) [CPU s] | first batch (s) | resume to batch 101 (s) | 2nd construct (s) | "
-             "peak anon (MiB) | batches/rank |", "|---|---|---|---|---|---|---|"]
+             "fresh process: construct / resume (s) | peak anon (MiB) | batches/rank |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['rows']:.0e} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {r['rows']:.0e} | failed: {r['error']} | | | | | | |")
             continue
         lines.append(f"| {r['rows']:.0e} | {r['construct_s']:.2f} [{r['construct_cpu_s']:.1f}] | "
-                     f"{r['first_batch_s']:.2f} | {r['resume_s']:.3f} | {r['construct2_s']:.2f} | "
+                     f"{r['first_batch_s']:.2f} | {r['resume_s']:.3f} | {r['construct2_s']:.2f} | {fresh(r)} | "
                      f"{r['peak_anon_mib']:.0f} | {r['batches_per_rank']} |")
     if quality:
         lines += ["", "Windowed vs exact plan over the same 1e6 durations (world size 8; batch sizes are rows per "
@@ -336,41 +518,42 @@ def write_duration_section(results: list[dict], quality, args) -> None:
             lines.append(f"| {q['plan']} | {q['seed']} | {q['batches']} | {q['mean_rows']:.2f} | {q['p10']:.0f} / "
                          f"{q['p50']:.0f} / {q['p90']:.0f} | {q['min']} / {q['max']} | {q['padding']:.4f} | "
                          f"{q['overlap']:.5f} | {q['expected']:.6f} |")
-    out = Path(args.out)
-    text = out.read_text() if out.exists() else ""
-    start = text.find(DURATION_HEADING)
-    if start >= 0:  # replace the old section, up to the next heading
-        nxt = text.find("\n## ", start + len(DURATION_HEADING))
-        text = text[:start] + text[nxt + 1:] if nxt >= 0 else text[:start]
-    at = text.find("## Reading")
-    section = "\n".join(lines) + "\n\n"
-    text = text[:at] + section + text[at:] if at >= 0 else text.rstrip("\n") + "\n\n" + section
-    out.write_text(text)
+    replace_section(Path(args.out), DURATION_HEADING, lines, before="## Reading")
     print(f"wrote {args.out}")
+
+
+def fresh(r: dict) -> str:
+    if "fresh_error" in r:
+        return f"failed: {r['fresh_error']}"
+    return f"{r['fresh_construct_s']:.2f} / {r['fresh_resume_s']:.3f}" if "fresh_construct_s" in r else ""
 
 
 def write(results: list[dict], quality, args) -> None:
     load = os.getloadavg()[0]
     lines = ["# bench_scale: sampler plans at 1e7-1e9 rows (issue 15)", "",
              f"Command: `.venv/bin/python benchmarks/bench_scale.py --sizes {args.sizes}` (run "
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, 2-core machine shared with ~7 other jobs, load "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, 2-core machine shared with other jobs, load "
              f"average {load:.0f} at the end: wall times are inflated and noisy, memory is not). world_size 8, rank 3; "
              "metadata: memory-mapped int32 lengths / float32 durations; each case in a fresh process.", "",
              "*first batch* counts construction; *resume* is `load_state_dict(state after 100 batches)` + the first "
-             "batch of a second, freshly built sampler (its construction is listed apart); *anon* is the growth of "
+             "batch of a second, freshly built sampler (its construction is listed apart); *fresh process* is a "
+             "restarted job: a new interpreter builds the sampler (construct) then loads the state and takes batch 101 "
+             "(resume), the counting pass read from the disk cache the first process wrote (`samplers.plan_cache`); "
+             "*anon* is the growth of "
              "`RssAnon` (peak while the case ran), i.e. memory the plan holds, not the page cache of the memory map.",
              "", "| sampler | rows | construct (s) [CPU s] | first batch (s) | resume to batch 101 (s) | "
-             "2nd construct (s) | peak anon (MiB) | batches/rank | before issue 15 (issue's table) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "2nd construct (s) | fresh process: construct / resume (s) | peak anon (MiB) | batches/rank | "
+             "before issue 15 (issue's table) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         old = OLD.get(r["kind"], ("", ""))
         before = old[0] if r["rows"] == 10**8 else old[1] if r["rows"] == 10**9 else ""
         if "error" in r:
-            lines.append(f"| {r['kind']} | {r['rows']:.0e} | failed: {r['error']} | | | | | | {before} |")
+            lines.append(f"| {r['kind']} | {r['rows']:.0e} | failed: {r['error']} | | | | | | | {before} |")
             continue
         cpu = f" [{r['construct_cpu_s']:.1f}]" if "construct_cpu_s" in r else ""
         lines.append(f"| {r['kind']} | {r['rows']:.0e} | {r['construct_s']:.2f}{cpu} | {r['first_batch_s']:.2f} | "
-                     f"{r['resume_s']:.3f} | {r['construct2_s']:.2f} | {r['peak_anon_mib']:.0f} | "
+                     f"{r['resume_s']:.3f} | {r['construct2_s']:.2f} | {fresh(r)} | {r['peak_anon_mib']:.0f} | "
                      f"{r['batches_per_rank']} | {before} |")
     if quality:
         tbq, shq = quality
@@ -391,7 +574,14 @@ def write(results: list[dict], quality, args) -> None:
         for q in shq:
             lines.append(f"| {q['shuffle']} | {q['touched_mean']:.1f} | {q['touched_max']} | {q['same_shard']:.4f} | "
                          f"{q['overlap']:.5f} |")
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    out = Path(args.out)
+    old = out.read_text() if out.exists() else ""
+    for heading in (DURATION_HEADING, DECOMPOSE_HEADING):  # sections other runs wrote stay
+        start = old.find(heading)
+        if start >= 0:
+            nxt = old.find("\n## ", start + len(heading))
+            lines += ["", old[start : nxt if nxt >= 0 else len(old)].rstrip("\n")]
+    out.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -6,6 +6,7 @@ Names are imported lazily so ``import datapipe`` is cheap and torch loads only w
 
 from __future__ import annotations
 
+from datapipe import urls
 from native._lazy import attach
 
 _LAZY = {
@@ -25,3 +26,16 @@ _LAZY = {
 _MODULES = ("collate", "immiscible")
 
 __getattr__, __dir__, __all__, _WHERE = attach(__name__, _LAZY, _MODULES)
+
+
+def _open_remote(url, **options):
+    # ArrowDataset.open(url) reaches datapipe.remote through this opener (datapipe.urls holds it), so
+    # datapipe.dataset never imports datapipe.remote (which subclasses its ArrowDataset: no import cycle), and the
+    # opener is in place whichever datapipe module is imported first; the import waits for the first URL, so
+    # `import datapipe` stays free of torch
+    from datapipe.remote import RemoteArrowDataset
+
+    return RemoteArrowDataset(url, **options)
+
+
+urls.register_remote_opener(_open_remote)

@@ -21,8 +21,9 @@ import pyarrow as pa
 import torch.utils.data
 from numpy.typing import NDArray
 
+from datapipe import urls
 from datapipe.format import INDEX_FILE, MANIFEST, DatasetError, read_manifest, schema_from_b64, verify_buffer
-from native.ragged import gather_lengths, gather_values
+from native.ragged import gather_lengths, gather_values, locate_rows, row_offsets
 
 __all__ = ["ArrowDataset", "Batch", "DatasetError", "Ragged", "VERIFY_MODES", "check_shard", "map_checked", "open_ipc"]
 
@@ -289,12 +290,10 @@ class ArrowDataset(torch.utils.data.Dataset):
                 are cached, the bytes the cache may hold (``None``: no bound), and the seconds of retries before
                 a store that fails raises :class:`DatasetError`. Remote files are always checked on arrival.
         """
-        from datapipe import remote
-
-        if remote.is_remote(path, filesystem):
-            return remote.RemoteArrowDataset(path, filesystem=filesystem, cache_dir=cache_dir,
-                                             cache_limit=cache_limit, timeout=timeout)
-        return cls(remote.local_path(path), verify=verify)
+        if urls.is_remote(path, filesystem):  # a RemoteArrowDataset, through the opener datapipe.remote provides
+            return urls.open_remote(path, filesystem=filesystem, cache_dir=cache_dir, cache_limit=cache_limit,
+                                    timeout=timeout)
+        return cls(urls.local_path(path), verify=verify)
 
     def prefetch_plan(self, batches) -> None:
         """Nothing to do for local shards (memory-mapped); a remote dataset downloads ahead in plan order (see
@@ -334,6 +333,16 @@ class ArrowDataset(torch.utils.data.Dataset):
     @property
     def num_shards(self) -> int:
         return len(self._shards)
+
+    #: whether the shards live on object storage (read through a bounded cache): ``datapipe.DataLoader`` then
+    #: shuffles shard-locally by default (see its ``shard_window``)
+    is_remote: bool = False
+
+    @property
+    def shard_offsets(self) -> NDArray[np.int64]:
+        """int64 ``[S + 1]``: the first row of each shard, then the row count (for shard-local shuffles, e.g.
+        ``RandomBatchSampler(len(ds), b, shuffle="shard_local", shard_offsets=ds.shard_offsets)``)."""
+        return self._starts.copy()
 
     @property
     def column_names(self) -> list[str]:
@@ -382,8 +391,24 @@ class ArrowDataset(torch.utils.data.Dataset):
         """
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         B = len(idx)
-        shard, local = self._locate(idx)
-        if B and shard[0] == shard[-1] and (shard == shard[0]).all():  # one shard: no grouping (the common case)
+        shard, local = np.empty(B, dtype=np.int64), np.empty(B, dtype=np.int64)
+        bad, single = locate_rows(self._starts, idx, shard, local)  # one kernel call: ~1 µs a batch
+        if bad >= 0:
+            raise IndexError(f"row {int(idx[bad])} is out of range for a dataset of {len(self)} rows ({self.path})")
+        if B and single:  # one shard: no grouping (the common case)
+            sh = self._shard(int(shard[0]))
+            cols = {}
+            for name in self.schema.names:
+                if name in sh.ragged:  # values are gathered on first access: collators write from the shard
+                    off, val = sh.ragged[name]
+                    offsets = np.empty(B + 1, dtype=np.int64)
+                    row_offsets(off, local, offsets)
+                    cols[name] = Ragged(None, offsets, ((off, val, local, np.arange(B, dtype=np.int64)),))
+                else:
+                    cols = None
+                    break
+            if cols is not None:
+                return Batch(cols, B, idx)
             groups = [(int(shard[0]), np.arange(B, dtype=np.int64))]
         else:
             order = np.argsort(shard, kind="stable")

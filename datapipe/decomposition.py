@@ -1,4 +1,4 @@
-"""Build, store and open the dataset-decomposition index of a dataset directory.
+"""Build and store the dataset-decomposition index of a dataset directory (``datapipe.decompose``).
 
 Implements the data side of "Dataset Decomposition: Faster LLM Training with Variable Sequence Length
 Curriculum" (Pouransari et al., NeurIPS 2024): every document is cut into pieces of ``2^k`` tokens (bucket
@@ -11,12 +11,13 @@ dataset, zero-copy (no token is rewritten)::
         sequences.arrow   int64 log2, tokens, first_piece       (one entry per training sequence)
         buckets/k08.arrow ...  with --materialize: fixed_size_list<int32>[2^k] token rows, one file per bucket
 
-The directory is built under a temporary name, with the dataset's ``.decomposition.lock`` held (a second
-concurrent ``decompose`` of the same dataset gets a ``DatasetError``), and swapped in whole (an atomic exchange
-over an existing index), so readers never see half an index. The manifest carries its own digest and records
-every file's size and checksum (``DecomposedIndex.open`` checks pieces and sequences by default,
-:func:`verify_decomposition` every file, materialized buckets included) and the dataset's index checksum: an
-index built for another version of the dataset is refused.
+The local engine streams (:mod:`datapipe.decomposition_stream`): the lengths are read and the tables written one
+block of rows at a time, so a corpus of 1e9 documents needs the memory of one block, not of the corpus. The
+directory is built under a temporary name, with the dataset's ``.decomposition.lock`` held (a second concurrent
+``decompose`` of the same dataset gets a ``DatasetError``), and swapped in whole (an atomic exchange over an
+existing index), so readers never see half an index. Reading lives in :mod:`datapipe.decomposition_index`
+(:class:`DecomposedIndex`, :func:`verify_decomposition`), the histogram and plot in
+:mod:`datapipe.decomposition_plot`; both are re-exported here.
 """
 
 from __future__ import annotations
@@ -30,21 +31,21 @@ import numpy as np
 import pyarrow as pa
 from numpy.typing import NDArray
 
-from datapipe.dataset import ArrowDataset, map_checked
-from datapipe.format import (DatasetError, check_file_entry, check_manifest_digest, exclusive_output,
-                             fsync_path, load_json, new_hash, parse_json, publish_dir, temp_name, verify_checksum,
+from datapipe.dataset import ArrowDataset
+from datapipe.decomposition_index import (DECOMPOSITION_DIR, FORMAT_NAME, FORMAT_VERSION, PIECE_COLUMNS,
+                                          DecomposedIndex, dataset_fingerprint, verify_decomposition)
+from datapipe.decomposition_plot import bucket_histogram_lines, plot_buckets
+from datapipe.decomposition_stream import BLOCK_ROWS, plan_stream, stored_arrays, write_stream
+from datapipe.format import (DatasetError, exclusive_output, fsync_path, new_hash, publish_dir, temp_name,
                              write_manifest)
-from native.decompose import (REMAINDER_POLICIES, bucket_totals, check_doc_lengths, check_log2,
-                              decompose_lengths)
+from native.decompose import REMAINDER_POLICIES, bucket_totals, check_doc_lengths, check_log2
 
 __all__ = ["DECOMPOSITION_DIR", "DecomposedIndex", "bucket_histogram_lines", "decompose", "plot_buckets",
            "verify_decomposition"]
 
-DECOMPOSITION_DIR = "decomposition"
-FORMAT_NAME = "datapipe.decomposition"
-FORMAT_VERSION = 2  # 2: the manifest carries its own digest (version 1 manifests are read without one)
 ENGINES = ("local", "ray")
-_PIECE_COLS = ("row", "start", "length", "sequence")
+_COUNT_KEYS = ("documents", "tokens", "kept_tokens", "dropped_tokens", "dropped_documents", "eos_kept",
+               "padded_tokens")
 
 
 class _HashingSink:
@@ -84,44 +85,21 @@ def _write_table(path: Path, columns: dict[str, NDArray]) -> dict:
     return {"file": path.name, "rows": table.num_rows, "bytes": size, "checksum": hs.checksum()}
 
 
-def _read_table(path: Path) -> pa.Table:
-    try:
-        t = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
-        t.validate(full=True)
-        return t
-    except (pa.ArrowException, OSError) as e:
-        raise DatasetError(f"{path}: cannot open ({e}); rebuild with `datapipe decompose`") from None
-
-
-def _column(table: pa.Table, name: str, path: Path) -> NDArray[np.int64]:
-    if name not in table.column_names:
-        raise DatasetError(f"{path}: no column {name!r}; rebuild with `datapipe decompose`")
-    col = table.column(name)
-    arr = col.chunk(0).to_numpy() if col.num_chunks == 1 else col.to_numpy()
-    return arr
-
-
-def _dataset_lengths(ds: ArrowDataset) -> NDArray[np.int64]:
+def _length_column(ds: ArrowDataset) -> tuple[NDArray, str]:
+    """The dataset's ``length`` index column (memory-mapped, not checked yet) and the index file's name."""
     idx_file = f"{ds.path}/{(ds.manifest.get('index') or {}).get('file', 'index.arrow')}"
     lengths = ds.index.get("length")
     if lengths is None:
         raise DatasetError(f"{idx_file}: no 'length' column; write the dataset with token ids in 'input_ids' so "
                            "datapipe derives it")
-    try:
-        return check_doc_lengths(lengths, name="length")
-    except (TypeError, ValueError) as e:
-        raise DatasetError(f"{idx_file}: column 'length': {e}") from None
-
-
-def _fingerprint(ds: ArrowDataset) -> dict:
-    meta = ds.manifest.get("index") or {}
-    return {"num_rows": int(len(ds)), "index_checksum": meta.get("checksum")}
+    return lengths, idx_file
 
 
 def decompose(dataset_dir: str | os.PathLike, *, min_log2: int = 8, max_log2: int = 13, remainder: str = "pack",
               seed: int = 0, engine: str = "local", materialize: bool = False, ray_address: str | None = None,
-              num_blocks: int | None = None, progress: Callable[[str, float], None] | None = None,
-              filesystem=None, cache_dir: str | os.PathLike | None = None) -> DecomposedIndex:
+              num_blocks: int | None = None, block_rows: int = BLOCK_ROWS,
+              progress: Callable[[str, float], None] | None = None, filesystem=None,
+              cache_dir: str | os.PathLike | None = None) -> DecomposedIndex:
     """Decompose a dataset into power-of-two buckets and store the index beside it.
 
     Args:
@@ -130,11 +108,14 @@ def decompose(dataset_dir: str | os.PathLike, *, min_log2: int = 8, max_log2: in
         min_log2, max_log2: bucket sizes ``2^min_log2 .. 2^max_log2`` tokens.
         remainder: ``"pack"`` (tails packed padding-free into ``2^min_log2`` sequences), ``"pad"`` or ``"drop"``.
         seed: seed of the size draws for long documents.
-        engine: ``"local"`` (one process) or ``"ray"`` (the same kernels over Ray Data blocks; byte-identical).
+        engine: ``"local"`` (one process, streaming: the lengths are read and the tables written one block of
+            rows at a time) or ``"ray"`` (the same kernels over Ray Data blocks; byte-identical files).
         materialize: also write per-bucket token files (``buckets/kNN.arrow``) so a sequence is one
             contiguous ``2^k`` slice.
         ray_address: Ray cluster address for ``engine="ray"`` (default: a local cluster).
         num_blocks: Ray blocks (default: one per CPU of the cluster).
+        block_rows: rows per block of the local engine: its memory is about one block's lengths, layout and
+            outputs (~200 bytes per row, ~200 MiB at the default 2^20); the files do not depend on it.
         progress: called as ``progress(stage, fraction)`` while building.
         filesystem, cache_dir: for a dataset on object storage (``dataset_dir`` a URL such as ``s3://bkt/ds``, or a
             path inside ``filesystem``): the index (and the dataset's ``index.arrow``, and with ``materialize`` its
@@ -146,7 +127,7 @@ def decompose(dataset_dir: str | os.PathLike, *, min_log2: int = 8, max_log2: in
         the opened :class:`DecomposedIndex`.
 
     Raises:
-        ValueError: bad parameters (``min_log2 > max_log2``, unknown ``remainder`` or ``engine``).
+        ValueError: bad parameters (``min_log2 > max_log2``, unknown ``remainder`` or ``engine``, ``block_rows``).
         DatasetError: no dataset, no ``length`` column, or a document of length 0 (names the file and row).
     """
     min_log2, max_log2 = check_log2(min_log2, max_log2)
@@ -154,21 +135,35 @@ def decompose(dataset_dir: str | os.PathLike, *, min_log2: int = 8, max_log2: in
         raise ValueError(f"remainder must be one of {REMAINDER_POLICIES} (got {remainder=})")
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES} (got {engine=})")
+    if not isinstance(block_rows, (int, np.integer)) or isinstance(block_rows, bool) or block_rows < 1:
+        raise ValueError(f"block_rows must be an integer >= 1 (got {block_rows=})")
     report = progress or (lambda stage, frac: None)
     ds = ArrowDataset.open(dataset_dir, filesystem=filesystem, cache_dir=cache_dir)
-    lengths = _dataset_lengths(ds)
+    lengths, idx_file = _length_column(ds)
     if len(lengths) == 0:
         raise DatasetError(f"{ds.path}: the dataset has no rows")
+    params = {"min_log2": min_log2, "max_log2": max_log2, "remainder": remainder, "seed": int(seed)}
     report("decompose", 0.0)
+    try:
+        if engine == "local":  # pass 1 (checks every length) before anything is written
+            plan = plan_stream(lengths, min_log2=min_log2, max_log2=max_log2, remainder=remainder, seed=seed,
+                               block_rows=block_rows, name="length")
+        else:
+            lengths = check_doc_lengths(lengths, name="length")
+    except (TypeError, ValueError) as e:
+        raise DatasetError(f"{idx_file}: column 'length': {e}") from None
     if engine == "local":
-        arrays = decompose_lengths(lengths, min_log2=min_log2, max_log2=max_log2, remainder=remainder, seed=seed)
+        def write_tables(tmp: Path) -> tuple[dict, dict | None]:
+            return write_stream(lengths, tmp, plan, progress=report), None
     else:
         from datapipe.engines_ray import decompose_lengths_ray
 
         arrays = decompose_lengths_ray(lengths, min_log2=min_log2, max_log2=max_log2, remainder=remainder,
                                        seed=seed, ray_address=ray_address, num_blocks=num_blocks)
-    report("decompose", 1.0)
-    params = {"min_log2": min_log2, "max_log2": max_log2, "remainder": remainder, "seed": int(seed)}
+        report("decompose", 1.0)
+
+        def write_tables(tmp: Path) -> tuple[dict, dict | None]:
+            return _write_arrays(tmp, arrays, params), arrays
     from datapipe.remote import RemoteArrowDataset, upload_dataset
 
     if isinstance(ds, RemoteArrowDataset):  # build locally, upload, manifest last
@@ -176,48 +171,61 @@ def decompose(dataset_dir: str | os.PathLike, *, min_log2: int = 8, max_log2: in
 
         with tempfile.TemporaryDirectory(prefix="datapipe-upload-") as tmp:
             out = Path(tmp) / DECOMPOSITION_DIR
-            _write_index_locked(ds, out, arrays, params, materialize, report)
+            _build_locked(ds, out, write_tables, params, materialize, report)
             upload_dataset(out, f"{ds.url.rstrip('/')}/{DECOMPOSITION_DIR}", ds.filesystem, overwrite=True,
                            timeout=ds.timeout)
         return DecomposedIndex.open(ds, verify=False)  # the downloads are checked on arrival
-    write_index(ds, arrays, params, materialize=materialize, progress=report)
+    out = ds.path / DECOMPOSITION_DIR
+    with exclusive_output(out, what="decomposition"):  # also removes what killed builds left
+        _build_locked(ds, out, write_tables, params, materialize, report)
     return DecomposedIndex.open(ds.path, verify=False)  # checksummed while this process wrote them
 
 
 def write_index(ds: ArrowDataset, arrays: dict, params: dict, *, materialize: bool = False,
                 progress: Callable[[str, float], None] | None = None) -> Path:
-    """Write the decomposition of ``ds`` (the dict of ``native.decompose.decompose_lengths``) atomically."""
+    """Write the decomposition of ``ds`` from the in-memory dict of ``native.decompose.decompose_lengths``
+    atomically (the same files as the streaming ``decompose``); returns the decomposition directory."""
     out = ds.path / DECOMPOSITION_DIR
     with exclusive_output(out, what="decomposition"):  # also removes what killed builds left
-        _write_index_locked(ds, out, arrays, params, materialize, progress)
+        _build_locked(ds, out, lambda tmp: (_write_arrays(tmp, arrays, params), arrays), params, materialize,
+                      progress)
     return out
 
 
-def _write_index_locked(ds, out: Path, arrays: dict, params: dict, materialize: bool, progress) -> None:
+def _write_arrays(tmp: Path, arrays: dict, params: dict) -> dict:
+    """The two tables of an in-memory decomposition, and what the manifest says of them."""
+    files = {
+        "pieces": _write_table(tmp / "pieces.arrow", {k: arrays[k] for k in PIECE_COLUMNS}),
+        "sequences": _write_table(tmp / "sequences.arrow", {
+            "log2": arrays["sequence_log2"], "tokens": arrays["sequence_tokens"],
+            "first_piece": arrays["sequence_offsets"][:-1]}),
+    }
+    log2, tokens = arrays["sequence_log2"], arrays["sequence_tokens"]
+    seq_counts, tok_counts = bucket_totals(log2, tokens, params["max_log2"])
+    return {"files": files, "num_pieces": int(len(arrays["row"])), "num_sequences": int(len(log2)),
+            "buckets": {str(k): {"sequences": int(seq_counts[k]), "tokens": int(tok_counts[k])}
+                        for k in range(params["min_log2"], params["max_log2"] + 1)},
+            "counts": {k: int(arrays[k]) for k in _COUNT_KEYS}}
+
+
+def _build_locked(ds, out: Path, write_tables: Callable[[Path], tuple[dict, dict | None]], params: dict,
+                  materialize: bool, progress) -> None:
+    """Build the decomposition directory ``out`` under a temporary name and publish it (the lock is held)."""
     tmp = temp_name(out)
     tmp.mkdir()
     try:
-        files = {
-            "pieces": _write_table(tmp / "pieces.arrow", {k: arrays[k] for k in _PIECE_COLS}),
-            "sequences": _write_table(tmp / "sequences.arrow", {
-                "log2": arrays["sequence_log2"], "tokens": arrays["sequence_tokens"],
-                "first_piece": arrays["sequence_offsets"][:-1]}),
-        }
-        log2, tokens = arrays["sequence_log2"], arrays["sequence_tokens"]
-        ks = range(params["min_log2"], params["max_log2"] + 1)
-        seq_counts, tok_counts = bucket_totals(log2, tokens, params["max_log2"])
+        summary, arrays = write_tables(tmp)
         manifest = {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "params": params,
-            "dataset": _fingerprint(ds),
-            "num_pieces": int(len(arrays["row"])), "num_sequences": int(len(log2)),
-            "buckets": {str(k): {"sequences": int(seq_counts[k]), "tokens": int(tok_counts[k])} for k in ks},
-            "counts": {k: int(arrays[k]) for k in ("documents", "tokens", "kept_tokens", "dropped_tokens",
-                                                    "dropped_documents", "eos_kept", "padded_tokens")},
-            "files": files, "materialized": None,
+            "dataset": dataset_fingerprint(ds),
+            "num_pieces": summary["num_pieces"], "num_sequences": summary["num_sequences"],
+            "buckets": summary["buckets"], "counts": {k: int(summary["counts"][k]) for k in _COUNT_KEYS},
+            "files": summary["files"], "materialized": None,
         }
         if materialize:
             from datapipe.decomposed_buckets import materialize_buckets
 
+            arrays = stored_arrays(tmp) if arrays is None else arrays  # the streamed tables, memory-mapped
             manifest["materialized"] = materialize_buckets(ds, arrays, params, tmp / "buckets", progress=progress)
             for meta in manifest["materialized"]["buckets"].values():
                 fsync_path(tmp / "buckets" / meta["file"])
@@ -226,334 +234,3 @@ def _write_index_locked(ds, out: Path, arrays: dict, params: dict, materialize: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _read_decomposition_manifest(path: Path, m: dict | None = None) -> dict:
-    """The checked manifest of the decomposition at ``path`` (``m``: its parsed JSON, read from a store)."""
-    mpath = path / "manifest.json" if isinstance(path, Path) else f"{path}/manifest.json"
-    m = load_json(mpath) if m is None else m
-    version = m.get("format_version", 0)
-    if m.get("format") != FORMAT_NAME or not isinstance(version, int) or version > FORMAT_VERSION:
-        raise DatasetError(f"{mpath}: not a decomposition this datapipe reads (format {m.get('format')!r}, "
-                           f"version {m.get('format_version')})")
-    check_manifest_digest(m, mpath, required=version >= 2)
-    files = m.get("files")
-    if not isinstance(files, dict) or set(files) != {"pieces", "sequences"}:
-        raise DatasetError(f"{mpath}: 'files' must list pieces and sequences; rerun `datapipe decompose`")
-    for name, meta in files.items():
-        check_file_entry(meta, mpath, f"files.{name}")
-    mat = m.get("materialized")
-    if mat is not None:
-        if not isinstance(mat, dict) or not isinstance(mat.get("buckets"), dict):
-            raise DatasetError(f"{mpath}: 'materialized' is malformed; rerun `datapipe decompose --materialize`")
-        for k, meta in mat["buckets"].items():
-            check_file_entry(meta, mpath, f"materialized.buckets.{k}")
-    for key in ("params", "buckets", "counts", "dataset"):
-        if not isinstance(m.get(key), dict):
-            raise DatasetError(f"{mpath}: no {key!r} object; rerun `datapipe decompose`")
-    return m
-
-
-def _decomposition_files(path: Path, m: dict) -> list[tuple[Path, dict]]:
-    out = [(path / meta["file"], meta) for meta in m["files"].values()]
-    for meta in ((m.get("materialized") or {}).get("buckets") or {}).values():
-        out.append((path / "buckets" / meta["file"], meta))
-    return out
-
-
-def verify_decomposition(dataset_dir: str | os.PathLike) -> list[tuple[str, str]]:
-    """Check every file of a dataset's decomposition: its manifest (digest, shape) and each file's size and
-    checksum, materialized buckets included.
-
-    Returns:
-        ``[(file, problem), ...]``, empty when everything matches (or there is no decomposition).
-    """
-    path = Path(dataset_dir) / DECOMPOSITION_DIR
-    if not path.exists():
-        return []
-    mpath = path / "manifest.json"
-    if not mpath.exists():
-        return [(str(mpath), "missing: the decomposition is unfinished; rerun `datapipe decompose`")]
-    try:
-        m = _read_decomposition_manifest(path)
-    except DatasetError as e:
-        return [(str(mpath), str(e))]
-    problems = []
-    for p, meta in _decomposition_files(path, m):
-        try:
-            if not p.exists() or p.stat().st_size != meta["bytes"]:
-                raise DatasetError(f"{p}: missing or truncated ({meta['bytes']} bytes expected); rerun "
-                                   "`datapipe decompose`")
-            verify_checksum(p, meta["checksum"])
-        except DatasetError as e:
-            problems.append((str(p), str(e)))
-    return problems
-
-
-class DecomposedIndex:
-    """The stored decomposition of a dataset: memory-mapped int64 arrays, one entry per piece or sequence.
-
-    Attributes:
-        row, start, length, sequence: int64 ``[P]`` per piece (sorted by ``sequence``): its document, first
-            token in the document, tokens (``2^k`` for bucket pieces), and the training sequence it belongs to.
-        sequence_log2: int64 ``[S]`` the ``k`` of each sequence (a sequence has ``2^k`` token slots).
-        sequence_tokens: int64 ``[S]`` real tokens of each sequence (``< 2^k`` only for padded remainders).
-        sequence_offsets: int64 ``[S+1]``: pieces of sequence ``s`` are ``sequence_offsets[s]:[s+1]``.
-        min_log2, max_log2, remainder, seed: the build parameters; ``params`` holds them as a dict.
-        bucket_sequences, bucket_tokens: ``{k: count}`` per bucket; ``counts``: documents, tokens, kept/dropped
-            tokens, dropped documents, EOS kept, padded tokens.
-        dataset_path, path: the dataset directory and the decomposition directory.
-    """
-
-    def __init__(self, dataset_dir: str | os.PathLike | ArrowDataset, *, verify: bool = True, filesystem=None,
-                 cache_dir: str | os.PathLike | None = None, cache_limit: float | None = None) -> None:
-        from datapipe import remote
-
-        if isinstance(dataset_dir, ArrowDataset) and not isinstance(dataset_dir, remote.RemoteArrowDataset):
-            dataset_dir = dataset_dir.path
-        if isinstance(dataset_dir, remote.RemoteArrowDataset) or remote.is_remote(dataset_dir, filesystem):
-            ds = dataset_dir if isinstance(dataset_dir, remote.RemoteArrowDataset) else ArrowDataset.open(
-                dataset_dir, filesystem=filesystem, cache_dir=cache_dir, cache_limit=cache_limit)
-            self._init_remote(ds, verify)
-            return
-        dataset_dir = remote.local_path(dataset_dir)
-        self.dataset_path = Path(dataset_dir)
-        self.path = self.dataset_path / DECOMPOSITION_DIR
-        mpath = self.path / "manifest.json"
-        if not mpath.exists():
-            raise FileNotFoundError(f"{self.path}: no decomposition here; run `datapipe decompose "
-                                    f"{self.dataset_path}` first")
-        m = _read_decomposition_manifest(self.path)
-        self.manifest = m
-        ds_manifest = self.dataset_path / "manifest.json"
-        doc_lengths = None
-        if ds_manifest.exists():
-            ds = ArrowDataset.open(self.dataset_path)
-            if _fingerprint(ds) != m["dataset"]:
-                raise DatasetError(f"{mpath}: built for another version of the dataset ({m['dataset']} vs "
-                                   f"{_fingerprint(ds)}); rerun `datapipe decompose {self.dataset_path}`")
-            doc_lengths = ds.index.get("length")
-        for p, meta in _decomposition_files(self.path, m):
-            if not p.exists() or p.stat().st_size != meta["bytes"]:
-                raise DatasetError(f"{p}: missing or truncated ({meta['bytes']} bytes expected); rerun "
-                                   "`datapipe decompose`")
-        for meta in m["files"].values():
-            if verify:
-                verify_checksum(self.path / meta["file"], meta["checksum"])
-        pp = self.path / m["files"]["pieces"]["file"]
-        sp = self.path / m["files"]["sequences"]["file"]
-        self._set_arrays(m, _read_table(pp), pp, _read_table(sp), sp, doc_lengths)
-
-    def _init_remote(self, ds, verify: bool) -> None:
-        """The decomposition of a dataset on object storage: its manifest read from the store, the piece and
-        sequence tables downloaded through the dataset's cache (checked on arrival; a copy cached earlier is
-        checked too with ``verify``) and memory-mapped from there, pinned while this index lives."""
-        import weakref
-
-        from datapipe.remote import join_key, read_object
-
-        self.dataset = ds
-        self.dataset_path = ds.url
-        self.path = f"{ds.url.rstrip('/')}/{DECOMPOSITION_DIR}"
-        mpath = f"{self.path}/manifest.json"
-        try:
-            data = read_object(ds.filesystem, join_key(ds._root, f"{DECOMPOSITION_DIR}/manifest.json"), mpath,
-                               ds.timeout)
-        except DatasetError as e:
-            if "not found in the store" in str(e):
-                raise FileNotFoundError(f"{self.path}: no decomposition here; run `datapipe.decompose("
-                                        f"{ds.url!r}, filesystem=...)` first") from None
-            raise
-        m = _read_decomposition_manifest(self.path, parse_json(data, mpath))
-        if _fingerprint(ds) != m["dataset"]:
-            raise DatasetError(f"{mpath}: built for another version of the dataset ({m['dataset']} vs "
-                               f"{_fingerprint(ds)}); rerun decompose on {ds.url}")
-        pins: list[int] = []
-        weakref.finalize(self, _release_pins, ds.cache, pins)
-        tables = []
-        for key in ("pieces", "sequences"):
-            meta = m["files"][key]
-            buf, pin = ds.fetch_file(f"{DECOMPOSITION_DIR}/{meta['file']}", meta, check=verify)
-            if pin is not None:
-                pins.append(pin)
-            what = f"{self.path}/{meta['file']}"
-            try:
-                t = pa.ipc.open_file(buf).read_all()
-                t.validate(full=True)
-            except (pa.ArrowException, OSError) as e:
-                raise DatasetError(f"{what}: cannot open ({e}); rerun decompose") from None
-            tables += [t, what]
-        self._set_arrays(m, *tables, ds.index.get("length"))
-        # materialized buckets are not read from a store: DecomposedDataset gathers the same tokens from the
-        # dataset's shards (through the cache); the manifest entry stays readable in ``manifest``
-        self.materialized = None
-
-    def _set_arrays(self, m: dict, pieces: pa.Table, pp, seqs: pa.Table, sp, doc_lengths) -> None:
-        self.manifest = m
-        for k in _PIECE_COLS:
-            setattr(self, k, _column(pieces, k, pp))
-        self.sequence_log2 = _column(seqs, "log2", sp)
-        self.sequence_tokens = _column(seqs, "tokens", sp)
-        self.sequence_offsets = np.append(_column(seqs, "first_piece", sp), np.int64(len(self.row)))
-        self.params = dict(m["params"])
-        self.min_log2 = int(self.params["min_log2"])
-        self.max_log2 = int(self.params["max_log2"])
-        self.remainder = self.params["remainder"]
-        self.seed = int(self.params["seed"])
-        self.bucket_sequences = {int(k): v["sequences"] for k, v in m["buckets"].items()}
-        self.bucket_tokens = {int(k): v["tokens"] for k, v in m["buckets"].items()}
-        self.counts = dict(m["counts"])
-        self.materialized = m.get("materialized")
-        self._check_ranges(pp, sp, doc_lengths)
-
-    def _check_ranges(self, pp: Path, sp: Path, doc_lengths) -> None:
-        """Every piece lies inside its document and every sequence's pieces inside the piece table, so readers
-        that index with these arrays cannot go out of bounds (checked on every open, checksums or not)."""
-        cols = [self.row, self.start, self.length, self.sequence]
-        if len({len(c) for c in cols}) != 1 or any(c.dtype.kind != "i" for c in cols):
-            raise DatasetError(f"{pp}: piece columns differ in length or type; rerun `datapipe decompose`")
-        if len(self.sequence_log2) != len(self.sequence_tokens) or any(
-                c.dtype.kind != "i" for c in (self.sequence_log2, self.sequence_tokens, self.sequence_offsets)):
-            raise DatasetError(f"{sp}: sequence columns differ in length or type; rerun `datapipe decompose`")
-        so = self.sequence_offsets
-        bad_seq = (np.flatnonzero(np.diff(so) < 0) if len(so) > 1 else np.zeros(0, np.int64))
-        if len(so) and (so[0] != 0 or len(bad_seq)):
-            raise DatasetError(f"{sp}: column 'first_piece' is not a non-decreasing list of piece positions from 0 "
-                               f"(row {int(bad_seq[0]) if len(bad_seq) else 0}); rerun `datapipe decompose`")
-        lo, hi = self.min_log2, self.max_log2
-        bad = np.flatnonzero((self.sequence_log2 < lo) | (self.sequence_log2 > hi) | (self.sequence_tokens < 0)
-                             | (self.sequence_tokens > (np.int64(1) << np.clip(self.sequence_log2, 0, 62))))
-        if len(bad):
-            raise DatasetError(f"{sp}: row {int(bad[0])}: log2/tokens out of range; rerun `datapipe decompose`")
-        bad = (self.start < 0) | (self.length < 0) | (self.row < 0)
-        if doc_lengths is not None:
-            n = len(doc_lengths)
-            ok_row = (self.row >= 0) & (self.row < n)
-            bad |= ~ok_row
-            bad |= ok_row & (self.start + self.length > np.asarray(doc_lengths, np.int64)[np.where(ok_row, self.row, 0)])
-        rows = np.flatnonzero(bad)
-        if len(rows):
-            raise DatasetError(f"{pp}: row {int(rows[0])}: piece (row {int(self.row[rows[0]])}, start "
-                               f"{int(self.start[rows[0]])}, length {int(self.length[rows[0]])}) lies outside its "
-                               "document; rerun `datapipe decompose`")
-
-    def open_bucket(self, k: int) -> pa.Table:
-        """The materialized bucket ``k`` (``buckets/kNN.arrow``), memory-mapped and checked: size, checksum on the
-        first touch in this process (as ``ArrowDataset`` shards), Arrow structure.
-
-        Raises:
-            DatasetError: no materialized bucket ``k``, or the file is truncated, changed or malformed.
-        """
-        meta = ((self.materialized or {}).get("buckets") or {}).get(str(int(k)))
-        if meta is None:
-            raise DatasetError(f"{self.path}/buckets: bucket {k} is not materialized; rerun `datapipe decompose "
-                               "--materialize`")
-        p = self.path / "buckets" / meta["file"]
-        buf = map_checked(p, meta, what="materialized bucket", fix="rerun `datapipe decompose --materialize`")
-        try:
-            t = pa.ipc.open_file(buf).read_all()
-            t.validate(full=True)
-        except (pa.ArrowException, OSError) as e:
-            raise DatasetError(f"{p}: cannot read ({e}); rerun `datapipe decompose --materialize`") from None
-        if t.num_rows != meta["rows"]:
-            raise DatasetError(f"{p}: {t.num_rows} rows but the manifest says {meta['rows']}")
-        return t
-
-    @classmethod
-    def open(cls, dataset_dir: str | os.PathLike | ArrowDataset, *, verify: bool = True, filesystem=None,
-             cache_dir: str | os.PathLike | None = None, cache_limit: float | None = None) -> DecomposedIndex:
-        """Open the decomposition stored in ``dataset_dir``.
-
-        Args:
-            dataset_dir: a dataset directory, an ``ArrowDataset``, or a dataset on object storage (a URL such as
-                ``s3://bkt/ds``, a path inside ``filesystem``, or an opened ``RemoteArrowDataset``, whose cache
-                then holds the downloads).
-            verify: check the checksums of the piece and sequence tables (default; they are small next to the
-                dataset). Ranges are checked either way; :func:`verify_decomposition` also checks materialized
-                buckets. Remote tables are always checked on arrival; ``verify`` also checks a copy another
-                reader cached earlier.
-            filesystem, cache_dir, cache_limit: as in ``ArrowDataset.open`` for a dataset on object storage. A
-                remote index keeps its two tables pinned in the cache while it lives, and reads no materialized
-                buckets (``materialized`` is ``None``: sequences are gathered from the shards).
-        """
-        return cls(dataset_dir, verify=verify, filesystem=filesystem, cache_dir=cache_dir, cache_limit=cache_limit)
-
-    @staticmethod
-    def exists(dataset_dir: str | os.PathLike) -> bool:
-        return (Path(dataset_dir) / DECOMPOSITION_DIR / "manifest.json").exists()
-
-    @property
-    def num_sequences(self) -> int:
-        return int(len(self.sequence_log2))
-
-    @property
-    def num_pieces(self) -> int:
-        return int(len(self.row))
-
-    def __len__(self) -> int:
-        return self.num_sequences
-
-    def pieces_of(self, sequence: int) -> slice:
-        """The piece positions of one sequence."""
-        return slice(int(self.sequence_offsets[sequence]), int(self.sequence_offsets[sequence + 1]))
-
-    def histogram_lines(self) -> list[str]:
-        """Human-readable bucket histogram (what ``datapipe inspect`` prints)."""
-        c = self.counts
-        tok = max(c["tokens"], 1)
-        docs = max(c["documents"], 1)
-        lines = [f"decomposition  2^{self.min_log2}..2^{self.max_log2}, remainder={self.remainder}, seed={self.seed}: "
-                 f"{self.num_sequences:,} sequences from {self.num_pieces:,} pieces",
-                 f"  tokens kept {c['kept_tokens']:,} / {c['tokens']:,} ({100 * c['kept_tokens'] / tok:.2f} %), "
-                 f"EOS kept {c['eos_kept']:,} / {c['documents']:,} ({100 * c['eos_kept'] / docs:.2f} %), "
-                 f"padding {c['padded_tokens']:,}"]
-        top = max(self.bucket_tokens.values(), default=0) or 1
-        for k in sorted(self.bucket_tokens):
-            t = self.bucket_tokens[k]
-            bar = "#" * int(round(30 * t / top))
-            lines.append(f"  D_{k:<2d} {1 << k:>6,} tok  {self.bucket_sequences[k]:>12,} seq  {t:>15,} tok "
-                         f"{100 * t / tok:5.1f} %  {bar}")
-        return lines
-
-    def __repr__(self) -> str:
-        return (f"DecomposedIndex({str(self.dataset_path)!r}, sequences={self.num_sequences}, "
-                f"pieces={self.num_pieces}, params={self.params})")
-
-
-def _release_pins(cache, pins: list[int]) -> None:
-    for fd in pins:
-        try:
-            cache.release(fd)
-        except OSError:  # closed already (a forked child closes the cache's descriptors)
-            pass
-    pins.clear()
-
-
-def bucket_histogram_lines(dataset_dir: str | os.PathLike) -> list[str]:
-    """The bucket histogram of the decomposition stored in ``dataset_dir``; ``[]`` when there is none."""
-    if not DecomposedIndex.exists(dataset_dir):
-        return []
-    return DecomposedIndex.open(dataset_dir).histogram_lines()
-
-
-def plot_buckets(dataset_dir: str | os.PathLike, ax=None):
-    """Bar chart of tokens per bucket on a matplotlib axis (a new figure when ``ax`` is None); returns the axis.
-
-    Does nothing (returns ``ax``) when the dataset has no decomposition. A new figure is a bare
-    ``matplotlib.figure.Figure`` (save it with ``ax.figure.savefig``): the process's pyplot backend is left alone.
-    """
-    if not DecomposedIndex.exists(dataset_dir):
-        return ax
-    idx = DecomposedIndex.open(dataset_dir)
-    if ax is None:
-        from matplotlib.figure import Figure
-
-        ax = Figure(figsize=(6, 3.5)).subplots()
-    ks = sorted(idx.bucket_tokens)
-    ax.bar([str(1 << k) for k in ks], [idx.bucket_tokens[k] for k in ks], color="tab:blue")
-    ax.set_xlabel("sequence length (tokens), bucket D_k")
-    ax.set_ylabel("tokens")
-    c = idx.counts
-    ax.set_title(f"decomposition ({idx.remainder}): {100 * c['kept_tokens'] / max(c['tokens'], 1):.2f} % tokens "
-                 "kept", fontsize=9)
-    return ax

@@ -78,6 +78,11 @@ class DataLoader(tud.DataLoader[T_co]):
     Args:
         seed: with ``shuffle=True`` and no sampler, shuffle with :class:`SeededRandomSampler`: each epoch's order is
             a pure function of ``(seed, epoch)`` and no RNG is consumed.
+        shard_window: with ``shuffle=True`` over a dataset on object storage (``dataset.is_remote``, e.g.
+            ``ArrowDataset.open("s3://...")``), the loader's own order is shard-local: rows are shuffled within
+            windows of this many shards (the shards themselves in a random order), so a batch reads one or two
+            windows of shards instead of nearly every shard (:class:`SeededRandomSampler`; the epoch's seed is
+            drawn from torch's RNG as torch does, or derived from ``seed``). Pass a sampler for a global shuffle.
         prefetch: with ``num_workers=0``, load this many batches ahead on a small thread pool in this process
             (``datapipe`` datasets and collators release the GIL); results come in plan order and the state still
             counts batches delivered. ``0`` (default): load each batch when it is asked for, as torch does.
@@ -96,17 +101,23 @@ class DataLoader(tud.DataLoader[T_co]):
                  drop_last: bool = False, timeout: float = 0, worker_init_fn=None, multiprocessing_context=None,
                  generator=None, *, prefetch_factor: int | None = None, persistent_workers: bool = False,
                  pin_memory_device: str = "", in_order: bool = True, seed: int | None = None, prefetch: int = 0,
+                 shard_window: int = 8,
                  device: str | torch.device | None = None):
         if collate_fn is None and hasattr(dataset, "__getitems__") and batch_size is not None \
                 and _ours(dataset):
             from datapipe.collate import default
 
             collate_fn = default
-        if seed is not None:
-            if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
-                raise TypeError(f"seed must be an int or None (got {type(seed).__name__})")
-            if shuffle and sampler is None and batch_sampler is None and not isinstance(dataset, tud.IterableDataset):
-                sampler, shuffle = SeededRandomSampler(dataset, int(seed)), None
+        if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool)):
+            raise TypeError(f"seed must be an int or None (got {type(seed).__name__})")
+        own_order = shuffle and sampler is None and batch_sampler is None and not isinstance(dataset, tud.IterableDataset)
+        if own_order and getattr(dataset, "is_remote", False):
+            # shards on object storage come through a bounded cache: a global shuffle would read nearly every shard
+            # per batch, a shard-local one reads `shard_window` shards at a time
+            sampler, shuffle = SeededRandomSampler(dataset, None if seed is None else int(seed),
+                                                   shard_offsets=dataset.shard_offsets, shard_window=shard_window), None
+        elif own_order and seed is not None:
+            sampler, shuffle = SeededRandomSampler(dataset, int(seed)), None
         if not isinstance(prefetch, (int, np.integer)) or isinstance(prefetch, bool) or prefetch < 0:
             raise ValueError(f"prefetch must be an integer >= 0 (got {prefetch=})")
         if prefetch and num_workers:
@@ -271,6 +282,8 @@ class DataLoader(tud.DataLoader[T_co]):
             inner = src.sampler if type(src) is tud.BatchSampler else src
             if isinstance(inner, SeededRandomSampler):
                 cfg["seed"] = inner.seed
+                if inner.shard_offsets is not None:
+                    cfg["shard_window"] = inner.shard_window
         if self._iterable:
             cfg["batch_size"], cfg["num_workers"] = self.batch_size, self.num_workers
         return cfg

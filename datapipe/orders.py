@@ -20,6 +20,7 @@ import torch
 import torch.utils.data as tud
 from numpy.typing import NDArray
 
+from native.feistel import mix_prefix, shard_window_rows
 from native.rng import mix_seed, permutation
 
 __all__ = ["SeededRandomSampler", "epoch_order", "generator_state", "is_reproducible", "set_generator_state"]
@@ -32,26 +33,54 @@ class SeededRandomSampler(tud.Sampler[int]):
     no global RNG is consumed, every epoch is reshuffled (the loader sets the epoch), and a restart redraws the
     same order from the seed alone. The length follows ``len(data_source)`` at each pass.
 
+    With ``shard_offsets`` the order is *shard-local* (Mosaic streaming's ``py1b``): the shards are permuted, cut
+    into windows of ``shard_window`` shards, and the rows of each window permuted among themselves, so a batch
+    reads the shards of one window (two at a boundary) instead of nearly every shard. The loader uses it for
+    datasets on object storage (``dataset.is_remote``), whose shards are downloaded through a bounded cache.
+
     Args:
         data_source: a sized dataset.
-        seed: integer seed.
+        seed: integer seed; ``None`` (shard-local only): each epoch's seed is drawn from torch's global RNG when the
+            epoch starts, as ``torch.utils.data.RandomSampler`` draws its own (the loader records it for resume).
+        shard_offsets: int64 ``[S + 1]`` first row of each shard, then ``len(data_source)``.
+        shard_window: shards whose rows are shuffled together (``>= 1``).
     """
 
-    def __init__(self, data_source, seed: int) -> None:
-        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+    def __init__(self, data_source, seed: int | None, *, shard_offsets=None, shard_window: int = 8) -> None:
+        if seed is None and shard_offsets is None:
+            raise TypeError("seed must be an int (None only with shard_offsets)")
+        if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool)):
             raise TypeError(f"seed must be an int (got {type(seed).__name__})")
+        if not isinstance(shard_window, (int, np.integer)) or shard_window < 1:
+            raise ValueError(f"shard_window must be an integer >= 1 (got {shard_window=})")
         self.data_source = data_source
-        self.seed = int(seed)
+        self.seed = None if seed is None else int(seed)
+        self.shard_offsets = None if shard_offsets is None else np.asarray(shard_offsets, dtype=np.int64)
+        self.shard_window = int(shard_window)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def order(self, epoch: int | None = None) -> NDArray[np.int64]:
-        return permutation(len(self.data_source), mix_seed(self.seed, self.epoch if epoch is None else epoch))
+    def order(self, epoch: int | None = None, seed: int | None = None) -> NDArray[np.int64]:
+        """The order of ``epoch`` (default the current one); ``seed`` is the epoch's drawn seed when ``self.seed``
+        is None."""
+        epoch = self.epoch if epoch is None else epoch
+        if self.seed is None and seed is None:
+            raise ValueError("this sampler draws each epoch's seed from torch's RNG: pass the drawn seed")
+        s = mix_seed(self.seed, epoch) if self.seed is not None else int(seed)
+        n = len(self.data_source)
+        off = self.shard_offsets
+        if off is None:
+            return permutation(n, s)
+        if len(off) < 2 or off[0] != 0 or off[-1] != n or np.any(np.diff(off) < 0):
+            raise ValueError(f"shard_offsets must rise from 0 to len(data_source)={n} (got {off[:1]}..{off[-1:]})")
+        shards = permutation(len(off) - 1, s)
+        return shard_window_rows(0, n, np.diff(off)[shards], off[:-1][shards], self.shard_window, mix_prefix(s))
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.order().tolist())
+        seed = None if self.seed is not None else int(torch.empty((), dtype=torch.int64).random_().item())
+        return iter(self.order(seed=seed).tolist())
 
     def __len__(self) -> int:
         return len(self.data_source)
@@ -85,7 +114,12 @@ def epoch_order(sampler, epoch: int, record: Mapping | None = None) -> tuple[NDA
         ``(int64 indices, record)``; the record is small and JSON-serialisable.
     """
     if isinstance(sampler, SeededRandomSampler):
-        return sampler.order(epoch), {}
+        if sampler.seed is not None:
+            return sampler.order(epoch), {}
+        record = dict(record or {})
+        if "seed" not in record:  # drawn when the epoch starts, as torch's RandomSampler draws its seed
+            record["seed"] = int(torch.empty((), dtype=torch.int64).random_().item())
+        return sampler.order(epoch, seed=record["seed"]), record
     if isinstance(sampler, tud.SequentialSampler):
         return np.arange(len(sampler.data_source), dtype=np.int64), {}
     n, num = len(sampler.data_source), sampler.num_samples

@@ -1,7 +1,9 @@
 """The staged (block) form of the dataset-decomposition kernel, for engines that split the rows over workers
 (the Ray Data engine): ``scan_documents`` per block, ``plan_layout`` once, ``fill_block`` per block,
-``finish_output`` once. The result is byte-identical to ``native.decompose.decompose_lengths``, which runs the same
-per-document code (``count_tail``, ``fill_doc``) in one process. Paper: "Dataset Decomposition: Faster LLM
+``finish_output`` once; or, holding one block at a time (the streaming local engine,
+``datapipe.decomposition_stream``), ``plan_layout`` per block from the previous block's end (``start``). The
+result is byte-identical to ``native.decompose.decompose_lengths``, which runs the same per-document code
+(``count_tail``, ``fill_doc``) in one process. Paper: "Dataset Decomposition: Faster LLM
 Training with Variable Sequence Length Curriculum" (Pouransari et al., NeurIPS 2024).
 """
 
@@ -30,15 +32,16 @@ def _scan(lengths, row_offset, min_log2, max_log2, seed):
 
 
 @njit
-def _layout(counts, tail, policy, cap):
-    # prefix sums: first bucket piece, first remainder piece and concatenated tail position of every document
+def _layout(counts, tail, policy, cap, piece0, rem0, pos0):
+    # prefix sums from the given starts: first bucket piece, first remainder piece and concatenated tail
+    # position of every document
     n = counts.shape[0]
     piece_off = np.empty(n + 1, dtype=np.int64)
     tail_off = np.empty(n + 1, dtype=np.int64)
     tail_pos = np.empty(n + 1, dtype=np.int64)
-    piece_off[0] = 0
-    tail_off[0] = 0
-    tail_pos[0] = 0
+    piece_off[0] = piece0
+    tail_off[0] = rem0
+    tail_pos[0] = pos0
     for i in range(n):
         piece_off[i + 1] = piece_off[i] + counts[i]
         t = tail[i]
@@ -87,19 +90,33 @@ def scan_documents(lengths, *, min_log2: int = 8, max_log2: int = 13, seed: int 
     return _scan(lengths, np.int64(row_offset), np.int64(min_log2), np.int64(max_log2), check_seed(seed))
 
 
-def plan_layout(counts, tail, *, min_log2: int, remainder: str = "pack") -> dict:
-    """Where every document's pieces go in the output (prefix sums over all documents, in row order).
+def plan_layout(counts, tail, *, min_log2: int, remainder: str = "pack", start: tuple[int, int, int] = (0, 0, 0),
+                num_full: int | None = None) -> dict:
+    """Where every document's pieces go in the output (prefix sums over the documents, in row order).
+
+    Args:
+        counts, tail: int ``[n]`` from :func:`scan_documents`.
+        min_log2: the smallest piece size ``2^min_log2``.
+        remainder: ``"pack"``, ``"pad"`` or ``"drop"``.
+        start: ``(piece, remainder piece, tail position)`` of the first document, for the layout of one block of
+            rows inside a corpus (the values at the block's first row of the whole corpus's layout); the offsets
+            are then global, and the totals below count the rows up to the block's end.
+        num_full: the corpus's bucket pieces (remainder sequences are numbered after them) for a block's layout;
+            default: this layout's own.
 
     Returns:
-        dict: int64 ``piece_off``, ``tail_off``, ``tail_pos`` ``[N+1]`` and the ints ``num_full`` (bucket
+        dict: int64 ``piece_off``, ``tail_off``, ``tail_pos`` ``[n+1]`` and the ints ``num_full`` (bucket
         pieces = bucket sequences), ``num_rem_pieces``, ``num_rem_sequences``, ``tail_tokens``.
     """
     if remainder not in REMAINDER_POLICIES:
         raise ValueError(f"remainder must be one of {REMAINDER_POLICIES} (got {remainder=})")
+    if len(start) != 3 or any(int(v) < 0 for v in start):
+        raise ValueError(f"start must be three offsets >= 0: (piece, remainder piece, tail position) (got {start=})")
     cap = 1 << int(min_log2)
     counts = np.ascontiguousarray(counts, dtype=np.int64)
     tail = np.ascontiguousarray(tail, dtype=np.int64)
-    piece_off, tail_off, tail_pos = _layout(counts, tail, np.int64(POLICY_CODE[remainder]), np.int64(cap))
+    piece_off, tail_off, tail_pos = _layout(counts, tail, np.int64(POLICY_CODE[remainder]), np.int64(cap),
+                                            *(np.int64(v) for v in start))
     tail_tokens = int(tail_pos[-1])
     if remainder == "pack":
         n_rseq = -(-tail_tokens // cap)
@@ -107,7 +124,8 @@ def plan_layout(counts, tail, *, min_log2: int, remainder: str = "pack") -> dict
         n_rseq = int(tail_off[-1])
     else:
         n_rseq = 0
-    return {"piece_off": piece_off, "tail_off": tail_off, "tail_pos": tail_pos, "num_full": int(piece_off[-1]),
+    nf = int(piece_off[-1]) if num_full is None else int(num_full)
+    return {"piece_off": piece_off, "tail_off": tail_off, "tail_pos": tail_pos, "num_full": nf,
             "num_rem_pieces": int(tail_off[-1]), "num_rem_sequences": n_rseq, "tail_tokens": tail_tokens,
             "remainder": remainder, "min_log2": int(min_log2)}
 

@@ -14,6 +14,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from native._config import njit
+from native.prefetch import AHEAD, prefetch_row
 
 
 @njit
@@ -21,6 +22,54 @@ def _gather_lengths(offsets, rows, pos, out_lengths):
     for i in range(rows.shape[0]):
         r = rows[i]
         out_lengths[pos[i]] = offsets[r + 1] - offsets[r]
+
+
+@njit
+def _locate_rows(starts, idx, shard, local):
+    n = starts[starts.shape[0] - 1]
+    single = True
+    for i in range(idx.shape[0]):
+        r = idx[i]
+        if r < 0:
+            r += n
+        if r < 0 or r >= n:
+            return i, False
+        s = np.searchsorted(starts, r, side="right") - 1
+        shard[i] = s
+        local[i] = r - starts[s]
+        if s != shard[0]:
+            single = False
+    return -1, single
+
+
+def locate_rows(starts: NDArray[np.int64], idx: NDArray[np.int64], shard: NDArray[np.int64],
+                local: NDArray[np.int64]) -> tuple[int, bool]:
+    """Shard and row within the shard of each dataset row ``idx[i]`` (negative rows count from the end), in place.
+
+    Args:
+        starts: int64 ``[S+1]`` first dataset row of each shard, then the row count (empty shards repeat a start).
+        idx: int64 ``[B]`` dataset rows.
+        shard, local: int64 ``[B]`` outputs.
+
+    Returns:
+        ``(bad, single)``: the position in ``idx`` of the first row out of range (``-1`` when none; the outputs
+        are then incomplete), and whether every row is in one shard.
+    """
+    bad, single = _locate_rows(starts, idx, shard, local)
+    return int(bad), bool(single)
+
+
+@njit
+def _row_offsets(offsets, rows, out):
+    out[0] = 0
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        out[i + 1] = out[i] + offsets[r + 1] - offsets[r]
+
+
+def row_offsets(offsets: NDArray, rows: NDArray[np.int64], out: NDArray[np.int64]) -> None:
+    """``out`` (int64 ``[len(rows)+1]``): offsets of rows ``rows`` of a ragged column laid back to back (in place)."""
+    _row_offsets(offsets, rows, out)
 
 
 @njit(inline="always")
@@ -39,13 +88,21 @@ def _gather_row(offsets, values, rows, pos, out_offsets, out_values, i):
 
 @njit
 def _gather_values(offsets, values, rows, pos, out_offsets, out_values):
-    for i in range(rows.shape[0]):
+    m = rows.shape[0]
+    for i in range(min(AHEAD, m)):
+        prefetch_row(offsets, values, rows[i])
+    for i in range(m):
+        if i + AHEAD < m:  # the row two ahead loads while this one is copied (see native.prefetch)
+            prefetch_row(offsets, values, rows[i + AHEAD])
         _gather_row(offsets, values, rows, pos, out_offsets, out_values, i)
 
 
 @njit(parallel=True)
 def _gather_values_parallel(offsets, values, rows, pos, out_offsets, out_values):
-    for i in numba.prange(rows.shape[0]):
+    m = rows.shape[0]
+    for i in numba.prange(m):
+        if i + AHEAD < m:
+            prefetch_row(offsets, values, rows[i + AHEAD])
         _gather_row(offsets, values, rows, pos, out_offsets, out_values, i)
 
 
@@ -110,14 +167,22 @@ def _pad_row(offsets, values, rows, pos, pad_id, label_pad, out_ids, out_mask, o
 
 @njit
 def _pad_rows(offsets, values, rows, pos, pad_id, label_pad, out_ids, out_mask, out_labels):
-    for i in range(rows.shape[0]):
+    m = rows.shape[0]
+    for i in range(min(AHEAD, m)):
+        prefetch_row(offsets, values, rows[i])
+    for i in range(m):
+        if i + AHEAD < m:
+            prefetch_row(offsets, values, rows[i + AHEAD])
         _pad_row(offsets, values, rows, pos, pad_id, label_pad, out_ids, out_mask, out_labels, i)
 
 
 @njit(parallel=True)
 def _pad_rows_parallel(offsets, values, rows, pos, pad_id, label_pad, out_ids, out_mask, out_labels):
     # rows are independent and only copied: the result is the same for any thread count
-    for i in numba.prange(rows.shape[0]):
+    m = rows.shape[0]
+    for i in numba.prange(m):
+        if i + AHEAD < m:
+            prefetch_row(offsets, values, rows[i + AHEAD])
         _pad_row(offsets, values, rows, pos, pad_id, label_pad, out_ids, out_mask, out_labels, i)
 
 

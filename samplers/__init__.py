@@ -10,7 +10,7 @@ from __future__ import annotations
 from native._lazy import attach
 
 _LAZY = {
-    "samplers.base": ("BatchSamplerBase", "Plan", "PlanWarning"),
+    "samplers.base": ("BatchSamplerBase", "Plan", "PlanStats", "PlanWarning"),
     "samplers.random": ("RandomBatchSampler",),
     "samplers.token_budget": ("TokenBudgetBatchSampler",),
     "samplers.decomposed": ("DecomposedBatchSampler",),

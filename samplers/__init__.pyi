@@ -15,6 +15,7 @@ from . import token_budget as token_budget
 from . import topic_aware as topic_aware
 from .base import BatchSamplerBase as BatchSamplerBase
 from .base import Plan as Plan
+from .base import PlanStats as PlanStats
 from .base import PlanWarning as PlanWarning
 from .calibrate import BatchShape as BatchShape
 from .calibrate import BatchShape2D as BatchShape2D
@@ -45,6 +46,7 @@ __all__ = [
     "PackedDurationSampler",
     "PairTable",
     "Plan",
+    "PlanStats",
     "PlanWarning",
     "RandomBatchSampler",
     "ShapedMixtureBatchSampler",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator, Mapping
+from typing import TypedDict
 
 import numpy as np
 from numpy.typing import NDArray
@@ -32,9 +33,9 @@ from samplers.plan import (Plan, check_budget, check_lengths, deal, digest_array
                            regroup_in_order, reorder_steps, resolve_rank, resolve_world, take_batches)
 
 # the plan helpers are re-exported: samplers import them from here, next to the contract they serve
-__all__ = ["BatchSamplerBase", "Plan", "PlanWarning", "check_budget", "check_lengths", "deal", "digest_array",
-           "even_out", "group_steps", "jsonable", "regroup_in_order", "reorder_steps", "resolve_rank", "resolve_world",
-           "take_batches"]
+__all__ = ["BatchSamplerBase", "Plan", "PlanStats", "PlanWarning", "check_budget", "check_lengths", "deal",
+           "digest_array", "even_out", "group_steps", "jsonable", "regroup_in_order", "reorder_steps", "resolve_rank",
+           "resolve_world", "take_batches"]
 
 STATE_VERSION = 2
 
@@ -43,6 +44,35 @@ class PlanWarning(UserWarning):
     """A sampler's plan drops rows, or repeats rows beyond what was asked for. Emitted once per epoch with the
     counts, the share of tokens (or seconds) lost, the reason and the option that changes it; pass
     ``strict=True`` to the sampler to make it a ``ValueError``."""
+
+
+class PlanStats(TypedDict):
+    """The keys every sampler's ``stats()`` returns, for the current epoch over all ranks.
+
+    A plain ``dict`` at run time (``json.dumps`` takes it). Each sampler adds its own keys (padding, tokens per
+    batch, passes per domain, ...), listed in its ``stats()`` docstring; a type checker sees the shared ones.
+
+    Keys:
+        epoch: the epoch the statistics describe.
+        num_batches: batches of the epoch, all ranks together.
+        batches_per_rank: batches each rank yields (``num_batches // world_size``).
+        rows: rows the epoch yields, all ranks together (repeats counted each time).
+        mean_batch_size, min_batch_size, max_batch_size: rows per batch (0 for an empty epoch).
+        dropped_rows: rows left out of the epoch, ``sum(dropped.values())``.
+        dropped: reason -> rows left out for it (``"incomplete_batch"``, ``"longer_than_max_tokens"``, ...).
+        repeated: reason -> rows yielded more than once for it.
+    """
+
+    epoch: int
+    num_batches: int
+    batches_per_rank: int
+    rows: int
+    mean_batch_size: float
+    min_batch_size: int
+    max_batch_size: int
+    dropped_rows: int
+    dropped: dict[str, int]
+    repeated: dict[str, int]
 
 
 #: what each drop reason means and the option that changes it (for PlanWarning messages)
@@ -334,12 +364,13 @@ class BatchSamplerBase:
         self.reset(state)
 
     # ---- statistics ---------------------------------------------------------------------------------------
-    def stats(self) -> dict:
-        """Plan statistics of the current epoch, over all ranks: batches, rows, batch sizes, drops and repeats."""
+    def stats(self) -> PlanStats:
+        """Plan statistics of the current epoch, over all ranks: batches, rows, batch sizes, drops and repeats
+        (the keys of :class:`PlanStats`; subclasses add their own)."""
         plan = self.global_plan()
         return self._shared_stats(plan.sizes, len(plan.indices), plan.dropped, plan.repeated)
 
-    def _shared_stats(self, sizes: NDArray, rows: int, dropped: Mapping, repeated: Mapping) -> dict:
+    def _shared_stats(self, sizes: NDArray, rows: int, dropped: Mapping, repeated: Mapping) -> PlanStats:
         """The keys every sampler's ``stats()`` has, from the global plan's batch sizes, rows, drops and repeats."""
         nb = len(sizes)
         return {

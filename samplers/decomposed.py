@@ -22,13 +22,14 @@ step is filled with sequences of the same slice (counted under ``repeated``).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 import numpy as np
 from numpy.typing import NDArray
 
 from native.curriculum import curriculum_order
 from native.rng import mix_seed, permutation
-from samplers.base import BatchSamplerBase, Plan, digest_array
+from samplers.base import BatchSamplerBase, Plan, PlanStats, digest_array
 
 __all__ = ["CURRICULA", "DecomposedBatchSampler", "curriculum_odds"]
 
@@ -233,9 +234,9 @@ class DecomposedBatchSampler(BatchSamplerBase):
                 self._cost = np.exp2(2.0 * self.sequence_log2)
         return self._cost
 
-    def stats(self) -> dict:
+    def stats(self) -> PlanStats:
         """Plan statistics: per bucket sequences, steps and tokens; steps; tokens per step; attention cost."""
-        out = super().stats()
+        out: dict = dict(super().stats())  # the shared keys (PlanStats), then its own
         plan = self.global_plan()
         W = self.world_size
         ks = plan.groups % _G if plan.num_batches else np.zeros(0, np.int64)
@@ -268,4 +269,4 @@ class DecomposedBatchSampler(BatchSamplerBase):
             if total_tokens else 0.0,
             step_log2=ks[::W].tolist() if steps else [],
         )
-        return out
+        return cast(PlanStats, out)

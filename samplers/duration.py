@@ -26,6 +26,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
+from typing import cast
+
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
@@ -36,7 +38,8 @@ from native.duration import (
     duration_window_sizes,
 )
 from native.feistel import mix_prefix
-from samplers.base import BatchSamplerBase, Plan, check_lengths, digest_array
+from samplers.base import BatchSamplerBase, Plan, PlanStats, check_lengths, digest_array
+from samplers.plan_cache import PlanCache, check_window, source_id
 from samplers.bins import (
     check_durations,
     estimate_duration_bins,
@@ -63,12 +66,13 @@ _COUNT_WINDOWS = 16
 _SCAN_CHUNK = 1 << 24
 #: ``global_plan()`` refuses to materialise a windowed plan of more rows than this.
 MAX_PLAN_ROWS = 1 << 28
-#: Counting passes and first arrangements shared by the samplers of one process (a resume builds a second
-#: sampler over the same durations): key -> read-only tables, the last two / the last one.
-_SHARED_TABLES: OrderedDict = OrderedDict()
+#: Counting passes shared by the samplers of one process and, for memory-mapped durations, kept on disk (a resume
+#: builds a second sampler over the same durations, often in a fresh process): key -> read-only tables.
+_PASSES = PlanCache("duration")
+#: The first arrangement of a counted epoch (the last one), shared by the samplers of one process.
 _SHARED_ARRANGED: OrderedDict = OrderedDict()
-#: durations validated in this process: digest -> {(max_duration, q): (cuts over the budget, first such row)}
-_SCANNED: OrderedDict = OrderedDict()
+#: Whole-file scans of the durations (validation, cuts over the budget, the bin sample), kept the same way.
+_SCANS = PlanCache("duration_scan", keep=16)
 
 
 def cut_cost(d: NDArray[np.float64], quadratic_duration: float | None) -> NDArray[np.float64]:
@@ -162,9 +166,11 @@ class DurationBucketSampler(BatchSamplerBase):
         self.windowed = output_lengths is None and np.ndim(durations) == 1 and len(durations) > EXACT_MAX_ROWS
         if self.windowed:
             arr = np.asarray(durations)
-            self._digest = (len(arr), str(arr.dtype), digest_array(arr) if arr.ndim == 1 else "")
-            # a second sampler over the same memory map (a resume) skips the scans
-            self.durations = arr if self._digest in _SCANNED else _check_durations_chunked(arr)
+            self._digest = (len(arr), str(arr.dtype), digest_array(arr) if arr.ndim == 1 else "", source_id(durations))
+            # a second sampler over the same durations (a resume, also in a fresh process for a memory map) skips
+            # the scans
+            self._memo(("valid",), lambda: len(_check_durations_chunked(arr)), source=durations)
+            self.durations = arr
         else:
             self.durations = check_durations(durations)
         n = self.num_rows = len(self.durations)
@@ -351,6 +357,8 @@ class DurationBucketSampler(BatchSamplerBase):
                                  "the sampler instead")
             kw = self._window_kw(epoch)
             parts = [duration_window_batches(self.durations, w, **kw) for w in range(self._num_windows)]
+            for w, part in enumerate(parts):
+                check_window(t, w, np.diff(part[1]), t["size"], t["wcum"], lambda: self._forget(epoch))
             idx = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
             sizes = np.concatenate([np.diff(p[1]) for p in parts]) if parts else np.zeros(0, np.int64)
             groups = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.int64)
@@ -377,16 +385,16 @@ class DurationBucketSampler(BatchSamplerBase):
         return [float(b) for b in self.bins] + [max(top, float(self.bins[-1]) if len(self.bins) else top)]
 
     # ---- statistics ---------------------------------------------------------------------------------------
-    def stats(self) -> dict:
+    def stats(self) -> PlanStats:
         """Plan statistics over all ranks: those of every sampler plus ``padding_fraction`` (of the padded
         seconds), ``duration`` / ``padded_duration`` (s), ``batches_per_bucket`` and ``cuts_per_bucket``
         (lists, one per bucket), ``promoted`` (cuts moved to a larger bucket; ``promoted_by_reason`` splits
-        it), ``discarded`` (cuts left out this epoch; ``dropped`` gives the reasons), ``bins``; in 2D also
+        it), ``discarded`` (deprecated: the same number as ``dropped_rows``; removed in the next release), ``bins``; in 2D also
         ``token_padding_fraction``. A windowed plan (above ``EXACT_MAX_ROWS``) also gives ``plan`` and
         ``window_rows``, and its seconds and padding come from the counting pass."""
         if self.windowed:
             return self._windowed_stats()
-        out = super().stats()
+        out: dict = dict(super().stats())
         plan = self.global_plan()
         real, padded = plan.padding(self.durations)
         out.update(
@@ -405,16 +413,11 @@ class DurationBucketSampler(BatchSamplerBase):
         if self.is_2d:
             t, tp = plan.padding(self.output_lengths)
             out["token_padding_fraction"] = 1.0 - t / tp if tp else 0.0
-        return out
+        return cast(PlanStats, out)
 
     # ---- windowed plans (above EXACT_MAX_ROWS, 1D buckets) ---------------------------------------------------
     def _init_windowed(self, on_long: str, bucket_batch_sizes) -> None:
-        scans = _SCANNED.setdefault(self._digest, {})
-        _SCANNED.move_to_end(self._digest)
-        while len(_SCANNED) > 4:
-            _SCANNED.popitem(last=False)
-        budget = (self.max_duration, self.quadratic_duration)
-        if budget not in scans:
+        def over_budget() -> list[int]:
             count, first = 0, -1
             for a in range(0, self.num_rows, _SCAN_CHUNK):
                 d = np.asarray(self.durations[a : a + _SCAN_CHUNK], dtype=np.float64)
@@ -422,8 +425,9 @@ class DurationBucketSampler(BatchSamplerBase):
                 if len(hit) and first < 0:
                     first = a + int(hit[0])
                 count += len(hit)
-            scans[budget] = (count, first)
-        count, first = scans[budget]
+            return [count, first]
+
+        count, first = (int(x) for x in self._memo(("over", self.max_duration, self.quadratic_duration), over_budget))
         if count and on_long == "error":
             raise ValueError(f"cut {first} lasts {float(self.durations[first]):.3f} s, over max_duration="
                              f"{self.max_duration} ({count} cuts in all); raise max_duration or use on_long='drop'")
@@ -450,12 +454,11 @@ class DurationBucketSampler(BatchSamplerBase):
         self._lazy: tuple | None = None
         self._tables(self.epoch)  # the counting pass of the first epoch, up front (or another sampler's)
 
-    def _memo(self, key, compute):
-        """A result over these durations computed once per process (a resume's second sampler skips the pass)."""
-        scans = _SCANNED.setdefault(self._digest, {})
-        if key not in scans:
-            scans[key] = compute()
-        return scans[key]
+    def _memo(self, key, compute, source=None):
+        """A result over these durations computed once (a resume's second sampler skips the pass; for a memory map
+        also in a fresh process, see :mod:`samplers.plan_cache`)."""
+        source = self.durations if source is None else source
+        return _SCANS.memo((key, self._digest), source, lambda: {"value": compute()})["value"]
 
     def _sample(self) -> NDArray[np.float64]:
         """Every ``ceil(N / SAMPLE_ROWS)``-th duration (float64)."""
@@ -492,10 +495,13 @@ class DurationBucketSampler(BatchSamplerBase):
             self._epoch_tables.move_to_end(epoch)
             return self._epoch_tables[epoch]
         key = (self._digest, repr(self._options()), self.seed, epoch)
-        if key in _SHARED_TABLES:
-            _SHARED_TABLES.move_to_end(key)
-            self._epoch_tables[epoch] = _SHARED_TABLES[key]
-            return _SHARED_TABLES[key]
+        tables = _PASSES.memo(key, self.durations, lambda: self._count(epoch, key))
+        self._epoch_tables[epoch] = tables
+        while len(self._epoch_tables) > 2:
+            self._epoch_tables.popitem(last=False)
+        return tables
+
+    def _count(self, epoch: int, key) -> dict:
         kw = self._window_kw(epoch)
         sizes, buckets, totals, top = [], [], np.zeros(4), 0.0
         for w0 in range(0, self._num_windows, _COUNT_WINDOWS):
@@ -512,16 +518,9 @@ class DurationBucketSampler(BatchSamplerBase):
         bucket = np.concatenate(buckets) if buckets else np.zeros(0, np.int16)
         del buckets
         dropped = {"longer_than_max_duration": int(totals[0])} if totals[0] else {}
-        tables = {"wcum": wcum, "size": size, "bucket": bucket, "dropped": dropped, "key": key,
-                  "seconds": float(totals[1]), "padded": float(totals[2]), "dropped_seconds": float(totals[3]),
-                  "top": top}
-        self._epoch_tables[epoch] = tables
-        while len(self._epoch_tables) > 2:
-            self._epoch_tables.popitem(last=False)
-        _SHARED_TABLES[key] = tables
-        while len(_SHARED_TABLES) > 2:
-            _SHARED_TABLES.popitem(last=False)
-        return tables
+        return {"wcum": wcum, "size": size, "bucket": bucket, "dropped": dropped, "key": repr(key),
+                "seconds": float(totals[1]), "padded": float(totals[2]), "dropped_seconds": float(totals[3]),
+                "top": top}
 
     def _first_parts(self, epoch: int, world_size: int) -> PartPlan:
         """The epoch's plan arranged for ``world_size`` ranks (``group_steps`` on the counted batches)."""
@@ -559,10 +558,16 @@ class DurationBucketSampler(BatchSamplerBase):
     def _window(self, epoch: int, w: int) -> tuple:
         key = (epoch, w)
         if key not in self._windows:
-            self._windows[key] = duration_window_batches(self.durations, w, **self._window_kw(epoch))
+            self._windows[key] = got = duration_window_batches(self.durations, w, **self._window_kw(epoch))
+            t = self._tables(epoch)
+            check_window(t, w, np.diff(got[1]), t["size"], t["wcum"], lambda: self._forget(epoch))
             while len(self._windows) > 4:
                 self._windows.popitem(last=False)
         return self._windows[key]
+
+    def _forget(self, epoch: int) -> None:
+        _PASSES.forget((self._digest, repr(self._options()), self.seed, epoch), self.durations)
+        self._epoch_tables.pop(epoch, None)
 
     def _part_rows(self, epoch: int, src: int, a: int, size: int) -> NDArray[np.int64]:
         wcum = self._tables(epoch)["wcum"]
@@ -584,6 +589,7 @@ class DurationBucketSampler(BatchSamplerBase):
         rows = np.empty(int(offsets[-1]), dtype=np.int64)
         for w in np.unique(win).tolist():  # each window planned once, its batches put in place
             wrows, woff, _ = duration_window_batches(self.durations, w, **self._window_kw(self.epoch))
+            check_window(t, w, np.diff(woff), t["size"], t["wcum"], lambda: self._forget(self.epoch))
             for b in np.flatnonzero(win == w).tolist():
                 start = int(woff[src[b] - t["wcum"][w]]) + int(a[b])
                 rows[offsets[b] : offsets[b + 1]] = wrows[start : start + size[b]]
@@ -596,12 +602,12 @@ class DurationBucketSampler(BatchSamplerBase):
             return self.bucket_of[rows]
         return np.searchsorted(self.bins, np.asarray(self.durations[rows], dtype=np.float64), side="left")
 
-    def _windowed_stats(self) -> dict:
+    def _windowed_stats(self) -> PlanStats:
         """Statistics of a windowed plan from the counting pass (seconds and padding before an elastic split)."""
         plan, t = self._part_plan(), self._tables(self.epoch)
         size, nb = plan.size, plan.num_batches
         real, padded = t["seconds"], t["padded"]
-        return {
+        return cast(PlanStats, {
             **self._shared_stats(size, plan.rows, plan.dropped, {}),
             "duration": real,
             "padded_duration": padded,
@@ -617,7 +623,7 @@ class DurationBucketSampler(BatchSamplerBase):
             "bins": self.bins.tolist(),
             "plan": "windowed",
             "window_rows": self._window_rows,
-        }
+        })
 
     def global_plan(self) -> Plan:
         """The arranged global plan of the current epoch (materialised; windowed plans only when small)."""

@@ -37,13 +37,14 @@ so resume (also across phase boundaries) is O(1): it starts computing at the sav
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import cast
 
 import numpy as np
 from numpy.typing import NDArray
 
 from native.feistel import mix_prefix, stream_batches
 from native.rounding import largest_remainder as largest_remainder_counts  # the name samplers export
-from samplers.base import BatchSamplerBase, Plan, digest_array
+from samplers.base import BatchSamplerBase, Plan, PlanStats, digest_array
 
 __all__ = ["MixtureBatchSampler", "largest_remainder_counts"]
 
@@ -336,14 +337,14 @@ class MixtureBatchSampler(BatchSamplerBase):
         return self.total_steps - (self._elastic_start(self.epoch)[0] if self._segments else 0)
 
     # ---- statistics ----------------------------------------------------------------------------------------------
-    def stats(self) -> dict:
+    def stats(self) -> PlanStats:
         """Plan statistics (computed from the counts, without materialising the plan) plus passes per domain,
         realised vs target weights and the unused rows of last passes."""
         need = self._tables(self.epoch)[2]
         nb = self.total_steps * self.world_size
         total = max(1, int(need.sum()))
         passes = need / self.sizes
-        return {
+        return cast(PlanStats, {
             "epoch": self.epoch,
             "num_batches": nb,
             "batches_per_rank": self.total_steps,
@@ -363,4 +364,4 @@ class MixtureBatchSampler(BatchSamplerBase):
             "realised_weights": {d: int(n) / total for d, n in zip(self.domains, need)},
             "unused_rows_last_pass": {d: int((-int(n)) % int(s)) if n else int(s)
                                       for d, n, s in zip(self.domains, need, self.sizes)},
-        }
+        })

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Mapping
+from typing import cast
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -23,7 +25,7 @@ from numpy.typing import ArrayLike, NDArray
 from native.balanced import balanced_kmeans
 from native.batching import fixed_sizes
 from native.rng import permutation
-from samplers.base import BatchSamplerBase, Plan, take_batches
+from samplers.base import BatchSamplerBase, Plan, PlanStats, take_batches
 from samplers.ngame_dist import any_rank, broadcast_ids, dist_group, sync_bank_to_rank0
 from samplers.ngame_io import read_cluster_file, write_cluster_file
 
@@ -33,8 +35,6 @@ __all__ = ["NGAMEBatchSampler"]
 def __getattr__(name: str):
     # ``from samplers.ngame import positive_mask`` keeps working one release (it moved to samplers.labels)
     if name == "positive_mask":
-        import warnings
-
         warnings.warn("samplers.ngame.positive_mask moved to samplers.labels; import it from there or from "
                       "samplers (the old name goes in the next release)", DeprecationWarning, stacklevel=2)
         from samplers.labels import positive_mask
@@ -56,6 +56,21 @@ def _parse_schedule(schedule, cluster_size: int) -> list[tuple[int, int]]:
             raise ValueError(f"cluster_size_schedule entries must be (epoch >= 0, cluster_size >= 1) (got {(e, c)!r})")
         out.append((int(e), int(c)))
     return out
+
+
+def _num_rows(num_rows: int | None, num_items: int | None) -> int:
+    """The row count from ``num_rows``, or from its deprecated name ``num_items=`` (kept one release, warns)."""
+    if num_items is None:
+        if num_rows is None:
+            raise TypeError("NGAMEBatchSampler needs the row count: pass num_rows (rows in the dataset), e.g. "
+                            "NGAMEBatchSampler(len(ds), batch_size=256)")
+        return num_rows
+    if num_rows is not None:
+        raise TypeError(f"pass the row count once, as num_rows (got num_rows={num_rows!r} and num_items="
+                        f"{num_items!r}; num_items is the deprecated name of num_rows)")
+    warnings.warn("NGAMEBatchSampler(num_items=...) is deprecated: pass num_rows=... (the name every sampler uses); "
+                  "num_items goes in the next release", DeprecationWarning, stacklevel=3)
+    return num_items
 
 
 def _digest(ids: NDArray[np.int64] | None) -> str:
@@ -86,14 +101,15 @@ class NGAMEBatchSampler(BatchSamplerBase):
     holds the ``embeddings`` given at construction, the clustering is recomputed instead.
 
     Args:
-        num_items: rows in the dataset.
+        num_rows: rows in the dataset (positional or keyword). ``num_items=`` is its deprecated name, accepted
+            for one release with a ``DeprecationWarning``.
         batch_size: rows per batch, a multiple of every cluster size used.
         cluster_size: rows per cluster (default: the largest divisor of ``batch_size`` that is ``<= 16``).
         cluster_size_schedule: ``{epoch: cluster_size}`` (or ``(epoch, size)`` pairs): the cluster size from
             that epoch on (NGAME grows it over training, e.g. ``{0: 2, 10: 4, 20: 8}``).
         refresh_every: re-cluster every this many epochs (NGAME's tau = 5).
         warmup_epochs: random-batch epochs before the first clustering.
-        embeddings: optional ``[num_items, d]`` initial bank (e.g. from a pre-trained encoder).
+        embeddings: optional ``[num_rows, d]`` initial bank (e.g. from a pre-trained encoder).
         seed: integer seed, the same on every rank.
         rank, world_size: default to torch.distributed, else 0 and 1.
         drop_last: drop the last batch when it holds fewer clusters (or rows) than a full one, and trailing
@@ -105,20 +121,22 @@ class NGAMEBatchSampler(BatchSamplerBase):
 
     _elastic = False
 
-    def __init__(self, num_items: int, *, batch_size: int, cluster_size: int | None = None,
+    def __init__(self, num_rows: int | None = None, *, batch_size: int, cluster_size: int | None = None,
                  cluster_size_schedule: Mapping[int, int] | list[tuple[int, int]] | None = None,
                  refresh_every: int = 5, warmup_epochs: int = 0, embeddings: ArrayLike | None = None,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
-                 bank_dtype=np.float16, niter: int = 10, device: str = "auto", strict: bool = False) -> None:
+                 bank_dtype=np.float16, niter: int = 10, device: str = "auto", strict: bool = False,
+                 num_items: int | None = None) -> None:
+        num_rows = _num_rows(num_rows, num_items)
         super().__init__(seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, strict=strict)
-        for name, v, lo in (("num_items", num_items, 0), ("batch_size", batch_size, 1),
+        for name, v, lo in (("num_rows", num_rows, 0), ("batch_size", batch_size, 1),
                             ("refresh_every", refresh_every, 1), ("warmup_epochs", warmup_epochs, 0)):
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo} (got {name}={v!r})")
-        if not drop_last and self.world_size > num_items:
-            raise ValueError(f"world_size={self.world_size} is larger than num_items={num_items}: some rank would "
+        if not drop_last and self.world_size > num_rows:
+            raise ValueError(f"world_size={self.world_size} is larger than num_rows={num_rows}: some rank would "
                              "get no rows; use fewer ranks or more data")
-        self.num_items, self.batch_size = int(num_items), int(batch_size)
+        self.num_rows, self.batch_size = int(num_rows), int(batch_size)
         self.refresh_every, self.warmup_epochs = int(refresh_every), int(warmup_epochs)
         if cluster_size is None:
             cluster_size = max(c for c in range(1, min(16, self.batch_size) + 1) if self.batch_size % c == 0)
@@ -137,7 +155,7 @@ class NGAMEBatchSampler(BatchSamplerBase):
             raise ValueError(f"bank_dtype must be a float dtype (got {bank_dtype=})")
         self.niter, self.device = int(niter), device
         self._bank: NDArray | None = None  # [n, d] memory bank
-        self._stamp = np.full(self.num_items, -1, dtype=np.int64)  # when each row was last written; -1: never
+        self._stamp = np.full(self.num_rows, -1, dtype=np.int64)  # when each row was last written; -1: never
         self._bank_dirty = False  # written since the last clustering
         self._bank_updates = 0  # update_embeddings calls since construction (0: bank == constructor embeddings)
         self._ids: NDArray[np.int64] | None = None
@@ -146,20 +164,27 @@ class NGAMEBatchSampler(BatchSamplerBase):
         self._cluster_size_now = 0
         self._counts = {"refreshes": 0, "refreshes_skipped_incomplete_bank": 0}
         if embeddings is not None:
-            emb = self._check_embeddings(embeddings, self.num_items, "embeddings")
+            emb = self._check_embeddings(embeddings, self.num_rows, "embeddings")
             self._bank = self._to_bank(emb)
             self._stamp[:] = 0
             self._bank_dirty = True
         self._maybe_refresh(0, decide=False)  # clusters the constructor's embeddings; epoch 0 stays open
 
     # ---- configuration helpers ----------------------------------------------------------------------------
+    @property
+    def num_items(self) -> int:
+        """Deprecated name of :attr:`num_rows` (kept one release; warns)."""
+        warnings.warn("NGAMEBatchSampler.num_items is deprecated: read num_rows (the name every sampler uses); "
+                      "num_items goes in the next release", DeprecationWarning, stacklevel=2)
+        return self.num_rows
+
     def cluster_size_at(self, epoch: int) -> int:
         """The cluster size the schedule gives for ``epoch``."""
         return [c for e, c in self._schedule if e <= epoch][-1]
 
     @property
     def cluster_ids(self) -> NDArray[np.int64] | None:
-        """int64 ``[num_items]``: the cluster of every row in the current clustering (a copy), or None before one."""
+        """int64 ``[num_rows]``: the cluster of every row in the current clustering (a copy), or None before one."""
         return None if self._ids is None else self._ids.copy()
 
     def refresh_due(self, epoch: int) -> bool:
@@ -191,7 +216,7 @@ class NGAMEBatchSampler(BatchSamplerBase):
         """Write the embeddings of rows ``indices`` into the memory bank (e.g. from the training forward pass).
 
         Args:
-            indices: int ``[k]`` row indices in ``[0, num_items)`` (a batch this sampler yielded).
+            indices: int ``[k]`` row indices in ``[0, num_rows)`` (a batch this sampler yielded).
             embeddings: ``[k, d]`` finite floats (numpy or torch); ``d`` is fixed by the first call.
 
         Raises:
@@ -203,12 +228,12 @@ class NGAMEBatchSampler(BatchSamplerBase):
         if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
             raise ValueError(f"indices must be a 1-D integer array (got shape {idx.shape}, dtype {idx.dtype})")
         idx = idx.astype(np.int64)
-        if idx.size and (idx.min() < 0 or idx.max() >= self.num_items):
-            raise ValueError(f"indices must be in [0, num_items={self.num_items}) (got min {idx.min()}, "
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_rows):
+            raise ValueError(f"indices must be in [0, num_rows={self.num_rows}) (got min {idx.min()}, "
                              f"max {idx.max()})")
         emb = self._check_embeddings(embeddings, len(idx), "embeddings")
         if self._bank is None:
-            self._bank = np.zeros((self.num_items, emb.shape[1]), dtype=self.bank_dtype)
+            self._bank = np.zeros((self.num_rows, emb.shape[1]), dtype=self.bank_dtype)
         elif emb.shape[1] != self._bank.shape[1]:
             raise ValueError(f"embeddings have dimension {emb.shape[1]} but the bank holds dimension "
                              f"{self._bank.shape[1]}; use the same encoder output size throughout")
@@ -232,7 +257,7 @@ class NGAMEBatchSampler(BatchSamplerBase):
         ids = None
         if group.rank == 0 and bank is not None:
             ids = balanced_kmeans(bank, cs, seed=seed, niter=self.niter, device=self.device)
-        return broadcast_ids(group, ids, self.num_items)
+        return broadcast_ids(group, ids, self.num_rows)
 
     def _set_clustering(self, ids: NDArray[np.int64] | None, epoch: int, cluster_size: int) -> None:
         self._ids = ids
@@ -251,8 +276,8 @@ class NGAMEBatchSampler(BatchSamplerBase):
                              "call it between epochs (before iterating), or let set_epoch() refresh when due")
         ids = self._cluster(self.epoch)
         if ids is None:
-            missing = int((self._stamp < 0).sum()) if self._bank is not None else self.num_items
-            raise ValueError(f"refresh() needs an embedding for every row: {missing} of {self.num_items} rows have "
+            missing = int((self._stamp < 0).sum()) if self._bank is not None else self.num_rows
+            raise ValueError(f"refresh() needs an embedding for every row: {missing} of {self.num_rows} rows have "
                              "none (on rank 0 after merging ranks); call update_embeddings() for them first")
         self._apply(ids, self.epoch)
 
@@ -262,7 +287,8 @@ class NGAMEBatchSampler(BatchSamplerBase):
         self._counts["refreshes"] += 1
 
     def _options(self) -> dict:
-        return {"num_items": self.num_items, "batch_size": self.batch_size, "refresh_every": self.refresh_every,
+        # "num_items" (the old name of num_rows) stays the key: checkpoints saved before the rename still load
+        return {"num_items": self.num_rows, "batch_size": self.batch_size, "refresh_every": self.refresh_every,
                 "warmup_epochs": self.warmup_epochs, "schedule": self.schedule, "niter": self.niter}
 
     def _elastic_reason(self) -> str:
@@ -296,7 +322,7 @@ class NGAMEBatchSampler(BatchSamplerBase):
 
     # ---- plan ---------------------------------------------------------------------------------------------
     def _build_plan(self, epoch: int) -> Plan:
-        n, B = self.num_items, self.batch_size
+        n, B = self.num_rows, self.batch_size
         if self._ids is None:
             order = permutation(n, self.epoch_seed(epoch))
             sizes = fixed_sizes(n, B, self.world_size, self.drop_last)
@@ -346,7 +372,8 @@ class NGAMEBatchSampler(BatchSamplerBase):
 
     def save_clusters(self, path: str | os.PathLike, *, include_bank: bool = True) -> None:
         """Write the clustering (and by default the memory bank) to ``path`` (an ``.npz``, written atomically)."""
-        arrays = {"num_items": np.int64(self.num_items), "clustered_epoch": np.int64(self._clustered_epoch),
+        # the file's key keeps the old name of num_rows: files written before the rename stay readable
+        arrays = {"num_items": np.int64(self.num_rows), "clustered_epoch": np.int64(self._clustered_epoch),
                   "cluster_size_now": np.int64(self._cluster_size_now), "bank_dirty": np.int64(self._bank_dirty),
                   "ids": self._ids if self._ids is not None else np.zeros(0, np.int64)}
         if include_bank and self._bank is not None:
@@ -361,9 +388,9 @@ class NGAMEBatchSampler(BatchSamplerBase):
                 carries, or it holds clusters of another number of items.
         """
         z = read_cluster_file(path)
-        if int(z["num_items"]) != self.num_items:
+        if int(z["num_items"]) != self.num_rows:
             raise ValueError(f"{os.fspath(path)} holds clusters of {int(z['num_items'])} rows, not "
-                             f"num_items={self.num_items}")
+                             f"num_rows={self.num_rows}")
         ids = np.array(z["ids"], dtype=np.int64)
         if "bank" in z:
             self._bank = np.array(z["bank"])
@@ -374,10 +401,13 @@ class NGAMEBatchSampler(BatchSamplerBase):
         self._set_clustering(ids if ce >= 0 else None, ce, int(z["cluster_size_now"]))
 
     # ---- statistics ---------------------------------------------------------------------------------------
-    def stats(self) -> dict:
-        out = super().stats()
+    def stats(self) -> PlanStats:
+        """Plan statistics: the keys of every sampler (:class:`samplers.PlanStats`) plus the clustering
+        (``clustered``, ``clustered_epoch``, ``cluster_size``, ``num_clusters``, ``min_cluster_size``,
+        ``max_cluster_size``), the memory bank (``bank_bytes``, ``bank_dim``, ``bank_rows_filled``, ``bank_dirty``)
+        and the refresh counters (``refreshes``, ``refreshes_skipped_incomplete_bank``)."""
         csizes = np.bincount(self._ids) if self._ids is not None and len(self._ids) else np.zeros(0, np.int64)
-        out.update({
+        extra = {
             "clustered": self._ids is not None,
             "clustered_epoch": self._clustered_epoch,
             "cluster_size": self._cluster_size_now,
@@ -389,5 +419,5 @@ class NGAMEBatchSampler(BatchSamplerBase):
             "bank_rows_filled": int((self._stamp >= 0).sum()),
             "bank_dirty": self._bank_dirty,
             **self._counts,
-        })
-        return out
+        }
+        return cast(PlanStats, {**super().stats(), **extra})  # the shared keys and NGAME's own

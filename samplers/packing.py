@@ -10,12 +10,14 @@ changing between epochs; within a window best-fit decreasing leaves almost no ro
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 from numpy.typing import ArrayLike
 
 from native.duration import pack_best_fit
 from native.rng import permutation
-from samplers.base import BatchSamplerBase, Plan, digest_array, take_batches
+from samplers.base import BatchSamplerBase, Plan, PlanStats, digest_array, take_batches
 from samplers.bins import check_durations
 
 __all__ = ["PackedDurationSampler"]
@@ -108,12 +110,12 @@ class PackedDurationSampler(BatchSamplerBase):
             plan = take_batches(plan, permutation(plan.num_batches, self.epoch_seed(epoch, 1)))
         return plan
 
-    def stats(self) -> dict:
+    def stats(self) -> PlanStats:
         """Plan statistics over all ranks: those of every sampler plus ``duration`` (s), ``fill_fraction``
         (audio over ``num_batches * max_duration``), ``unused_fraction`` (``1 - fill_fraction``: what a
         fixed-shape consumer would pad), ``padding_fraction`` (0: concatenated with ``cu_seqlens`` nothing is
         padded), ``mean_pack_duration`` and ``max_pack_duration``."""
-        out = super().stats()
+        out: dict = dict(super().stats())  # the shared keys (PlanStats), then its own
         plan = self.global_plan()
         d = self.durations[plan.indices]
         real = float(d.sum())
@@ -127,4 +129,4 @@ class PackedDurationSampler(BatchSamplerBase):
             mean_pack_duration=float(sums.mean()) if len(sums) else 0.0,
             max_pack_duration=float(sums.max()) if len(sums) else 0.0,
         )
-        return out
+        return cast(PlanStats, out)

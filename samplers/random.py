@@ -21,6 +21,7 @@ Stream position -> row, per ``shuffle``:
 
 from __future__ import annotations
 
+from typing import cast
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -28,7 +29,7 @@ from numpy.typing import ArrayLike, NDArray
 from native.batching import fixed_sizes
 from native.feistel import feistel_range, mix_prefix, shard_window_rows
 from native.rng import permutation
-from samplers.base import BatchSamplerBase, Plan, digest_array
+from samplers.base import BatchSamplerBase, Plan, PlanStats, digest_array
 from samplers.lazy_plan import SizePlan, arrange_sizes
 
 __all__ = ["EXACT_MAX_ROWS", "RandomBatchSampler"]
@@ -186,11 +187,11 @@ class RandomBatchSampler(BatchSamplerBase):
 
         return plan.num_batches, rows_of
 
-    def stats(self) -> dict:
+    def stats(self) -> PlanStats:
         """Plan statistics of the current epoch over all ranks, from the batch sizes (no rows materialised)."""
         plan = self._size_plan()
         sizes = plan.sizes
-        out = {
+        out: dict = {
             "epoch": self.epoch,
             "num_batches": int(plan.num_batches),
             "batches_per_rank": int(plan.num_batches // self.world_size),
@@ -204,4 +205,4 @@ class RandomBatchSampler(BatchSamplerBase):
         }
         if self.shuffle == "shard_local":
             out.update(num_shards=len(self.shard_offsets) - 1, shard_window=self.shard_window)
-        return out
+        return cast(PlanStats, out)

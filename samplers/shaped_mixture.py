@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from typing import cast
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -42,7 +43,7 @@ from numpy.typing import ArrayLike, NDArray
 from native.curriculum import curriculum_order
 from native.feistel import mix_prefix, stream_batches
 from native.shaped_counts import shaped_counts
-from samplers.base import BatchSamplerBase, Plan, PlanWarning
+from samplers.base import BatchSamplerBase, Plan, PlanStats, PlanWarning
 from samplers.mixture import largest_remainder_counts, schedule_weights
 
 
@@ -535,9 +536,10 @@ class ShapedMixtureBatchSampler(BatchSamplerBase):
         step_group, counts = self._tables(self.epoch if epoch is None else epoch)[:2]
         return counts * self.unit.T[step_group]
 
-    def stats(self) -> dict:
-        """Plan statistics from the counts (nothing materialised): units and passes per domain, target and
-        realised shares, steps per group, padding, drops and repeats."""
+    def stats(self) -> PlanStats:
+        """Plan statistics from the counts (nothing materialised): the keys of every sampler
+        (:class:`samplers.PlanStats`) plus units and passes per domain, target and realised shares, steps per
+        group, padding, drops and repeats."""
         step_group, counts, _, _, need, fallback = self._tables(self.epoch)
         T, W = self.total_steps, self.world_size
         passes, by_group = self._passes(need)
@@ -549,11 +551,14 @@ class ShapedMixtureBatchSampler(BatchSamplerBase):
         dropped = self._dropped()
         steps_per_group = np.bincount(step_group, minlength=len(self.group_ids))
         D = self.domains
-        return {
+        shared: PlanStats = {
             "epoch": self.epoch, "num_batches": T * W, "batches_per_rank": T, "rows": int(rows_per_step.sum()),
             "mean_batch_size": float(rows_per_step.mean() / W), "min_batch_size": int(rows_per_step.min() // W),
             "max_batch_size": int(rows_per_step.max() // W), "dropped_rows": int(sum(dropped.values())),
             "dropped": dropped, "repeated": self._repeated(self.epoch),
+        }
+        return cast(PlanStats, {
+            **shared,
             "total_steps": T, "world_size": W, "domains": list(D), "unit": self.unit_name,
             "units": {d: float(x) for d, x in zip(D, read)},
             "rows_read": {d: int(x) for d, x in zip(D, need.sum(axis=1))},
@@ -572,4 +577,4 @@ class ShapedMixtureBatchSampler(BatchSamplerBase):
             np.isfinite(self.shape_units).all() else None,
             "fallback_steps": int(fallback),
             "max_passes": self.max_passes,
-        }
+        })

@@ -18,6 +18,8 @@ share a counting pass, so building a second one to resume costs no second pass.
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 from numpy.typing import ArrayLike
 
@@ -27,8 +29,9 @@ from native.batching import budget_cuts
 from native.feistel import feistel_range, mix_prefix
 from native.rng import permutation
 from native.windows import window_batches, window_sizes
-from samplers.base import (BatchSamplerBase, Plan, check_budget, check_lengths, digest_array,
+from samplers.base import (BatchSamplerBase, Plan, PlanStats, check_budget, check_lengths, digest_array,
                            take_batches)
+from samplers.plan_cache import PlanCache, check_window, source_id
 from samplers.lazy_plan import SizePlan, arrange_sizes, check_lengths_chunked, count_above, even_out_sizes
 
 __all__ = ["BLOCK_ROWS", "EXACT_MAX_ROWS", "TokenBudgetBatchSampler", "WINDOW_ROWS"]
@@ -45,9 +48,12 @@ BLOCK_ROWS = 16
 _COUNT_WINDOWS = 64
 #: ``global_plan()`` refuses to materialise a windowed plan of more rows than this.
 MAX_PLAN_ROWS = 1 << 28
-#: Counting passes shared by the samplers of one process (a resume builds a second sampler over the same lengths):
-#: (lengths digest, options, seed, epoch) -> tables, the last two. The tables are read-only.
-_SHARED_TABLES: OrderedDict = OrderedDict()
+#: Counting passes shared by the samplers of one process and, for memory-mapped lengths, kept on disk (a resume
+#: builds a second sampler over the same lengths, often in a fresh process): (lengths digest, options, seed, epoch)
+#: -> tables. The tables are read-only.
+_PASSES = PlanCache("token_budget")
+#: Validation scans of memory-mapped lengths (whole-file passes), kept the same way.
+_SCANS = PlanCache("token_budget_scan", keep=8)
 
 
 class TokenBudgetBatchSampler(BatchSamplerBase):
@@ -73,7 +79,7 @@ class TokenBudgetBatchSampler(BatchSamplerBase):
                  world_size: int | None = None, drop_last: bool = False, strict: bool = False) -> None:
         super().__init__(seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, strict=strict)
         self.windowed = len(lengths) > EXACT_MAX_ROWS
-        self.lengths = check_lengths_chunked(lengths) if self.windowed else check_lengths(lengths)
+        self.lengths = self._checked_windowed(lengths) if self.windowed else check_lengths(lengths)
         if not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1 (got {max_tokens=})")
         if sort_window < 1:
@@ -105,8 +111,21 @@ class TokenBudgetBatchSampler(BatchSamplerBase):
         if not drop_last and 0 < len(self._keep) < self.world_size:
             raise ValueError(f"world_size={self.world_size} is larger than the {len(self._keep)} usable rows")
 
+    def _checked_windowed(self, lengths) -> np.ndarray:
+        """``lengths`` validated in chunks (once per file: the result is cached like the counting passes)."""
+        arr = np.asarray(lengths)
+        if arr.ndim == 1 and arr.dtype.kind in "iu":
+            self._digest = (len(arr), str(arr.dtype), digest_array(arr), source_id(lengths))
+            _SCANS.memo(("valid", self._digest), lengths, lambda: {"rows": len(check_lengths_chunked(arr))})
+            return arr
+        arr = check_lengths_chunked(arr)
+        self._digest = (len(arr), str(arr.dtype), digest_array(arr), source_id(arr))
+        return arr
+
     def _init_windowed(self, on_long: str, strict: bool) -> None:
-        count, first = count_above(self.lengths, self.max_tokens)
+        above = _SCANS.memo(("above", self._digest, self.max_tokens), self.lengths,
+                            lambda: dict(zip(("count", "first"), count_above(self.lengths, self.max_tokens))))
+        count, first = int(above["count"]), int(above["first"])
         if count and (on_long == "error" or strict):
             why = "use on_long='drop'" if on_long == "error" else "(strict=True)"
             raise ValueError(f"row {first} has length {int(self.lengths[first])} > max_tokens={self.max_tokens} "
@@ -121,7 +140,6 @@ class TokenBudgetBatchSampler(BatchSamplerBase):
         self._epoch_tables: OrderedDict = OrderedDict()  # epoch -> tables (the last two epochs)
         self._windows: OrderedDict = OrderedDict()  # (epoch, window) -> (rows, offsets) (the last four)
         self._lazy: tuple | None = None
-        self._digest = (self.num_rows, str(self.lengths.dtype), digest_array(self.lengths))
         self._tables(self.epoch)  # the counting pass of the first epoch, up front (or another sampler's)
 
     def _options(self) -> dict:
@@ -168,15 +186,20 @@ class TokenBudgetBatchSampler(BatchSamplerBase):
                     sort_window=self.sort_window, max_tokens=self.max_tokens, max_rows=self.max_rows)
 
     def _tables(self, epoch: int) -> dict:
-        """The counting pass of an epoch: batch sizes in plan order, where each plan batch lives, totals."""
+        """The counting pass of an epoch: batch sizes in plan order, where each plan batch lives, totals (shared
+        by the samplers of this process, and kept on disk for a memory-mapped ``lengths``: see
+        :mod:`samplers.plan_cache`)."""
         if epoch in self._epoch_tables:
             self._epoch_tables.move_to_end(epoch)
             return self._epoch_tables[epoch]
         key = (self._digest, repr(self._options()), self.seed, epoch)
-        if key in _SHARED_TABLES:
-            _SHARED_TABLES.move_to_end(key)
-            self._epoch_tables[epoch] = _SHARED_TABLES[key]
-            return _SHARED_TABLES[key]
+        tables = _PASSES.memo(key, self.lengths, lambda: self._count(epoch))
+        self._epoch_tables[epoch] = tables
+        while len(self._epoch_tables) > 2:
+            self._epoch_tables.popitem(last=False)
+        return tables
+
+    def _count(self, epoch: int) -> dict:
         kw = self._window_kw(epoch)
         parts, totals = [], np.zeros(3, dtype=np.int64)
         for w0 in range(0, self._num_windows, _COUNT_WINDOWS):
@@ -186,31 +209,30 @@ class TokenBudgetBatchSampler(BatchSamplerBase):
         counts = np.array([len(p) for p in parts], dtype=np.int64)
         wcum = np.zeros(len(counts) + 1, dtype=np.int64)
         np.cumsum(counts, out=wcum[1:])
-        by_window = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+        by_window = np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
         nb = len(by_window)
         # plan batch g is window-order batch order[g]: the batches of all windows in a random order
         order = feistel_range(0, nb, nb, self.epoch_seed(epoch, 0xBA7C)) if self.shuffle and nb else None
-        sizes = by_window if order is None else by_window[order]
+        sizes = by_window.astype(np.int64) if order is None else by_window[order].astype(np.int64)
         voff = np.zeros(nb + 1, dtype=np.int64)
         np.cumsum(sizes, out=voff[1:])
         dropped = {"longer_than_max_tokens": int(totals[0])} if totals[0] else {}
-        tables = {"order": order, "wcum": wcum, "sizes": sizes, "voff": voff, "dropped": dropped,
-                  "tokens": int(totals[1]), "padded": int(totals[2])}
-        self._epoch_tables[epoch] = tables
-        while len(self._epoch_tables) > 2:
-            self._epoch_tables.popitem(last=False)
-        _SHARED_TABLES[key] = tables
-        while len(_SHARED_TABLES) > 2:
-            _SHARED_TABLES.popitem(last=False)
-        return tables
+        return {"order": order, "wcum": wcum, "by_window": by_window, "sizes": sizes, "voff": voff,
+                "dropped": dropped, "tokens": int(totals[1]), "padded": int(totals[2])}
 
     def _window(self, epoch: int, w: int) -> tuple[np.ndarray, np.ndarray]:
         key = (epoch, w)
         if key not in self._windows:
-            self._windows[key] = window_batches(self.lengths, w, **self._window_kw(epoch))
+            self._windows[key] = rows, off = window_batches(self.lengths, w, **self._window_kw(epoch))
+            t = self._tables(epoch)
+            check_window(t, w, np.diff(off), t["by_window"], t["wcum"], lambda: self._forget(epoch))
             while len(self._windows) > 4:
                 self._windows.popitem(last=False)
         return self._windows[key]
+
+    def _forget(self, epoch: int) -> None:
+        _PASSES.forget((self._digest, repr(self._options()), self.seed, epoch), self.lengths)
+        self._epoch_tables.pop(epoch, None)
 
     def _rows(self, epoch: int, start: int, stop: int) -> np.ndarray:
         """Rows at positions ``[start, stop)`` of the epoch's stream (plan batches one after another); a batch
@@ -242,6 +264,7 @@ class TokenBudgetBatchSampler(BatchSamplerBase):
             sel = by_window[lo:hi]
             w = int(win[sel[0]])
             wrows, off = window_batches(self.lengths, w, **kw)
+            check_window(t, w, np.diff(off), t["by_window"], t["wcum"], lambda: self._forget(epoch))
             for b in sel.tolist():
                 a = int(off[wid[b] - t["wcum"][w]]) + int(starts[b] - t["voff"][g[b]])
                 rows[plan.offsets[b] : plan.offsets[b + 1]] = wrows[a : a + int(plan.sizes[b])]
@@ -274,10 +297,10 @@ class TokenBudgetBatchSampler(BatchSamplerBase):
         plan, epoch = self._size_plan(), self.epoch
         return plan.num_batches, lambda b: self._rows(epoch, *plan.span(b))
 
-    def stats(self) -> dict:
+    def stats(self) -> PlanStats:
         if self.windowed:
             return self._windowed_stats()
-        out = super().stats()
+        out: dict = dict(super().stats())
         plan = self.global_plan()
         real, padded = (int(x) for x in plan.padding(self.lengths))
         out.update(
@@ -286,15 +309,15 @@ class TokenBudgetBatchSampler(BatchSamplerBase):
             padding_fraction=1.0 - real / padded if padded else 0.0,
             mean_tokens_per_batch=real / plan.num_batches if plan.num_batches else 0.0,
         )
-        return out
+        return cast(PlanStats, out)
 
-    def _windowed_stats(self) -> dict:
+    def _windowed_stats(self) -> PlanStats:
         """Statistics of a windowed plan from the counting pass (padding of the plan before an elastic split)."""
         plan, t = self._size_plan(), self._tables(self.epoch)
         sizes = plan.sizes
         real, padded = t["tokens"], t["padded"]
         nb = plan.num_batches
-        return {
+        return cast(PlanStats, {
             **self._shared_stats(sizes, plan.rows, plan.dropped, {}),
             "tokens": real,
             "padded_tokens": padded,
@@ -302,4 +325,4 @@ class TokenBudgetBatchSampler(BatchSamplerBase):
             "mean_tokens_per_batch": real / nb if nb else 0.0,
             "plan": "windowed",
             "window_rows": self._window_rows,
-        }
+        })

@@ -26,13 +26,14 @@ Queries with no pairs (when ``pairs`` is given) are left out and counted under `
 from __future__ import annotations
 
 import dataclasses
+from typing import cast
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from native.rng import permutation, shuffle_segments
 from native.tas import bin_table, draw_pairs, margin_bins
-from samplers.base import BatchSamplerBase, Plan, digest_array, take_batches
+from samplers.base import BatchSamplerBase, Plan, PlanStats, digest_array, take_batches
 
 __all__ = ["PairTable", "TopicAwareBatchSampler"]
 
@@ -295,7 +296,7 @@ class TopicAwareBatchSampler(BatchSamplerBase):
         b = np.asarray(batch, dtype=np.int64)
         return b if self.pairs is None else self.pairs.query_of(b)
 
-    def stats(self) -> dict:
+    def stats(self) -> PlanStats:
         """Base statistics plus topic purity per batch and, with pairs, the margin-bin histogram of drawn pairs.
 
         Keys added: ``num_clusters``; ``topic_purity`` (float64 ``[B]``: share of each batch's largest
@@ -304,7 +305,7 @@ class TopicAwareBatchSampler(BatchSamplerBase):
         ``topup_batches``; with pairs: ``margin_bin_histogram`` (int64 ``[margin_bins]``, drawn pairs by the bin
         of their query's margins), ``margin_bin_histogram_all_pairs``, ``equal_margin_queries``.
         """
-        out = super().stats()
+        out: dict = dict(super().stats())  # the shared keys (PlanStats), then its own
         plan = self.global_plan()
         q = self.queries_of(plan.indices)
         nb, c = plan.num_batches, len(self._cluster_uniq)
@@ -329,7 +330,7 @@ class TopicAwareBatchSampler(BatchSamplerBase):
             out["margin_bin_histogram_all_pairs"] = np.bincount(self._bins, minlength=nbins).astype(np.int64)
             out["equal_margin_queries"] = int((_equal_margins(self.pairs) & (self.pairs.counts() > 1)).sum())
             out["queries_without_pairs"] = self._no_pairs
-        return out
+        return cast(PlanStats, out)
 
 
 def _equal_margins(pairs: PairTable) -> NDArray[np.bool_]:

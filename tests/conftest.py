@@ -14,3 +14,14 @@ from hypothesis import settings  # noqa: E402
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+# counting passes of windowed samplers are cached on disk for memory-mapped metadata (samplers.plan_cache): the
+# tests keep theirs in a directory of their own, removed at exit, never in the user's ~/.cache
+if "DATAPIPE_PLAN_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _PLAN_CACHE = tempfile.mkdtemp(prefix="datapipe-plan-cache-")
+    os.environ["DATAPIPE_PLAN_CACHE"] = _PLAN_CACHE
+    atexit.register(shutil.rmtree, _PLAN_CACHE, True)

@@ -20,7 +20,7 @@ import torch
 
 from datapipe.collate._parallel import KernelMode
 from datapipe.collate._pool import POOL
-from datapipe.collate.buffers import outputs
+from datapipe.collate.buffers import output_group
 from datapipe.collate.decomposed import collate_decomposed
 from datapipe.collate.features import FeaturesCollate, collate_features, features_collator
 from datapipe.dataset import Batch, Ragged
@@ -33,7 +33,7 @@ __all__ = ["FeaturesCollate", "PackedCollate", "PadCollate", "collate_decomposed
 
 def __getattr__(name: str):
     # a Dataset, not a collator: datapipe.DecomposedDataset (datapipe.decomposed_dataset); the old name resolves
-    # for one release. Not imported eagerly: datapipe.decomposed_dataset imports datapipe.collate.buffers
+    # for one release, looked up on use so the DeprecationWarning fires there
     if name == "DecomposedDataset":
         import warnings
 
@@ -120,9 +120,9 @@ class PadCollate:
         if self.pad_to_multiple_of:
             L = -(-L // self.pad_to_multiple_of) * self.pad_to_multiple_of
         B = len(lengths)
-        alloc, tensor = outputs()
         fresh = POOL.fresh
-        ids, mask, labels = alloc((B, L), self.dtype), alloc((B, L), self.dtype), alloc((B, L), self.label_dtype)
+        (ids, mask, labels), tensor = output_group([((B, L), self.dtype), ((B, L), self.dtype),
+                                                    ((B, L), self.label_dtype)])
         parallel = self._mode.pick()
         t0 = time.perf_counter()
         for off, val, rows, pos in sources:  # one pass from each shard's buffers into the padded outputs
@@ -154,9 +154,8 @@ class PackedCollate:
         T = int(offsets[-1]) if len(offsets) else 0
         if T >= 2**31:
             raise ValueError(f"a batch of {T} tokens overflows int32 cu_seqlens; use smaller batches")
-        alloc, tensor = outputs()
         fresh = POOL.fresh
-        ids, pos, labels = alloc(T, self.dtype), alloc(T, self.dtype), alloc(T, self.label_dtype)
+        (ids, pos, labels), tensor = output_group([(T, self.dtype), (T, self.dtype), (T, self.label_dtype)])
         parallel = self._mode.pick()
         t0 = time.perf_counter()
         for off, val, rows, where in sources:  # from each shard's buffers straight into the ids

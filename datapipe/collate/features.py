@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from datapipe.collate.buffers import outputs
+from datapipe.collate.buffers import output_group
 from datapipe.dataset import Ragged
 from native.ragged import gather_values
 
@@ -109,8 +109,7 @@ def collate_features(batch, *, column: str | None = None, feature_dim: int | Non
     if getattr(r, "parts", None) is not None:
         # straight from the shards' memory maps into the output (one pass; ints become float32 on the way)
         src = r.parts[0][1].dtype
-        alloc, tensor = outputs(count=1)
-        values = alloc(int(offsets[-1]), src if src.kind == "f" else np.float32)
+        (values,), tensor = output_group([(int(offsets[-1]), src if src.kind == "f" else np.float32)])
         for off, val, rows, pos in r.parts:
             gather_values(off, val, rows, pos, offsets, values)
         feats = tensor(values)

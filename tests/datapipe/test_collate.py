@@ -62,11 +62,17 @@ def test_recycled_buffers_never_alias_live_batches(small_ds):
     a[:] = 7
     b = pool.alloc((4, 8), np.int64)  # a is alive: b must not share its memory
     assert not np.shares_memory(a, b)
-    base = a.base
+    base = id(a.base)  # not a reference: a held buffer is never reused
     del a
     gc.collect()
     c = pool.alloc((2, 8), np.int64)  # a's buffer came back and is reused
-    assert c.base is base and pool.idle_bytes == 0
+    assert id(c.base) == base and pool.idle_bytes == 0
+    t = torch.from_numpy(c)  # a tensor over the array keeps the buffer lent
+    del c
+    d = pool.alloc((2, 8), np.int64)
+    assert not np.shares_memory(t.numpy(), d)
+    del t, d
+    assert pool.collect() > 0  # both buffers came back
     # every batch of an epoch kept alive stays intact while later batches are produced
     f = collate.pad()
     idx = [np.arange(i, i + 10) for i in range(0, 80, 10)]
@@ -119,13 +125,13 @@ def test_kernel_mode_follows_the_measured_costs(monkeypatch):
 
     busy = [True]
     monkeypatch.setattr(par, "_busy", lambda: busy[0])
-    m = KernelMode(explore_every=4)
+    m = KernelMode(explore_every=4, max_wait=1e9)
     for _ in range(6):  # cores taken: parallel kernels are not even tried
         p = m.pick()
         assert p is False
         m.record(p, 2.0, 1)
     busy[0] = False
-    m = KernelMode(explore_every=4)
+    m = KernelMode(explore_every=4, max_wait=1e9)
     seq = []
     for _ in range(4):  # warm-up call and one measurement per mode: serial first
         p = m.pick()
@@ -133,14 +139,65 @@ def test_kernel_mode_follows_the_measured_costs(monkeypatch):
         m.record(p, 1.0 if p else 2.0, 1)  # parallel is 2x faster
     assert seq == [False, False, True, True]
     picks = []
-    for _ in range(12):
+    for _ in range(40):
         p = m.pick()
         picks.append(p)
         m.record(p, 1.0 if p else 2.0, 1)
-    assert [i for i, p in enumerate(picks) if not p] == [3, 11]  # serial tried after 4 calls, lost, then after 8
+    # serial tried for 4 calls in a row after 4 calls, lost, then 8 and 16 calls after each try
+    assert [i for i, p in enumerate(picks) if not p] == [3, 4, 5, 6, 14, 15, 16, 17, 33, 34, 35, 36]
     monkeypatch.setattr(par, "may_parallelize", lambda: False)  # in workers and prefetch threads
     assert m.pick() is False
 
+
+def test_kernel_mode_is_not_turned_by_one_slow_call_or_a_cold_try(monkeypatch):
+    import datapipe.collate._parallel as par
+    from datapipe.collate._parallel import KernelMode
+
+    monkeypatch.setattr(par, "_busy", lambda: False)
+    m = KernelMode(explore_every=4, max_wait=1e9)
+    for _ in range(4):  # warm-up: serial 2.0, parallel 1.0 per unit
+        p = m.pick()
+        m.record(p, 1.0 if p else 2.0, 1)
+    picks = []
+    for i in range(12):
+        p = m.pick()
+        picks.append(p)
+        m.record(p, 50.0 if i == 1 else (1.0 if p else 2.0), 1)  # one preempted parallel call
+    assert picks[1] and picks[2] and picks[8:].count(True) >= 1  # the slow call did not switch parallel off
+    assert m.cost(True) == 1.0
+    # parallel preferred by its measurements, but serial has run for a while: the try's first (cold) parallel
+    # call is slow; it is not counted, the try's other calls are, and parallel wins back
+    m = KernelMode(explore_every=4, max_wait=1e9)
+    for _ in range(4):
+        p = m.pick()
+        m.record(p, 3.0 if p else 2.0, 1)  # parallel slower at first (the machine was busy)
+    seen, cold = [], True
+    for _ in range(30):
+        p = m.pick()
+        seen.append(p)
+        if p and cold:
+            m.record(p, 40.0, 1)  # waking the threads
+            cold = False
+        else:
+            m.record(p, 1.0 if p else 2.0, 1)  # the machine is quiet now: parallel 2x faster
+    assert seen[:3] == [False] * 3 and seen[3:10] == [True] * 7 and m.cost(True) == 1.0
+
+
+
+def test_kernel_mode_tries_the_other_mode_after_max_wait_seconds(monkeypatch):
+    import time as _time
+
+    import datapipe.collate._parallel as par
+    from datapipe.collate._parallel import KernelMode
+
+    monkeypatch.setattr(par, "_busy", lambda: False)
+    m = KernelMode(explore_every=10**6, max_wait=0.05)
+    for _ in range(4):  # serial measured faster
+        p = m.pick()
+        m.record(p, 3.0 if p else 1.0, 1)
+    assert [m.pick() for _ in range(3)] == [False] * 3
+    _time.sleep(0.06)
+    assert m.pick() is True  # a try of parallel, although far fewer than explore_every calls went by
 
 # ---- decomposed batches (Pouransari et al., 2024) ---------------------------------------------------------------
 from datapipe.decomposed_buckets import gather_sequences  # noqa: E402

@@ -293,6 +293,32 @@ def test_urls_and_local_filesystem(small_ds, tmp_path):
     assert dir_bytes(tmp_path / "c") <= via_fs.cache.limit
 
 
+@pytest.mark.parametrize("first_import", ["import datapipe\nArrowDataset = datapipe.ArrowDataset",
+                                          "from datapipe.dataset import ArrowDataset"])
+def test_open_url_in_a_fresh_interpreter_whatever_is_imported_first(small_ds, tmp_path, first_import):
+    """``ArrowDataset.open(url)`` finds the remote reader however the program imported ``datapipe`` (the opener is
+    registered in ``datapipe.urls``; ``datapipe.dataset`` does not import ``datapipe.remote``)."""
+    import json
+    import subprocess
+    import sys
+
+    code = "\n".join([
+        "import json, sys",
+        first_import,
+        "import pyarrow.fs as pafs",
+        "before = 'datapipe.remote' in sys.modules",
+        "ds = ArrowDataset.open('s3://' + sys.argv[1], filesystem=pafs.LocalFileSystem(), cache_dir=sys.argv[2])",
+        "print(json.dumps([before, type(ds).__module__, type(ds).__name__, len(ds), ds[5]['text']]))",
+    ])
+    out = subprocess.run([sys.executable, "-c", code, str(small_ds.path), str(tmp_path / "c")], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    before, module, cls, n, text = json.loads(out.stdout.strip().splitlines()[-1])
+    assert before is False  # loaded by the first URL, not by `import datapipe`
+    assert (module, cls) == ("datapipe.remote_dataset", "RemoteArrowDataset")
+    assert (n, text) == (len(small_ds), small_ds[5]["text"])
+
+
 @pytest.mark.parametrize("kwargs,err,match", [
     ({"cache_limit": -1}, ValueError, r"cache_limit must be a number of bytes >= 0"),
     ({"timeout": 0}, ValueError, r"timeout must be a number of seconds > 0"),

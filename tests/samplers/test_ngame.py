@@ -307,7 +307,7 @@ def test_bad_construction(kwargs, match):
 
 def test_bad_update_embeddings():
     s = NGAMEBatchSampler(10, batch_size=4, cluster_size=2)
-    with pytest.raises(ValueError, match=r"in \[0, num_items=10\)"):
+    with pytest.raises(ValueError, match=r"in \[0, num_rows=10\)"):
         s.update_embeddings([3, 10], np.zeros((2, 4)))
     with pytest.raises(ValueError, match=r"\[2, d\]"):
         s.update_embeddings([1, 2], np.zeros((3, 4)))
@@ -319,6 +319,23 @@ def test_bad_update_embeddings():
     with pytest.raises(ValueError, match="dimension 5 but the bank holds dimension 4"):
         s.update_embeddings([1], np.zeros((1, 5)))
     assert s.stats()["bank_rows_filled"] == 2 and s.stats()["bank_bytes"] == 10 * 4 * 2
+
+
+def test_num_items_is_the_deprecated_name_of_num_rows():
+    emb = np.random.default_rng(0).normal(size=(40, 4))
+    new = NGAMEBatchSampler(num_rows=40, batch_size=8, cluster_size=4, embeddings=emb, seed=3)
+    with pytest.warns(DeprecationWarning, match="num_items=.* is deprecated: pass num_rows="):
+        old = NGAMEBatchSampler(num_items=40, batch_size=8, cluster_size=4, embeddings=emb, seed=3)
+    assert [b.tolist() for b in old] == [b.tolist() for b in new] == \
+        [b.tolist() for b in NGAMEBatchSampler(40, batch_size=8, cluster_size=4, embeddings=emb, seed=3)]
+    new.load_state_dict(old.state_dict())  # the same configuration: a checkpoint of either name loads in the other
+    assert new.num_rows == 40
+    with pytest.warns(DeprecationWarning, match="num_items is deprecated: read num_rows"):
+        assert old.num_items == 40
+    with pytest.raises(TypeError, match="pass the row count once, as num_rows"):
+        NGAMEBatchSampler(40, batch_size=8, num_items=40)
+    with pytest.raises(TypeError, match="needs the row count: pass num_rows"):
+        NGAMEBatchSampler(batch_size=8)
 
 
 def test_default_cluster_size_divides_batch_size():

@@ -83,7 +83,9 @@ SHARED_KEYS = {"epoch", "num_batches", "batches_per_rank", "rows", "mean_batch_s
 
 
 def every_sampler():
+    from mixtures.schedules import DomainUpsampling
     from tests.samplers.test_decomposed import make_index
+    from tests.samplers.test_shaped_mixture import make_indexes
 
     rng = np.random.default_rng(0)
     d = rng.lognormal(1, 0.6, 300).clip(0.3, 30)
@@ -98,6 +100,10 @@ def every_sampler():
         "ngame": samplers.NGAMEBatchSampler(300, batch_size=10, cluster_size=5, embeddings=emb),
         "mixture": samplers.MixtureBatchSampler({"a": 100, "b": 200}, Constant({"a": 0.5, "b": 0.5}), batch_size=8,
                                                 total_steps=10),
+        "shaped_mixture": samplers.ShapedMixtureBatchSampler.from_decomposed(
+            make_indexes(n=300, mus=(6.0, 7.0)), DomainUpsampling({"a": 0.5, "b": 0.5}, {"a": 0.2, "b": 0.8},
+                                                                  final_fraction=0.2),
+            tokens_per_batch=4096, total_steps=20, world_size=2, rank=0),
     }
 
 
@@ -106,9 +112,17 @@ def test_every_sampler_reports_json_stats_with_the_shared_keys_and_takes_strict(
     import inspect
     import json
 
+    import typing
+
+    hints = typing.get_type_hints(samplers.PlanStats)
+    assert set(hints) == samplers.PlanStats.__required_keys__ == SHARED_KEYS
     for name, s in every_sampler().items():
         st_ = s.stats()
         assert SHARED_KEYS <= set(st_), (name, SHARED_KEYS - set(st_))
+        for key, hint in hints.items():  # the types PlanStats declares (a dict of str -> int for drops and repeats)
+            assert isinstance(st_[key], typing.get_origin(hint) or hint), (name, key, st_[key])
+            if typing.get_origin(hint) is dict:
+                assert all(type(k) is str and type(v) is int for k, v in st_[key].items()), (name, key, st_[key])
         assert json.loads(json.dumps(st_)) is not None, name
         assert st_["dropped_rows"] == sum(st_["dropped"].values()), name
         params = inspect.signature(type(s).__init__).parameters
