@@ -88,16 +88,45 @@ def metadata_file(kind: str, n: int, tmp: Path) -> Path:
     return path
 
 
+#: bucket k = 8..13 of the synthetic decomposed index (``decomposed`` kind): short sequences most frequent
+DECOMPOSED_P = (0.40, 0.24, 0.15, 0.10, 0.07, 0.04)
+
+
+def decomposed_index(n: int, tmp: Path):
+    """A decomposed index of ``n`` sequences for DecomposedBatchSampler: ``sequence_log2`` (int8, k = 8..13 drawn
+    with ``DECOMPOSED_P``) as a memory-mapped ``.npy`` written in chunks under ``tmp`` (deleted with the others)."""
+    from types import SimpleNamespace
+
+    path = tmp / f"bench_scale_log2_{n}.npy"
+    if not path.exists():
+        part = path.with_suffix(".part.npy")
+        mm = np.lib.format.open_memmap(part, mode="w+", dtype=np.int8, shape=(n,))
+        rng = np.random.default_rng(0)
+        cdf = np.cumsum(DECOMPOSED_P)
+        for a in range(0, n, 1 << 24):
+            k = min(n, a + (1 << 24)) - a
+            mm[a:a + k] = 8 + np.searchsorted(cdf, rng.random(k) * cdf[-1], side="right").astype(np.int8)
+        mm.flush()
+        del mm
+        part.rename(path)
+    return SimpleNamespace(sequence_log2=np.load(path, mmap_mode="r"), max_log2=13)
+
+
 def make(kind: str, n: int, tmp: Path):
     import samplers
 
     kw = dict(seed=1, rank=3, world_size=8)
+    if kind == "decomposed":
+        index = decomposed_index(n, tmp)
+        return lambda: samplers.DecomposedBatchSampler(index, tokens_per_batch=2**17, **kw)
     if kind == "random":
         return lambda: samplers.RandomBatchSampler(n, 1024, **kw)
     if kind == "token_budget":
         lengths = np.load(metadata_file("lengths", n, tmp), mmap_mode="r")
         return lambda: samplers.TokenBudgetBatchSampler(lengths, max_tokens=2**20, **kw)
     durations = np.load(metadata_file("durations", n, tmp), mmap_mode="r")
+    if kind == "packed":
+        return lambda: samplers.PackedDurationSampler(durations, max_duration=600.0, **kw)
     return lambda: samplers.DurationBucketSampler(durations, max_duration=600.0, num_buckets=30, **kw)
 
 
@@ -117,6 +146,15 @@ def warm_up(kind: str) -> None:
             lengths = np.arange(5000, dtype=np.int32) % 300 + 1
             next(iter(samplers.TokenBudgetBatchSampler(lengths, max_tokens=4096, seed=1, rank=3, world_size=8)))
     sr.EXACT_MAX_ROWS, tb.EXACT_MAX_ROWS = saved
+    if kind == "packed":
+        import samplers.packing as sp
+
+        d = (np.arange(5000, dtype=np.float32) % 30 + 1).astype(np.float32)
+        saved = sp.EXACT_MAX_ROWS
+        for limit in (0, 1 << 62):
+            sp.EXACT_MAX_ROWS = limit
+            next(iter(samplers.PackedDurationSampler(d, max_duration=600.0, seed=1, rank=3, world_size=8)))
+        sp.EXACT_MAX_ROWS = saved
     if kind == "duration":
         import samplers.duration as sd
 
@@ -127,6 +165,19 @@ def warm_up(kind: str) -> None:
             next(iter(samplers.DurationBucketSampler(d, max_duration=600.0, num_buckets=30, seed=1, rank=3,
                                                      world_size=8)))
         sd.EXACT_MAX_ROWS = saved
+    if kind == "decomposed":
+        from types import SimpleNamespace
+
+        import samplers.decomposed as sdec
+
+        log2 = (np.arange(20000) % 6 + 8).astype(np.int8)
+        log2.setflags(write=False)  # typed as the read-only memory map is
+        saved = sdec.EXACT_MAX_SEQUENCES
+        for limit in (0, 1 << 62):
+            sdec.EXACT_MAX_SEQUENCES = limit
+            next(iter(samplers.DecomposedBatchSampler(SimpleNamespace(sequence_log2=log2, max_log2=13),
+                                                      tokens_per_batch=2**17, seed=1, rank=3, world_size=8)))
+        sdec.EXACT_MAX_SEQUENCES = saved
 
 
 def run_case(kind: str, n: int, tmp: Path) -> dict:

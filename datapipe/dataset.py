@@ -24,8 +24,23 @@ from numpy.typing import NDArray
 from datapipe import urls
 from datapipe.format import INDEX_FILE, MANIFEST, DatasetError, read_manifest, schema_from_b64, verify_buffer
 from native.ragged import gather_lengths, gather_values, locate_rows, row_offsets
+from native.shards import gather_flat, gather_shard_values, shard_row_offsets
 
-__all__ = ["ArrowDataset", "Batch", "DatasetError", "Ragged", "VERIFY_MODES", "check_shard", "map_checked", "open_ipc"]
+__all__ = ["ArrowDataset", "Batch", "DatasetError", "Ragged", "ShardRows", "VERIFY_MODES", "check_shard", "map_checked",
+           "open_ipc"]
+
+
+class ShardRows:
+    """Where the rows of an unmaterialised ragged column live when they span several shards: per shard the
+    addresses of its offsets and values buffers (``int64 [S]``), per batch row its shard and row within it, the
+    buffers' dtypes (``off_like``, ``val_like``), and the dataset's open shards (``keep``, so the memory maps stay
+    alive while a kernel of :mod:`native.shards` reads them) with the column's name."""
+
+    __slots__ = ("off_addr", "val_addr", "shard", "local", "off_like", "val_like", "keep", "column")
+
+    def __init__(self, off_addr, val_addr, shard, local, off_like, val_like, keep, column):
+        self.off_addr, self.val_addr, self.shard, self.local = off_addr, val_addr, shard, local
+        self.off_like, self.val_like, self.keep, self.column = off_like, val_like, keep, column
 
 
 class Ragged:
@@ -34,27 +49,41 @@ class Ragged:
 
     ``ArrowDataset.__getitems__`` returns it unmaterialised: ``parts`` holds one ``(offsets, values, rows, pos)``
     per shard touched (the shard's memory-mapped buffers, the shard rows taken, their positions in the batch) and
-    ``values`` is gathered on first access. The collators write from ``parts`` straight into their outputs, so a
-    batch goes from the memory map to the output tensors in one pass. Pickling materialises ``values``."""
+    ``values`` is gathered on first access. The collators write from the shards straight into their outputs, so a
+    batch goes from the memory map to the output tensors in one pass. A batch spanning several shards also carries
+    ``shards`` (:class:`ShardRows`), which the built-in collators read in one kernel call whatever the number of
+    shards; ``parts`` is then derived from it when asked for. Pickling materialises ``values``."""
 
-    __slots__ = ("_values", "offsets", "parts")
+    __slots__ = ("_values", "offsets", "_parts", "shards")
 
-    def __init__(self, values: NDArray | None, offsets: NDArray[np.int64], parts: tuple | None = None):
-        if values is None and parts is None:
-            raise ValueError("Ragged needs values or parts")
+    def __init__(self, values: NDArray | None, offsets: NDArray[np.int64], parts: tuple | None = None,
+                 shards: ShardRows | None = None):
+        if values is None and parts is None and shards is None:
+            raise ValueError("Ragged needs values, parts or shards")
         self._values = values
         self.offsets = offsets
-        self.parts = parts if values is None else None
+        self._parts = parts if values is None else None
+        self.shards = shards if values is None else None
+
+    @property
+    def parts(self) -> tuple | None:
+        if self._parts is None and self.shards is not None:
+            self._parts = _split_by_shard(self.shards)
+        return self._parts
+
+    @parts.setter
+    def parts(self, parts) -> None:
+        self._parts = parts
 
     @property
     def values(self) -> NDArray:
         if self._values is None:
-            self._values = _gather_parts(self.parts, self.offsets)
+            self._values = _gather_parts(self, self.offsets)
         return self._values
 
     @values.setter
     def values(self, values: NDArray) -> None:
-        self._values, self.parts = values, None
+        self._values, self._parts, self.shards = values, None, None
 
     def __reduce__(self):
         return (Ragged, (self.values, self.offsets))
@@ -84,13 +113,33 @@ class Ragged:
         return f"Ragged(rows={len(self)}, values={len(self.values)}, dtype={self.values.dtype})"
 
 
-def _gather_parts(parts: tuple, offsets: NDArray[np.int64]) -> NDArray:
+def _split_by_shard(src: ShardRows) -> tuple:
+    """``parts`` of a :class:`ShardRows`: ``(offsets, values, rows, pos)`` per touched shard."""
+    order = np.argsort(src.shard, kind="stable")
+    sorted_shards = src.shard[order]
+    cut = np.concatenate(([0], np.flatnonzero(np.diff(sorted_shards)) + 1, [len(order)]))
+    out = []
+    for a, b in zip(cut[:-1].tolist(), cut[1:].tolist()):
+        if b > a:
+            off, val = src.keep[int(sorted_shards[a])].ragged[src.column]
+            pos = order[a:b]
+            out.append((off, val, src.local[pos], pos))
+    return tuple(out)
+
+
+def _gather_parts(r: Ragged, offsets: NDArray[np.int64]) -> NDArray:
     """The values of an unmaterialised :class:`Ragged`: each shard's rows copied to their batch positions."""
     from datapipe.prefetch import may_parallelize
 
-    values = np.empty(int(offsets[-1]), dtype=parts[0][1].dtype)
     parallel = len(offsets) > 65 and may_parallelize()
-    for off, val, rows, pos in parts:
+    src = r.shards
+    if src is not None:
+        values = np.empty(int(offsets[-1]), dtype=src.val_like.dtype)
+        gather_shard_values(src.off_addr, src.val_addr, src.shard, src.local, offsets, values, src.off_like,
+                            src.val_like, parallel=parallel)
+        return values
+    values = np.empty(int(offsets[-1]), dtype=r.parts[0][1].dtype)
+    for off, val, rows, pos in r.parts:
         gather_values(off, val, rows, pos, offsets, values, parallel=parallel)
     return values
 
@@ -270,6 +319,11 @@ class ArrowDataset(torch.utils.data.Dataset):
         self._check_files()
         self._shards: list[_Shard | None] = [None] * len(shards)
         self._index: dict[str, NDArray] | None = None
+        # buffer addresses of the open shards, per column (native.shards: a batch over many shards in one call)
+        self._opened = np.zeros(len(shards), dtype=bool)
+        self._addr: dict[str, tuple] = {}  # ragged column -> (offsets addr [S], values addr [S], offsets, values)
+        self._flat_addr: dict[str, tuple] = {}  # fixed-width column -> (addr [S], a column array)
+        self._mixed: set[str] = set()  # columns whose kind differs between shards (nulls): the generic path
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, verify: str = "first_touch", filesystem=None,
@@ -328,7 +382,59 @@ class ArrowDataset(torch.utils.data.Dataset):
         if sh is None:
             meta = self.manifest["shards"][s]
             sh = self._shards[s] = _Shard(self._local_file(meta), meta, self.schema, verify=self.verify_mode)
+            self._note_addresses(s, sh)
         return sh
+
+    def _note_addresses(self, s: int, sh: _Shard) -> None:
+        """Record shard ``s``'s buffer addresses (it stays mapped while the dataset lives)."""
+        S = len(self._shards)
+        for name in self.schema.names:
+            if name in sh.ragged:
+                off, val = sh.ragged[name]
+                if name not in self._addr:
+                    self._addr[name] = (np.zeros(S, np.int64), np.zeros(S, np.int64), off, val)
+                oa, va, off0, val0 = self._addr[name]
+                if off.dtype != off0.dtype or val.dtype != val0.dtype:
+                    self._mixed.add(name)
+                oa[s], va[s] = off.ctypes.data, val.ctypes.data
+            elif name in sh.flat:
+                col = sh.flat[name]
+                if name not in self._flat_addr:
+                    self._flat_addr[name] = (np.zeros(S, np.int64), col)
+                addr, col0 = self._flat_addr[name]
+                if col.dtype != col0.dtype or not col.flags.c_contiguous:
+                    self._mixed.add(name)
+                addr[s] = col.ctypes.data
+            else:
+                self._mixed.add(name)
+            if (name in sh.ragged and name in self._flat_addr) or (name in sh.flat and name in self._addr):
+                self._mixed.add(name)
+        self._opened[s] = True
+
+    def _gather_spread(self, idx: NDArray[np.int64], shard: NDArray[np.int64], local: NDArray[np.int64]):
+        """A batch over several shards with one kernel call per column (None when a column needs the generic
+        path: nulls, strings, kinds that differ between shards)."""
+        need = np.unique(shard)
+        for s in need[~self._opened[need]].tolist():
+            self._shard(s)
+        if self._mixed:
+            return None
+        B = len(idx)
+        cols: dict = {}
+        for name in self.schema.names:
+            if name in self._addr:
+                oa, va, off0, val0 = self._addr[name]
+                offsets = np.empty(B + 1, dtype=np.int64)
+                shard_row_offsets(oa, shard, local, off0, offsets)
+                cols[name] = Ragged(None, offsets, shards=ShardRows(oa, va, shard, local, off0, val0, self._shards, name))
+            elif name in self._flat_addr:
+                addr, col0 = self._flat_addr[name]
+                out = np.empty(B, dtype=col0.dtype)
+                gather_flat(addr, shard, local, col0, out)
+                cols[name] = out
+            else:
+                return None
+        return Batch(cols, B, idx)
 
     @property
     def num_shards(self) -> int:
@@ -411,6 +517,10 @@ class ArrowDataset(torch.utils.data.Dataset):
                 return Batch(cols, B, idx)
             groups = [(int(shard[0]), np.arange(B, dtype=np.int64))]
         else:
+            if B:
+                batch = self._gather_spread(idx, shard, local)  # several shards: one kernel call per column
+                if batch is not None:
+                    return batch
             order = np.argsort(shard, kind="stable")
             sorted_shards = shard[order]
             cut = np.concatenate(([0], np.flatnonzero(np.diff(sorted_shards)) + 1, [B]))
@@ -418,7 +528,7 @@ class ArrowDataset(torch.utils.data.Dataset):
         touched = [(self._shard(s), pos, local[pos]) for s, pos in groups]
         cols: dict = {}
         for name, field in zip(self.schema.names, self.schema):
-            if touched and name in touched[0][0].ragged:
+            if touched and all(name in sh.ragged for sh, _, _ in touched):  # not when a shard has null lists
                 lengths = np.empty(B, dtype=np.int64)
                 for sh, pos, loc in touched:
                     gather_lengths(sh.ragged[name][0], loc, pos, lengths)

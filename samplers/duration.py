@@ -19,11 +19,11 @@ pass (parallel over windows) gives every window's batch sizes and buckets once p
 its window when it is yielded (``samplers.grouped_lazy_plan``: the base's evening-out, step grouping and elastic
 re-grouping, on batch parts). The plan differs from the exact one only in that bucket cuts restart at window
 boundaries and batch-mates come from one window; ``benchmarks/bench_scale.py`` compares padding and batch sizes.
+The windowed path is :class:`samplers.duration_windowed.WindowedDurationPlan`, a mixin of the sampler.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 
 from typing import cast
@@ -35,22 +35,18 @@ from native.duration import (
     assign_buckets_2d,
     bucket_batches,
     duration_window_batches,
-    duration_window_sizes,
 )
-from native.feistel import mix_prefix
 from samplers.base import BatchSamplerBase, Plan, PlanStats, check_lengths, digest_array
-from samplers.plan_cache import PlanCache, check_window, source_id
+from samplers.plan_cache import check_window
 from samplers.bins import (
     check_durations,
     estimate_duration_bins,
     estimate_duration_bins_2d,
 )
-from samplers.grouped_lazy_plan import PartPlan, arrange_parts
+from samplers.duration_windowed import MIN_CHUNKS, WindowedDurationPlan, cut_cost
 
 __all__ = ["DurationBucketSampler", "estimate_duration_bins", "estimate_duration_bins_2d"]
 
-#: every bucket is sorted in at least this many chunks, so a cut's batch-mates change between epochs
-_MIN_CHUNKS = 4
 #: Up to this many rows (or with 2D buckets) the plan is exact (the plans of earlier versions, ~74 B/row at peak);
 #: above, it is windowed (see the module docstring).
 EXACT_MAX_ROWS = 1 << 22
@@ -60,48 +56,13 @@ WINDOW_ROWS = 1 << 18
 BLOCK_ROWS = 16
 #: Durations (evenly strided) the windowed plan estimates its bins from.
 SAMPLE_ROWS = 1 << 22
-#: Windows per call of the counting kernel (bounds its outputs to ~``6 * WINDOW_ROWS`` bytes each).
-_COUNT_WINDOWS = 16
-#: Rows validated per step of the windowed path's scan (float64 temporaries of 128 MiB at most).
-_SCAN_CHUNK = 1 << 24
 #: ``global_plan()`` refuses to materialise a windowed plan of more rows than this.
 MAX_PLAN_ROWS = 1 << 28
-#: Counting passes shared by the samplers of one process and, for memory-mapped durations, kept on disk (a resume
-#: builds a second sampler over the same durations, often in a fresh process): key -> read-only tables.
-_PASSES = PlanCache("duration")
-#: The first arrangement of a counted epoch (the last one), shared by the samplers of one process.
-_SHARED_ARRANGED: OrderedDict = OrderedDict()
-#: Whole-file scans of the durations (validation, cuts over the budget, the bin sample), kept the same way.
-_SCANS = PlanCache("duration_scan", keep=16)
+# The tunables above are read from this module when they are used (tests and benchmarks set them here) and passed
+# to the windowed path, which lives in samplers.duration_windowed with its caches.
 
 
-def cut_cost(d: NDArray[np.float64], quadratic_duration: float | None) -> NDArray[np.float64]:
-    """Budget cost of cuts of duration ``d``: ``d + d**2 / q`` with a quadratic term, else ``d``."""
-    return d if quadratic_duration is None else d + d * d / quadratic_duration
-
-
-def _check_durations_chunked(durations: ArrayLike, name: str = "durations") -> NDArray:
-    """:func:`samplers.bins.check_durations` for arrays too large to copy: 1-D, numbers, finite, ``> 0``, checked
-    ``_SCAN_CHUNK`` rows at a time. Returns the array as given (a float32 memory map stays one)."""
-    arr = np.asarray(durations)
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-D (got shape {arr.shape})")
-    if arr.dtype.kind not in "fiu":
-        raise TypeError(f"{name} must be numbers (got dtype {arr.dtype})")
-    for a in range(0, len(arr), _SCAN_CHUNK):
-        part = arr[a : a + _SCAN_CHUNK]
-        if arr.dtype.kind == "f":
-            bad = np.flatnonzero(~np.isfinite(part))
-            if len(bad):
-                raise ValueError(f"{name} has NaN/inf at row {a + int(bad[0])}; fix the metadata")
-        bad = np.flatnonzero(part <= 0)
-        if len(bad):
-            raise ValueError(f"{name} must be > 0: row {a + int(bad[0])} has {part[bad[0]]}; remove empty or broken "
-                             "cuts before sampling")
-    return arr
-
-
-class DurationBucketSampler(BatchSamplerBase):
+class DurationBucketSampler(WindowedDurationPlan, BatchSamplerBase):
     """Batches of cuts from one duration bucket whose padded duration stays within ``max_duration``.
 
     A batch of ``n`` cuts whose longest lasts ``m`` seconds keeps ``n * cost(m) <= max_duration`` with
@@ -165,12 +126,7 @@ class DurationBucketSampler(BatchSamplerBase):
         super().__init__(seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, strict=strict)
         self.windowed = output_lengths is None and np.ndim(durations) == 1 and len(durations) > EXACT_MAX_ROWS
         if self.windowed:
-            arr = np.asarray(durations)
-            self._digest = (len(arr), str(arr.dtype), digest_array(arr) if arr.ndim == 1 else "", source_id(durations))
-            # a second sampler over the same durations (a resume, also in a fresh process for a memory map) skips
-            # the scans
-            self._memo(("valid",), lambda: len(_check_durations_chunked(arr)), source=durations)
-            self.durations = arr
+            self._init_windowed_durations(durations, sample_rows=SAMPLE_ROWS)
         else:
             self.durations = check_durations(durations)
         n = self.num_rows = len(self.durations)
@@ -198,7 +154,7 @@ class DurationBucketSampler(BatchSamplerBase):
         self.num_buckets = len(self.bins) if self.is_2d else len(self.bins) + 1
         self._bucket_batch_sizes = None if bucket_batch_sizes is None else [int(x) for x in bucket_batch_sizes]
         if self.windowed:
-            self._init_windowed(on_long, bucket_batch_sizes)
+            self._init_windowed(on_long, bucket_batch_sizes, window_rows=WINDOW_ROWS, block_rows=BLOCK_ROWS)
             return
 
         # which cuts are usable, and where they go
@@ -324,7 +280,7 @@ class DurationBucketSampler(BatchSamplerBase):
         per_batch = np.minimum(np.floor(self.max_duration / mean), self._caps.astype(np.float64))
         rows = self.chunk_batches * np.maximum(per_batch, 1)
         # a chunk as large as its bucket would sort the bucket whole: the same batches every epoch
-        rows = np.minimum(rows, np.ceil(counts / _MIN_CHUNKS))
+        rows = np.minimum(rows, np.ceil(counts / MIN_CHUNKS))
         return np.maximum(1, rows).astype(np.int64)
 
     # ---- plan ---------------------------------------------------------------------------------------------
@@ -415,186 +371,7 @@ class DurationBucketSampler(BatchSamplerBase):
             out["token_padding_fraction"] = 1.0 - t / tp if tp else 0.0
         return cast(PlanStats, out)
 
-    # ---- windowed plans (above EXACT_MAX_ROWS, 1D buckets) ---------------------------------------------------
-    def _init_windowed(self, on_long: str, bucket_batch_sizes) -> None:
-        def over_budget() -> list[int]:
-            count, first = 0, -1
-            for a in range(0, self.num_rows, _SCAN_CHUNK):
-                d = np.asarray(self.durations[a : a + _SCAN_CHUNK], dtype=np.float64)
-                hit = np.flatnonzero(cut_cost(d, self.quadratic_duration) > self.max_duration)
-                if len(hit) and first < 0:
-                    first = a + int(hit[0])
-                count += len(hit)
-            return [count, first]
-
-        count, first = (int(x) for x in self._memo(("over", self.max_duration, self.quadratic_duration), over_budget))
-        if count and on_long == "error":
-            raise ValueError(f"cut {first} lasts {float(self.durations[first]):.3f} s, over max_duration="
-                             f"{self.max_duration} ({count} cuts in all); raise max_duration or use on_long='drop'")
-        self.dropped_static = {"longer_than_max_duration": count} if count else {}
-        if self.strict and count:
-            raise ValueError(f"the plan would drop {count} cuts ({self.dropped_static}; strict=True): raise "
-                             "max_duration or widen the bins")
-        usable = self.num_rows - count
-        if not self.drop_last and 0 < usable < self.world_size:
-            raise ValueError(f"world_size={self.world_size} is larger than the {usable} usable cuts")
-        self.promoted = {"to_fit_2d_bins": 0, "from_small_bucket": 0}
-        self.bucket_of = None  # not kept per row at this size: see buckets_of()
-        self._caps = self._resolve_caps(bucket_batch_sizes)
-        self._block = BLOCK_ROWS
-        self._per_window = max(1, WINDOW_ROWS // BLOCK_ROWS)
-        self._window_rows = self._per_window * self._block
-        self._num_windows = -(-self.num_rows // self._window_rows)
-        self._chunk_rows = self._windowed_chunk_rows()
-        self.options = (f"max_duration={self.max_duration!r};q={self.quadratic_duration!r};max_cuts={self.max_cuts};"
-                        f"buckets={self.num_buckets};2d=False;chunk={self.chunk_batches};shuffle={self.shuffle};"
-                        f"plan=windowed")
-        self._epoch_tables: OrderedDict = OrderedDict()
-        self._windows: OrderedDict = OrderedDict()
-        self._lazy: tuple | None = None
-        self._tables(self.epoch)  # the counting pass of the first epoch, up front (or another sampler's)
-
-    def _memo(self, key, compute, source=None):
-        """A result over these durations computed once (a resume's second sampler skips the pass; for a memory map
-        also in a fresh process, see :mod:`samplers.plan_cache`)."""
-        source = self.durations if source is None else source
-        return _SCANS.memo((key, self._digest), source, lambda: {"value": compute()})["value"]
-
-    def _sample(self) -> NDArray[np.float64]:
-        """Every ``ceil(N / SAMPLE_ROWS)``-th duration (float64)."""
-        step = -(-self.num_rows // SAMPLE_ROWS)
-        return self._memo(("sample", SAMPLE_ROWS), lambda: np.asarray(self.durations[::step], dtype=np.float64))
-
-    def _windowed_chunk_rows(self) -> NDArray[np.int64]:
-        """Rows per sorted chunk of each bucket, from the bin sample's mean cost per bucket (at most a quarter of a
-        bucket's expected rows in one window, so each is sorted in several chunks)."""
-        if self.chunk_batches == 0:
-            return np.zeros(self.num_buckets, dtype=np.int64)
-        d = self._sample()
-        cost = cut_cost(d, self.quadratic_duration)
-        d, cost = d[cost <= self.max_duration], cost[cost <= self.max_duration]
-        b = np.searchsorted(self.bins, d, side="left")
-        counts = np.bincount(b, minlength=self.num_buckets).astype(np.float64)
-        sums = np.bincount(b, weights=cost, minlength=self.num_buckets)
-        mean = np.where(counts > 0, sums / np.maximum(counts, 1), 1.0)
-        per_batch = np.minimum(np.floor(self.max_duration / mean), self._caps.astype(np.float64))
-        rows = self.chunk_batches * np.maximum(per_batch, 1)
-        per_window = counts / max(1.0, counts.sum()) * self._window_rows
-        rows = np.minimum(rows, np.ceil(per_window / _MIN_CHUNKS))
-        return np.maximum(1, rows).astype(np.int64)
-
-    def _window_kw(self, epoch: int) -> dict:
-        return dict(block=self._block, per_window=self._per_window, permute=self.shuffle,
-                    block_seed=self.epoch_seed(epoch, 0xB10C), prefix=mix_prefix(self.epoch_seed(epoch, 0x5107)),
-                    bins=self.bins, max_duration=self.max_duration, quadratic_duration=self.quadratic_duration,
-                    chunk_rows=self._chunk_rows, caps=self._caps)
-
-    def _tables(self, epoch: int) -> dict:
-        """The counting pass of an epoch: size and bucket of every window's batches (window after window)."""
-        if epoch in self._epoch_tables:
-            self._epoch_tables.move_to_end(epoch)
-            return self._epoch_tables[epoch]
-        key = (self._digest, repr(self._options()), self.seed, epoch)
-        tables = _PASSES.memo(key, self.durations, lambda: self._count(epoch, key))
-        self._epoch_tables[epoch] = tables
-        while len(self._epoch_tables) > 2:
-            self._epoch_tables.popitem(last=False)
-        return tables
-
-    def _count(self, epoch: int, key) -> dict:
-        kw = self._window_kw(epoch)
-        sizes, buckets, totals, top = [], [], np.zeros(4), 0.0
-        for w0 in range(0, self._num_windows, _COUNT_WINDOWS):
-            sz, gr, st = duration_window_sizes(self.durations, w0, min(self._num_windows, w0 + _COUNT_WINDOWS), **kw)
-            sizes.extend(sz)
-            buckets.extend(gr)
-            for row in st:  # in window order: the same sums on every rank
-                totals += row[:4]
-                top = max(top, float(row[4]))
-        wcum = np.zeros(len(sizes) + 1, dtype=np.int64)
-        np.cumsum([len(x) for x in sizes], out=wcum[1:])
-        size = np.concatenate(sizes) if sizes else np.zeros(0, np.int32)
-        del sizes
-        bucket = np.concatenate(buckets) if buckets else np.zeros(0, np.int16)
-        del buckets
-        dropped = {"longer_than_max_duration": int(totals[0])} if totals[0] else {}
-        return {"wcum": wcum, "size": size, "bucket": bucket, "dropped": dropped, "key": repr(key),
-                "seconds": float(totals[1]), "padded": float(totals[2]), "dropped_seconds": float(totals[3]),
-                "top": top}
-
-    def _first_parts(self, epoch: int, world_size: int) -> PartPlan:
-        """The epoch's plan arranged for ``world_size`` ranks (``group_steps`` on the counted batches)."""
-        t = self._tables(epoch)
-        key = (t["key"], world_size, self.drop_last)
-        if key in _SHARED_ARRANGED:
-            return _SHARED_ARRANGED[key]
-        seed = self.epoch_seed(epoch, 0x5EED) if self.shuffle else None
-        plan = arrange_parts(None, None, t["size"], t["bucket"], world_size, self.drop_last, t["dropped"],
-                             step_seed=seed)
-        _SHARED_ARRANGED.clear()
-        _SHARED_ARRANGED[key] = plan
-        return plan
-
-    def _part_plan(self) -> PartPlan:
-        """The arranged plan of the current epoch and world size, after any elastic segments."""
-        key = (self.epoch, self._segments, self.world_size)
-        if self._lazy is None or self._lazy[0] != key:
-            self._lazy = None
-            epoch, bucket = self.epoch, self._tables(self.epoch)["bucket"]
-            if not self._segments:
-                plan = self._first_parts(epoch, self.world_size)
-            else:
-                w0, k0 = self._segments[0]
-                plan = self._first_parts(epoch, w0).skip(k0 * w0)
-                for w, k in self._segments[1:]:
-                    plan = arrange_parts(plan.src, plan.a, plan.size, bucket[plan.src], w, self.drop_last,
-                                         plan.dropped, in_time=True).skip(k * w)  # skip: in arranged order
-                plan = arrange_parts(plan.src, plan.a, plan.size, bucket[plan.src], self.world_size, self.drop_last,
-                                     plan.dropped, in_time=True)
-            self._lazy = (key, plan)
-            self._announce(self.epoch, plan.dropped, {})
-        return self._lazy[1]
-
-    def _window(self, epoch: int, w: int) -> tuple:
-        key = (epoch, w)
-        if key not in self._windows:
-            self._windows[key] = got = duration_window_batches(self.durations, w, **self._window_kw(epoch))
-            t = self._tables(epoch)
-            check_window(t, w, np.diff(got[1]), t["size"], t["wcum"], lambda: self._forget(epoch))
-            while len(self._windows) > 4:
-                self._windows.popitem(last=False)
-        return self._windows[key]
-
-    def _forget(self, epoch: int) -> None:
-        _PASSES.forget((self._digest, repr(self._options()), self.seed, epoch), self.durations)
-        self._epoch_tables.pop(epoch, None)
-
-    def _part_rows(self, epoch: int, src: int, a: int, size: int) -> NDArray[np.int64]:
-        wcum = self._tables(epoch)["wcum"]
-        w = int(np.searchsorted(wcum, src, side="right")) - 1
-        rows, off, _ = self._window(epoch, w)
-        start = int(off[src - int(wcum[w])]) + a
-        return rows[start : start + size].copy()
-
-    def _materialise(self, plan: PartPlan) -> Plan:
-        if plan.rows > MAX_PLAN_ROWS:
-            raise ValueError(f"global_plan() would materialise {plan.rows} rows (> {MAX_PLAN_ROWS}); iterate the "
-                             "sampler instead, it computes batches on demand")
-        g = plan.grouped_index(np.arange(plan.num_batches, dtype=np.int64))
-        src, a, size = plan.src[g], plan.a[g].astype(np.int64), plan.size[g].astype(np.int64)
-        t = self._tables(self.epoch)
-        win = np.searchsorted(t["wcum"], src, side="right") - 1
-        offsets = np.zeros(len(size) + 1, dtype=np.int64)
-        np.cumsum(size, out=offsets[1:])
-        rows = np.empty(int(offsets[-1]), dtype=np.int64)
-        for w in np.unique(win).tolist():  # each window planned once, its batches put in place
-            wrows, woff, _ = duration_window_batches(self.durations, w, **self._window_kw(self.epoch))
-            check_window(t, w, np.diff(woff), t["size"], t["wcum"], lambda: self._forget(self.epoch))
-            for b in np.flatnonzero(win == w).tolist():
-                start = int(woff[src[b] - t["wcum"][w]]) + int(a[b])
-                rows[offsets[b] : offsets[b + 1]] = wrows[start : start + size[b]]
-        return Plan(rows, offsets, t["bucket"][src].astype(np.int64), dict(plan.dropped))
-
+    # ---- windowed plans (above EXACT_MAX_ROWS, 1D buckets; the rest is in WindowedDurationPlan) ----------
     def buckets_of(self, rows: ArrayLike) -> NDArray[np.int64]:
         """The bucket of each of ``rows`` (the same for every cut of a batch)."""
         rows = np.asarray(rows, dtype=np.int64)
@@ -602,34 +379,11 @@ class DurationBucketSampler(BatchSamplerBase):
             return self.bucket_of[rows]
         return np.searchsorted(self.bins, np.asarray(self.durations[rows], dtype=np.float64), side="left")
 
-    def _windowed_stats(self) -> PlanStats:
-        """Statistics of a windowed plan from the counting pass (seconds and padding before an elastic split)."""
-        plan, t = self._part_plan(), self._tables(self.epoch)
-        size, nb = plan.size, plan.num_batches
-        real, padded = t["seconds"], t["padded"]
-        return cast(PlanStats, {
-            **self._shared_stats(size, plan.rows, plan.dropped, {}),
-            "duration": real,
-            "padded_duration": padded,
-            "padding_fraction": 1.0 - real / padded if padded else 0.0,
-            "mean_batch_duration": real / nb if nb else 0.0,
-            "num_buckets": self.num_buckets,
-            "batches_per_bucket": np.bincount(t["bucket"][plan.src], minlength=self.num_buckets).tolist(),
-            "cuts_per_bucket": np.bincount(t["bucket"], weights=t["size"], minlength=self.num_buckets)
-            .astype(np.int64).tolist(),
-            "promoted": 0,
-            "promoted_by_reason": dict(self.promoted),
-            "discarded": int(sum(plan.dropped.values())),
-            "bins": self.bins.tolist(),
-            "plan": "windowed",
-            "window_rows": self._window_rows,
-        })
-
     def global_plan(self) -> Plan:
         """The arranged global plan of the current epoch (materialised; windowed plans only when small)."""
         if not self.windowed:
             return super().global_plan()
-        return self._materialise(self._part_plan())
+        return self._materialise(self._part_plan(), MAX_PLAN_ROWS)
 
     def _on_demand(self):
         if not self.windowed:

@@ -27,7 +27,8 @@ Definitions:
 
 Memory: per step one group id, the domain counts and the stream positions (int64 ``[total_steps, D]`` twice),
 plus the row ids sorted by group (the metadata's size); a batch is computed on its own from its step's row, so
-resume is O(1) and no plan the size of the run is materialised.
+resume is O(1) and no plan the size of the run is materialised. The ``from_*`` constructors are in
+:mod:`samplers.shaped_constructors`, the step groups in :mod:`samplers.shaped_steps`.
 """
 
 from __future__ import annotations
@@ -40,12 +41,12 @@ from typing import cast
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from native.curriculum import curriculum_order
 from native.feistel import mix_prefix, stream_batches
 from native.shaped_counts import shaped_counts
 from samplers.base import BatchSamplerBase, Plan, PlanStats, PlanWarning
-from samplers.mixture import largest_remainder_counts, schedule_weights
-
+from samplers.mixture import schedule_weights
+from samplers.shaped_constructors import ShapedMixtureConstructors
+from samplers.shaped_steps import present_groups, run_segments, step_groups
 
 __all__ = ["ShapedMixtureBatchSampler"]
 
@@ -53,17 +54,7 @@ _ITER_CHUNK = 64  # steps computed together while iterating
 _MAX_PLAN_ROWS = 1 << 26  # global_plan() refuses to materialise more rows
 
 
-def _present(g: NDArray[np.int64]) -> list[int]:
-    """The distinct groups ``>= 0`` of an array (a bincount for small group ids: no sort of the rows)."""
-    g = g[g >= 0] if len(g) and g.min() < 0 else g
-    if not len(g):
-        return []
-    if g.max() < 1 << 20:
-        return np.flatnonzero(np.bincount(g)).tolist()
-    return np.unique(g).tolist()
-
-
-class ShapedMixtureBatchSampler(BatchSamplerBase):
+class ShapedMixtureBatchSampler(ShapedMixtureConstructors, BatchSamplerBase):
     """Shaped batches (one group per step on every rank) whose domain shares follow ``schedule.weights_at``.
 
     Prefer the constructors :meth:`from_decomposed`, :meth:`from_durations`, :meth:`from_lengths` and
@@ -131,7 +122,7 @@ class ShapedMixtureBatchSampler(BatchSamplerBase):
                                      f"{s[bad[0]]}")
             g_arrs.append(g)
             s_arrs.append(s)
-        present = sorted(set().union(*(_present(g) for g in g_arrs)))
+        present = sorted(set().union(*(present_groups(g) for g in g_arrs)))
         if not isinstance(batch_sizes, Mapping):
             raise TypeError(f"batch_sizes must be a dict group -> rows per rank (got {type(batch_sizes).__name__})")
         missing = [k for k in present if k not in batch_sizes]
@@ -201,179 +192,12 @@ class ShapedMixtureBatchSampler(BatchSamplerBase):
         self._warned_epoch: int | None = None
         self._tables(0)  # validates, warns about repeats up front
 
-    # ---- constructors ---------------------------------------------------------------------------------------------
-    @classmethod
-    def from_decomposed(cls, indexes: Sequence, schedule, *, tokens_per_batch: int, curriculum="grow-p2",
-                        **kwargs) -> ShapedMixtureBatchSampler:
-        """Dataset decomposition over several domains: one ``2^k`` bucket per step, ``tokens_per_batch`` per rank.
-
-        Args:
-            indexes: one decomposition per domain (``datapipe.DecomposedIndex`` or any object with
-                ``sequence_log2`` ``[S]``, optional ``sequence_tokens`` and ``max_log2``); rows are sequence ids.
-            tokens_per_batch: tokens per rank per step, a multiple of ``2^max_log2``.
-            curriculum: ``"grow-p2"``, ``"grow-linear"``, ``"uniform"`` or a dict ``{k: odds}``
-                (``samplers.decomposed.curriculum_odds``).
-            **kwargs: ``total_steps``, ``cycles``, ``seed``, ... as for the constructor.
-        """
-        from samplers.decomposed import curriculum_odds
-
-        logs = []
-        max_log2 = 0
-        for d, ix in enumerate(indexes):
-            lg = getattr(ix, "sequence_log2", None)
-            if lg is None:
-                raise TypeError(f"indexes[{d}] must have a 'sequence_log2' array (got {type(ix).__name__})")
-            lg = np.asarray(lg, dtype=np.int64)
-            logs.append(lg)
-            m = getattr(ix, "max_log2", None)
-            max_log2 = max(max_log2, int(lg.max()) if len(lg) else 0, int(m) if m is not None else 0)
-        unit = 1 << max_log2
-        if not isinstance(tokens_per_batch, (int, np.integer)) or tokens_per_batch < unit or tokens_per_batch % unit:
-            raise ValueError(f"tokens_per_batch must be a positive multiple of 2^max_log2={unit} so every bucket gets "
-                             f"whole sequences (got {tokens_per_batch=}); e.g. tokens_per_batch={unit * 8}")
-        ks = sorted(set().union(*(_present(lg) for lg in logs)))
-        odds = curriculum_odds(curriculum, np.array(ks, dtype=np.int64), max_log2)
-        out = cls(logs, schedule, batch_sizes={k: int(tokens_per_batch) >> k for k in ks},
-                  sizes={k: float(1 << k) for k in ks}, group_odds=dict(zip(ks, odds.tolist())), **kwargs)
-        out.unit_name = "tokens"
-        out.tokens_per_batch = int(tokens_per_batch)
-        out.group_labels = [str(1 << int(k)) for k in out.group_ids]
-        out.shape_units = np.exp2(out.group_ids.astype(np.float64))
-        real = np.zeros_like(out.unit)
-        for d, (ix, lg) in enumerate(zip(indexes, logs)):
-            tok = getattr(ix, "sequence_tokens", None)
-            tok = np.exp2(lg) if tok is None else np.asarray(tok, dtype=np.float64)
-            dense = np.searchsorted(out.group_ids, lg)
-            sums = np.bincount(dense, weights=tok, minlength=len(out.group_ids))
-            real[d] = np.where(out.avail[d] > 0, sums / np.maximum(out.avail[d], 1), 0.0)
-        out.real_unit = real
-        return out
-
-    @classmethod
-    def _bucketed(cls, values: Sequence[ArrayLike], schedule, *, budget: float, cost, bins, num_buckets: int,
-                  max_rows: int | None, unit_name: str, long_reason: str, **kwargs) -> ShapedMixtureBatchSampler:
-        from samplers.bins import estimate_duration_bins
-
-        vals = [np.asarray(v, dtype=np.float64) for v in values]
-        allv = np.concatenate(vals) if vals else np.zeros(0)
-        if bins is None:
-            fits = allv[cost(allv) <= budget]
-            if not len(fits):
-                raise ValueError(f"no row fits the budget {budget} (every row costs more); raise the budget")
-            bins = estimate_duration_bins(fits, num_buckets=num_buckets)
-        bins = np.asarray(bins, dtype=np.float64)
-        if bins.ndim != 1 or (np.diff(bins) <= 0).any():
-            raise ValueError(f"bucket bins must be 1-D increasing boundaries (got {bins.tolist()})")
-        groups, dropped = [], 0
-        for v in vals:
-            g = np.searchsorted(bins, v, side="left").astype(np.int64)  # bucket i: bins[i-1] < v <= bins[i]
-            too_long = cost(v) > budget
-            g[too_long] = -1
-            dropped += int(too_long.sum())
-            groups.append(g)
-        # the padded length of a bucket: its upper boundary (the last, open bucket: its longest row)
-        upper = np.append(bins, max((float(v[g == len(bins)].max()) for v, g in zip(vals, groups)
-                                     if (g == len(bins)).any()), default=bins[-1] if len(bins) else 1.0))
-        sizes = {}
-        for i, u in enumerate(upper.tolist()):
-            b = max(1, int(budget // cost(np.float64(u))))
-            sizes[i] = b if max_rows is None else min(b, int(max_rows))
-        out = cls.__new__(cls)
-        out.dropped_by_reason = {long_reason: dropped} if dropped else {}  # named before __init__ warns about it
-        out.__init__(groups, schedule, batch_sizes=sizes, sizes=vals, **kwargs)
-        out.unit_name = unit_name
-        out.shape_units = upper[out.group_ids]
-        out.group_labels = [f"<={upper[k]:g}" for k in out.group_ids]
-        return out
-
-    @classmethod
-    def from_durations(cls, durations: Sequence[ArrayLike], schedule, *, max_duration: float, num_buckets: int = 30,
-                       duration_bins: ArrayLike | None = None, quadratic_duration: float | None = None,
-                       max_cuts: int | None = None, **kwargs) -> ShapedMixtureBatchSampler:
-        """Speech: one duration bucket per step, ``n * cost(bucket max) <= max_duration`` (Lhotse's names).
-
-        Args:
-            durations: one float array ``[n_d]`` of seconds per domain.
-            max_duration: padded seconds per rank per batch; cuts costing more are left out and counted.
-            num_buckets: buckets estimated over all domains' durations (equal total duration, as Lhotse).
-            duration_bins: explicit 1D boundaries ``[K-1]`` instead.
-            quadratic_duration: ``q`` of the cost ``d + d^2 / q``; max_cuts: cap on cuts per batch.
-        """
-        if not (isinstance(max_duration, (int, float, np.number)) and max_duration > 0):
-            raise ValueError(f"max_duration must be a number > 0 (got {max_duration=})")
-        q = quadratic_duration
-        if q is not None and not q > 0:
-            raise ValueError(f"quadratic_duration must be > 0 or None (got {quadratic_duration=})")
-        return cls._bucketed(durations, schedule, budget=float(max_duration),
-                             cost=(lambda d: d) if q is None else (lambda d: d + d * d / q), bins=duration_bins,
-                             num_buckets=num_buckets, max_rows=max_cuts, unit_name="seconds",
-                             long_reason="longer_than_max_duration", **kwargs)
-
-    @classmethod
-    def from_lengths(cls, lengths: Sequence[ArrayLike], schedule, *, max_tokens: int, num_buckets: int = 8,
-                     bucket_bins: ArrayLike | None = None, max_rows: int | None = None,
-                     **kwargs) -> ShapedMixtureBatchSampler:
-        """Token budget: one length bucket per step, ``n * bucket max length <= max_tokens`` per rank.
-
-        Args:
-            lengths: one int array ``[n_d]`` of tokens per row per domain; rows longer than ``max_tokens`` are
-                left out and counted.
-            num_buckets / bucket_bins: length buckets (equal total tokens) or explicit boundaries.
-            max_rows: cap on rows per batch.
-        """
-        if not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1 (got {max_tokens=})")
-        lens = [np.maximum(np.asarray(v, dtype=np.float64), 1.0) for v in lengths]  # an empty row costs a slot
-        return cls._bucketed(lens, schedule, budget=float(max_tokens), cost=lambda v: v, bins=bucket_bins,
-                             num_buckets=num_buckets, max_rows=max_rows, unit_name="tokens",
-                             long_reason="longer_than_max_tokens", **kwargs)
-
-    @classmethod
-    def from_rows(cls, num_rows: Sequence[int], schedule, *, batch_size: int,
-                  lengths: Sequence[ArrayLike] | None = None, **kwargs) -> ShapedMixtureBatchSampler:
-        """Random fixed-size batches (one group), shares measured in tokens when ``lengths`` are given, else rows."""
-        groups = [np.zeros(int(n), dtype=np.int64) for n in num_rows]
-        sizes = None if lengths is None else [np.maximum(np.asarray(v, dtype=np.float64), 1.0) for v in lengths]
-        out = cls(groups, schedule, batch_sizes={0: batch_size}, sizes=sizes, **kwargs)
-        out.unit_name = "rows" if lengths is None else "tokens"
-        out.group_labels = [f"{batch_size} rows"]
-        return out
-
     # ---- plan ---------------------------------------------------------------------------------------------------
-    def _run_segments(self) -> list[tuple[int, int]]:
-        T = self.total_steps
-        starts = {0}
-        phase = getattr(self.schedule, "phase_starts", None)
-        if callable(phase):
-            starts |= {int(s) for s in phase(T) if 0 < s < T}
-        bounds = sorted(starts) + [T]
-        out = []
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            cuts = [a + (b - a) * c // self.cycles for c in range(self.cycles + 1)]
-            out.extend((x, y) for x, y in zip(cuts[:-1], cuts[1:]) if y > x)
-        return out
-
     def _step_groups(self, epoch: int) -> NDArray[np.int64]:
-        """Dense group of every step: per segment, steps per group from the units the mean weights ask of
-        each group, ordered by the curriculum draw."""
-        usable = self.odds > 0
-        units = self.units * usable[None, :]
-        frac = units / np.maximum(units.sum(axis=1, keepdims=True), 1e-300)  # [D, G] share of d's units in g
-        out = np.empty(self.total_steps, dtype=np.int64)
-        rows_step = self.batch_sizes * self.world_size
-        for i, (a, b) in enumerate(self._run_segments()):
-            w = self._weights[a:b].mean(axis=0)
-            demand = w @ frac  # [G] units asked of each group
-            # units one step of each group delivers: its rows times the demand-weighted unit of its domains
-            share = w[:, None] * frac
-            with np.errstate(invalid="ignore", divide="ignore"):
-                mean_unit = (share * self.unit).sum(axis=0) / share.sum(axis=0)
-            step_units = rows_step * np.where(np.isfinite(mean_unit), mean_unit, 0.0)
-            want = np.where((demand > 0) & (step_units > 0), demand / np.where(step_units > 0, step_units, 1), 0.0)
-            steps = largest_remainder_counts(want[None, :] / want.sum(), b - a)[0]
-            pos = curriculum_order(steps, np.where(steps > 0, self.odds, 1.0), self.epoch_seed(epoch, 0xC0BB, i))
-            out[a:b] = pos
-        return out
+        """Dense group of every step (:func:`samplers.shaped_steps.step_groups` of this run)."""
+        segments = run_segments(self.schedule, self.total_steps, self.cycles)
+        return step_groups(self.units, self.odds, self.unit, self._weights, self.batch_sizes * self.world_size,
+                           segments, [self.epoch_seed(epoch, 0xC0BB, i) for i in range(len(segments))])
 
     def _tables(self, epoch: int):
         """``(step_group [T], counts int64 [T, D], starts int64 [T, D], deal_offset int64 [T], need [D, G],

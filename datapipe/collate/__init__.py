@@ -26,6 +26,7 @@ from datapipe.collate.features import FeaturesCollate, collate_features, feature
 from datapipe.dataset import Batch, Ragged
 from datapipe.dtypes import np_dtype
 from native.ragged import gather_values, pack_layout, pad_rows
+from native.shards import gather_shard_values, pad_shard_rows
 
 __all__ = ["FeaturesCollate", "PackedCollate", "PadCollate", "collate_decomposed", "collate_features", "default",
            "features_collator", "packed", "pad", "ragged_column"]
@@ -112,7 +113,6 @@ class PadCollate:
 
     def __call__(self, batch) -> dict:
         r = ragged_column(batch, self.column)
-        sources = _sources(r)
         lengths = np.diff(r.offsets)
         L = int(lengths.max()) if len(lengths) else 0
         if self.max_length is not None:
@@ -125,9 +125,14 @@ class PadCollate:
                                                     ((B, L), self.label_dtype)])
         parallel = self._mode.pick()
         t0 = time.perf_counter()
-        for off, val, rows, pos in sources:  # one pass from each shard's buffers into the padded outputs
-            pad_rows(off, val, rows, pos, ids, mask, labels, pad_id=self.pad_id, label_pad=self.label_pad,
-                     parallel=parallel, check=False)
+        src = getattr(r, "shards", None)
+        if src is not None:  # rows of many shards: one kernel call
+            pad_shard_rows(src.off_addr, src.val_addr, src.shard, src.local, src.off_like, src.val_like, ids, mask,
+                           labels, pad_id=self.pad_id, label_pad=self.label_pad, parallel=parallel)
+        else:
+            for off, val, rows, pos in _sources(r):  # one pass from each shard's buffers into the padded outputs
+                pad_rows(off, val, rows, pos, ids, mask, labels, pad_id=self.pad_id, label_pad=self.label_pad,
+                         parallel=parallel, check=False)
         # fresh buffers pay page faults inside the kernel: not a measure of the kernel
         self._mode.record(parallel, time.perf_counter() - t0, B * L if POOL.fresh == fresh else 0)
         out = {"input_ids": tensor(ids), "attention_mask": tensor(mask), "labels": tensor(labels)}
@@ -147,7 +152,6 @@ class PackedCollate:
 
     def __call__(self, batch) -> dict:
         r = ragged_column(batch, self.column)
-        sources = _sources(r)
         offsets = r.offsets
         if len(offsets) and offsets[0]:
             offsets = offsets - offsets[0]
@@ -158,8 +162,13 @@ class PackedCollate:
         (ids, pos, labels), tensor = output_group([(T, self.dtype), (T, self.dtype), (T, self.label_dtype)])
         parallel = self._mode.pick()
         t0 = time.perf_counter()
-        for off, val, rows, where in sources:  # from each shard's buffers straight into the ids
-            gather_values(off, val, rows, where, offsets, ids, parallel=parallel)
+        src = getattr(r, "shards", None)
+        if src is not None:  # rows of many shards: one kernel call
+            gather_shard_values(src.off_addr, src.val_addr, src.shard, src.local, offsets, ids, src.off_like,
+                                src.val_like, parallel=parallel)
+        else:
+            for off, val, rows, where in _sources(r):  # from each shard's buffers straight into the ids
+                gather_values(off, val, rows, where, offsets, ids, parallel=parallel)
         pack_layout(offsets, ids, pos, labels, label_pad=self.label_pad, parallel=parallel)
         self._mode.record(parallel, time.perf_counter() - t0, T if POOL.fresh == fresh else 0)
         cu = offsets.astype(np.int32)

@@ -19,6 +19,7 @@ import torch
 from datapipe.collate.buffers import output_group
 from datapipe.dataset import Ragged
 from native.ragged import gather_values
+from native.shards import gather_shard_values
 
 __all__ = ["FeaturesCollate", "collate_features", "features_collator"]
 
@@ -106,12 +107,17 @@ def collate_features(batch, *, column: str | None = None, feature_dim: int | Non
     frames = offsets // f
     if frames[-1] >= 2**31:
         raise ValueError(f"{int(frames[-1])} frames overflow int32 cu_seqlens; use smaller packs")
-    if getattr(r, "parts", None) is not None:
+    shards = getattr(r, "shards", None)
+    if shards is not None or getattr(r, "parts", None) is not None:
         # straight from the shards' memory maps into the output (one pass; ints become float32 on the way)
-        src = r.parts[0][1].dtype
+        src = shards.val_like.dtype if shards is not None else r.parts[0][1].dtype
         (values,), tensor = output_group([(int(offsets[-1]), src if src.kind == "f" else np.float32)])
-        for off, val, rows, pos in r.parts:
-            gather_values(off, val, rows, pos, offsets, values)
+        if shards is not None:  # rows of many shards: one kernel call
+            gather_shard_values(shards.off_addr, shards.val_addr, shards.shard, shards.local, offsets, values,
+                                shards.off_like, shards.val_like)
+        else:
+            for off, val, rows, pos in r.parts:
+                gather_values(off, val, rows, pos, offsets, values)
         feats = tensor(values)
     else:
         values = np.asarray(r.values)[offsets[0] : offsets[-1]]

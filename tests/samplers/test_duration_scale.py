@@ -13,12 +13,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import samplers.duration as sd
-from native.duration import (
-    _sort_pairs,
-    _sort_positive,
-    duration_window_batches,
-    duration_window_sizes,
-)
+from native.duration import duration_window_batches, duration_window_sizes
+from native.duration_windows import _sort_pairs, _sort_positive
 from samplers.base import BatchSamplerBase
 from tests.helpers import assert_sampler_resumes_exactly
 

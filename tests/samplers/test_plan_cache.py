@@ -15,13 +15,13 @@ from tests.conftest import ROOT
 SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
-    import samplers, samplers.token_budget as tb, samplers.duration as du
+    import samplers, samplers.token_budget as tb, samplers.duration as du, samplers.duration_windowed as dw
     tb.EXACT_MAX_ROWS = du.EXACT_MAX_ROWS = 1000   # windowed plans on a small file
     kind, path, mode, out = sys.argv[1:5]
     if mode == "resume":  # the counting kernels must not run: the pass comes from the disk cache
         def refuse(*a, **k):
             raise AssertionError("counting pass recomputed")
-        tb.window_sizes = du.duration_window_sizes = refuse
+        tb.window_sizes = dw.duration_window_sizes = refuse
     meta = np.load(path, mmap_mode="r")
     kw = dict(seed=3, rank=1, world_size=2)
     if kind == "token_budget":
