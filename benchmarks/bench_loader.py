@@ -261,7 +261,8 @@ def main(argv=None) -> None:
         with open(args.out, "w") as f:
             f.write(f"Command: `python benchmarks/bench_loader.py {' '.join(sys.argv[1:])}`\n\n")
             f.write(f"Corpora: {'; '.join(corpora)}. Batches of {args.batch_size} random documents; medians of "
-                    f"{args.repeats} epochs; 2-core shared machine; {time.strftime('%Y-%m-%d')}.\n\n")
+                    f"{args.repeats} epochs; 2-core shared machine, load average {os.getloadavg()[0]:.1f} at the end; "
+                    f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n\n")
             f.write("\n".join(table) + "\n")
             f.write(NOTE)
 

@@ -112,6 +112,21 @@ def decomposed_index(n: int, tmp: Path):
     return SimpleNamespace(sequence_log2=np.load(path, mmap_mode="r"), max_log2=13)
 
 
+def cluster_ids_file(n: int, tmp: Path) -> Path:
+    """Memory-mapped int32 cluster ids of ``n`` queries over 10,000 clusters (the ``topic`` kind), written in chunks."""
+    path = tmp / f"bench_scale_clusters_{n}.npy"
+    if not path.exists():
+        part = path.with_suffix(".part.npy")
+        mm = np.lib.format.open_memmap(part, mode="w+", dtype=np.int32, shape=(n,))
+        rng = np.random.default_rng(0)
+        for a in range(0, n, 1 << 24):
+            mm[a:a + min(n, a + (1 << 24)) - a] = rng.integers(0, 10_000, min(n, a + (1 << 24)) - a, dtype=np.int32)
+        mm.flush()
+        del mm
+        part.rename(path)
+    return path
+
+
 def make(kind: str, n: int, tmp: Path):
     import samplers
 
@@ -124,6 +139,9 @@ def make(kind: str, n: int, tmp: Path):
     if kind == "token_budget":
         lengths = np.load(metadata_file("lengths", n, tmp), mmap_mode="r")
         return lambda: samplers.TokenBudgetBatchSampler(lengths, max_tokens=2**20, **kw)
+    if kind == "topic":
+        ids = np.load(cluster_ids_file(n, tmp), mmap_mode="r")
+        return lambda: samplers.TopicAwareBatchSampler(ids, batch_size=1024, **kw)
     durations = np.load(metadata_file("durations", n, tmp), mmap_mode="r")
     if kind == "packed":
         return lambda: samplers.PackedDurationSampler(durations, max_duration=600.0, **kw)
@@ -146,6 +164,15 @@ def warm_up(kind: str) -> None:
             lengths = np.arange(5000, dtype=np.int32) % 300 + 1
             next(iter(samplers.TokenBudgetBatchSampler(lengths, max_tokens=4096, seed=1, rank=3, world_size=8)))
     sr.EXACT_MAX_ROWS, tb.EXACT_MAX_ROWS = saved
+    if kind == "topic":
+        import samplers.topic_aware as ta
+
+        ids = (np.arange(5000) % 37).astype(np.int32)
+        saved = ta.EXACT_MAX_ROWS
+        for limit in (0, 1 << 62):
+            ta.EXACT_MAX_ROWS = limit
+            next(iter(samplers.TopicAwareBatchSampler(ids, batch_size=64, seed=1, rank=3, world_size=8)))
+        ta.EXACT_MAX_ROWS = saved
     if kind == "packed":
         import samplers.packing as sp
 

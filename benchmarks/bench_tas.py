@@ -203,7 +203,7 @@ def main() -> None:
         h = np.zeros(10, np.int64)
         for e in range(20):
             s.set_epoch(e)
-            h += s.stats()["margin_bin_histogram"]
+            h += np.asarray(s.stats()["margin_bin_histogram"])
         hist[strat] = h / h.sum()
     allp = np.bincount(margin_bins(pairs.offsets, pairs.margin, 10), minlength=10) / pairs.num_pairs
     # what TAS-Balanced should give: each query uniform over ITS non-empty bins (middle bins are often empty)

@@ -18,12 +18,12 @@ from numpy.typing import NDArray
 
 from native._config import njit
 from native.duration_windows import duration_window_batches, duration_window_sizes
+from native.pack_windows import bfd_kernel, index_new, pack_scale, tree_size
 from native.rng import shuffle_inplace
 
 __all__ = ["assign_buckets_2d", "bucket_batches", "duration_window_batches", "duration_window_sizes",
            "pack_best_fit"]
 
-_MAX_KEYS = 2**17
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -191,88 +191,15 @@ def bucket_batches(rows: NDArray[np.int64], bucket_offsets: NDArray[np.int64], d
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# best-fit decreasing packing
+# best-fit decreasing packing (the kernel is native.pack_windows.bfd_kernel, shared with the windowed packs)
 # ---------------------------------------------------------------------------------------------------------------
-@njit
-def _tree_add(tree: np.ndarray, size: np.int64, leaf: np.int64, delta: np.int64) -> None:
-    i = leaf + size
-    while i >= 1:
-        tree[i] += delta
-        i //= 2
-
-
-@njit
-def _tree_first_at_or_after(tree: np.ndarray, size: np.int64, q: np.int64) -> np.int64:
-    # smallest leaf index >= q with a non-zero count, or -1
-    if q >= size:
-        return -1
-    i = q + size
-    if tree[i] > 0:
-        return q
-    while i > 1:
-        if i % 2 == 0 and tree[i + 1] > 0:
-            i = i + 1
-            while i < size:
-                i = 2 * i if tree[2 * i] > 0 else 2 * i + 1
-            return i - size
-        i //= 2
-    return -1
-
-
-@njit
-def _pack_window(items: np.ndarray, dur: np.ndarray, capacity: np.float64, max_items: np.int64,
-                 scale: np.float64, tree: np.ndarray, size: np.int64, head: np.ndarray,
-                 pack_of: np.ndarray) -> np.int64:
-    """Best-fit decreasing of ``items`` (sorted by decreasing duration); returns the number of packs."""
-    n = items.shape[0]
-    rem = np.empty(n, dtype=np.float64)
-    cnt = np.zeros(n, dtype=np.int64)
-    nxt = np.full(n, -1, dtype=np.int64)
-    key_of = np.full(n, -1, dtype=np.int64)
-    in_tree = np.zeros(n, dtype=np.bool_)
-    npacks = 0
-    for t in range(n):
-        d = dur[items[t]]
-        need = np.int64(np.ceil(d * scale))
-        leaf = _tree_first_at_or_after(tree, size, need)
-        if leaf >= 0:
-            p = head[leaf]
-            head[leaf] = nxt[p]
-            in_tree[p] = False
-            _tree_add(tree, size, leaf, -1)
-        else:
-            p = npacks
-            npacks += 1
-            rem[p] = capacity
-        rem[p] -= d
-        cnt[p] += 1
-        pack_of[t] = p
-        if cnt[p] < max_items:
-            key = np.int64(np.floor(rem[p] * scale))
-            if key >= 0:
-                key_of[p] = key
-                nxt[p] = head[key]
-                head[key] = p
-                in_tree[p] = True
-                _tree_add(tree, size, key, 1)
-    # leave the tree and the list heads empty for the next window
-    for p in range(npacks):
-        if in_tree[p]:
-            _tree_add(tree, size, key_of[p], -1)
-            head[key_of[p]] = -1
-    return npacks
-
-
 @njit
 def _pack(rows: np.ndarray, dur: np.ndarray, window_offsets: np.ndarray, capacity: np.float64,
           max_items: np.int64, scale: np.float64, shuffle: bool, seed: np.uint64
           ) -> tuple[np.ndarray, np.ndarray]:
     n = rows.shape[0]
-    nleaves = np.int64(np.floor(capacity * scale)) + 1
-    size = np.int64(1)
-    while size < nleaves:
-        size *= 2
-    tree = np.zeros(2 * size, dtype=np.int64)
+    size = tree_size(capacity, scale)
+    bits = index_new(size)
     head = np.full(size, -1, dtype=np.int64)
     out = np.empty(n, dtype=np.int64)
     offsets = np.empty(n + 1, dtype=np.int64)
@@ -291,7 +218,9 @@ def _pack(rows: np.ndarray, dur: np.ndarray, window_offsets: np.ndarray, capacit
         order = np.argsort(-dur[items], kind="mergesort")
         items = items[order]
         pack_of = np.empty(e - s, dtype=np.int64)
-        npacks = _pack_window(items, dur, capacity, max_items, scale, tree, size, head, pack_of)
+        cnt = np.empty(e - s, dtype=np.int64)
+        sec = np.empty(e - s, dtype=np.float64)
+        npacks = bfd_kernel(dur[items], capacity, max_items, scale, bits, size, head, pack_of, cnt, sec)
         # counting sort of the window's items by pack
         counts = np.zeros(npacks + 1, dtype=np.int64)
         for t in range(e - s):
@@ -344,7 +273,7 @@ def pack_best_fit(rows: NDArray[np.int64], durations: NDArray, capacity: float, 
     cap = np.iinfo(np.int64).max if max_items is None else int(max_items)
     if cap < 1:
         raise ValueError(f"max_items must be >= 1 (got {max_items=})")
-    # at most 2**17 keys (a small tree to clear each epoch); the quantum grows for large capacities
-    scale = min(1.0 / resolution, float(_MAX_KEYS) / capacity)
+    # at most 2**17 keys (a small index to clear each window); the quantum grows for large capacities
+    scale = pack_scale(capacity, resolution)
     return _pack(rows, dur, np.ascontiguousarray(window_offsets, dtype=np.int64), np.float64(capacity),
                  np.int64(cap), np.float64(scale), bool(shuffle), np.uint64(seed & 0xFFFFFFFFFFFFFFFF))

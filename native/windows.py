@@ -24,7 +24,7 @@ from native.batching import budget_cuts_kernel
 from native.feistel import feistel_keyed, half_bits, round_keys
 from native.rng import MASK63, mix_step, shuffle_inplace
 
-__all__ = ["window_batches", "window_blocks", "window_sizes"]
+__all__ = ["take_window", "window_batches", "window_blocks", "window_sizes"]
 
 
 @njit
@@ -44,27 +44,40 @@ def window_blocks(w: np.int64, n: np.int64, block: np.int64, per_window: np.int6
 
 
 @njit
-def _window_take(lengths: np.ndarray, w: np.int64, n: np.int64, block: np.int64, per_window: np.int64,
-                 permute: bool, block_seed: np.uint64, prefix: np.uint64, max_tokens: np.int64,
-                 as_rows: bool) -> tuple[np.ndarray, np.int64]:
-    """Window ``w``'s rows (``as_rows``) or their lengths, block-permuted then shuffled, rows over ``max_tokens``
-    left out; and how many were left out. Both give the same order: a Fisher-Yates shuffle depends only on the
-    length of what it shuffles."""
+def take_window(values: np.ndarray, w: np.int64, n: np.int64, block: np.int64, per_window: np.int64, permute: bool,
+                block_seed: np.uint64, limit, rows_out: np.ndarray, vals_out: np.ndarray) -> tuple[np.int64, np.int64]:
+    """The rows of window ``w`` in block-permutation order and their values, rows whose value exceeds ``limit``
+    left out: written to ``rows_out`` / ``vals_out`` (``per_window * block`` long at least; any numeric dtype for
+    the values). Returns ``(rows kept, rows left out)``. A bare kernel (the windowed samplers' common first step)."""
     blocks = window_blocks(w, n, block, per_window, permute, block_seed)
-    out = np.empty(blocks.shape[0] * block, dtype=np.int64)
     at = 0
     dropped = 0
     for blk in blocks:
         lo = blk * block
         hi = min(n, lo + block)
         for i in range(lo, hi):
-            v = np.int64(lengths[i])
-            if v <= max_tokens:
-                out[at] = i if as_rows else v
+            v = values[i]
+            if v <= limit:
+                rows_out[at] = i
+                vals_out[at] = v
                 at += 1
             else:
                 dropped += 1
-    out = out[:at]
+    return at, dropped
+
+
+@njit
+def _window_take(lengths: np.ndarray, w: np.int64, n: np.int64, block: np.int64, per_window: np.int64,
+                 permute: bool, block_seed: np.uint64, prefix: np.uint64, max_tokens: np.int64,
+                 as_rows: bool) -> tuple[np.ndarray, np.int64]:
+    """Window ``w``'s rows (``as_rows``) or their lengths, block-permuted then shuffled, rows over ``max_tokens``
+    left out; and how many were left out. Both give the same order: a Fisher-Yates shuffle depends only on the
+    length of what it shuffles."""
+    cap = per_window * block
+    rows = np.empty(cap, dtype=np.int64)
+    lens = np.empty(cap, dtype=np.int64)
+    at, dropped = take_window(lengths, w, n, block, per_window, permute, block_seed, max_tokens, rows, lens)
+    out = rows[:at] if as_rows else lens[:at]
     if permute:
         state = np.empty(1, dtype=np.uint64)
         state[0] = mix_step(prefix, np.uint64(w)) & MASK63

@@ -23,18 +23,17 @@ from typing import cast
 import numpy as np
 from numpy.typing import ArrayLike
 
-from collections import OrderedDict
-
 from native.batching import budget_cuts
-from native.feistel import feistel_range, mix_prefix
+from native.feistel import mix_prefix
 from native.rng import permutation
 from native.windows import window_batches, window_sizes
 from samplers.base import (BatchSamplerBase, Plan, PlanStats, check_budget, check_lengths, digest_array,
                            take_batches)
-from samplers.plan_cache import PlanCache, check_window, source_id
-from samplers.lazy_plan import SizePlan, arrange_sizes, check_lengths_chunked, count_above, even_out_sizes
+from samplers.lazy_plan import SizePlan, check_lengths_chunked, count_above
+from samplers.plan_cache import PlanCache, source_id
+from samplers.windowed import DEAL_SALT, MAX_PLAN_ROWS, WindowedPlan, WindowedStream
 
-__all__ = ["BLOCK_ROWS", "EXACT_MAX_ROWS", "TokenBudgetBatchSampler", "WINDOW_ROWS"]
+__all__ = ["BLOCK_ROWS", "EXACT_MAX_ROWS", "MAX_PLAN_ROWS", "TokenBudgetBatchSampler", "WINDOW_ROWS"]
 
 #: Up to this many rows the plan is exact (one permutation, sorted chunks, one cut over the epoch: the plans of
 #: earlier versions); above, it is windowed. 2**22 rows: the exact plan's ~64 B/row peak stays ~256 MiB and its
@@ -44,10 +43,6 @@ EXACT_MAX_ROWS = 1 << 22
 WINDOW_ROWS = 1 << 16
 #: Contiguous rows moved together by the windowed plan's block permutation (one 64-byte line of int32 lengths).
 BLOCK_ROWS = 16
-#: Windows per call of the counting kernel (bounds its temporaries to ~``64 * WINDOW_ROWS * 4`` bytes).
-_COUNT_WINDOWS = 64
-#: ``global_plan()`` refuses to materialise a windowed plan of more rows than this.
-MAX_PLAN_ROWS = 1 << 28
 #: Counting passes shared by the samplers of one process and, for memory-mapped lengths, kept on disk (a resume
 #: builds a second sampler over the same lengths, often in a fresh process): (lengths digest, options, seed, epoch)
 #: -> tables. The tables are read-only.
@@ -56,7 +51,7 @@ _PASSES = PlanCache("token_budget")
 _SCANS = PlanCache("token_budget_scan", keep=8)
 
 
-class TokenBudgetBatchSampler(BatchSamplerBase):
+class TokenBudgetBatchSampler(WindowedPlan, BatchSamplerBase):
     """Batches whose padded size ``len(batch) * max(length)`` stays within ``max_tokens``.
 
     Up to :data:`EXACT_MAX_ROWS` rows the epoch is planned whole (as before); above, window by window (see the
@@ -137,8 +132,11 @@ class TokenBudgetBatchSampler(BatchSamplerBase):
         self._per_window = max(1, max(WINDOW_ROWS, 16 * self.sort_window) // BLOCK_ROWS)
         self._window_rows = self._per_window * self._block
         self._num_windows = -(-self.num_rows // self._window_rows)
-        self._epoch_tables: OrderedDict = OrderedDict()  # epoch -> tables (the last two epochs)
-        self._windows: OrderedDict = OrderedDict()  # (epoch, window) -> (rows, offsets) (the last four)
+        self._stream = WindowedStream(
+            self.lengths, _PASSES, lambda epoch: (self._digest, repr(self._options()), self.seed, epoch),
+            self._num_windows, lambda w0, w1, epoch: window_sizes(self.lengths, w0, w1, **self._window_kw(epoch)),
+            lambda w, epoch: window_batches(self.lengths, w, **self._window_kw(epoch)),
+            lambda epoch: self.epoch_seed(epoch, DEAL_SALT) if self.shuffle else None, _dropped)
         self._lazy: tuple | None = None
         self._tables(self.epoch)  # the counting pass of the first epoch, up front (or another sampler's)
 
@@ -160,7 +158,8 @@ class TokenBudgetBatchSampler(BatchSamplerBase):
 
     def _build_plan(self, epoch: int) -> Plan:
         if self.windowed:
-            return self._materialise(epoch, SizePlan(0, self._tables(epoch)["sizes"]), self._tables(epoch)["dropped"])
+            t = self._tables(epoch)
+            return self._stream.materialise(epoch, SizePlan(0, t["sizes"], dict(t["dropped"])))
         rows = self._keep
         seed = self.epoch_seed(epoch)
         if self.shuffle:
@@ -186,116 +185,13 @@ class TokenBudgetBatchSampler(BatchSamplerBase):
                     sort_window=self.sort_window, max_tokens=self.max_tokens, max_rows=self.max_rows)
 
     def _tables(self, epoch: int) -> dict:
-        """The counting pass of an epoch: batch sizes in plan order, where each plan batch lives, totals (shared
-        by the samplers of this process, and kept on disk for a memory-mapped ``lengths``: see
-        :mod:`samplers.plan_cache`)."""
-        if epoch in self._epoch_tables:
-            self._epoch_tables.move_to_end(epoch)
-            return self._epoch_tables[epoch]
-        key = (self._digest, repr(self._options()), self.seed, epoch)
-        tables = _PASSES.memo(key, self.lengths, lambda: self._count(epoch))
-        self._epoch_tables[epoch] = tables
-        while len(self._epoch_tables) > 2:
-            self._epoch_tables.popitem(last=False)
-        return tables
-
-    def _count(self, epoch: int) -> dict:
-        kw = self._window_kw(epoch)
-        parts, totals = [], np.zeros(3, dtype=np.int64)
-        for w0 in range(0, self._num_windows, _COUNT_WINDOWS):
-            sizes, st = window_sizes(self.lengths, w0, min(self._num_windows, w0 + _COUNT_WINDOWS), **kw)
-            parts.extend(sizes)
-            totals += st.sum(axis=0)
-        counts = np.array([len(p) for p in parts], dtype=np.int64)
-        wcum = np.zeros(len(counts) + 1, dtype=np.int64)
-        np.cumsum(counts, out=wcum[1:])
-        by_window = np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
-        nb = len(by_window)
-        # plan batch g is window-order batch order[g]: the batches of all windows in a random order
-        order = feistel_range(0, nb, nb, self.epoch_seed(epoch, 0xBA7C)) if self.shuffle and nb else None
-        sizes = by_window.astype(np.int64) if order is None else by_window[order].astype(np.int64)
-        voff = np.zeros(nb + 1, dtype=np.int64)
-        np.cumsum(sizes, out=voff[1:])
-        dropped = {"longer_than_max_tokens": int(totals[0])} if totals[0] else {}
-        return {"order": order, "wcum": wcum, "by_window": by_window, "sizes": sizes, "voff": voff,
-                "dropped": dropped, "tokens": int(totals[1]), "padded": int(totals[2])}
-
-    def _window(self, epoch: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-        key = (epoch, w)
-        if key not in self._windows:
-            self._windows[key] = rows, off = window_batches(self.lengths, w, **self._window_kw(epoch))
-            t = self._tables(epoch)
-            check_window(t, w, np.diff(off), t["by_window"], t["wcum"], lambda: self._forget(epoch))
-            while len(self._windows) > 4:
-                self._windows.popitem(last=False)
-        return self._windows[key]
-
-    def _forget(self, epoch: int) -> None:
-        _PASSES.forget((self._digest, repr(self._options()), self.seed, epoch), self.lengths)
-        self._epoch_tables.pop(epoch, None)
-
-    def _rows(self, epoch: int, start: int, stop: int) -> np.ndarray:
-        """Rows at positions ``[start, stop)`` of the epoch's stream (plan batches one after another); a batch
-        of the arranged plan never spans two plan batches (an elastic split only halves a batch)."""
-        t = self._tables(epoch)
-        g = int(np.searchsorted(t["voff"], start, side="right")) - 1
-        wid = g if t["order"] is None else int(t["order"][g])
-        w = int(np.searchsorted(t["wcum"], wid, side="right")) - 1
-        rows, off = self._window(epoch, w)
-        local = wid - int(t["wcum"][w])
-        a = int(off[local]) + start - int(t["voff"][g])
-        return rows[a : a + stop - start].copy()
-
-    def _materialise(self, epoch: int, plan: SizePlan, dropped: dict) -> Plan:
-        if plan.rows > MAX_PLAN_ROWS:
-            raise ValueError(f"global_plan() would materialise {plan.rows} rows (> {MAX_PLAN_ROWS}); iterate the "
-                             "sampler instead, it computes batches on demand")
-        t = self._tables(epoch)
-        starts = plan.base + plan.offsets[:-1]
-        g = np.searchsorted(t["voff"], starts, side="right") - 1
-        wid = g if t["order"] is None else t["order"][g]
-        win = np.searchsorted(t["wcum"], wid, side="right") - 1
-        rows = np.empty(plan.rows, dtype=np.int64)
-        by_window = np.argsort(win, kind="stable")
-        bounds = np.searchsorted(win[by_window], np.unique(win), side="right") if len(win) else []
-        kw = self._window_kw(epoch)
-        lo = 0
-        for hi in bounds:  # each window planned once, its batches put in place
-            sel = by_window[lo:hi]
-            w = int(win[sel[0]])
-            wrows, off = window_batches(self.lengths, w, **kw)
-            check_window(t, w, np.diff(off), t["by_window"], t["wcum"], lambda: self._forget(epoch))
-            for b in sel.tolist():
-                a = int(off[wid[b] - t["wcum"][w]]) + int(starts[b] - t["voff"][g[b]])
-                rows[plan.offsets[b] : plan.offsets[b + 1]] = wrows[a : a + int(plan.sizes[b])]
-            lo = hi
-        return Plan(rows, plan.offsets.copy(), dropped=dict(dropped))
-
-    def _size_plan(self) -> SizePlan:
-        key = (self.epoch, self._segments, self.world_size)
-        if self._lazy is None or self._lazy[0] != key:
-            t = self._tables(self.epoch)
-
-            def first(w: int) -> SizePlan:
-                return even_out_sizes(SizePlan(0, t["sizes"], dict(t["dropped"])), w, self.drop_last)
-
-            plan = arrange_sizes(first, self._segments, self.world_size, self.drop_last)
-            self._lazy = (key, plan)
-            self._announce(self.epoch, plan.dropped, {})
-        return self._lazy[1]
-
-    def global_plan(self) -> Plan:
-        """The arranged global plan of the current epoch (materialised; windowed plans only when small)."""
-        if not self.windowed:
-            return super().global_plan()
-        plan = self._size_plan()
-        return self._materialise(self.epoch, plan, plan.dropped)
-
-    def _on_demand(self):
-        if not self.windowed:
-            return None
-        plan, epoch = self._size_plan(), self.epoch
-        return plan.num_batches, lambda b: self._rows(epoch, *plan.span(b))
+        """The counting pass of an epoch (see :class:`samplers.windowed.WindowedStream`), with the token totals."""
+        t = self._stream.tables(epoch)
+        if "tokens" not in t:
+            st = t["window_stats"]
+            t["tokens"] = int(st[:, 1].sum()) if len(st) else 0
+            t["padded"] = int(st[:, 2].sum()) if len(st) else 0
+        return t
 
     def stats(self) -> PlanStats:
         if self.windowed:
@@ -326,3 +222,8 @@ class TokenBudgetBatchSampler(BatchSamplerBase):
             "plan": "windowed",
             "window_rows": self._window_rows,
         })
+
+
+def _dropped(window_stats: np.ndarray) -> dict:
+    n = int(window_stats[:, 0].sum()) if len(window_stats) else 0
+    return {"longer_than_max_tokens": n} if n else {}
