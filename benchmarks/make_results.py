@@ -12,7 +12,8 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 ORDER = [
-    ("Loader: ArrowDataset + DataLoader vs HF datasets + torch DataLoader (issue 2)", "bench_loader.md"),
+    ("Loader: ArrowDataset + DataLoader vs HF datasets + torch DataLoader and the memory floor (issues 2, 17)",
+     "bench_loader.md"),
     ("Dataset decomposition (issue 3)", "bench_dd.md"),
     ("Speech duration bucketing and packing vs Lhotse (issue 4)", "bench_speech.md"),
     ("TAS-Balanced (issue 5)", "bench_tas.md"),
@@ -22,7 +23,9 @@ ORDER = [
     ("Mixture batches at scale (issue 8)", "bench_mixture.md"),
     ("Checked reads: first-touch checksum cost (issue 12)", "bench_integrity.md"),
     ("Recipe dry run: 1e5 steps, 8 domains (issue 16)", "bench_recipe.md"),
-    ("Sampler plans at 1e7-1e9 rows, shard-local shuffles (issue 15)", "bench_scale.md"),
+    ("Sampler plans at 1e7-1e9 rows, shard-local shuffles, streaming decompose (issue 15)", "bench_scale.md"),
+    ("PackedDurationSampler: windowed vs exact packs (issue 15)", "bench_packing_scale.md"),
+    ("TopicAwareBatchSampler: windowed vs exact batches (issue 15)", "bench_tas_scale.md"),
     ("Datasets on object storage: an epoch over S3 on loopback vs the local copy (issue 15)", "bench_remote.md"),
     ("Drop-in: PyTorch's own DataLoader test suite with datapipe.DataLoader (issue 18)", "dropin.md"),
 ]

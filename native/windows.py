@@ -24,7 +24,7 @@ from native.batching import budget_cuts_kernel
 from native.feistel import feistel_keyed, half_bits, round_keys
 from native.rng import MASK63, mix_step, shuffle_inplace
 
-__all__ = ["take_window", "window_batches", "window_blocks", "window_sizes"]
+__all__ = ["take_window", "window_batches", "window_blocks", "window_major_order", "window_sizes"]
 
 
 @njit
@@ -41,6 +41,38 @@ def window_blocks(w: np.int64, n: np.int64, block: np.int64, per_window: np.int6
     for k in range(b0, b1):
         out[k - b0] = feistel_keyed(k, nblocks, h, keys) if permute and nblocks > 1 else k
     return out
+
+
+@njit
+def _window_major(wcum: np.ndarray, window_seed: np.uint64, prefix: np.uint64) -> np.ndarray:
+    nw = wcum.shape[0] - 1
+    out = np.empty(wcum[nw], dtype=np.int64)
+    wkeys = round_keys(window_seed)
+    hw = half_bits(nw) if nw > 1 else np.int64(1)
+    at = 0
+    for j in range(nw):
+        w = feistel_keyed(j, nw, hw, wkeys) if nw > 1 else j
+        a = wcum[w]
+        m = wcum[w + 1] - a
+        if m > 1:
+            keys = round_keys(mix_step(prefix, np.uint64(w)) & MASK63)
+            h = half_bits(m)
+            for k in range(m):
+                out[at + k] = a + feistel_keyed(k, m, h, keys)
+        elif m == 1:
+            out[at] = a
+        at += m
+    return out
+
+
+def window_major_order(wcum: NDArray[np.int64], window_seed: int, prefix: int) -> NDArray[np.int64]:
+    """A deal of the batches of all windows that keeps each window's batches together: the windows in a seeded
+    random order (Feistel, ``window_seed``), each window's batches in a random order of their own (Feistel keyed
+    ``mix_step(prefix, w)``). ``wcum``: int64 ``[W+1]`` first batch of each window (window order). Returns int64
+    ``[wcum[-1]]``: plan batch -> window-order batch. Consecutive plan batches then come from one window, so a rank
+    plans each window once per ``batches in the window / world_size`` steps instead of once per batch."""
+    return _window_major(np.ascontiguousarray(wcum, dtype=np.int64), np.uint64(int(window_seed) & 0xFFFFFFFFFFFFFFFF),
+                         np.uint64(int(prefix) & 0xFFFFFFFFFFFFFFFF))
 
 
 @njit

@@ -3,8 +3,12 @@
 The rows are grouped in blocks of contiguous rows, the blocks permuted by a stateless Feistel permutation, and each
 window (a contiguous range of that block permutation, read through a memory map almost sequentially) is planned on
 its own by a sampler-specific kernel (sorted-and-cut token budgets, best-fit packs, ...). A counting pass gives
-every window's batch sizes once per epoch; the batches of all windows are then dealt in a seeded random order (a
-Feistel permutation of the batches), and a batch's rows are computed from its window alone when it is yielded.
+every window's batch sizes once per epoch; the batches are then dealt window by window: the windows in a seeded
+random order, each window's batches in a random order of their own (``native.windows.window_major_order``), and a
+batch's rows are computed from its window alone when it is yielded. Dealing window by window keeps the batches
+(and their mixing) as they are and changes only their order: a rank plans each window once per ``batches in the
+window / world_size`` steps (at 1e9 rows, ~0.04 ms per batch instead of 4-10 ms when every batch came from another
+window); consecutive steps draw from one window, itself a random sample of the corpus (random blocks of 16 rows).
 
 :class:`WindowedStream` is that machinery, shared by the samplers that use it
 (``TokenBudgetBatchSampler``, ``PackedDurationSampler``): the counting pass (kept by a
@@ -21,7 +25,8 @@ from collections.abc import Callable
 import numpy as np
 from numpy.typing import NDArray
 
-from native.feistel import feistel_range
+from native.feistel import mix_prefix
+from native.windows import window_major_order
 from samplers.base import Plan
 from samplers.lazy_plan import SizePlan, arrange_sizes, even_out_sizes
 from samplers.plan_cache import PlanCache, check_window
@@ -73,7 +78,7 @@ class WindowedStream:
         by_window = t["by_window"]
         nb = len(by_window)
         seed = self.deal_seed(epoch)
-        order = feistel_range(0, nb, nb, seed) if seed is not None and nb else None
+        order = window_major_order(t["wcum"], seed, mix_prefix(seed, 1)) if seed is not None and nb else None
         t["order"] = order
         t["sizes"] = by_window.astype(np.int64) if order is None else by_window[order].astype(np.int64)
         t["voff"] = np.zeros(nb + 1, dtype=np.int64)
