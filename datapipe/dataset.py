@@ -13,6 +13,7 @@ of it happens in :func:`open_ipc`, once per file per process, never in the per-b
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -324,6 +325,7 @@ class ArrowDataset(torch.utils.data.Dataset):
         self._addr: dict[str, tuple] = {}  # ragged column -> (offsets addr [S], values addr [S], offsets, values)
         self._flat_addr: dict[str, tuple] = {}  # fixed-width column -> (addr [S], a column array)
         self._mixed: set[str] = set()  # columns whose kind differs between shards (nulls): the generic path
+        self._open_lock = threading.Lock()  # prefetch threads open shards side by side
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, verify: str = "first_touch", filesystem=None,
@@ -381,12 +383,16 @@ class ArrowDataset(torch.utils.data.Dataset):
         sh = self._shards[s]
         if sh is None:
             meta = self.manifest["shards"][s]
-            sh = self._shards[s] = _Shard(self._local_file(meta), meta, self.schema, verify=self.verify_mode)
-            self._note_addresses(s, sh)
+            opened = _Shard(self._local_file(meta), meta, self.schema, verify=self.verify_mode)
+            with self._open_lock:  # one shard object and one address table entry, whichever thread opened first
+                sh = self._shards[s]
+                if sh is None:
+                    sh = self._shards[s] = opened
+                    self._note_addresses(s, sh)
         return sh
 
     def _note_addresses(self, s: int, sh: _Shard) -> None:
-        """Record shard ``s``'s buffer addresses (it stays mapped while the dataset lives)."""
+        """Record shard ``s``'s buffer addresses (it stays mapped while the dataset lives); under ``_open_lock``."""
         S = len(self._shards)
         for name in self.schema.names:
             if name in sh.ragged:

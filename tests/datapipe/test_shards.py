@@ -118,3 +118,20 @@ def test_batches_over_many_shards_through_the_loader_with_workers(many):
     for x, y, idx in zip(a, b, sampler):
         assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["id"], y["id"])
         assert x["id"].tolist() == [data[int(i)]["id"] for i in idx]
+
+
+def test_threads_opening_shards_side_by_side_read_the_right_rows(many):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, data = many
+    ds = datapipe.ArrowDataset.open(many[0].path)  # no shard open yet
+    f = collate.packed(keep_columns=False)
+    idx = batches(len(data), seed=7) * 4
+
+    def one(i):
+        return f(ds.__getitems__(i))["input_ids"]
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(one, idx))
+    for g, i in zip(got, idx):
+        assert g.tolist() == np.concatenate([data[int(j)]["input_ids"] for j in i]).tolist()
