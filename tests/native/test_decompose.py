@@ -12,15 +12,20 @@ from native.curriculum import curriculum_order
 from native.decompose import bucket_totals, decompose_lengths
 from native.decompose_blocks import empty_output, fill_block, finish_output, plan_layout, scan_documents
 
+from native.rng import SPLITMIX_GAMMA, SPLITMIX_M1, SPLITMIX_M2
+
+# SplitMix64's constants, from their one home (the reference code below is written independently of the kernels)
+GAMMA, M1, M2 = int(SPLITMIX_GAMMA), int(SPLITMIX_M1), int(SPLITMIX_M2)
+
 M64 = (1 << 64) - 1
 
 
 # ---- plain-Python reference (same SplitMix64 stream, no numpy, no numba) ----------------------------------------
 def _splitmix(state: list) -> int:
-    state[0] = (state[0] + 0x9E3779B97F4A7C15) & M64
+    state[0] = (state[0] + GAMMA) & M64
     z = state[0]
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+    z = ((z ^ (z >> 30)) * M1) & M64
+    z = ((z ^ (z >> 27)) * M2) & M64
     return z ^ (z >> 31)
 
 

@@ -18,19 +18,24 @@ from native.feistel import (
 )
 from native.rng import mix_seed
 
+from native.rng import SPLITMIX_GAMMA, SPLITMIX_M1, SPLITMIX_M2
+
+# SplitMix64's constants, from their one home (the reference code below is written independently of the kernels)
+GAMMA, M1, M2 = int(SPLITMIX_GAMMA), int(SPLITMIX_M1), int(SPLITMIX_M2)
+
 M64 = 0xFFFFFFFFFFFFFFFF
-GOLDEN = 0x9E3779B97F4A7C15
+GOLDEN = GAMMA
 
 
 def _fmix(z):
     """SplitMix64 finaliser on uint64 numpy arrays or Python ints."""
     if isinstance(z, int):
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+        z = ((z ^ (z >> 30)) * M1) & M64
+        z = ((z ^ (z >> 27)) * M2) & M64
         return z ^ (z >> 31)
     with np.errstate(over="ignore"):
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(M1)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(M2)
     return z ^ (z >> np.uint64(31))
 
 

@@ -9,6 +9,11 @@ from hypothesis import strategies as st
 
 from native.tas import bin_table, draw_pairs, margin_bins
 
+from native.rng import SPLITMIX_GAMMA, SPLITMIX_M1, SPLITMIX_M2
+
+# SplitMix64's constants, from their one home (the reference code below is written independently of the kernels)
+GAMMA, M1, M2 = int(SPLITMIX_GAMMA), int(SPLITMIX_M1), int(SPLITMIX_M2)
+
 
 def ref_margin_bins(offsets, margin, nbins):
     out = np.zeros(len(margin), dtype=np.int64)
@@ -70,16 +75,16 @@ def ref_draw(queries, offsets, table, seed, balanced):
     mask = (1 << 64) - 1
 
     def splitmix(s):
-        s = (s + 0x9E3779B97F4A7C15) & mask
+        s = (s + GAMMA) & mask
         z = s
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        z = ((z ^ (z >> 30)) * M1) & mask
+        z = ((z ^ (z >> 27)) * M2) & mask
         return s, z ^ (z >> 31)
 
     sorted_rows, qbin_off, bin_start, bin_count, _ = table
     out = []
     for q in queries.tolist():
-        s = seed ^ ((q * 0xBF58476D1CE4E5B9) & mask)
+        s = seed ^ ((q * M1) & mask)
         s, r1 = splitmix(s)
         s, r2 = splitmix(s)
         r1, r2 = r1 >> 32, r2 >> 32
