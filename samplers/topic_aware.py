@@ -21,21 +21,47 @@ finite and covers every query exactly once across ranks:
 4. the batch order is shuffled; the base class evens the batch count out across ranks.
 
 Queries with no pairs (when ``pairs`` is given) are left out and counted under ``dropped["no_pairs"]``.
+
+**At scale.** Up to :data:`EXACT_MAX_ROWS` queries, and always with ``pairs`` (the pair tables are O(queries) by
+nature), the plan is built as above from per-row arrays (~82 B per query). Above it, without pairs, the plan is
+*windowed* (:mod:`samplers.topic_windowed`): rows are grouped by cluster by a counting sort to a memory-mapped file
+(none when the ids are already sorted), steps 2-4 run on chunk names (cluster, chunk index) with the same seeded
+permutations, and a cluster's order each epoch is a stateless Feistel permutation instead of a Fisher-Yates shuffle,
+so memory is O(chunks + clusters + batches) per rank and a batch's rows are computed when it is yielded. Every batch
+then has the same size and the same clusters in the same slots as the exact plan of the same seed and epoch (same
+topic purity); only which query of a cluster fills a slot differs. ``cluster_ids`` may be a memory-mapped int32
+``.npy`` of 1e9 rows (read in chunks, never copied whole; ids up to ``2**31 - 1``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from typing import cast
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from native.rng import permutation, shuffle_segments
+from native.rng import mix_prefix, permutation, shuffle_segments
 from native.tas import bin_table, draw_pairs, margin_bins
+from native.topic_sort import cluster_rows
 from samplers.base import BatchSamplerBase, Plan, PlanStats, digest_array, take_batches
+from samplers.lazy_plan import SizePlan, arrange_sizes, even_out_sizes
+from samplers.topic_windowed import (
+    Layout,
+    batch_segments,
+    cluster_index,
+    epoch_layout,
+    layout_purity,
+)
 
-__all__ = ["PairTable", "TopicAwareBatchSampler"]
+__all__ = ["EXACT_MAX_ROWS", "PairTable", "TopicAwareBatchSampler"]
+
+#: Up to this many queries (and always with ``pairs``) the plan is exact (per-row arrays: the plans of earlier
+#: versions, ~82 B per query, ~330 MiB here); above, without pairs, it is windowed (module docstring).
+EXACT_MAX_ROWS = 1 << 22
+#: ``global_plan()`` refuses to materialise a windowed plan of more rows than this (iterating never does).
+MAX_PLAN_ROWS = 1 << 28
 
 _STRATEGIES = ("balanced", "random")
 
@@ -155,7 +181,8 @@ class TopicAwareBatchSampler(BatchSamplerBase):
     """Topic-aware batches (TAS), optionally with balanced margin sampling of one pair per query (TAS-Balanced).
 
     Args:
-        cluster_ids: int ``[Q]`` cluster of each query (``native.kmeans(...)[1]``), ``>= 0``; any ids.
+        cluster_ids: int ``[Q]`` cluster of each query (``native.kmeans(...)[1]``), ``>= 0``; any ids (up to
+            ``2**31 - 1`` above ``EXACT_MAX_ROWS`` queries, where it may be a memory map read in chunks).
         batch_size: queries per batch, ``>= 1``.
         clusters_per_batch: clusters a (non-top-up) batch draws from, ``1 <= clusters_per_batch <= batch_size``.
         pairs: optional :class:`PairTable` over the same ``Q`` queries. Without it the sampler yields int64
@@ -166,6 +193,12 @@ class TopicAwareBatchSampler(BatchSamplerBase):
             ``"random"`` (uniform over the query's pairs).
         seed, rank, world_size, drop_last: as in every sampler. ``drop_last`` also drops the last, partial
             top-up batch (counted under ``dropped["incomplete_batch"]``).
+        strict: raise ``ValueError`` instead of a ``PlanWarning`` when the plan drops rows unasked.
+
+    Above :data:`EXACT_MAX_ROWS` queries without ``pairs`` the plan is windowed (module docstring): memory per rank
+    is O(chunks + clusters + batches), the rows grouped by cluster live in a memory-mapped file (cached on disk next
+    to the plan cache for a memory-mapped ``cluster_ids``, so a resume in a fresh process reads no ids), and a
+    state saved at another world size resumes here (elastic).
     """
 
     def __init__(self, cluster_ids: ArrayLike, *, batch_size: int, clusters_per_batch: int = 1,
@@ -173,11 +206,18 @@ class TopicAwareBatchSampler(BatchSamplerBase):
                  rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
                  strict: bool = False) -> None:
         super().__init__(seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, strict=strict)
-        cl = _int_array(cluster_ids, "cluster_ids")
+        ids = np.asarray(cluster_ids)  # a memory map stays a memory map
+        self.windowed = pairs is None and ids.ndim == 1 and len(ids) > EXACT_MAX_ROWS
+        if self.windowed:
+            if ids.dtype.kind not in "iu" or ids.dtype == np.uint64:
+                raise TypeError(f"cluster_ids must be an integer array of int64 or smaller (got dtype {ids.dtype})")
+            cl = ids
+        else:
+            cl = _int_array(cluster_ids, "cluster_ids")
         self._cluster_digest = digest_array(cl)
         if len(cl) == 0:
             raise ValueError("cluster_ids is empty: there are no queries to sample")
-        if cl.min() < 0:
+        if not self.windowed and cl.min() < 0:  # the windowed path checks in its counting pass
             r = int(np.flatnonzero(cl < 0)[0])
             raise ValueError(f"cluster_ids must be >= 0 (query {r} has cluster {int(cl[r])})")
         for name, v in (("batch_size", batch_size), ("clusters_per_batch", clusters_per_batch),
@@ -196,6 +236,9 @@ class TopicAwareBatchSampler(BatchSamplerBase):
         self.margin_bins = int(margin_bins)
         self.strategy = strategy
         self.pairs = pairs
+        if self.windowed:
+            self._init_windowed(cl)
+            return
         self._cluster_uniq, self._cluster = np.unique(cl, return_inverse=True)
         self._cluster = self._cluster.astype(np.int64)
         eligible = np.ones(len(cl), dtype=bool)
@@ -220,9 +263,23 @@ class TopicAwareBatchSampler(BatchSamplerBase):
         if not drop_last and self.world_size > len(self._rows):
             raise ValueError(f"world_size={self.world_size} is larger than the {len(self._rows)} usable queries")
 
+    def _init_windowed(self, ids: NDArray) -> None:
+        """The windowed plan's set-up: rows grouped by cluster (counting sort, cached per file), no per-row array."""
+        self._index = cluster_index(ids, self._cluster_digest)
+        self._cluster_uniq = self._index.uniq
+        self._cl_off = self._index.offsets
+        self._no_pairs = 0
+        if not self.drop_last and self.world_size > self.num_queries:
+            raise ValueError(f"world_size={self.world_size} is larger than the {self.num_queries} usable queries")
+        self._layouts: OrderedDict = OrderedDict()  # epoch -> Layout (the last two)
+        self._lazy: tuple | None = None  # ((epoch, segments, world_size), SizePlan)
+
     def _options(self) -> dict:
-        return {"batch_size": self.batch_size, "clusters_per_batch": self.clusters_per_batch,
-                "margin_bins": self.margin_bins, "strategy": self.strategy}
+        out = {"batch_size": self.batch_size, "clusters_per_batch": self.clusters_per_batch,
+               "margin_bins": self.margin_bins, "strategy": self.strategy}
+        if self.windowed:
+            out["plan"] = "windowed"
+        return out
 
     def _metadata(self) -> dict:
         out = {"queries": self.num_queries, "cluster_ids": self._cluster_digest}
@@ -281,6 +338,9 @@ class TopicAwareBatchSampler(BatchSamplerBase):
         return plan, n_top
 
     def _build_plan(self, epoch: int) -> Plan:
+        if self.windowed:
+            lay = self._layout(epoch)
+            return self._materialise(epoch, SizePlan(0, lay.sizes, dict(lay.dropped)))
         plan, _ = self._topic_batches(epoch)
         if self._no_pairs:
             plan.dropped["no_pairs"] = self._no_pairs
@@ -289,6 +349,61 @@ class TopicAwareBatchSampler(BatchSamplerBase):
                               balanced=self.strategy == "balanced")
             plan = Plan(rows, plan.offsets, None, plan.dropped, plan.repeated)
         return plan
+
+    # ---- windowed plans (above EXACT_MAX_ROWS, no pairs) ---------------------------------------------------
+    def _layout(self, epoch: int) -> Layout:
+        """The epoch's chunks, pool segments and batch order (O(chunks + clusters + batches); the last two kept)."""
+        if epoch not in self._layouts:
+            lay = epoch_layout(self._index.sizes, self.batch_size, self.clusters_per_batch, self.drop_last,
+                               (self.epoch_seed(epoch, 2), self.epoch_seed(epoch, 3), self.epoch_seed(epoch, 4)))
+            self._layouts[epoch] = lay
+            while len(self._layouts) > 2:
+                self._layouts.popitem(last=False)
+        self._layouts.move_to_end(epoch)
+        return self._layouts[epoch]
+
+    def _size_plan(self) -> SizePlan:
+        key = (self.epoch, self._segments, self.world_size)
+        if self._lazy is None or self._lazy[0] != key:
+            lay = self._layout(self.epoch)
+
+            def first(w: int) -> SizePlan:
+                return even_out_sizes(SizePlan(0, lay.sizes, dict(lay.dropped)), w, self.drop_last)
+
+            plan = arrange_sizes(first, self._segments, self.world_size, self.drop_last)
+            self._lazy = (key, plan)
+            self._announce(self.epoch, plan.dropped, {})
+        return self._lazy[1]
+
+    def _stream_rows(self, epoch: int, start: int, stop: int) -> NDArray[np.int64]:
+        """Rows at positions ``[start, stop)`` of the epoch's stream (plan batches one after another); an arranged
+        batch never spans two plan batches (evening out only splits a batch)."""
+        lay = self._layout(epoch)
+        g = int(np.searchsorted(lay.voff, start, side="right")) - 1
+        lo, hi = start - int(lay.voff[g]), stop - int(lay.voff[g])
+        segs = batch_segments(lay, int(lay.order[g]), self.batch_size, self.clusters_per_batch, lo, hi)
+        return cluster_rows(self._index.rows, *segs, self._cl_off, mix_prefix(self.seed, epoch, 1))
+
+    def _materialise(self, epoch: int, plan: SizePlan) -> Plan:
+        if plan.rows > MAX_PLAN_ROWS:
+            raise ValueError(f"global_plan() would materialise {plan.rows} rows (> {MAX_PLAN_ROWS}); iterate the "
+                             "sampler instead, it computes batches on demand")
+        parts = [self._stream_rows(epoch, *plan.span(b)) for b in range(plan.num_batches)]
+        rows = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        return Plan(rows, plan.offsets.copy(), dropped=dict(plan.dropped))
+
+    def global_plan(self) -> Plan:
+        """The arranged global plan of the current epoch (every rank's batches, step-major); a windowed plan is
+        materialised batch by batch (for small epochs, tests and inspection; refused above ``MAX_PLAN_ROWS``)."""
+        if not self.windowed:
+            return super().global_plan()
+        return self._materialise(self.epoch, self._size_plan())
+
+    def _on_demand(self):
+        if not self.windowed:
+            return None
+        plan, epoch = self._size_plan(), self.epoch
+        return plan.num_batches, lambda b: self._stream_rows(epoch, *plan.span(b))
 
     # ---- helpers ------------------------------------------------------------------------------------------
     def queries_of(self, batch: ArrayLike) -> NDArray[np.int64]:
@@ -302,9 +417,26 @@ class TopicAwareBatchSampler(BatchSamplerBase):
         Keys added: ``num_clusters``; ``topic_purity`` (float64 ``[B]``: share of each batch's largest
         cluster), ``topic_purity_mean``, ``topic_purity_min``; ``clusters_in_batch_max``;
         ``batches_over_cluster_limit`` (batches with more than ``clusters_per_batch`` clusters, top-ups only);
-        ``topup_batches``; with pairs: ``margin_bin_histogram`` (int64 ``[margin_bins]``, drawn pairs by the bin
-        of their query's margins), ``margin_bin_histogram_all_pairs``, ``equal_margin_queries``.
+        ``topup_batches``; with pairs: ``margin_bin_histogram`` (a list of ``margin_bins`` ints: drawn pairs by the
+        bin of their query's margins), ``margin_bin_histogram_all_pairs``, ``equal_margin_queries``. Every value is
+        JSON-serialisable (lists, not arrays).
+
+        A windowed plan (above ``EXACT_MAX_ROWS`` queries) gives summary numbers only, computed from its layout
+        without reading rows: no ``topic_purity`` list (it would be O(batches)); ``topic_purity_mean``/``_min``,
+        ``clusters_in_batch_max`` and ``batches_over_cluster_limit`` describe the epoch's batches before they are
+        evened out across ranks (an even-out split only halves a batch); plus ``plan="windowed"`` and
+        ``rows_by_cluster`` (the file of the counting sort, ``"temporary"``, or ``"sorted ids"``).
         """
+        if self.windowed:
+            sp = self._size_plan()
+            return cast(PlanStats, {
+                **self._shared_stats(sp.sizes, sp.rows, sp.dropped, {}),
+                "num_clusters": int(len(self._cl_off) - 1),
+                **layout_purity(self._layout(self.epoch), len(self._cl_off) - 1, self.batch_size,
+                                self.clusters_per_batch),
+                "plan": "windowed",
+                "rows_by_cluster": "sorted ids" if self._index.rows is None else (self._index.path or "temporary"),
+            })
         out: dict = dict(super().stats())  # the shared keys (PlanStats), then its own
         plan = self.global_plan()
         q = self.queries_of(plan.indices)
@@ -326,8 +458,8 @@ class TopicAwareBatchSampler(BatchSamplerBase):
                        clusters_in_batch_max=0, batches_over_cluster_limit=0)
         if self.pairs is not None:
             nbins = self.margin_bins
-            out["margin_bin_histogram"] = np.bincount(self._bins[plan.indices], minlength=nbins).astype(np.int64)
-            out["margin_bin_histogram_all_pairs"] = np.bincount(self._bins, minlength=nbins).astype(np.int64)
+            out["margin_bin_histogram"] = np.bincount(self._bins[plan.indices], minlength=nbins).tolist()
+            out["margin_bin_histogram_all_pairs"] = np.bincount(self._bins, minlength=nbins).tolist()
             out["equal_margin_queries"] = int((_equal_margins(self.pairs) & (self.pairs.counts() > 1)).sum())
             out["queries_without_pairs"] = self._no_pairs
         return cast(PlanStats, out)

@@ -3,6 +3,7 @@ equal margins, exact resume, bad input, and a real FAISS -> sampler pipeline."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -67,7 +68,9 @@ def test_pairs_yield_one_row_per_query_exactly_once(world):
     q = pt.query_of(rows)
     assert np.all((rows >= pt.offsets[q]) & (rows < pt.offsets[q + 1]))
     assert s.stats()["dropped"] == {"no_pairs": nopairs}
-    assert s.stats()["margin_bin_histogram"].sum() == 300 - nopairs
+    st_ = s.stats()
+    assert sum(st_["margin_bin_histogram"]) == 300 - nopairs
+    assert json.loads(json.dumps(st_)) == st_  # with pairs too: lists, not arrays
 
 
 def test_no_topup_layout_gives_pure_batches_only():
