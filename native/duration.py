@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 
 from native._config import njit
 from native.duration_windows import duration_window_batches, duration_window_sizes
-from native.pack_windows import bfd_kernel, index_new, pack_scale, tree_size
+from native.pack_windows import pack_scale, pack_segments
 from native.rng import shuffle_inplace
 
 __all__ = ["assign_buckets_2d", "bucket_batches", "duration_window_batches", "duration_window_sizes",
@@ -191,51 +191,25 @@ def bucket_batches(rows: NDArray[np.int64], bucket_offsets: NDArray[np.int64], d
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# best-fit decreasing packing (the kernel is native.pack_windows.bfd_kernel, shared with the windowed packs)
+# best-fit decreasing packing (the kernel is native.pack_windows.pack_segments, shared with the windowed packs)
 # ---------------------------------------------------------------------------------------------------------------
 @njit
 def _pack(rows: np.ndarray, dur: np.ndarray, window_offsets: np.ndarray, capacity: np.float64,
           max_items: np.int64, scale: np.float64, shuffle: bool, seed: np.uint64
           ) -> tuple[np.ndarray, np.ndarray]:
-    n = rows.shape[0]
-    size = tree_size(capacity, scale)
-    bits = index_new(size)
-    head = np.full(size, -1, dtype=np.int64)
-    out = np.empty(n, dtype=np.int64)
-    offsets = np.empty(n + 1, dtype=np.int64)
-    offsets[0] = 0
-    total = 0
-    state = np.empty(1, dtype=np.uint64)
-    state[0] = seed
-    for w in range(window_offsets.shape[0] - 1):
-        s = window_offsets[w]
-        e = window_offsets[w + 1]
-        if e == s:
-            continue
-        items = rows[s:e].copy()
-        if shuffle:
-            shuffle_inplace(items, state)  # random order among equal durations
-        order = np.argsort(-dur[items], kind="mergesort")
-        items = items[order]
-        pack_of = np.empty(e - s, dtype=np.int64)
-        cnt = np.empty(e - s, dtype=np.int64)
-        sec = np.empty(e - s, dtype=np.float64)
-        npacks = bfd_kernel(dur[items], capacity, max_items, scale, bits, size, head, pack_of, cnt, sec)
-        # counting sort of the window's items by pack
-        counts = np.zeros(npacks + 1, dtype=np.int64)
-        for t in range(e - s):
-            counts[pack_of[t] + 1] += 1
-        for p in range(npacks):
-            counts[p + 1] += counts[p]
-        pos = counts[:npacks].copy()
-        for t in range(e - s):
-            p = pack_of[t]
-            out[s + pos[p]] = items[t]
-            pos[p] += 1
-        for p in range(npacks):
-            offsets[total + p + 1] = s + counts[p + 1]
-        total += npacks
-    return out, offsets[: total + 1].copy()
+    items = rows.copy()
+    if shuffle:  # random order among equal durations: each window shuffled, one draw sequence across windows
+        state = np.empty(1, dtype=np.uint64)
+        state[0] = seed
+        for w in range(window_offsets.shape[0] - 1):
+            s = window_offsets[w]
+            e = window_offsets[w + 1]
+            if e > s:
+                shuffle_inplace(items[s:e], state)
+    d = np.empty(items.shape[0], dtype=np.float64)
+    for t in range(items.shape[0]):
+        d[t] = dur[items[t]]
+    return pack_segments(items, d, window_offsets, capacity, max_items, scale)
 
 
 def pack_best_fit(rows: NDArray[np.int64], durations: NDArray, capacity: float, *,

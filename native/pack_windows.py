@@ -27,8 +27,8 @@ from native._config import njit
 from native.rng import MASK63, mix_step, shuffle_from
 from native.windows import take_window
 
-__all__ = ["MAX_KEYS", "bfd", "bfd_kernel", "index_new", "pack_scale", "pack_window_batches", "pack_window_sizes",
-           "tree_size"]
+__all__ = ["MAX_KEYS", "bfd", "bfd_kernel", "index_new", "pack_scale", "pack_segments", "pack_window_batches",
+           "pack_window_sizes", "tree_size"]
 
 #: the room index has at most this many keys (as ``native.duration.pack_best_fit``'s)
 MAX_KEYS = 2**17
@@ -254,14 +254,14 @@ def _sub_windows(d: np.ndarray, span: np.float64) -> np.ndarray:
 
 
 @njit
-def _window_packs(durations: np.ndarray, w: np.int64, n: np.int64, block: np.int64, per_window: np.int64,
-                  permute: bool, block_seed: np.uint64, prefix: np.uint64, max_duration: np.float64,
-                  span: np.float64, max_items: np.int64, scale: np.float64
-                  ) -> tuple[np.ndarray, np.ndarray, np.int64]:
-    rows, d, dropped = _window_cuts(durations, w, n, block, per_window, permute, block_seed, prefix, max_duration)
-    bounds = _sub_windows(d, span)
-    m = rows.shape[0]
-    size = tree_size(max_duration, scale)
+def pack_segments(items: np.ndarray, d: np.ndarray, bounds: np.ndarray, capacity: np.float64, max_items: np.int64,
+                  scale: np.float64) -> tuple[np.ndarray, np.ndarray]:
+    """Best-fit decreasing of each segment ``[bounds[s], bounds[s+1])`` of ``items`` (their float64 durations ``d``
+    aligned), longest first with ties in the given order: ``(items pack after pack, int64 [P+1] pack offsets)``.
+    A bare kernel, shared by ``native.duration.pack_best_fit`` (segments = windows) and the windowed packs
+    (segments = sub-windows)."""
+    m = items.shape[0]
+    size = tree_size(capacity, scale)
     bits = index_new(size)
     head = np.full(size, -1, dtype=np.int64)
     out = np.empty(m, dtype=np.int64)
@@ -276,21 +276,31 @@ def _window_packs(durations: np.ndarray, w: np.int64, n: np.int64, block: np.int
         e = bounds[s + 1]
         if e == a:
             continue
-        order = np.argsort(-d[a:e], kind="mergesort")  # longest first; ties keep the shuffled order
-        items = rows[a:e][order]
-        npacks = bfd_kernel(d[a:e][order], max_duration, max_items, scale, bits, size, head, pack_of, cnt, sec)
+        order = np.argsort(-d[a:e], kind="mergesort")  # longest first; ties keep the given order
+        seg = items[a:e][order]
+        npacks = bfd_kernel(d[a:e][order], capacity, max_items, scale, bits, size, head, pack_of, cnt, sec)
         pos = np.empty(npacks, dtype=np.int64)
         at = a
-        for p in range(npacks):
+        for p in range(npacks):  # items placed pack by pack, in their order within the pack
             pos[p] = at
             at += cnt[p]
             offsets[total + p + 1] = at
         for t in range(e - a):
             p = pack_of[t]
-            out[pos[p]] = items[t]
+            out[pos[p]] = seg[t]
             pos[p] += 1
         total += npacks
-    return out, offsets[: total + 1].copy(), dropped
+    return out, offsets[: total + 1].copy()
+
+
+@njit
+def _window_packs(durations: np.ndarray, w: np.int64, n: np.int64, block: np.int64, per_window: np.int64,
+                  permute: bool, block_seed: np.uint64, prefix: np.uint64, max_duration: np.float64,
+                  span: np.float64, max_items: np.int64, scale: np.float64
+                  ) -> tuple[np.ndarray, np.ndarray, np.int64]:
+    rows, d, dropped = _window_cuts(durations, w, n, block, per_window, permute, block_seed, prefix, max_duration)
+    out, offsets = pack_segments(rows, d, _sub_windows(d, span), max_duration, max_items, scale)
+    return out, offsets, dropped
 
 
 @njit(parallel=True)

@@ -23,6 +23,7 @@ from native.duration import duration_window_batches, duration_window_sizes
 from native.feistel import mix_prefix
 from samplers.base import Plan, PlanStats, digest_array
 from samplers.grouped_lazy_plan import PartPlan, arrange_parts
+from samplers.lazy_plan import check_durations_part
 from samplers.plan_cache import PlanCache, check_window, source_id
 
 __all__ = ["MIN_CHUNKS", "WindowedDurationPlan", "cut_cost"]
@@ -56,15 +57,7 @@ def _check_durations_chunked(durations: ArrayLike, name: str = "durations") -> N
     if arr.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be numbers (got dtype {arr.dtype})")
     for a in range(0, len(arr), _SCAN_CHUNK):
-        part = arr[a : a + _SCAN_CHUNK]
-        if arr.dtype.kind == "f":
-            bad = np.flatnonzero(~np.isfinite(part))
-            if len(bad):
-                raise ValueError(f"{name} has NaN/inf at row {a + int(bad[0])}; fix the metadata")
-        bad = np.flatnonzero(part <= 0)
-        if len(bad):
-            raise ValueError(f"{name} must be > 0: row {a + int(bad[0])} has {part[bad[0]]}; remove empty or broken "
-                             "cuts before sampling")
+        check_durations_part(arr[a : a + _SCAN_CHUNK], a, name)
     return arr
 
 

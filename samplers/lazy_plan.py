@@ -21,7 +21,8 @@ from numpy.typing import NDArray
 
 from native.batching import split_to_multiple
 
-__all__ = ["SizePlan", "arrange_sizes", "check_lengths_chunked", "count_above", "even_out_sizes"]
+__all__ = ["SizePlan", "arrange_sizes", "check_durations_part", "check_lengths_chunked", "count_above",
+           "even_out_sizes"]
 
 
 @dataclasses.dataclass
@@ -131,6 +132,19 @@ def check_lengths_chunked(lengths, name: str = "lengths") -> NDArray:
             i = int(np.flatnonzero(part < 0)[0])
             raise ValueError(f"{name} has a negative value {part[i]} at row {a + i}")
     return arr
+
+
+def check_durations_part(part: NDArray, offset: int, name: str = "durations") -> None:
+    """Check rows ``offset, offset + 1, ...`` of a durations array (``part``, one chunk of it): finite and ``> 0``;
+    the ``ValueError`` names the parameter and the first bad row of the whole array."""
+    if part.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(part))
+        if len(bad):
+            raise ValueError(f"{name} has NaN/inf at row {offset + int(bad[0])}; fix the metadata")
+    bad = np.flatnonzero(part <= 0)
+    if len(bad):
+        raise ValueError(f"{name} must be > 0: row {offset + int(bad[0])} has {part[bad[0]]}; remove empty or broken "
+                         "cuts before sampling")
 
 
 def count_above(values: NDArray, limit: float) -> tuple[int, int]:

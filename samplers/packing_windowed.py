@@ -27,6 +27,7 @@ from numpy.typing import NDArray
 
 from native.feistel import mix_prefix
 from native.pack_windows import pack_window_batches, pack_window_sizes
+from samplers.lazy_plan import check_durations_part
 from samplers.plan_cache import PlanCache
 from samplers.windowed import DEAL_SALT, MAX_PLAN_ROWS, WindowedStream
 
@@ -63,13 +64,7 @@ def scan_durations(durations: NDArray, max_duration: float, key, name: str = "du
         count, first = 0, -1
         for a in range(0, len(arr), _SCAN_CHUNK):
             part = np.asarray(arr[a : a + _SCAN_CHUNK], dtype=np.float64)
-            bad = np.flatnonzero(~np.isfinite(part))
-            if len(bad):
-                raise ValueError(f"{name} has NaN/inf at row {a + int(bad[0])}; fix the metadata")
-            bad = np.flatnonzero(part <= 0)
-            if len(bad):
-                raise ValueError(f"{name} must be > 0: row {a + int(bad[0])} has {part[bad[0]]}; remove empty or "
-                                 "broken cuts before sampling")
+            check_durations_part(part, a, name)
             hit = np.flatnonzero(part > max_duration)
             if len(hit) and first < 0:
                 first = a + int(hit[0])

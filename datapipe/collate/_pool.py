@@ -7,8 +7,9 @@ alive (the arrays, and the tensors ``torch.from_numpy`` made of them, hold a ref
 the buffers that came back by their reference counts when it next allocates, so handing out an array costs no
 finaliser (``weakref.finalize`` cost ~3 µs per array, three arrays per batch).
 
-Memory: at most ``max_bytes`` (default 1 GiB) stay *idle* in the pool; beyond that a buffer that comes back is
-freed. Buffers still held by the training loop are the loop's memory, not the pool's: the pool tracks at most
+Memory: at most ``max_bytes`` (default 1 GiB) stay *idle* in the pool; beyond that the least recently used idle
+buffers are freed (a loop that switches from padded to packed batches, or to smaller batches, gets its buffers
+recycled again instead of finding the pool full of the old ones). Buffers still held by the training loop are the loop's memory, not the pool's: the pool tracks at most
 ``MAX_LENT`` of them (a loop that keeps every batch alive makes the older ones ordinary garbage-collected arrays).
 """
 
@@ -43,7 +44,7 @@ class BufferPool:
     """Hands out arrays backed by reusable byte buffers; a buffer is reused once no array carved from it is alive.
 
     Args:
-        max_bytes: the most bytes kept idle in the pool (buffers beyond it are freed).
+        max_bytes: the most bytes kept idle in the pool (the least recently used beyond it are freed).
     """
 
     def __init__(self, max_bytes: int = 1 << 30):
@@ -60,13 +61,15 @@ class BufferPool:
         still = []
         for b in self._lent:
             if sys.getrefcount(b) <= _UNUSED_REFS:
-                if self._idle + b.nbytes <= self.max_bytes:
+                if b.nbytes <= self.max_bytes:  # kept, newest last
                     self._free.append(b)
                     self._idle += b.nbytes
             else:
                 still.append(b)
             del b
         self._lent = still[-MAX_LENT:]
+        while self._idle > self.max_bytes:  # over the bound: the least recently used go (e.g. another layout's)
+            self._idle -= self._free.pop(0).nbytes
 
     def _take(self, nbytes: int) -> np.ndarray:
         """A buffer of at least ``nbytes`` bytes, lent from now on: a free one of at most 4x the size, else new."""

@@ -320,3 +320,24 @@ def test_features_collator_in_a_spawned_worker(feats_ds):
     ref = [collate.collate_features(feats_ds.__getitems__(np.arange(a, min(a + 16, 50))))["features"]
            for a in range(0, 50, 16)]
     assert len(got) == 4 and all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+def test_the_pool_keeps_the_recently_used_buffers_within_its_bound():
+    from datapipe.collate._pool import BufferPool
+
+    pool = BufferPool(max_bytes=10_000)
+    big = [pool.alloc(4000, np.uint8) for _ in range(2)]  # another layout's buffers fill the pool when returned
+    del big
+    assert pool.collect() <= 10_000
+    small = pool.alloc(500, np.uint8)
+    base = id(small.base)
+    del small
+    pool.collect()
+    again = pool.alloc(500, np.uint8)  # the small buffer came back and is reused, although big ones were idle
+    assert id(again.base) == base and pool.idle_bytes <= 10_000
+    del again
+    fresh = pool.fresh
+    for _ in range(20):  # a steady loop of small batches allocates nothing new
+        x = pool.alloc(480, np.uint8)
+        del x
+    assert pool.fresh == fresh
