@@ -63,6 +63,7 @@ class KernelMode:
         self._trying = -1  # the mode under trial, and its calls still to come
         self._left = 0
         self._best = 0  # the preferred mode, updated as costs are recorded
+        self._since = 0  # calls recorded since it was
         self._last_try = time.monotonic()
 
     def cost(self, parallel: bool) -> float:
@@ -111,10 +112,13 @@ class KernelMode:
             if self._left == self.trial - 1:  # the try's first call: threads waking, caches cold
                 return
         self._costs[i].append(seconds / work)
-        if not (self._left > 0 and self._trying >= 0):
-            self._best = self._preferred()
+        self._since += 1
+        if not (self._left > 0 and self._trying >= 0) and (self._since >= 4 or self._seen[i] <= 2):
+            self._best = self._preferred()  # medians of a few calls: recomputed every 4 calls, not every call
+            self._since = 0
         if in_trial and self._left == 0:  # the try is over: keep the winner, try the loser less often
-            won = self._preferred() == i
+            self._best, self._since = self._preferred(), 0
+            won = self._best == i
             self._next_try = self.explore_every if won else min(2 * self._next_try, 64 * self.explore_every)
             self._trying = -1
 

@@ -32,9 +32,13 @@ def group_layout(specs) -> tuple[list[tuple[int, int, tuple, np.dtype]], int]:
     ``([(offset, nbytes, shape, dtype), ...], total bytes)``."""
     out, at = [], 0
     for shape, dtype in specs:
-        dt = np.dtype(dtype)
-        shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(n) for n in shape)
-        nbytes = math.prod(shape) * dt.itemsize  # math.prod, not np.prod: np.prod costs ~5 µs a call
+        dt = dtype if type(dtype) is np.dtype else np.dtype(dtype)
+        if type(shape) is int:
+            shape, count = (shape,), shape
+        else:
+            shape = (int(shape),) if isinstance(shape, np.integer) else tuple(int(n) for n in shape)
+            count = math.prod(shape)  # math.prod, not np.prod: np.prod costs ~5 µs a call
+        nbytes = count * dt.itemsize
         out.append((at, nbytes, shape, dt))
         at += -(-nbytes // 64) * 64
     return out, at
