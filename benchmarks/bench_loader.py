@@ -47,6 +47,7 @@ the main process, exact `state_dict` unchanged); its ratio is against
 HF at 0 workers. With workers, both sides are bound by torch's worker-to-main transfer and by 3 processes sharing 2
 cores, so for token batches 0 workers or threads are the fast settings here; workers pay off for heavy per-row
 Python transforms.
+In a loop that only loads, the `threads` rows do not beat the parallel kernels at 0 workers on 2 cores (the prefetch threads run serial kernels and pay a hand-off per batch); the step table shows what they are for: loading overlapped with a training step.
 """
 
 
