@@ -325,6 +325,8 @@ class DurationBucketSampler(WindowedDurationPlan, BatchSamplerBase):
         return Plan(idx, off, groups, dict(self.dropped_static))
 
     def _step_order_kw(self, plan: Plan) -> dict:
+        if self.windowed:
+            return self._windowed_step_order_kw(plan)
         return {"seed": self.epoch_seed(None, 0x5EED)} if self.shuffle else {}
 
     @property

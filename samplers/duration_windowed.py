@@ -22,7 +22,7 @@ from numpy.typing import ArrayLike, NDArray
 from native.duration import duration_window_batches, duration_window_sizes
 from native.feistel import mix_prefix
 from samplers.base import Plan, PlanStats, digest_array
-from samplers.grouped_lazy_plan import PartPlan, arrange_parts
+from samplers.grouped_lazy_plan import PartPlan, arrange_parts, window_major_steps
 from samplers.lazy_plan import check_durations_part
 from samplers.plan_cache import PlanCache, check_window, source_id
 
@@ -202,11 +202,21 @@ class WindowedDurationPlan:
         if key in _SHARED_ARRANGED:
             return _SHARED_ARRANGED[key]
         seed = self.epoch_seed(epoch, 0x5EED) if self.shuffle else None
+        # steps window by window: a rank plans each window once per run of steps, not once per batch
         plan = arrange_parts(None, None, t["size"], t["bucket"], world_size, self.drop_last, t["dropped"],
-                             step_seed=seed)
+                             step_seed=seed, window_starts=t["wcum"])
         _SHARED_ARRANGED.clear()
         _SHARED_ARRANGED[key] = plan
         return plan
+
+    def _windowed_step_order_kw(self, plan) -> dict:
+        """The materialised plan (base class) orders its steps as the lazy one does: window by window."""
+        if not self.shuffle:
+            return {}
+        t = self._tables(self.epoch)
+        bare = arrange_parts(None, None, t["size"], t["bucket"], self.world_size, self.drop_last, t["dropped"])
+        first = bare.src[:: self.world_size][: bare.num_batches // self.world_size]
+        return {"step_order": window_major_steps(first, t["wcum"], self.epoch_seed(self.epoch, 0x5EED))}
 
     def _part_plan(self) -> PartPlan:
         """The arranged plan of the current epoch and world size, after any elastic segments."""

@@ -21,7 +21,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from native.batching import split_to_multiple
-from native.rng import permutation
+from native.rng import mix_seed, permutation
 
 __all__ = ["PartPlan", "arrange_parts", "even_out_parts"]
 
@@ -99,8 +99,30 @@ def even_out_parts(src, a, size, world_size: int, drop_last: bool, dropped: dict
     return src[owner], a2, new.astype(np.int32), owner
 
 
+def window_major_steps(first_src: NDArray[np.int64], window_starts: NDArray[np.int64], seed: int) -> NDArray[np.int64]:
+    """A step order that keeps each window's steps together: the windows in a seeded random order, the steps of a
+    window in a random order of their own, a step placed by its first part's window.
+
+    Args:
+        first_src: int64 ``[S]`` source batch of each step's first part (source batches in window order).
+        window_starts: int64 ``[W+1]`` first source batch of each window.
+        seed: the epoch's step seed.
+
+    Returns:
+        int64 ``[S]``: the steps, in their new order. A rank then plans each window once per run of steps instead of
+        once per batch; the steps themselves do not change.
+    """
+    nsteps = len(first_src)
+    win = np.searchsorted(window_starts, first_src, side="right") - 1
+    nw = len(window_starts) - 1
+    rank = np.empty(nw, dtype=np.int64)
+    rank[permutation(nw, seed)] = np.arange(nw, dtype=np.int64)  # window -> its place in the order
+    return np.lexsort((permutation(nsteps, mix_seed(seed, 1)), rank[win])).astype(np.int64)
+
+
 def arrange_parts(src, a, size, groups, world_size: int, drop_last: bool, dropped: dict, *,
-                  step_seed: int | None = None, in_time: bool = False) -> PartPlan:
+                  step_seed: int | None = None, in_time: bool = False,
+                  window_starts: NDArray[np.int64] | None = None) -> PartPlan:
     """Steps of ``world_size`` parts of one group each: :func:`samplers.base.group_steps` (with ``step_seed``: a
     seeded step permutation, kept lazily; else group by group) or, with ``in_time``,
     :func:`samplers.base.regroup_in_order` (steps in the order their first part stood in the input).
@@ -111,6 +133,8 @@ def arrange_parts(src, a, size, groups, world_size: int, drop_last: bool, droppe
         groups: int ``[B]`` group of each part (integers ``>= 0``).
         world_size, drop_last: as the sampler's.
         dropped: reason -> rows dropped so far (copied, then added to).
+        window_starts: with ``step_seed``, int64 ``[W+1]`` first source batch of each window: the steps are ordered
+            window by window (:func:`window_major_steps`) instead of in a plain seeded permutation.
 
     Returns:
         the arranged :class:`PartPlan`.
@@ -150,6 +174,8 @@ def arrange_parts(src, a, size, groups, world_size: int, drop_last: bool, droppe
     if in_time:
         step_key = key[:at].reshape(nsteps, w).min(axis=1)
         step_order = np.argsort(step_key, kind="stable").astype(np.int64)
+    elif step_seed is not None and window_starts is not None:
+        step_order = window_major_steps(out_src[::w][:nsteps], window_starts, step_seed)
     elif step_seed is not None:
         step_order = permutation(nsteps, step_seed)
     else:
