@@ -37,6 +37,9 @@ OLD = {
     "random": ("4 s / 1.2 GiB", "36 s, 10.4 GiB"),
     "token_budget": ("50 s / 6.9 GiB", "~60 GiB (MemoryError in lexsort at 3e8)"),
     "duration": ("48 s / 7.8 GiB", "~69 GiB"),
+    "packed": ("27-47 s / 5-7 GiB", "48-61 GiB"),
+    "topic": ("27-47 s / 5-7 GiB", "48-61 GiB"),
+    "decomposed": ("24 s / 9.1 GiB", "~56 B/sequence (decompose_lengths: ~128 GiB)"),
 }
 
 
@@ -503,7 +506,7 @@ def write_decompose_section(results: list[dict], args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1e7,1e8")
-    ap.add_argument("--kinds", default="random,token_budget,duration")
+    ap.add_argument("--kinds", default="random,token_budget,duration,packed,decomposed,topic")
     ap.add_argument("--duration-max", type=float, default=1e9, help="largest size run for DurationBucketSampler")
     ap.add_argument("--duration-section", action="store_true", help="run only DurationBucketSampler (the sizes "
                     "given, and its windowed-vs-exact quality at 1e6 rows) and replace only its section of --out")
@@ -619,19 +622,20 @@ def write(results: list[dict], quality, args) -> None:
              "(resume), the counting pass read from the disk cache the first process wrote (`samplers.plan_cache`); "
              "*anon* is the growth of "
              "`RssAnon` (peak while the case ran), i.e. memory the plan holds, not the page cache of the memory map.",
-             "", "| sampler | rows | construct (s) [CPU s] | first batch (s) | resume to batch 101 (s) | "
+             "*next 100* is batches 2-101 of the first sampler (the planning a rank does while it trains).",
+             "", "| sampler | rows | construct (s) [CPU s] | first batch (s) | next 100 (s) | resume to batch 101 (s) | "
              "2nd construct (s) | fresh process: construct / resume (s) | peak anon (MiB) | batches/rank | "
              "before issue 15 (issue's table) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         old = OLD.get(r["kind"], ("", ""))
         before = old[0] if r["rows"] == 10**8 else old[1] if r["rows"] == 10**9 else ""
         if "error" in r:
-            lines.append(f"| {r['kind']} | {r['rows']:.0e} | failed: {r['error']} | | | | | | | {before} |")
+            lines.append(f"| {r['kind']} | {r['rows']:.0e} | failed: {r['error']} | | | | | | | | {before} |")
             continue
         cpu = f" [{r['construct_cpu_s']:.1f}]" if "construct_cpu_s" in r else ""
         lines.append(f"| {r['kind']} | {r['rows']:.0e} | {r['construct_s']:.2f}{cpu} | {r['first_batch_s']:.2f} | "
-                     f"{r['resume_s']:.3f} | {r['construct2_s']:.2f} | {fresh(r)} | {r['peak_anon_mib']:.0f} | "
+                     f"{r['next_100_s']:.3f} | {r['resume_s']:.3f} | {r['construct2_s']:.2f} | {fresh(r)} | {r['peak_anon_mib']:.0f} | "
                      f"{r['batches_per_rank']} | {before} |")
     if quality:
         tbq, shq = quality

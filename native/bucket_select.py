@@ -86,7 +86,16 @@ def _select_rows(values, chunk, cum, k, ranks):
             last_c = c
             pos = c * chunk
             seen = cum[c]
-        while pos < n:
+        while True:  # skip whole blocks of 64 rows by counting (a vectorised loop), ...
+            e = min(pos + 64, n)
+            cnt = np.int64(0)
+            for j in range(pos, e):
+                cnt += np.int64(values[j] == k)
+            if seen + cnt > m or e >= n:
+                break
+            seen += cnt
+            pos = e
+        while pos < n:  # ... then scan the block that holds the occurrence
             hit = np.int64(values[pos]) == k
             pos += 1
             if hit:
