@@ -22,7 +22,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -31,6 +30,10 @@ import numpy as np
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+from scale_common import Peak, anon_kb, metadata_file, replace_section  # noqa: E402
+from scale_decompose import DECOMPOSE_HEADING, decompose_case, run_decompose_section  # noqa: E402
 
 #: the issue's table (main before issue 15): (first batch s, peak) at 1e8, and 1e9
 OLD = {
@@ -41,54 +44,6 @@ OLD = {
     "topic": ("27-47 s / 5-7 GiB", "48-61 GiB"),
     "decomposed": ("24 s / 9.1 GiB", "~56 B/sequence (decompose_lengths: ~128 GiB)"),
 }
-
-
-def anon_kb() -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1])
-    return 0
-
-
-class Peak:
-    """Polls RssAnon in a thread: the peak anonymous memory while a case runs."""
-
-    def __init__(self) -> None:
-        self.peak = anon_kb()
-        self.stop = False
-        self.t = threading.Thread(target=self.run, daemon=True)
-        self.t.start()
-
-    def run(self) -> None:
-        while not self.stop:
-            self.peak = max(self.peak, anon_kb())
-            time.sleep(0.02)
-
-    def done(self) -> int:
-        self.stop = True
-        self.t.join()
-        return max(self.peak, anon_kb())
-
-
-def metadata_file(kind: str, n: int, tmp: Path) -> Path:
-    path = tmp / f"bench_scale_{kind}_{n}.npy"
-    if path.exists():
-        return path
-    dtype = np.int32 if kind == "lengths" else np.float32
-    part = path.with_suffix(".part.npy")
-    mm = np.lib.format.open_memmap(part, mode="w+", dtype=dtype, shape=(n,))
-    rng = np.random.default_rng(0)
-    step = 1 << 24
-    for a in range(0, n, step):
-        k = min(n, a + step) - a
-        if kind == "lengths":
-            mm[a:a + k] = np.minimum(rng.lognormal(6.0, 1.0, k), 8192).astype(np.int32) + 1
-        else:
-            mm[a:a + k] = np.clip(rng.lognormal(1.8, 0.6, k), 0.5, 40.0).astype(np.float32)
-    mm.flush()
-    del mm
-    part.rename(path)
-    return path
 
 
 #: bucket k = 8..13 of the synthetic decomposed index (``decomposed`` kind): short sequences most frequent
@@ -371,138 +326,6 @@ def quality_shard_local(n: int = 10**6, shard_rows: int = 1000, bs: int = 1024) 
 
 
 # ---- driver -----------------------------------------------------------------------------------------------------
-DECOMPOSE_HEADING = "## Streaming decompose at scale"
-DECOMPOSE_KW = {"min_log2": 8, "max_log2": 13, "remainder": "pack", "seed": 0}
-
-
-def decompose_case(mode: str, n: int, tmp: Path) -> dict:
-    """One decomposition of ``n`` memory-mapped lengths in this (fresh) process: ``stream`` (plan_stream +
-    write_stream into a temp dir, deleted after), ``stream-nowrite`` (the same two passes, each block's outputs
-    computed and dropped) or ``memory`` (``decompose_lengths`` + pyarrow's writer, the path before streaming)."""
-    import shutil
-
-    import pyarrow as pa
-
-    from datapipe.decomposition_stream import iter_blocks, plan_stream, write_stream
-    from datapipe.format import file_checksum
-    from native.decompose import decompose_lengths
-
-    lengths = np.load(metadata_file("lengths", n, tmp), mmap_mode="r")
-    out = tmp / f"bench_scale_decompose_out_{n}"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir()
-    warm = out / "warm"
-    warm.mkdir()
-    write_stream(lengths[:5000], warm, plan_stream(lengths[:5000], **DECOMPOSE_KW))  # kernels loaded, not timed
-    decompose_lengths(lengths[:5000], **DECOMPOSE_KW)
-    shutil.rmtree(warm)
-    base = anon_kb()
-    peak = Peak()
-    t0, c0 = time.perf_counter(), time.process_time()
-    try:
-        if mode == "memory":
-            arrays = decompose_lengths(lengths, **DECOMPOSE_KW)
-            t1 = time.perf_counter()
-            tables = {"pieces": {k: arrays[k] for k in ("row", "start", "length", "sequence")},
-                      "sequences": {"log2": arrays["sequence_log2"], "tokens": arrays["sequence_tokens"],
-                                    "first_piece": arrays["sequence_offsets"][:-1]}}
-            nbytes = 0
-            for name, cols in tables.items():
-                table = pa.table({k: pa.array(v) for k, v in cols.items()})
-                with pa.OSFile(str(out / f"{name}.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
-                    w.write_table(table, max_chunksize=max(1, table.num_rows))
-                file_checksum(out / f"{name}.arrow")
-                nbytes += (out / f"{name}.arrow").stat().st_size
-            pieces, seqs = len(arrays["row"]), len(arrays["sequence_log2"])
-        else:
-            plan = plan_stream(lengths, **DECOMPOSE_KW)
-            t1 = time.perf_counter()
-            pieces, seqs = plan.num_pieces, plan.num_sequences
-            if mode == "stream":
-                res = write_stream(lengths, out, plan)
-                nbytes = sum(f["bytes"] for f in res["files"].values())
-            else:
-                nbytes = 0  # what the two tables' columns would hold
-                for blk in iter_blocks(lengths, plan):
-                    nbytes += sum(v.nbytes for _, cols in blk.pieces + blk.sequences for v in cols.values())
-                    del blk  # one block held at a time, as write_stream does
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        return {"mode": mode, "rows": n, "wall_s": wall, "first_pass_s": t1 - t0, "cpu_s": cpu,
-                "peak_anon_mib": (peak.done() - base) / 1024, "bytes": nbytes, "pieces": pieces, "sequences": seqs}
-    finally:
-        peak.stop = True
-        shutil.rmtree(out, ignore_errors=True)
-
-
-def replace_section(out: Path, heading: str, lines: list[str], before: str | None = None) -> None:
-    """Write ``lines`` (a section starting with ``heading``) into ``out`` in place of the old section (up to the next
-    heading), else before the heading ``before`` when present, else at the end."""
-    text = out.read_text() if out.exists() else ""
-    start = text.find(heading)
-    if start >= 0:
-        nxt = text.find("\n## ", start + len(heading))
-        text = text[:start] + text[nxt + 1:] if nxt >= 0 else text[:start]
-    section = "\n".join(lines) + "\n\n"
-    at = text.find(before) if before else -1
-    text = text[:at] + section + text[at:] if at >= 0 else text.rstrip("\n") + "\n\n" + section
-    out.write_text(text.rstrip("\n") + "\n")
-
-
-def run_decompose_section(args) -> None:
-    """Each (mode, size) of the decompose section in a fresh process; replaces only that section of ``--out``."""
-    import shutil
-
-    tmp = Path(args.tmp)
-    results = []
-    for n in (int(float(x)) for x in args.sizes.split(",")):
-        made = not (tmp / f"bench_scale_lengths_{n}.npy").exists()  # delete only what this run writes
-        metadata_file("lengths", n, tmp)
-        fits = n * 110 * 1.2 < shutil.disk_usage(tmp).free  # the files: ~110 bytes per document
-        modes = (["stream"] if fits else []) + (["stream-nowrite"] if not fits or n <= 10**8 else []) + (
-            ["memory"] if n <= 10**8 else [])  # in memory: ~120 bytes per document of RAM
-        for mode in modes:
-            cmd = [sys.executable, __file__, "--decompose-case", mode, str(n), "--tmp", str(tmp)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            if proc.returncode:
-                results.append({"mode": mode, "rows": n, "error": proc.stderr.strip().splitlines()[-1][:200]})
-            else:
-                results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(json.dumps(results[-1]), flush=True)
-        if made:
-            (tmp / f"bench_scale_lengths_{n}.npy").unlink(missing_ok=True)
-    write_decompose_section(results, args)
-
-
-def write_decompose_section(results: list[dict], args) -> None:
-    """Replace (or append at the end) the streaming-decompose section of ``--out``, leaving the rest."""
-    load = os.getloadavg()[0]
-    what = {"stream": "streaming, files written", "stream-nowrite": "streaming, outputs dropped",
-            "memory": "in memory (`decompose_lengths`) + write"}
-    lines = [DECOMPOSE_HEADING, "",
-             f"Command: `.venv/bin/python benchmarks/bench_scale.py --decompose-section --sizes {args.sizes}` (run "
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, shared 2-core machine, load average {load:.0f} "
-             "at the end). Memory-mapped int32 lengths (log-normal, as above), "
-             f"`{', '.join(f'{k}={v!r}' for k, v in DECOMPOSE_KW.items())}`, each run in a fresh process: "
-             "*streaming* is `datapipe.decomposition_stream.plan_stream` + `write_stream` (what `datapipe.decompose` "
-             "runs, blocks of 2^20 rows) writing `pieces.arrow` / `sequences.arrow` into a temp dir under `--tmp`; "
-             "*outputs dropped* runs the same two passes (`iter_blocks`) without the files (used where the files do "
-             "not fit on the disk: ~110 bytes per document); *in memory* is `native.decompose.decompose_lengths` + "
-             "pyarrow's writer + the checksum, the path `decompose` took before. *1st pass* is the scan (in "
-             "memory: `decompose_lengths`, before the write); *peak anon* the growth of `RssAnon` while it ran; "
-             "*bytes* the two tables (files, or the columns of the dropped outputs).", "",
-             "| rows | engine | wall (s) | 1st pass or decompose_lengths (s) | CPU (s) | peak anon (MiB) | "
-             "bytes (GB) | pieces | sequences |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        if "error" in r:
-            lines.append(f"| {r['rows']:.0e} | {what[r['mode']]} | failed: {r['error']} | | | | | | |")
-            continue
-        lines.append(f"| {r['rows']:.0e} | {what[r['mode']]} | {r['wall_s']:.1f} | {r['first_pass_s']:.1f} | "
-                     f"{r['cpu_s']:.1f} | {r['peak_anon_mib']:.0f} | {r['bytes'] / 1e9:.2f} | {r['pieces']:,} | "
-                     f"{r['sequences']:,} |")
-    replace_section(Path(args.out), DECOMPOSE_HEADING, lines)
-    print(f"wrote {args.out}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1e7,1e8")
