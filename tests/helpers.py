@@ -132,3 +132,23 @@ def run_ranks_with_queue(target, world_size: int = 2, timeout: float = 120):
         p.join(timeout=60)
         assert p.exitcode == 0, f"rank process exited with {p.exitcode}"
     return got
+
+
+def elastic_resume(make: Callable[[int, int], object], old: int, new: int, *, epoch: int = 1, share: int = 3,
+                   state_rank: int = 1):
+    """Run ``old`` ranks of ``make(rank, world_size)`` for ``1/share`` of ``epoch``, then resume ``new`` ranks from
+    one old rank's state and run them to the end of the epoch. Returns ``(olds, news, consumed, rest)``: the old
+    and new samplers, the batches the old ranks delivered, and each new rank's batches."""
+    olds = [make(r, old) for r in range(old)]
+    for s in olds:
+        s.set_epoch(epoch)
+    k = len(olds[0]) // share
+    consumed = []
+    for s in olds:
+        it = iter(s)
+        consumed += [next(it) for _ in range(k)]
+    state = olds[state_rank % old].state_dict()  # any rank's state: they agree on everything but the rank
+    news = [make(r, new) for r in range(new)]
+    for s in news:
+        s.load_state_dict(state)
+    return olds, news, consumed, [list(s) for s in news]

@@ -13,7 +13,7 @@ import torch.utils.data as tud
 
 import datapipe
 import samplers
-from tests.helpers import assert_loader_resumes_exactly, run_ranks_with_queue
+from tests.helpers import assert_loader_resumes_exactly, elastic_resume, run_ranks_with_queue
 
 pytestmark = pytest.mark.filterwarnings("ignore::samplers.PlanWarning")
 
@@ -275,19 +275,7 @@ def _index():
 @pytest.mark.parametrize("name", sorted(ELASTIC))
 def test_elastic_resume_delivers_the_rest_exactly_once(name, old, new):
     make = ELASTIC[name]
-    olds = [make(r, old) for r in range(old)]
-    for s in olds:
-        s.set_epoch(1)
-    k = len(olds[0]) // 3
-    consumed = []
-    for s in olds:
-        it = iter(s)
-        consumed += [next(it) for _ in range(k)]
-    state = olds[1 % old].state_dict()  # any rank's state: they agree on everything but the rank
-    news = [make(r, new) for r in range(new)]
-    for s in news:
-        s.load_state_dict(state)
-    rest = [list(s) for s in news]
+    olds, news, consumed, rest = elastic_resume(make, old, new)
     assert len({len(r) for r in rest}) == 1, "new ranks yield different batch counts"
     seen = np.concatenate(consumed + [b for r in rest for b in r])
     dropped = olds[0].stats()["dropped_rows"] + news[0].stats()["dropped_rows"]
@@ -304,6 +292,7 @@ def test_elastic_resume_delivers_the_rest_exactly_once(name, old, new):
             assert len(ks) == 1 and all(len(b) << ks.pop() == 64 for b in step[:1])
     # a checkpoint of the elastic epoch resumes again (at the new size)
     again = make(0, new)
+    k = len(olds[0]) // 3  # the batches each old rank delivered (elastic_resume's share)
     base = k if old == new else 0  # an elastic epoch counts batches from where the new world size took over
     again.load_state_dict({**news[0].state_dict(), "batches_yielded": base + 1})
     assert [b.tolist() for b in again] == [b.tolist() for b in rest[0][1:]]

@@ -16,7 +16,7 @@ import samplers.duration as sd
 from native.duration import duration_window_batches, duration_window_sizes
 from native.duration_windows import _sort_pairs, _sort_positive
 from samplers.base import BatchSamplerBase
-from tests.helpers import assert_sampler_resumes_exactly
+from tests.helpers import assert_sampler_resumes_exactly, elastic_resume
 
 pytestmark = pytest.mark.filterwarnings("ignore::samplers.PlanWarning", "ignore::samplers.bins.BinsWarning")
 
@@ -108,18 +108,7 @@ def test_windowed_elastic_resume_delivers_the_rest_exactly_once(windowed, old, n
     d = durations_of(1500, 4)
     make = lambda r, w: sd.DurationBucketSampler(d, max_duration=90.0, num_buckets=6, seed=3, rank=r,
                                                  world_size=w)
-    olds = [make(r, old) for r in range(old)]
-    for s in olds:
-        s.set_epoch(1)
-    k = len(olds[0]) // 3
-    consumed = []
-    for s in olds:
-        it = iter(s)
-        consumed += [next(it) for _ in range(k)]
-    news = [make(r, new) for r in range(new)]
-    for s in news:
-        s.load_state_dict(olds[1].state_dict())
-    rest = [list(s) for s in news]
+    olds, news, consumed, rest = elastic_resume(make, old, new)
     assert len({len(r) for r in rest}) == 1
     seen = np.concatenate(consumed + [b for r in rest for b in r])
     assert len(np.unique(seen)) == len(seen) == 1500  # every row exactly once (none dropped here)

@@ -17,7 +17,7 @@ import samplers.packing_windowed as pw
 from samplers import PackedDurationSampler
 from samplers.base import BatchSamplerBase
 from samplers.plan_cache import StalePlanCache
-from tests.helpers import assert_exactly_once, assert_sampler_resumes_exactly
+from tests.helpers import assert_exactly_once, assert_sampler_resumes_exactly, elastic_resume
 
 pytestmark = pytest.mark.filterwarnings("ignore::samplers.PlanWarning")
 
@@ -135,18 +135,7 @@ def test_windowed_resumes_exactly(windowed):
 def test_windowed_elastic_resume_delivers_the_rest_exactly_once(windowed, old, new):
     d = durations_of(5000, 4)
     make = lambda r, w: PackedDurationSampler(d, max_duration=100.0, seed=3, rank=r, world_size=w)
-    olds = [make(r, old) for r in range(old)]
-    for s in olds:
-        s.set_epoch(1)
-    k = len(olds[0]) // 3
-    consumed = []
-    for s in olds:
-        it = iter(s)
-        consumed += [next(it) for _ in range(k)]
-    news = [make(r, new) for r in range(new)]
-    for s in news:
-        s.load_state_dict(olds[1].state_dict())
-    rest = [list(s) for s in news]
+    olds, news, consumed, rest = elastic_resume(make, old, new)
     assert len({len(r) for r in rest}) == 1
     seen = np.concatenate(consumed + [b for r in rest for b in r])
     assert len(np.unique(seen)) == len(seen) == len(d)  # every cut exactly once (none dropped here)
