@@ -271,9 +271,7 @@ def pack_segments(items: np.ndarray, d: np.ndarray, bounds: np.ndarray, capacity
     cnt = np.empty(m, dtype=np.int64)
     sec = np.empty(m, dtype=np.float64)
     total = 0
-    for s in range(bounds.shape[0] - 1):
-        a = bounds[s]
-        e = bounds[s + 1]
+    for a, e in zip(bounds[:-1], bounds[1:]):
         if e == a:
             continue
         order = np.argsort(-d[a:e], kind="mergesort")  # longest first; ties keep the given order

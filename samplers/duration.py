@@ -38,11 +38,7 @@ from native.duration import (
 )
 from samplers.base import BatchSamplerBase, Plan, PlanStats, check_lengths, digest_array
 from samplers.plan_cache import check_window
-from samplers.bins import (
-    check_durations,
-    estimate_duration_bins,
-    estimate_duration_bins_2d,
-)
+from samplers.bins import check_durations, estimate_duration_bins, estimate_duration_bins_2d
 from samplers.duration_windowed import MIN_CHUNKS, WindowedDurationPlan, cut_cost
 
 __all__ = ["DurationBucketSampler", "estimate_duration_bins", "estimate_duration_bins_2d"]

@@ -47,13 +47,7 @@ from native.tas import bin_table, draw_pairs, margin_bins
 from native.topic_sort import cluster_rows
 from samplers.base import BatchSamplerBase, Plan, PlanStats, digest_array, take_batches
 from samplers.lazy_plan import SizePlan, arrange_sizes, even_out_sizes
-from samplers.topic_windowed import (
-    Layout,
-    batch_segments,
-    cluster_index,
-    epoch_layout,
-    layout_purity,
-)
+from samplers.topic_windowed import Layout, batch_segments, cluster_index, epoch_layout, layout_purity
 
 __all__ = ["EXACT_MAX_ROWS", "PairTable", "TopicAwareBatchSampler"]
 
