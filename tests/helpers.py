@@ -152,3 +152,51 @@ def elastic_resume(make: Callable[[int, int], object], old: int, new: int, *, ep
     for s in news:
         s.load_state_dict(state)
     return olds, news, consumed, [list(s) for s in news]
+
+
+# ---- windowed plans against the base class's materialised plan -------------------------------------------------
+def materialised(s, epoch: int, segments: tuple = ()):
+    """The base class's materialised plan of sampler ``s`` at ``epoch`` after elastic ``segments``: ``(global plan,
+    this rank's batches as lists)`` (``_build_plan`` + even_out / group_steps / regroup_in_order)."""
+    from samplers.base import BatchSamplerBase
+
+    s._position(epoch, 0, segments)
+    glob, mine = BatchSamplerBase._plans(s)
+    return glob, [mine.indices[mine.offsets[b]:mine.offsets[b + 1]].tolist() for b in range(mine.num_batches)]
+
+
+def elastic_segments(make: Callable[[int, int], object], epoch: int, cut) -> tuple:
+    """A valid chain of elastic segments ``((w, batches per rank consumed), ...)`` from ``cut`` (``(w, k)`` pairs,
+    ``k`` clipped to the epoch's length at that point)."""
+    segments: list = []
+    for w_old, k in cut:
+        s0 = make(0, w_old)
+        s0._position(epoch, 0, tuple(segments))
+        segments.append((w_old, min(k, len(s0))))
+    return tuple(segments)
+
+
+def lazy_plan_ranks(make: Callable[[int, int], object], world_size: int, epoch: int, segments: tuple = ()):
+    """Each rank's sampler and batches of the lazily computed plan, each checked equal to the materialised plan
+    (:func:`materialised`). Returns ``[(sampler, global plan, batches), ...]``."""
+    out = []
+    for r in range(world_size):
+        s = make(r, world_size)
+        glob, want = materialised(s, epoch, segments)
+        s._position(epoch, 0, segments)
+        got = [np.asarray(b).tolist() for b in s]
+        assert got == want and len(s) == len(want)
+        out.append((s, glob, got))
+    return out
+
+
+def assert_every_row_accounted(make: Callable[[int, int], object], world_size: int, epoch: int, seen: list,
+                               num_rows: int, reason: str, dropped_for_reason: int) -> None:
+    """Rows seen once at most, and the rows seen plus the rows ``stats()`` reports dropped *for that epoch* are all
+    ``num_rows`` (an epoch's uneven tail may differ from another epoch's)."""
+    assert len(seen) == len(set(seen))
+    s0 = make(0, world_size)
+    s0.set_epoch(epoch)
+    st_ = s0.stats()
+    assert len(seen) + st_["dropped_rows"] == num_rows
+    assert st_["dropped"].get(reason, 0) == dropped_for_reason

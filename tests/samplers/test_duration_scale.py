@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 import samplers.duration as sd
 from native.duration import duration_window_batches, duration_window_sizes
 from native.duration_windows import _sort_pairs, _sort_positive
-from samplers.base import BatchSamplerBase
-from tests.helpers import assert_sampler_resumes_exactly, elastic_resume
+from tests.helpers import (assert_every_row_accounted, assert_sampler_resumes_exactly, elastic_resume,
+                           elastic_segments, lazy_plan_ranks)
 
 pytestmark = pytest.mark.filterwarnings("ignore::samplers.PlanWarning", "ignore::samplers.bins.BinsWarning")
 
@@ -41,13 +41,6 @@ def durations_of(n, seed=0):
     return np.random.default_rng(seed).gamma(4.0, 3.3, n).clip(0.5, 40).astype(np.float32)
 
 
-def reference(s, epoch, segments=()):
-    """The materialised plan of the base class (``_build_plan`` + group_steps / regroup_in_order)."""
-    s._position(epoch, 0, segments)
-    glob, mine = BatchSamplerBase._plans(s)
-    return glob, [mine.indices[mine.offsets[b]:mine.offsets[b + 1]].tolist() for b in range(mine.num_batches)]
-
-
 @settings(max_examples=10, deadline=None)
 @given(n=st.integers(1, 700), w=st.integers(1, 4), epoch=st.integers(0, 2), drop_last=st.booleans(),
        shuffle=st.booleans(), quad=st.sampled_from([None, 30.0]), max_cuts=st.sampled_from([None, 3]),
@@ -64,21 +57,11 @@ def test_windowed_plan_is_its_materialised_plan(n, w, epoch, drop_last, shuffle,
         usable = int((sd.cut_cost(d.astype(np.float64), quad) <= 60.0).sum())
         if not drop_last and usable < max([w] + [c[0] for c in cut]):
             return
-        segments = []
-        for w_old, k in cut:
-            s0 = make(0, w_old)
-            s0._position(epoch, 0, tuple(segments))
-            segments.append((w_old, min(k, len(s0))))
-        segments = tuple(segments)
+        segments = elastic_segments(make, epoch, cut)
         seen = []
         steps = []
-        for r in range(w):
-            s = make(r, w)
+        for s, glob, got in lazy_plan_ranks(make, w, epoch, segments):
             assert s.windowed
-            glob, want = reference(s, epoch, segments)
-            s._position(epoch, 0, segments)
-            got = [b.tolist() for b in s]
-            assert got == want and len(s) == len(want)
             gp = s.global_plan()
             assert np.array_equal(gp.indices, glob.indices) and np.array_equal(gp.groups, glob.groups)
             for b in got:
@@ -90,11 +73,7 @@ def test_windowed_plan_is_its_materialised_plan(n, w, epoch, drop_last, shuffle,
         assert len(seen) == len(set(seen))
         assert all(len(set(step)) == 1 for step in zip(*steps)), "ranks got different buckets at one step"
         if not segments and not drop_last:
-            s0 = make(0, w)
-            s0.set_epoch(epoch)  # the stats of the epoch the rows were seen in (its uneven tail may differ)
-            st_ = s0.stats()
-            assert len(seen) + st_["dropped_rows"] == n
-            assert st_["dropped"].get("longer_than_max_duration", 0) == n - usable
+            assert_every_row_accounted(make, w, epoch, seen, n, "longer_than_max_duration", n - usable)
 
 
 def test_windowed_resumes_exactly(windowed):

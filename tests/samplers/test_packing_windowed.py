@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 import samplers.packing as sp
 import samplers.packing_windowed as pw
 from samplers import PackedDurationSampler
-from samplers.base import BatchSamplerBase
 from samplers.plan_cache import StalePlanCache
-from tests.helpers import assert_exactly_once, assert_sampler_resumes_exactly, elastic_resume
+from tests.helpers import (assert_every_row_accounted, assert_exactly_once, assert_sampler_resumes_exactly,
+                           elastic_resume, elastic_segments, lazy_plan_ranks)
 
 pytestmark = pytest.mark.filterwarnings("ignore::samplers.PlanWarning")
 
@@ -34,13 +34,6 @@ def durations_of(n: int, seed: int = 0, dtype=np.float64) -> np.ndarray:
 
 def rows_of(batches) -> list[list[int]]:
     return [b.tolist() for b in batches]
-
-
-def reference(s, epoch, segments=()):
-    """The base class's materialised plan of the same packs (``_build_plan`` + even_out / regroup_in_order)."""
-    s._position(epoch, 0, segments)
-    _, mine = BatchSamplerBase._plans(s)
-    return [mine.indices[mine.offsets[b]:mine.offsets[b + 1]].tolist() for b in range(mine.num_batches)]
 
 
 def test_windowed_invariants_on_1e5_cuts(windowed):
@@ -100,27 +93,15 @@ def test_windowed_plan_is_its_materialised_plan(n, w, epoch, drop_last, shuffle,
         make = lambda r, ws: PackedDurationSampler(d, max_duration=60.0, window_packs=window_packs,
                                                    max_cuts=max_cuts, shuffle=shuffle, seed=7, rank=r,
                                                    world_size=ws, drop_last=drop_last)
-        segments = []
-        for w_old, k in cut:  # a valid chain of elastic segments
-            s0 = make(0, w_old)
-            s0._position(epoch, 0, tuple(segments))
-            segments.append((w_old, min(k, len(s0))))
-        segments = tuple(segments)
+        segments = elastic_segments(make, epoch, cut)
         seen = []
-        for r in range(w):
-            s = make(r, w)
-            want = reference(s, epoch, segments)
-            s._position(epoch, 0, segments)
-            got = rows_of(s)
-            assert got == want and len(s) == len(want)
+        for _, _, got in lazy_plan_ranks(make, w, epoch, segments):
             for b in got:
                 assert float(d[b].sum()) <= 60.0 + 1e-9 and (max_cuts is None or len(b) <= max_cuts)
             seen += [x for b in got for x in b]
         assert len(seen) == len(set(seen))
         if not segments and not drop_last:
-            st_ = make(0, w).stats()
-            assert len(seen) + st_["dropped_rows"] == n
-            assert st_["dropped"].get("longer_than_max_duration", 0) == n - usable
+            assert_every_row_accounted(make, w, epoch, seen, n, "longer_than_max_duration", n - usable)
     finally:
         sp.EXACT_MAX_ROWS, pw.WINDOW_ROWS = saved
 

@@ -10,17 +10,10 @@ from hypothesis import strategies as st
 
 import samplers
 import samplers.random as srandom
-from samplers.base import BatchSamplerBase
-from tests.helpers import assert_exactly_once, assert_sampler_resumes_exactly
+from tests.helpers import (assert_every_row_accounted, assert_exactly_once, assert_sampler_resumes_exactly,
+                           elastic_segments, lazy_plan_ranks, materialised)
 
 pytestmark = pytest.mark.filterwarnings("ignore::samplers.PlanWarning")
-
-
-def reference(s, epoch, segments=()):
-    """The materialised plan of the base class (``_build_plan`` + even_out/take_batches/regroup_in_order)."""
-    s._position(epoch, 0, segments)
-    glob, mine = BatchSamplerBase._plans(s)
-    return glob, [mine.indices[mine.offsets[b]:mine.offsets[b + 1]].tolist() for b in range(mine.num_batches)]
 
 
 @pytest.fixture(params=["fisher_yates", "feistel"])
@@ -51,7 +44,7 @@ def test_random_lazy_plan_is_the_materialised_plan(n, bs, w, epoch, drop_last, s
             segments = tuple(segments)
             for r in range(w):
                 s = samplers.RandomBatchSampler(n, bs, seed=seed, world_size=w, rank=r, drop_last=drop_last)
-                glob, want = reference(s, epoch, segments)
+                glob, want = materialised(s, epoch, segments)
                 s._position(epoch, 0, segments)
                 got = [b.tolist() for b in s]
                 assert got == want and len(s) == len(want)
@@ -206,28 +199,16 @@ def test_token_budget_windowed_plan_is_its_materialised_plan(n, w, epoch, drop_l
             return
         make = lambda r, ws: tb.TokenBudgetBatchSampler(lengths, 200, sort_window=8, shuffle=shuffle,  # noqa
                                                         seed=7, world_size=ws, rank=r, drop_last=drop_last)
-        segments = []
-        for w_old, k in cut:
-            s0 = make(0, w_old)
-            s0._position(epoch, 0, tuple(segments))
-            segments.append((w_old, min(k, len(s0))))
-        segments = tuple(segments)
+        segments = elastic_segments(make, epoch, cut)
         seen = []
-        for r in range(w):
-            s = make(r, w)
+        for s, _, got in lazy_plan_ranks(make, w, epoch, segments):
             assert s.windowed
-            glob, want = reference(s, epoch, segments)
-            s._position(epoch, 0, segments)
-            got = [b.tolist() for b in s]
-            assert got == want and len(s) == len(want)
             for b in got:
                 assert len(b) * lengths[b].max() <= 200
             seen += [x for b in got for x in b]
         assert len(seen) == len(set(seen))
         if not segments and not drop_last:
-            st_ = make(0, w).stats()
-            assert len(seen) + st_["dropped_rows"] == n
-            assert st_["dropped"].get("longer_than_max_tokens", 0) == n - usable
+            assert_every_row_accounted(make, w, epoch, seen, n, "longer_than_max_tokens", n - usable)
     finally:
         tb.EXACT_MAX_ROWS, tb.WINDOW_ROWS = saved
 
