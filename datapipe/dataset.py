@@ -24,7 +24,8 @@ from numpy.typing import NDArray
 
 from datapipe import urls
 from datapipe.batch import Batch, Ragged, ShardRows
-from datapipe.format import INDEX_FILE, MANIFEST, DatasetError, read_manifest, schema_from_b64, verify_buffer
+from datapipe.format import (INDEX_FILE, MANIFEST, DatasetError, read_manifest, schema_from_b64,
+                             shard_starts, verify_buffer)
 from native.ragged import gather_lengths, locate_rows, row_offsets
 from native.shards import gather_flat, shard_row_offsets
 
@@ -57,6 +58,22 @@ def _check_ragged(path: Path, name: str, offsets: NDArray, num_values: int, rows
         raise _corrupt(path, f"column {name!r}, row {int(drops[0])}: list offsets decrease")
 
 
+def check_size(path: Path, meta: dict, *, what: str = "shard", fix: str = "rebuild the dataset") -> os.stat_result:
+    """``os.stat(path)``, after checking that the file exists and has the size ``meta`` records.
+
+    Raises:
+        DatasetError: naming ``path``, the sizes and ``fix``.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: {what} file is missing; {fix}") from None
+    if st.st_size != meta["bytes"]:
+        raise DatasetError(f"{path}: {st.st_size} bytes but the manifest says {meta['bytes']}: the {what} is "
+                           f"truncated or was replaced; {fix}")
+    return st
+
+
 def map_checked(path: Path, meta: dict, *, verify: str = "first_touch", what: str = "shard",
                 fix: str = "rebuild the dataset") -> pa.Buffer:
     """Memory-map a file a manifest lists, after checking its size, and its checksum on the first touch in this
@@ -72,13 +89,7 @@ def map_checked(path: Path, meta: dict, *, verify: str = "first_touch", what: st
     Raises:
         DatasetError: naming ``path``: missing, wrong size, unmappable, checksum mismatch.
     """
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: {what} file is missing; {fix}") from None
-    if st.st_size != meta["bytes"]:
-        raise DatasetError(f"{path}: {st.st_size} bytes but the manifest says {meta['bytes']}: the {what} is "
-                           f"truncated or was replaced; {fix}")
+    st = check_size(path, meta, what=what, fix=fix)
     try:
         buf = pa.memory_map(str(path), "r").read_buffer()
     except OSError as e:
@@ -180,11 +191,7 @@ class ArrowDataset(torch.utils.data.Dataset):
         mpath = self.path / MANIFEST
         self.schema = schema_from_b64(self.manifest["schema"], mpath)
         shards = self.manifest["shards"]
-        self._starts = np.zeros(len(shards) + 1, dtype=np.int64)
-        np.cumsum([s["rows"] for s in shards], out=self._starts[1:])
-        if self._starts[-1] != self.manifest["num_rows"]:
-            raise DatasetError(f"{mpath}: shard rows sum to {self._starts[-1]} but num_rows "
-                               f"is {self.manifest['num_rows']}; the manifest is damaged: rebuild the dataset")
+        self._starts = shard_starts(self.manifest, mpath)
         self._check_files()
         self._shards: list[_Shard | None] = [None] * len(shards)
         self._index: dict[str, NDArray] | None = None
@@ -237,14 +244,7 @@ class ArrowDataset(torch.utils.data.Dataset):
     def _check_files(self) -> None:
         """Cheap open-time checks of every shard: present, and of the size the manifest records."""
         for s in self.manifest["shards"]:
-            p = self._local_file(s)
-            try:
-                size = p.stat().st_size
-            except FileNotFoundError:
-                raise DatasetError(f"{p}: shard file is missing; rebuild the dataset") from None
-            if size != s["bytes"]:
-                raise DatasetError(f"{p}: {size} bytes but the manifest says {s['bytes']}: the shard is "
-                                   "truncated or was replaced; rebuild the dataset")
+            check_size(self._local_file(s), s)
 
     # ---- shards -------------------------------------------------------------------------------------------
     def _shard(self, s: int) -> _Shard:
@@ -475,12 +475,7 @@ class ArrowDataset(torch.utils.data.Dataset):
         total = 0
         for meta in self.files():
             p = self._local_file(meta)
-            try:
-                size = p.stat().st_size
-            except FileNotFoundError:
-                raise DatasetError(f"{p}: file is missing; rebuild the dataset") from None
-            if size != meta["bytes"]:
-                raise DatasetError(f"{p}: {size} bytes but the manifest says {meta['bytes']} (truncated?)")
+            check_size(p, meta, what="dataset")
             verify_buffer(pa.memory_map(str(p), "r").read_buffer(), meta["checksum"], p)
             total += meta["bytes"]
         for s in range(self.num_shards):

@@ -29,7 +29,9 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+from numpy.typing import NDArray
 
 FORMAT_NAME = "datapipe.dataset"
 FORMAT_VERSION = 2  # 2: the manifest carries its own digest (version 1 manifests, without one, are still read)
@@ -193,6 +195,20 @@ def check_file_entry(entry, mpath, where: str, *, rows: bool = True) -> dict:
         raise bad(f"'checksum' must be 'xxh3_64:<hex>' or 'blake2b:<hex>' (got {c!r})")
     return entry
 
+
+
+def shard_starts(manifest: dict, where: object) -> NDArray[np.int64]:
+    """int64 ``[shards + 1]``: the first global row of each shard of ``manifest``, then ``num_rows``.
+
+    Raises:
+        DatasetError: naming ``where`` (the manifest) when the shards' rows do not sum to ``num_rows``.
+    """
+    starts = np.zeros(len(manifest["shards"]) + 1, dtype=np.int64)
+    np.cumsum([s["rows"] for s in manifest["shards"]], out=starts[1:])
+    if starts[-1] != manifest["num_rows"]:
+        raise DatasetError(f"{where}: shard rows sum to {starts[-1]} but num_rows is {manifest['num_rows']}; the "
+                           "manifest is damaged: rebuild the dataset")
+    return starts
 
 def read_manifest(path: str | os.PathLike) -> dict:
     """Read and check a dataset directory's manifest: JSON, format, its own digest, the shape of every entry.

@@ -22,7 +22,8 @@ import pyarrow.fs as pafs
 from numpy.typing import NDArray
 
 from datapipe.dataset import ArrowDataset, Batch, Ragged
-from datapipe.format import MANIFEST, DatasetError, check_manifest, parse_json, schema_from_b64, verify_buffer
+from datapipe.format import (MANIFEST, DatasetError, check_manifest, parse_json, schema_from_b64,
+                             shard_starts, verify_buffer)
 from datapipe.remote_cache import ShardCache
 from datapipe.remote_io import DEFAULT_TIMEOUT, download, read_object
 from datapipe.urls import join_key, resolve
@@ -90,11 +91,7 @@ class RemoteArrowDataset(ArrowDataset):
         self.manifest = _manifest if _manifest is not None else self._read_manifest()
         self.schema = schema_from_b64(self.manifest["schema"], self._url_of(MANIFEST))
         shards = self.manifest["shards"]
-        self._starts = np.zeros(len(shards) + 1, dtype=np.int64)
-        np.cumsum([s["rows"] for s in shards], out=self._starts[1:])
-        if self._starts[-1] != self.manifest["num_rows"]:
-            raise DatasetError(f"{self._url_of(MANIFEST)}: shard rows sum to {self._starts[-1]} but num_rows is "
-                               f"{self.manifest['num_rows']}")
+        self._starts = shard_starts(self.manifest, self._url_of(MANIFEST))
         self._shards = [None] * len(shards)
         self._index = None
         self._checked: set[tuple[str, int]] = set()  # cached files this process has checked

@@ -105,7 +105,7 @@ class DecomposedBatchSampler(BatchSamplerBase):
         batch at a step has the same ``k``.
     """
 
-    def __init__(self, index, *, tokens_per_batch: int, curriculum: str | Mapping = "grow-p2", cycles: int = 1,
+    def __init__(self, index, tokens_per_batch: int, *, curriculum: str | Mapping = "grow-p2", cycles: int = 1,
                  incomplete: str = "drop", seed: int = 0, rank: int | None = None,
                  world_size: int | None = None, drop_last: bool | None = None, strict: bool = False) -> None:
         super().__init__(seed=seed, rank=rank, world_size=world_size, drop_last=True, strict=strict)

@@ -117,7 +117,7 @@ class MixtureBatchSampler(BatchSamplerBase):
     """
 
 
-    def __init__(self, domain_sizes: Mapping[str, int], schedule, *, batch_size: int, total_steps: int,
+    def __init__(self, domain_sizes: Mapping[str, int], schedule, batch_size: int, *, total_steps: int,
                  mode: str = "stratified", max_repeat: float | None = None, seed: int = 0, rank: int | None = None,
                  world_size: int | None = None, strict: bool = False) -> None:
         super().__init__(seed=seed, rank=rank, world_size=world_size, drop_last=False, strict=strict)

@@ -63,7 +63,7 @@ class PackedDurationSampler(WindowedPlan, BatchSamplerBase):
         >>> loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate_features)  # doctest: +SKIP
     """
 
-    def __init__(self, durations: ArrayLike, *, max_duration: float, max_cuts: int | None = None,
+    def __init__(self, durations: ArrayLike, max_duration: float, *, max_cuts: int | None = None,
                  window_packs: int | None = 64, on_long: str = "drop", shuffle: bool = True, seed: int = 0,
                  rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
                  strict: bool = False) -> None:
