@@ -1,14 +1,17 @@
 """The README's Python examples type-check: every ``datapipe.X`` / ``samplers.X`` / ``mixtures.X`` / ``native.X``
-they use resolves through the packages' ``__init__.pyi`` stubs, so an IDE follows them too (mypy, run on the
-examples as written; names a snippet takes from the reader's program are declared ``Any``)."""
+they use resolves through the packages' ``__init__.pyi`` stubs, so an IDE follows them too (mypy and Pyright,
+run on the examples as written; names a snippet takes from the reader's program are declared ``Any``)."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,3 +76,27 @@ def test_readme_examples_resolve_under_mypy(tmp_path):
     bad = run_mypy(tmp_path, readme_examples() + "\n\ndef broken() -> None:\n    samplers.NoSuchSampler()\n")
     assert bad.returncode == 1 and 'has no attribute "NoSuchSampler"' in bad.stdout, bad.stdout
 
+
+
+def run_pyright(tmp_path: Path, text: str) -> subprocess.CompletedProcess:
+    """Pyright (the basedpyright wheel of the dev extra, which carries its own Node.js) on ``text``: "basic" mode,
+    the packages resolved from this checkout through their ``__init__.pyi`` stubs, third-party ones from this
+    interpreter's environment."""
+    exe = Path(sys.executable).with_name("basedpyright")
+    if not exe.exists():
+        pytest.skip("no basedpyright next to this interpreter: install the dev extra, `pip install -e '.[dev]'`")
+    src = tmp_path / "readme_examples.py"
+    src.write_text(text)
+    (tmp_path / "pyrightconfig.json").write_text(json.dumps({
+        "typeCheckingMode": "basic", "pythonVersion": f"{sys.version_info[0]}.{sys.version_info[1]}",
+        "extraPaths": [str(ROOT)], "reportMissingModuleSource": False}))
+    return subprocess.run([str(exe), "--pythonpath", sys.executable, str(src)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_readme_examples_resolve_under_pyright(tmp_path):
+    out = run_pyright(tmp_path, readme_examples())
+    assert out.returncode == 0, f"Pyright on the README's examples:\n{out.stdout}{out.stderr}"
+    bad = run_pyright(tmp_path, readme_examples() + "\n\ndef broken() -> None:\n    samplers.NoSuchSampler()\n")
+    assert bad.returncode == 1 and '"NoSuchSampler" is not a known attribute of module "samplers"' in bad.stdout, \
+        bad.stdout
