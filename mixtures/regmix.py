@@ -7,7 +7,7 @@ average the top-k of 100k simulated mixtures ranked by predicted loss (:func:`se
 
 The fitted model never sees test data: the authors' notebook stops LightGBM early on the *test* set (a leak);
 here boosting runs a fixed number of rounds (or stops early on a split of the training rows, when asked). The
-default ``model="lightgbm"`` averages LightGBM (1,000 rounds, learning rate 0.01, the notebook's settings, one
+default ``model="lightgbm+gp"`` averages LightGBM (1,000 rounds, learning rate 0.01, the notebook's settings, one
 thread) with a Gaussian process on ``log(w + 0.01)`` features whose ARD length scales are fitted by maximum
 marginal likelihood on the training rows: the trees capture sharp interactions, the GP the smooth trend, and the
 equal blend was chosen by 4-fold cross-validation on the 512 training rows (mean Spearman over 13 targets:
@@ -46,7 +46,9 @@ def _one_blas_thread():
 
 
 DEFAULT_SCALES = tuple(float(s) for s in np.logspace(np.log10(0.1), np.log10(5.0), 15))
-MODELS = ("lightgbm", "gp", "linear")
+MODELS = ("lightgbm+gp", "gp", "linear")
+#: Old model names, accepted one release with a ``DeprecationWarning``: "lightgbm" always was the LightGBM + GP blend.
+RENAMED = {"lightgbm": "lightgbm+gp"}
 GP_EPS = 0.01  # log(w + eps): zero weights stay finite, small weights still spread out
 
 
@@ -256,7 +258,7 @@ class RegMixModel:
     """A fitted mixture -> loss regressor, one member set per target.
 
     Attributes:
-        kind: ``"lightgbm"``, ``"gp"`` or ``"linear"``.
+        kind: ``"lightgbm+gp"``, ``"gp"`` or ``"linear"`` (models saved before the rename say ``"lightgbm"``).
         domains: mixture column names (from a frame) or None for arrays.
         targets: target names (from a frame/series) or None.
         members: per target, a list of ``(weight, regressor)`` whose weighted sum is the prediction.
@@ -270,6 +272,32 @@ class RegMixModel:
     members: list
     single: bool
     num_domains: int
+
+    @classmethod
+    def concat(cls, models: Sequence[RegMixModel]) -> RegMixModel:
+        """One model predicting every target of ``models`` (fitted on the same mixture columns), in their order.
+
+        Raises:
+            ValueError: no models, or models of other mixture columns or with unnamed targets.
+        """
+        if not models:
+            raise ValueError("concat needs at least one model")
+        first = models[0]
+        for m in models[1:]:
+            if (m.domains, m.num_domains) != (first.domains, first.num_domains):
+                raise ValueError(f"models fitted on other mixture columns cannot be joined ({first.domains} vs "
+                                 f"{m.domains})")
+        if len(models) > 1 and any(m.targets is None for m in models):
+            raise ValueError("models with unnamed targets cannot be joined: fit them on named columns (a frame)")
+        targets = None if first.targets is None else [t for m in models for t in (m.targets or [])]
+        members = [list(parts) for m in models for parts in m.members]
+        return cls(first.kind, first.domains, targets, members, len(members) == 1, first.num_domains)
+
+    def select(self, target: str | int | None = None) -> RegMixModel:
+        """The model of one target (resolved as :meth:`predict` does); its ``predict`` returns ``[N]``."""
+        i = self._target_index(target)
+        return dataclasses.replace(self, targets=None if self.targets is None else [self.targets[i]],
+                                   members=[self.members[i]], single=True)
 
     def _target_index(self, target: str | int | None) -> int:
         if target is None:
@@ -316,7 +344,7 @@ def _align(mixtures, targets):
     return mixtures, targets
 
 
-def fit(mixtures, targets, *, model: str = "lightgbm", gp_weight: float = 0.5, n_estimators: int = 1000,
+def fit(mixtures, targets, *, model: str = "lightgbm+gp", gp_weight: float = 0.5, n_estimators: int = 1000,
         learning_rate: float = 0.01, early_stopping_fraction: float | None = None, gp_maxiter: int = 60,
         lgb_params: dict | None = None, seed: int = 0) -> RegMixModel:
     """Fit a mixture -> loss regressor on training rows only.
@@ -324,9 +352,10 @@ def fit(mixtures, targets, *, model: str = "lightgbm", gp_weight: float = 0.5, n
     Args:
         mixtures: ``[N, D]`` weights (numpy array or pandas frame; a frame's ``index`` column is ignored).
         targets: ``[N]`` or ``[N, T]`` losses (array, series or frame); one regressor per target.
-        model: ``"lightgbm"`` (LightGBM averaged with an ARD GP, see the module docstring), ``"gp"``, or
-            ``"linear"`` (least squares on raw weights).
-        gp_weight: weight of the GP in ``"lightgbm"`` (0 = trees alone).
+        model: ``"lightgbm+gp"`` (LightGBM averaged with an ARD GP, see the module docstring), ``"gp"``, or
+            ``"linear"`` (least squares on raw weights). ``"lightgbm"``, the blend's old name, is accepted one
+            release with a ``DeprecationWarning``.
+        gp_weight: weight of the GP in ``"lightgbm+gp"`` (0 = trees alone).
         n_estimators, learning_rate: LightGBM boosting rounds and step (the notebook's 1000 and 0.01).
         early_stopping_fraction: if set, hold out this fraction of the *training* rows to pick the number of
             rounds, then refit on all rows with it.
@@ -337,6 +366,10 @@ def fit(mixtures, targets, *, model: str = "lightgbm", gp_weight: float = 0.5, n
     Returns:
         a :class:`RegMixModel`.
     """
+    if model in RENAMED:
+        warnings.warn(f"model={model!r} is the LightGBM + GP blend, now named {RENAMED[model]!r} (gp_weight=0 gives "
+                      "trees alone); the old name goes in the next release", DeprecationWarning, stacklevel=2)
+        model = RENAMED[model]
     if model not in MODELS:
         raise ValueError(f"model must be one of {MODELS} (got {model=})")
     if not 0.0 <= gp_weight <= 1.0:

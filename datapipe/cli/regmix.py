@@ -68,8 +68,11 @@ def propose_cmd(shares_path, n, temperature, max_repeat, target_tokens, min_weig
               help="Training losses CSV (index + one column per target).")
 @click.option("--target", "targets", multiple=True,
               help="Target column or short name (pile_cc); repeat for several (default: all).")
-@click.option("--model", "kind", default="lightgbm", show_default=True, type=click.Choice(["lightgbm", "gp", "linear"]))
-@click.option("--gp-weight", default=0.5, show_default=True, type=float, help="GP share of the lightgbm blend.")
+@click.option("--model", "kind", default="lightgbm+gp", show_default=True,
+              type=click.Choice(["lightgbm+gp", "gp", "linear", "lightgbm"]),
+              help="lightgbm+gp: LightGBM averaged with an ARD GP (\"lightgbm\" is its deprecated old name).")
+@click.option("--gp-weight", default=0.5, show_default=True, type=float,
+              help="GP share of the lightgbm+gp blend (0: trees alone).")
 @click.option("--early-stopping-fraction", default=None, type=float,
               help="Hold out this fraction of the training rows to pick the boosting rounds.")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -81,8 +84,13 @@ def fit_cmd(mix_path, loss_path, targets, kind, gp_weight, early_stopping_fracti
     Example:
       datapipe regmix fit --mixtures train_mixture_1m.csv --losses train_pile_loss_1m.csv --target pile_cc --out m.pkl
     """
-    from mixtures.regmix import fit, save_model
+    from mixtures.regmix import RENAMED, RegMixModel, fit, save_model
     from mixtures.regmix_io import read_pair, select_targets
+
+    if kind in RENAMED:
+        click.echo(f"warning: --model {kind} is the LightGBM + GP blend, now named {RENAMED[kind]}; the old name goes "
+                   "in the next release", err=True)
+        kind = RENAMED[kind]
 
     X, Y = read_pair(mix_path, loss_path)
     Y = select_targets(Y, targets)
@@ -92,11 +100,7 @@ def fit_cmd(mix_path, loss_path, targets, kind, gp_weight, early_stopping_fracti
             parts.append(fit(X, Y[[col]], model=kind, gp_weight=gp_weight,
                              early_stopping_fraction=early_stopping_fraction, seed=seed))
             update(i + 1)
-    model = parts[0]
-    for p in parts[1:]:
-        model.members.extend(p.members)
-        model.targets.extend(p.targets)
-    model.single = len(model.members) == 1
+    model = RegMixModel.concat(parts)
     save_model(model, out)
     click.echo(f"fitted {kind} on {len(X)} rows, {Y.shape[1]} target(s); wrote {out}")
 
@@ -144,9 +148,7 @@ def evaluate_cmd(model_path, mix_path, loss_path, target, as_json, plot_path):
 
 
 def _one_target(model, column):
-    """A view of a multi-target model restricted to one target column."""
-    import dataclasses
-
+    """The model of one target column, or a usage error naming ``--target``."""
     if not model.targets:
         if len(model.members) == 1:
             return model
@@ -154,8 +156,7 @@ def _one_target(model, column):
     if column not in model.targets:
         raise click.BadParameter(f"the model was not fitted on {column!r} (its targets: {model.targets})",
                                  param_hint="--target")
-    i = model.targets.index(column)
-    return dataclasses.replace(model, targets=[column], members=[model.members[i]], single=True)
+    return model.select(column)
 
 
 @regmix.command("search")

@@ -82,7 +82,8 @@ def cluster_cmd(source, k, out, column, niter, seed, gpu):
                f"median {int(np.median(sizes))}, max {sizes.max()})")
 
 
-# the top-level spelling, `datapipe cluster ...`: the same command under the root group
+# `datapipe cluster ...`: the same command under the root group, as clustering is not only for TAS (NGAME and the
+# immiscible noise read cluster files too)
 cluster_top = click.Command("cluster", callback=cluster_cmd.callback, params=cluster_cmd.params,
                             help=cluster_cmd.help.replace("datapipe tas cluster", "datapipe cluster"),
                             short_help="Cluster embeddings with FAISS k-means (GPU when visible).")

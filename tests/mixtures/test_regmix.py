@@ -94,7 +94,7 @@ def test_shares_bad_values():
 @needs_data
 def test_fit_pile_cc_reaches_goals_without_test_data():
     X, Y = load("1m", "train")
-    model = regmix.fit(X, Y[PILE_CC], model="lightgbm")
+    model = regmix.fit(X, Y[PILE_CC], model="lightgbm+gp")
     goals = {"1m": 0.990, "60m": 0.986, "1B": 0.970}
     for scale, goal in goals.items():
         Xt, Yt = load(scale)
@@ -147,7 +147,7 @@ def synthetic(n=200, d=5, seed=0):
     return X, y
 
 
-@pytest.mark.parametrize("kind", ["lightgbm", "gp", "linear"])
+@pytest.mark.parametrize("kind", ["lightgbm+gp", "gp", "linear"])
 def test_fit_synthetic_and_search_finds_the_good_domain(kind):
     X, y = synthetic()
     model = regmix.fit(X[:150], y[:150], model=kind, n_estimators=200, gp_maxiter=20)
@@ -156,6 +156,33 @@ def test_fit_synthetic_and_search_finds_the_good_domain(kind):
     best = regmix.search(model, np.ones(5), n=5000, top_k=32, seed=0)
     assert best.shape == (5,) and abs(best.sum() - 1) < 1e-12
     assert best[0] == best.max() and best[0] > 0.5  # loss falls with domain 0's weight
+
+
+def test_the_old_blend_name_warns_and_fits_the_blend():
+    X, y = synthetic()
+    with pytest.warns(DeprecationWarning, match="now named 'lightgbm\\+gp'"):
+        old = regmix.fit(X, y, model="lightgbm", n_estimators=50, gp_maxiter=5)
+    new = regmix.fit(X, y, model="lightgbm+gp", n_estimators=50, gp_maxiter=5)
+    assert old.kind == new.kind == "lightgbm+gp"
+    assert [w for w, _ in old.members[0]] == [w for w, _ in new.members[0]] == [0.5, 0.5]
+    np.testing.assert_array_equal(old.predict(X), new.predict(X))
+
+
+def test_concat_and_select_are_inverse_on_named_targets():
+    X, y = synthetic()
+    frame = pd.DataFrame(X, columns=[f"d{i}" for i in range(X.shape[1])])
+    ys = pd.DataFrame({"a": y, "b": 2 * y + 1})
+    a = regmix.fit(frame, ys[["a"]], model="linear")
+    b = regmix.fit(frame, ys[["b"]], model="linear")
+    both = regmix.RegMixModel.concat([a, b])
+    assert both.targets == ["a", "b"] and not both.single and a.targets == ["a"]  # the parts are not changed
+    np.testing.assert_array_equal(both.predict(frame), np.stack([a.predict(frame), b.predict(frame)], axis=1))
+    np.testing.assert_array_equal(both.select("b").predict(frame), b.predict(frame))
+    assert both.select("b").targets == ["b"] and both.select(0).single
+    with pytest.raises(ValueError, match="other mixture columns"):
+        regmix.RegMixModel.concat([a, regmix.fit(X[:, :4], y, model="linear")])
+    with pytest.raises(ValueError, match="at least one"):
+        regmix.RegMixModel.concat([])
 
 
 def test_fit_early_stopping_uses_a_training_split_only():
