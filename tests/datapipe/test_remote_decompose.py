@@ -5,7 +5,6 @@ import pickle
 from types import SimpleNamespace
 
 import numpy as np
-import pyarrow.fs as pafs
 import pytest
 
 import datapipe
@@ -74,7 +73,6 @@ def test_open_remote_index_and_dataset_match_local(server, built, tmp_path):
                 assert np.array_equal(np.asarray(got[key]), np.asarray(want[key])), (k, key)
 
 
-@pytest.mark.slow  # two more uploads to rclone (~15 s on a loaded machine)
 def test_missing_or_changed_remote_index_is_refused(server, tmp_path):
     url = datapipe.write_dataset(doc_rows(20, seed=1), server.url("bad"), filesystem=server.filesystem())
     with pytest.raises(FileNotFoundError, match=r"s3://bkt/bad/decomposition: no decomposition here"):
@@ -89,19 +87,22 @@ def test_missing_or_changed_remote_index_is_refused(server, tmp_path):
     assert not any(p.name.startswith("decomposition__sequences") for p in (tmp_path / "c2").iterdir())
 
 
-# Replacing objects on rclone's server is not tested here: pyarrow's S3 delete re-creates the parent "directory"
-# marker, which `rclone serve s3` refuses after seconds and then stalls for tens of seconds (HeadObject timeouts).
-# pyarrow's LocalFileSystem runs the same upload code (as test_remote.py's overwrite test does).
-def test_redecompose_replaces_the_remote_index(tmp_path):
-    fs, root = pafs.LocalFileSystem(), tmp_path / "store"
-    url = str(root)
-    datapipe.write_dataset(doc_rows(40, seed=2), url, filesystem=fs)
+def test_redecompose_replaces_the_remote_index(server, tmp_path):
+    fs = server.filesystem()
+    url = datapipe.write_dataset(doc_rows(40, seed=2), server.url("re"), filesystem=fs)
     datapipe.decompose(url, filesystem=fs, cache_dir=tmp_path / "c", materialize=True, **PARAMS)
-    assert sorted(p.name for p in (root / "decomposition/buckets").iterdir()) == [
-        f"k{k:02d}.arrow" for k in range(2, 6)]
-    idx = datapipe.decompose(url, filesystem=fs, cache_dir=tmp_path / "c", min_log2=3, max_log2=4)
+    d = server.object_path("re/decomposition")
+    assert sorted(p.name for p in (d / "buckets").iterdir()) == [f"k{k:02d}.arrow" for k in range(2, 6)]
+    params = {**PARAMS, "min_log2": 3, "max_log2": 4}
+    idx = datapipe.decompose(url, filesystem=fs, cache_dir=tmp_path / "c", **params)
     assert idx.max_log2 == 4 and idx.materialized is None
-    buckets = root / "decomposition/buckets"
-    assert not buckets.exists() or not any(buckets.iterdir())  # the old index's files are gone
+    local = datapipe.write_dataset(doc_rows(40, seed=2), tmp_path / "local")  # the same build, locally
+    want = datapipe.decompose(local, **params)
+    # the old index's bucket files are gone, directory and all: the store holds what a local build writes
+    assert sorted(p.name for p in d.iterdir()) == sorted(p.name for p in (local / "decomposition").iterdir())
+    for p in (local / "decomposition").iterdir():
+        assert (d / p.name).read_bytes() == p.read_bytes(), p.name
+    assert (d / "manifest.json").stat().st_mtime_ns >= max(p.stat().st_mtime_ns for p in d.iterdir())
     again = DecomposedIndex.open(url, filesystem=fs, cache_dir=tmp_path / "c2")
-    assert again.params == idx.params and np.array_equal(again.row, idx.row)
+    assert_same_index(again, want)
+    assert_same_index(idx, want)

@@ -18,6 +18,7 @@ def remote(server, tmp_path_factory):
     rows = [{"input_ids": np.arange(i % 7 + 1, dtype=np.int32) + i, "id": i} for i in range(SHARD_ROWS * SHARDS)]
     local = datapipe.write_dataset(rows, tmp_path_factory.mktemp("local") / "ds", shard_rows=SHARD_ROWS)
     shutil.copytree(local, server.object_path("shuffled"))
+    server.settle()
     return local
 
 
