@@ -26,9 +26,15 @@ Definitions:
   ``ValueError``).
 
 Memory: per step one group id, the domain counts and the stream positions (int64 ``[total_steps, D]`` twice),
-plus the row ids sorted by group (the metadata's size); a batch is computed on its own from its step's row, so
-resume is O(1) and no plan the size of the run is materialised. The ``from_*`` constructors are in
-:mod:`samplers.shaped_constructors`, the step groups in :mod:`samplers.shaped_steps`.
+plus the row ids sorted by group; a batch is computed on its own from its step's row, so resume is O(1) and no
+plan the size of the run is materialised. Up to ``samplers.shaped_scale.EXACT_MAX_ROWS`` rows (all domains) the
+metadata and the rows by group are numpy arrays in RAM. Above it (issue 15: 1e9 rows in < 2 GiB per rank) the
+metadata stays as given (``np.load(..., mmap_mode="r")`` stays a memory map, never copied whole): per-group rows
+and units come from chunked passes kept in ``samplers.plan_cache`` (a fresh process skips them), and the rows by
+group are a memory-mapped file sorted by counting (:mod:`samplers.shaped_scale`), the same order as the in-RAM
+stable argsort, so the plan is the same on both paths (estimated bins aside: a sample of ``SAMPLE_ROWS`` values
+above that many rows). The ``from_*`` constructors are in :mod:`samplers.shaped_constructors`, the step groups in
+:mod:`samplers.shaped_steps`.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from native.feistel import mix_prefix, stream_batches
 from native.shaped_counts import shaped_counts
+from samplers import shaped_scale as scale
 from samplers.base import BatchSamplerBase, Plan, PlanStats, PlanWarning
 from samplers.mixture import schedule_weights
 from samplers.shaped_constructors import ShapedMixtureConstructors
@@ -62,7 +69,10 @@ class ShapedMixtureBatchSampler(ShapedMixtureConstructors, BatchSamplerBase):
 
     Args:
         groups: one int array ``[n_d]`` per domain (``schedule.domains`` order): the group of each row, ``-1``
-            to leave a row out (counted in ``stats()["dropped"]``).
+            to leave a row out (counted in ``stats()["dropped"]``); a memory map is read in chunks above
+            ``EXACT_MAX_ROWS`` rows (group ids then ``<= samplers.shaped_scale.MAX_GROUP``). The constructors may
+            pass :class:`samplers.shaped_scale.RowSource` objects instead (groups derived from a length or
+            duration while counting; ``sizes`` is then None).
         schedule: object with ``.domains`` and ``weights_at(step, total_steps)`` (``mixtures.schedules``).
         batch_sizes: dict group -> rows per rank per step (``>= 1``) for every group that occurs.
         total_steps: steps of the run (the epoch); every rank yields this many batches.
@@ -79,7 +89,7 @@ class ShapedMixtureBatchSampler(ShapedMixtureConstructors, BatchSamplerBase):
     #: the plan (groups of steps, per-rank counts) depends on the world size: resume with the same one
     _elastic = False
 
-    def __init__(self, groups: Sequence[ArrayLike], schedule, *, batch_sizes: Mapping[int, int], total_steps: int,
+    def __init__(self, groups: Sequence[ArrayLike], schedule, batch_sizes: Mapping[int, int], *, total_steps: int,
                  sizes: Sequence[ArrayLike] | Mapping[int, float] | None = None,
                  group_odds: Mapping[int, float] | None = None, cycles: int = 1, max_passes: float = 4.0,
                  strict: bool = False, seed: int = 0, rank: int | None = None, world_size: int | None = None) -> None:
@@ -103,26 +113,39 @@ class ShapedMixtureBatchSampler(ShapedMixtureConstructors, BatchSamplerBase):
         self.cycles = int(cycles)
         self.max_passes = float(max_passes)
         per_group = isinstance(sizes, Mapping)  # one size per group (2^k slots): no per-row array
+        #: above EXACT_MAX_ROWS rows: chunked passes and rows by group on disk (samplers.shaped_scale)
+        self._sources: list[scale.RowSource] | None = None
         g_arrs, s_arrs = [], []
-        for d, name in enumerate(self.domains):
-            g = np.asarray(groups[d])
-            if g.ndim != 1 or g.dtype.kind not in "iu":
-                raise TypeError(f"groups[{d}] (domain {name!r}) must be a 1-D integer array (got {g.dtype}, {g.shape})")
-            if len(g) and g.min() < -1:
-                raise ValueError(f"groups[{d}] (domain {name!r}) has {int(g.min())} at row {int(np.argmin(g))}; "
-                                 "groups are >= 0, or -1 to leave a row out")
-            s = None
-            if sizes is not None and not per_group:
-                s = np.asarray(sizes[d], dtype=np.float64)
-                if s.shape != g.shape:
-                    raise ValueError(f"sizes[{d}] (domain {name!r}) has shape {s.shape}, groups[{d}] {g.shape}")
-                bad = np.flatnonzero((g >= 0) & ~(np.isfinite(s) & (s > 0)))
-                if len(bad):
-                    raise ValueError(f"sizes[{d}] (domain {name!r}) must be finite and > 0: row {int(bad[0])} has "
-                                     f"{s[bad[0]]}")
-            g_arrs.append(g)
-            s_arrs.append(s)
-        present = sorted(set().union(*(present_groups(g) for g in g_arrs)))
+        if scale.at_scale(groups):
+            if sizes is not None and not per_group and any(isinstance(g, scale.RowSource) for g in groups):
+                raise TypeError("sizes must be None when groups are RowSources (they carry their sizes)")
+            self._sources = [g if isinstance(g, scale.RowSource) else
+                             scale.groups_source(g, None if sizes is None or per_group else sizes[d],
+                                                 f"groups[{d}] (domain {name!r})", f"sizes[{d}] (domain {name!r})")
+                             for d, (g, name) in enumerate(zip(groups, self.domains))]
+            scans = scale.scan_all(self._sources)
+            present = scale.present_groups_of(scans)
+        else:
+            for d, name in enumerate(self.domains):
+                g = np.asarray(groups[d])
+                if g.ndim != 1 or g.dtype.kind not in "iu":
+                    raise TypeError(f"groups[{d}] (domain {name!r}) must be a 1-D integer array (got {g.dtype}, "
+                                    f"{g.shape})")
+                if len(g) and g.min() < -1:
+                    raise ValueError(f"groups[{d}] (domain {name!r}) has {int(g.min())} at row {int(np.argmin(g))}; "
+                                     "groups are >= 0, or -1 to leave a row out")
+                s = None
+                if sizes is not None and not per_group:
+                    s = np.asarray(sizes[d], dtype=np.float64)
+                    if s.shape != g.shape:
+                        raise ValueError(f"sizes[{d}] (domain {name!r}) has shape {s.shape}, groups[{d}] {g.shape}")
+                    bad = np.flatnonzero((g >= 0) & ~(np.isfinite(s) & (s > 0)))
+                    if len(bad):
+                        raise ValueError(f"sizes[{d}] (domain {name!r}) must be finite and > 0: row {int(bad[0])} "
+                                         f"has {s[bad[0]]}")
+                g_arrs.append(g)
+                s_arrs.append(s)
+            present = sorted(set().union(*(present_groups(g) for g in g_arrs)))
         if not isinstance(batch_sizes, Mapping):
             raise TypeError(f"batch_sizes must be a dict group -> rows per rank (got {type(batch_sizes).__name__})")
         missing = [k for k in present if k not in batch_sizes]
@@ -141,7 +164,8 @@ class ShapedMixtureBatchSampler(ShapedMixtureConstructors, BatchSamplerBase):
         G = len(present)
         self.batch_sizes = np.array([int(batch_sizes[k]) for k in present], dtype=np.int64)
         self.odds = np.array([odds_of[k] for k in present], dtype=np.float64)
-        self.domain_rows = np.array([len(g) for g in g_arrs], dtype=np.int64)
+        self.domain_rows = np.array([src.n for src in self._sources] if self._sources is not None else
+                                    [len(g) for g in g_arrs], dtype=np.int64)
         self.domain_offsets = np.concatenate([[0], np.cumsum(self.domain_rows)]).astype(np.int64)
         self.num_rows = int(self.domain_offsets[-1])
         if per_group:
@@ -152,6 +176,18 @@ class ShapedMixtureBatchSampler(ShapedMixtureConstructors, BatchSamplerBase):
         avail = np.zeros((D, G), dtype=np.int64)
         units = np.zeros((D, G), dtype=np.float64)
         self.excluded = np.zeros(D, dtype=np.int64)
+        if self._sources is not None:  # the same tables from the counting passes (units added in row order)
+            for d, t in enumerate(scans):
+                c, u = np.asarray(t["counts"]), np.asarray(t["units"])
+                at = self.group_ids + 1
+                inside = at < len(c)
+                avail[d, inside] = c[at[inside]]
+                self.excluded[d] = int(c[0])
+                if per_group:
+                    units[d] = avail[d] * np.array([float(sizes[k]) for k in present])
+                else:
+                    units[d] = avail[d] if self._sources[d].sizes is None and self._sources[d].values is None \
+                        else np.where(inside, u[np.minimum(at, len(u) - 1)], 0.0)
         for d, (g, s) in enumerate(zip(g_arrs, s_arrs)):
             neg = (g < 0) if len(g) and g.min() < 0 else None
             gk = g if neg is None else g[~neg]
@@ -166,6 +202,7 @@ class ShapedMixtureBatchSampler(ShapedMixtureConstructors, BatchSamplerBase):
         self.avail, self.units = avail, units
         self._groups = g_arrs  # the callers' arrays (memory maps stay memory maps); rows by group built lazily
         self._members: list[NDArray[np.int64]] | None = None
+        self._index: scale.RowsIndex | None = None
         self._member_offsets = np.zeros((D, G), dtype=np.int64)
         self._member_offsets[1:] = np.cumsum(avail, axis=0)[:-1]
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -292,6 +329,16 @@ class ShapedMixtureBatchSampler(ShapedMixtureConstructors, BatchSamplerBase):
             self._members = [np.concatenate(b) if b else np.zeros(0, np.int64) for b in blocks]
         return self._members
 
+    def _member_rows(self, g: int, pos: NDArray[np.int64]) -> NDArray[np.int64]:
+        """Global rows at positions ``pos`` of dense group ``g``'s rows (domain after domain, in row order): from
+        the in-RAM argsort, or above ``EXACT_MAX_ROWS`` from the memory-mapped rows by group
+        (:func:`samplers.shaped_scale.rows_index`, the same order)."""
+        if self._sources is None:
+            return self._rows_by_group()[g][pos]
+        if self._index is None:
+            self._index = scale.rows_index(self._sources, self.group_ids, self.avail, self.excluded)
+        return self._index.take(g, pos)
+
     def _rank_batches(self, epoch: int, steps: NDArray[np.int64], rank: int) -> list[NDArray[np.int64]]:
         step_group = self._tables(epoch)[0]
         W = self.world_size
@@ -306,7 +353,7 @@ class ShapedMixtureBatchSampler(ShapedMixtureConstructors, BatchSamplerBase):
                                 dtype=np.uint64)
             pos = stream_batches(starts[sel], mine[sel], self.avail[:, g], self._member_offsets[:, g], prefixes,
                                  steps[sel] * W + rank, shuffle)
-            rows = self._rows_by_group()[g][pos]
+            rows = self._member_rows(g, pos)
             b = int(self.batch_sizes[g])
             for j, i in enumerate(sel.tolist()):
                 out[i] = rows[j * b : (j + 1) * b]
