@@ -13,8 +13,14 @@ configuration (``clusters_per_batch``), over 3 epochs, world size 1:
 
 Clusters are k-means-like: 1,000 clusters with log-normal sizes. Writes a Markdown table to --out.
 
+``--pairs-section`` compares the two plans WITH a pair table instead (0-12 pairs per query, normal margins) and
+replaces only that section of --out: topic purity, the share of drawn pairs per margin bin (each query's own 10
+equal-width bins), pair reuse across epochs (share of queries drawing the same pair in epoch e+1 as in e, against
+its expectation for independent draws), and the share of queries that get the same pair in both plans.
+
     python benchmarks/bench_tas_scale.py                      # 1e6 queries, about a minute on 2 cores
     python benchmarks/bench_tas_scale.py --rows 200000 --out /tmp/t.md
+    python benchmarks/bench_tas_scale.py --pairs-section      # with pairs, 1e6 queries
 """
 
 from __future__ import annotations
@@ -29,9 +35,13 @@ import numpy as np
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
 import samplers.topic_aware as ta
-from samplers import TopicAwareBatchSampler
+from native.tas import bin_table, margin_bins
+from samplers import PairTable, TopicAwareBatchSampler
+
+PAIRS_HEADING = "## With a pair table (TAS-Balanced): windowed vs exact"
 
 
 def cluster_ids(n: int, k: int, seed: int = 0) -> np.ndarray:
@@ -102,6 +112,104 @@ def measure(cl: np.ndarray, windowed: bool, cpb: int, bs: int, epochs: int) -> d
             "overlap_sd": np.std(overlap), "corr": max(corr), "build_s": t1 - t0, "epoch_s": np.mean(iter_s)}
 
 
+def pair_table(n: int, seed: int = 2) -> PairTable:
+    """0-12 pairs per query (1 in 13 without pairs), margins ~ N(0, 3)."""
+    rng = np.random.default_rng(seed)
+    off = np.concatenate([[0], np.cumsum(rng.integers(0, 13, n))]).astype(np.int64)
+    p = int(off[-1])
+    return PairTable(off, rng.integers(0, 8_800_000, p, dtype=np.int32), rng.integers(0, 8_800_000, p, dtype=np.int32),
+                     rng.normal(0.0, 3.0, p).astype(np.float32))
+
+
+def expected_reuse(pairs: PairTable, bins: np.ndarray, nbins: int, balanced: bool) -> float:
+    """Mean over queries with pairs of P(the same pair twice) for independent draws: sum_r p_r**2."""
+    counts = pairs.counts()
+    has = counts > 0
+    if not balanced:
+        return float(np.mean(1.0 / counts[has]))
+    _, qbin_off, _, bin_count, _ = bin_table(pairs.offsets, bins, nbins)
+    nb = np.diff(qbin_off)
+    q_of_bin = np.repeat(np.arange(len(nb)), nb)
+    per_q = np.bincount(q_of_bin, weights=1.0 / (nb[q_of_bin] ** 2 * bin_count), minlength=len(nb))
+    return float(per_q[has].mean())
+
+
+def measure_pairs(cl: np.ndarray, pairs: PairTable, bins: np.ndarray, windowed: bool, strategy: str, cpb: int,
+                  bs: int, epochs: int) -> dict:
+    n = len(cl)
+    ta.EXACT_MAX_ROWS = 0 if windowed else 1 << 62
+    t0 = time.perf_counter()
+    s = TopicAwareBatchSampler(cl, batch_size=bs, clusters_per_batch=cpb, pairs=pairs, strategy=strategy, seed=7)
+    t1 = time.perf_counter()
+    assert s.windowed == windowed
+    purity, pmin, hist, drawn, iter_s = [], [], np.zeros(10), [], []
+    for e in range(epochs):
+        s.set_epoch(e)
+        t2 = time.perf_counter()
+        rows = np.concatenate(list(s))
+        iter_s.append(time.perf_counter() - t2)
+        st = s.stats()
+        purity.append(st["topic_purity_mean"])
+        pmin.append(st["topic_purity_min"])
+        hist += np.bincount(bins[rows], minlength=10)
+        pair_of = np.full(n, -1, dtype=np.int64)
+        pair_of[pairs.query_of(rows)] = rows
+        drawn.append(pair_of)
+    has = drawn[0] >= 0
+    reuse = [float(np.mean(drawn[e][has] == drawn[e + 1][has])) for e in range(epochs - 1)]
+    return {"plan": "windowed" if windowed else "exact", "strategy": strategy, "cpb": cpb,
+            "purity": float(np.mean(purity)), "pmin": min(pmin), "hist": hist / hist.sum(), "reuse": np.mean(reuse),
+            "reuse_sd": np.std(reuse), "drawn": drawn, "queries": int(has.sum()), "build_s": t1 - t0,
+            "epoch_s": float(np.mean(iter_s))}
+
+
+def pairs_section(args) -> None:
+    from scale_common import replace_section
+
+    n = int(args.rows)
+    cl = cluster_ids(n, args.clusters)
+    pairs = pair_table(n)
+    bins = margin_bins(pairs.offsets, pairs.margin, 10)
+    small = cluster_ids(5000, 10)
+    for windowed in (False, True):  # load the kernels first
+        measure_pairs(small, pair_table(5000), margin_bins(pair_table(5000).offsets, pair_table(5000).margin, 10),
+                      windowed, "balanced", 2, args.batch_size, 2)
+    all_share = np.bincount(bins, minlength=10) / len(bins)
+    rows = []
+    for strategy in ("balanced", "random"):
+        exp = expected_reuse(pairs, bins, 10, strategy == "balanced")
+        for cpb in (int(x) for x in args.cpb.split(",")[:2]):
+            pair = [measure_pairs(cl, pairs, bins, w, strategy, cpb, args.batch_size, args.epochs)
+                    for w in (False, True)]
+            same = np.mean([np.mean(pair[0]["drawn"][e] == pair[1]["drawn"][e]) for e in range(args.epochs)])
+            for r in pair:
+                r.update(expected=exp, same=same)
+                print({k: v for k, v in r.items() if k != "drawn"}, flush=True)
+                rows.append(r)
+    cmd = "python benchmarks/bench_tas_scale.py " + " ".join(sys.argv[1:])
+    lines = [PAIRS_HEADING, "",
+             (f"`{cmd.strip()}`: {n:,} queries ({rows[0]['queries']:,} with pairs), {pairs.num_pairs:,} pairs (0-12 "
+              f"per query, margins ~ N(0, 3), float32), {args.clusters} clusters (log-normal sizes), batch_size="
+              f"{args.batch_size}, seed 7, world size 1, {args.epochs} epochs. *Bin shares*: drawn pairs per margin "
+              "bin (each query's own 10 equal-width bins, bins 0..9, %); over all pairs: "
+              + " / ".join(f"{100 * x:.1f}" for x in all_share) + ". *Reuse*: share of queries drawing the same pair "
+              "in epoch e+1 as in e (mean over epochs), *expected*: the same for independent draws "
+              "(sum of squared pair probabilities). *Same pair*: share of queries given the same pair by both plans "
+              "in the same epoch (the windowed plan draws each query's pair from its own pairs with the exact plan's "
+              "counter-based seed, so 1.0 is by construction, not chance). *build s*: the constructor (windowed: "
+              "the counting sort to a temporary file, done once per process for the same arrays, hence ~0 in the "
+              "later rows; the exact plan builds its margin-bin tables); *epoch s*: iterating one epoch (windowed: "
+              "rows and pairs computed per batch when yielded)."), "",
+             ("| strategy | clusters_per_batch | plan | topic purity mean | min | bin shares % (0..9) | reuse e->e+1 | "
+              "expected | same pair as exact | build s | epoch s |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['strategy']} | {r['cpb']} | {r['plan']} | {r['purity']:.4f} | {r['pmin']:.4f} | "
+                     + " / ".join(f"{100 * x:.1f}" for x in r["hist"]) + f" | {r['reuse']:.4f} | {r['expected']:.4f} "
+                     f"| {r['same']:.4f} | {r['build_s']:.2f} | {r['epoch_s']:.2f} |")
+    replace_section(Path(args.out), PAIRS_HEADING, lines, before="## Plan memory and time at scale")
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=float, default=1e6)
@@ -110,8 +218,13 @@ def main() -> None:
     ap.add_argument("--cpb", default="1,2,4")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--out", default=str(HERE / "results" / "bench_tas_scale.md"))
+    ap.add_argument("--pairs-section", action="store_true", help="compare the plans with a pair table and replace "
+                    "only that section of --out")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
+    if args.pairs_section:
+        pairs_section(args)
+        return
     n = int(args.rows)
     cl = cluster_ids(n, args.clusters)
     for windowed in (False, True):  # load the kernels first: the table measures plans, not the JIT

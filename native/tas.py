@@ -8,6 +8,10 @@ inside it. The reference loader re-draws empty bins in a Python ``while`` loop a
 margins are equal; here the non-empty bins are precomputed once (:func:`bin_table`) so a draw is two counter-based
 random numbers per query (:func:`draw_pairs`), and equal margins put every pair in bin 0.
 
+At 1e9 queries the per-pair tables above are out of reach (O(pairs) in RAM); :func:`draw_own_pairs` makes the
+same draw for a batch's queries from each query's own pairs (its bins computed on the spot, read through memory
+maps), so a batch's pairs depend on nothing else.
+
 Pair tables are CSR: the pairs of query ``q`` are rows ``offsets[q]:offsets[q+1]``.
 """
 
@@ -19,7 +23,7 @@ from numpy.typing import NDArray
 from native._config import njit
 from native.rng import SPLITMIX_M1, splitmix64
 
-__all__ = ["bin_table", "draw_pairs", "margin_bins"]
+__all__ = ["bin_table", "draw_own_pairs", "draw_pairs", "margin_bins"]
 
 
 @njit
@@ -161,3 +165,83 @@ def draw_pairs(queries: NDArray[np.int64], offsets: NDArray[np.int64], table, se
     return _draw_pairs(np.ascontiguousarray(queries, dtype=np.int64), np.ascontiguousarray(offsets, dtype=np.int64),
                        qbin_off, bin_start, bin_count, sorted_rows, np.uint64(seed & 0xFFFFFFFFFFFFFFFF),
                        bool(balanced))
+
+
+@njit
+def _draw_own_pairs(queries, offsets, margin, num_bins, seed, balanced):
+    n = queries.shape[0]
+    out = np.empty(n, dtype=np.int64)
+    state = np.empty(1, dtype=np.uint64)
+    counts = np.zeros(num_bins, dtype=np.int64)
+    for i in range(n):
+        q = queries[i]
+        state[0] = seed ^ (np.uint64(q) * SPLITMIX_M1)  # the same counter-based draw as _draw_pairs
+        r1 = splitmix64(state) >> np.uint64(32)
+        r2 = splitmix64(state) >> np.uint64(32)
+        a, b = offsets[q], offsets[q + 1]
+        if not balanced:
+            out[i] = a + np.int64((r1 * np.uint64(b - a)) >> np.uint64(32))
+            continue
+        lo = np.float64(margin[a])
+        hi = lo
+        for r in range(a + 1, b):
+            v = np.float64(margin[r])
+            lo = min(lo, v)
+            hi = max(hi, v)
+        width = hi - lo
+        counts[:] = 0
+        if width <= 0.0:
+            counts[0] = b - a  # equal margins: every pair in bin 0
+        else:
+            for r in range(a, b):
+                k = min(max(np.int64(np.floor((np.float64(margin[r]) - lo) / width * num_bins)), 0), num_bins - 1)
+                counts[k] += 1
+        nonempty = 0
+        for k in range(num_bins):
+            if counts[k] > 0:
+                nonempty += 1
+        e = np.int64((r1 * np.uint64(nonempty)) >> np.uint64(32))  # the e-th non-empty bin, ascending
+        kb = 0
+        for k in range(num_bins):
+            if counts[k] > 0:
+                if e == 0:
+                    kb = k
+                    break
+                e -= 1
+        j = np.int64((r2 * np.uint64(counts[kb])) >> np.uint64(32))  # the j-th pair of bin kb, in row order
+        if width <= 0.0:
+            out[i] = a + j
+            continue
+        for r in range(a, b):
+            k = min(max(np.int64(np.floor((np.float64(margin[r]) - lo) / width * num_bins)), 0), num_bins - 1)
+            if k == kb:
+                if j == 0:
+                    out[i] = r
+                    break
+                j -= 1
+    return out
+
+
+def draw_own_pairs(queries: NDArray[np.int64], offsets: NDArray[np.int64], margin: NDArray[np.floating],
+                   num_bins: int, seed: int, *, balanced: bool = True) -> NDArray[np.int64]:
+    """:func:`draw_pairs` without the per-pair tables: each query's margin bins are computed from its own pairs.
+
+    Gives exactly ``draw_pairs(queries, offsets, bin_table(offsets, margin_bins(offsets, margin, num_bins),
+    num_bins), seed, balanced=balanced)``, reading only the pairs of ``queries`` (O(their pairs) time, O(num_bins)
+    memory), so ``offsets`` and ``margin`` may be memory maps of any size.
+
+    Args:
+        queries: int64 ``[n]`` query indices; every one must have at least one pair.
+        offsets: int64 ``[Q+1]`` CSR offsets of the pair table.
+        margin: float32/float64 ``[P]`` finite margins (compared as float64, as :func:`margin_bins` does).
+        num_bins: equal-width margin bins per query, ``>= 1``.
+        seed: integer seed; the draw of query ``q`` is a pure function of ``(seed, q, q's pairs)``.
+        balanced: bin first (TAS-Balanced) or a uniform pair.
+
+    Returns:
+        int64 ``[n]`` pair-table rows, row ``i`` inside ``offsets[queries[i]]:offsets[queries[i]+1]``.
+    """
+    if num_bins < 1:
+        raise ValueError(f"num_bins must be >= 1 (got {num_bins=})")
+    return _draw_own_pairs(np.ascontiguousarray(queries, dtype=np.int64), np.asarray(offsets), np.asarray(margin),
+                           np.int64(num_bins), np.uint64(seed & 0xFFFFFFFFFFFFFFFF), bool(balanced))

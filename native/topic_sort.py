@@ -7,6 +7,10 @@ in chunks (:func:`scan_ids`, :func:`count_ids`, then :func:`scatter_rows` into a
 cluster's order each epoch is a stateless Feistel permutation of its range (:func:`cluster_rows`): position ``k``
 of cluster ``c`` is ``rows[offsets[c] + feistel(k, size_c, seed_c)]``, computed on its own.
 
+With a pair table (TAS-Balanced), queries without pairs are left out of the sort: :func:`count_kept_ids` and
+:func:`scatter_kept_rows` read the pair table's CSR offsets alongside the ids (row ``i`` is kept when
+``offsets[i + 1] > offsets[i]``), so no per-query mask is ever held in memory.
+
 Kernels take arrays and scalars and return arrays; the checks live in ``samplers.topic_windowed``.
 """
 
@@ -19,7 +23,7 @@ from native._config import njit
 from native.feistel import feistel_keyed, half_bits, round_keys
 from native.rng import MASK63, mix_step
 
-__all__ = ["cluster_rows", "count_ids", "scan_ids", "scatter_rows"]
+__all__ = ["cluster_rows", "count_ids", "count_kept_ids", "scan_ids", "scatter_kept_rows", "scatter_rows"]
 
 
 @njit
@@ -90,6 +94,51 @@ def scatter_rows(ids: NDArray, first_row: int, dense: NDArray[np.int64], cursor:
         out: int32/int64 ``[N]`` rows by cluster (a memory map).
     """
     _scatter_rows(np.asarray(ids), np.int64(first_row), dense, cursor, out)
+
+
+@njit
+def _count_kept_ids(ids: np.ndarray, offsets: np.ndarray, counts: np.ndarray) -> np.int64:
+    kept = np.int64(0)
+    for i in range(ids.shape[0]):
+        if offsets[i + 1] > offsets[i]:
+            counts[ids[i]] += 1
+            kept += 1
+    return kept
+
+
+def count_kept_ids(ids: NDArray, offsets: NDArray[np.int64], counts: NDArray[np.int64]) -> int:
+    """:func:`count_ids` over the rows that have pairs: row ``i`` of the chunk counts when
+    ``offsets[i + 1] > offsets[i]``.
+
+    Args:
+        ids: a chunk of cluster ids (``>= 0``, below ``len(counts)``).
+        offsets: int64 ``[len(ids) + 1]``: the pair table's CSR offsets of the chunk's rows and the next one.
+        counts: int64 counters per id, updated in place.
+
+    Returns:
+        rows of the chunk that were counted.
+    """
+    if len(offsets) != len(ids) + 1:
+        raise ValueError(f"offsets must hold len(ids) + 1 = {len(ids) + 1} values (got {len(offsets)})")
+    return int(_count_kept_ids(np.asarray(ids), np.asarray(offsets), counts))
+
+
+@njit
+def _scatter_kept_rows(ids: np.ndarray, offsets: np.ndarray, first_row: np.int64, dense: np.ndarray,
+                       cursor: np.ndarray, out: np.ndarray) -> None:
+    for i in range(ids.shape[0]):
+        if offsets[i + 1] > offsets[i]:
+            c = dense[ids[i]]
+            out[cursor[c]] = first_row + i
+            cursor[c] += 1
+
+
+def scatter_kept_rows(ids: NDArray, offsets: NDArray[np.int64], first_row: int, dense: NDArray[np.int64],
+                      cursor: NDArray[np.int64], out: NDArray) -> None:
+    """:func:`scatter_rows` over the rows that have pairs (``offsets`` as in :func:`count_kept_ids`)."""
+    if len(offsets) != len(ids) + 1:
+        raise ValueError(f"offsets must hold len(ids) + 1 = {len(ids) + 1} values (got {len(offsets)})")
+    _scatter_kept_rows(np.asarray(ids), np.asarray(offsets), np.int64(first_row), dense, cursor, out)
 
 
 @njit

@@ -22,20 +22,26 @@ finite and covers every query exactly once across ranks:
 
 Queries with no pairs (when ``pairs`` is given) are left out and counted under ``dropped["no_pairs"]``.
 
-**At scale.** Up to :data:`EXACT_MAX_ROWS` queries, and always with ``pairs`` (the pair tables are O(queries) by
-nature), the plan is built as above from per-row arrays (~82 B per query). Above it, without pairs, the plan is
-*windowed* (:mod:`samplers.topic_windowed`): rows are grouped by cluster by a counting sort to a memory-mapped file
-(none when the ids are already sorted), steps 2-4 run on chunk names (cluster, chunk index) with the same seeded
-permutations, and a cluster's order each epoch is a stateless Feistel permutation instead of a Fisher-Yates shuffle,
-so memory is O(chunks + clusters + batches) per rank and a batch's rows are computed when it is yielded. Every batch
-then has the same size and the same clusters in the same slots as the exact plan of the same seed and epoch (same
-topic purity); only which query of a cluster fills a slot differs. ``cluster_ids`` may be a memory-mapped int32
-``.npy`` of 1e9 rows (read in chunks, never copied whole; ids up to ``2**31 - 1``).
+**At scale.** Up to :data:`EXACT_MAX_ROWS` queries the plan is built as above from per-row arrays (~82 B per query,
+plus O(pairs) margin-bin tables with ``pairs``). Above it the plan is *windowed* (:mod:`samplers.topic_windowed`):
+rows are grouped by cluster by a counting sort to a memory-mapped file (none when the ids are already sorted and
+every query has pairs), steps 2-4 run on chunk names (cluster, chunk index) with the same seeded permutations, and a
+cluster's order each epoch is a stateless Feistel permutation instead of a Fisher-Yates shuffle, so memory is
+O(chunks + clusters + batches) per rank and a batch's rows are computed when it is yielded. Every batch then has the
+same size and the same clusters in the same slots as the exact plan of the same seed and epoch (same topic purity);
+only which query of a cluster fills a slot differs. ``cluster_ids`` may be a memory-mapped int32 ``.npy`` of 1e9
+rows (read in chunks, never copied whole; ids up to ``2**31 - 1``).
+
+With ``pairs`` the windowed plan reads the :class:`PairTable`'s arrays through their memory maps too: the counting
+sort reads the CSR offsets alongside the ids and leaves the queries without pairs out (no per-query mask), and a
+batch's pairs are drawn when it is yielded, each query's margin bins computed from its own pairs
+(``native.tas.draw_own_pairs``). A query's bins are its own (equal-width between its min and max margin) in both
+plans and the draw is the same counter-based function of ``(seed, epoch, query)``, so a query gets exactly the pair
+the exact plan gives it in that epoch (same margin-bin distribution, same reuse across epochs).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict
 from typing import cast
 
@@ -43,16 +49,17 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from native.rng import mix_prefix, permutation, shuffle_segments
-from native.tas import bin_table, draw_pairs, margin_bins
+from native.tas import bin_table, draw_own_pairs, draw_pairs, margin_bins
 from native.topic_sort import cluster_rows
 from samplers.base import BatchSamplerBase, Plan, PlanStats, digest_array, take_batches
 from samplers.lazy_plan import SizePlan, arrange_sizes, even_out_sizes
+from samplers.topic_pairs import PairTable
 from samplers.topic_windowed import Layout, batch_segments, cluster_index, epoch_layout, layout_purity
 
 __all__ = ["EXACT_MAX_ROWS", "PairTable", "TopicAwareBatchSampler"]
 
-#: Up to this many queries (and always with ``pairs``) the plan is exact (per-row arrays: the plans of earlier
-#: versions, ~82 B per query, ~330 MiB here); above, without pairs, it is windowed (module docstring).
+#: Up to this many queries the plan is exact (per-row arrays: the plans of earlier versions, ~82 B per query, ~330
+#: MiB here); above, with or without pairs, it is windowed (module docstring).
 EXACT_MAX_ROWS = 1 << 22
 #: ``global_plan()`` refuses to materialise a windowed plan of more rows than this (iterating never does).
 MAX_PLAN_ROWS = 1 << 28
@@ -67,108 +74,6 @@ def _int_array(x: ArrayLike, name: str) -> NDArray[np.int64]:
     if arr.dtype.kind not in "iu" and not (arr.size == 0 and arr.dtype.kind == "f"):
         raise TypeError(f"{name} must be an integer array (got dtype {arr.dtype})")
     return np.ascontiguousarray(arr, dtype=np.int64)
-
-
-@dataclasses.dataclass(frozen=True)
-class PairTable:
-    """Per-query (positive, negative) training pairs with teacher margins, in CSR form.
-
-    The pairs of query ``q`` are rows ``offsets[q]:offsets[q+1]`` of ``pos_id``, ``neg_id`` and ``margin``.
-
-    Attributes:
-        offsets: int64 ``[Q+1]``, from 0 to ``P``, non-decreasing.
-        pos_id: int64 ``[P]`` positive passage ids.
-        neg_id: int64 ``[P]`` negative passage ids.
-        margin: float64 ``[P]`` teacher margins ``s_pos - s_neg`` (finite).
-    """
-
-    offsets: NDArray[np.int64]
-    pos_id: NDArray[np.int64]
-    neg_id: NDArray[np.int64]
-    margin: NDArray[np.float64]
-
-    def __post_init__(self) -> None:
-        off = _int_array(self.offsets, "offsets")
-        pos = _int_array(self.pos_id, "pos_id")
-        neg = _int_array(self.neg_id, "neg_id")
-        mar = np.asarray(self.margin)
-        if mar.ndim != 1:
-            raise ValueError(f"margin must be 1-D (got shape {mar.shape})")
-        if mar.dtype.kind not in "fiu":
-            raise TypeError(f"margin must be numeric (got dtype {mar.dtype})")
-        mar = np.ascontiguousarray(mar, dtype=np.float64)
-        if len(off) < 1 or off[0] != 0:
-            raise ValueError("offsets must be non-empty and start at 0 (offsets[q]:offsets[q+1] are query q's pairs)")
-        if np.any(np.diff(off) < 0):
-            q = int(np.flatnonzero(np.diff(off) < 0)[0])
-            raise ValueError(f"offsets must be non-decreasing (offsets[{q}]={off[q]} > offsets[{q + 1}]={off[q + 1]})")
-        n = int(off[-1])
-        for name, arr in (("pos_id", pos), ("neg_id", neg), ("margin", mar)):
-            if len(arr) != n:
-                raise ValueError(f"{name} has {len(arr)} rows but offsets[-1]={n}; they must match")
-        bad = np.flatnonzero(~np.isfinite(mar))
-        if len(bad):
-            raise ValueError(f"margin has NaN/inf at pair row {int(bad[0])} ({len(bad)} rows in all)")
-        for name, arr in (("offsets", off), ("pos_id", pos), ("neg_id", neg), ("margin", mar)):
-            arr.setflags(write=False)
-            object.__setattr__(self, name, arr)
-
-    @classmethod
-    def from_arrays(cls, query: ArrayLike, pos_id: ArrayLike, neg_id: ArrayLike, margin: ArrayLike, *,
-                    num_queries: int) -> PairTable:
-        """Build a table from one row per pair, in any order (rows are grouped by query, stably).
-
-        Args:
-            query: int ``[P]`` query index of each pair, in ``[0, num_queries)``.
-            pos_id, neg_id: int ``[P]`` passage ids.
-            margin: float ``[P]`` teacher margins (``s_pos - s_neg``).
-            num_queries: number of queries ``Q`` (the length of the sampler's ``cluster_ids``).
-
-        Raises:
-            ValueError: a pair names a query outside ``[0, num_queries)`` (the first such row is named).
-        """
-        if not isinstance(num_queries, (int, np.integer)) or num_queries < 0:
-            raise ValueError(f"num_queries must be an integer >= 0 (got {num_queries=})")
-        q = _int_array(query, "query")
-        bad = np.flatnonzero((q < 0) | (q >= num_queries))
-        if len(bad):
-            r = int(bad[0])
-            raise ValueError(
-                f"pair row {r} names query {int(q[r])}, which is not in [0, {num_queries}) "
-                f"({len(bad)} rows name unknown queries); every pair must belong to a known query"
-            )
-        order = np.argsort(q, kind="stable")
-        offsets = np.zeros(int(num_queries) + 1, dtype=np.int64)
-        np.cumsum(np.bincount(q, minlength=int(num_queries)), out=offsets[1:])
-        cols = []
-        for name, a in (("pos_id", pos_id), ("neg_id", neg_id), ("margin", margin)):
-            a = np.asarray(a)
-            if a.ndim != 1 or len(a) != len(q):
-                raise ValueError(f"{name} has shape {a.shape} but query has {len(q)} rows; they must match")
-            cols.append(a[order])
-        return cls(offsets, *cols)
-
-    @property
-    def num_queries(self) -> int:
-        return len(self.offsets) - 1
-
-    @property
-    def num_pairs(self) -> int:
-        return int(self.offsets[-1])
-
-    def __len__(self) -> int:
-        return self.num_pairs
-
-    def counts(self) -> NDArray[np.int64]:
-        """Pairs per query, int64 ``[Q]``."""
-        return np.diff(self.offsets)
-
-    def query_of(self, rows: ArrayLike) -> NDArray[np.int64]:
-        """The query of each pair row: int64 array shaped like ``rows``."""
-        r = np.asarray(rows, dtype=np.int64)
-        if r.size and (r.min() < 0 or r.max() >= self.num_pairs):
-            raise IndexError(f"pair rows must lie in [0, {self.num_pairs})")
-        return np.searchsorted(self.offsets, r, side="right").astype(np.int64) - 1
 
 
 class TopicAwareBatchSampler(BatchSamplerBase):
@@ -189,10 +94,11 @@ class TopicAwareBatchSampler(BatchSamplerBase):
             top-up batch (counted under ``dropped["incomplete_batch"]``).
         strict: raise ``ValueError`` instead of a ``PlanWarning`` when the plan drops rows unasked.
 
-    Above :data:`EXACT_MAX_ROWS` queries without ``pairs`` the plan is windowed (module docstring): memory per rank
-    is O(chunks + clusters + batches), the rows grouped by cluster live in a memory-mapped file (cached on disk next
-    to the plan cache for a memory-mapped ``cluster_ids``, so a resume in a fresh process reads no ids), and a
-    state saved at another world size resumes here (elastic).
+    Above :data:`EXACT_MAX_ROWS` queries the plan is windowed (module docstring): memory per rank is O(chunks +
+    clusters + batches), the rows grouped by cluster (queries with pairs only, when ``pairs`` is given) live in a
+    memory-mapped file (cached on disk next to the plan cache for a memory-mapped ``cluster_ids`` and, with pairs, a
+    memory-mapped ``pairs.offsets``, so a resume in a fresh process reads no ids), each batch's pairs are drawn
+    from its queries' own pairs when it is yielded, and a state saved at another world size resumes here (elastic).
     """
 
     def __init__(self, cluster_ids: ArrayLike, *, batch_size: int, clusters_per_batch: int = 1,
@@ -201,7 +107,7 @@ class TopicAwareBatchSampler(BatchSamplerBase):
                  strict: bool = False) -> None:
         super().__init__(seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, strict=strict)
         ids = np.asarray(cluster_ids)  # a memory map stays a memory map
-        self.windowed = pairs is None and ids.ndim == 1 and len(ids) > EXACT_MAX_ROWS
+        self.windowed = ids.ndim == 1 and len(ids) > EXACT_MAX_ROWS
         if self.windowed:
             if ids.dtype.kind not in "iu" or ids.dtype == np.uint64:
                 raise TypeError(f"cluster_ids must be an integer array of int64 or smaller (got dtype {ids.dtype})")
@@ -230,6 +136,12 @@ class TopicAwareBatchSampler(BatchSamplerBase):
         self.margin_bins = int(margin_bins)
         self.strategy = strategy
         self.pairs = pairs
+        self._pairs_digest: str | None = None
+        if pairs is not None and pairs.num_queries != self.num_queries:
+            raise ValueError(
+                f"pairs covers {pairs.num_queries} queries but cluster_ids has {self.num_queries}; pair "
+                "tables name queries by their index in cluster_ids (build it with num_queries=len(cluster_ids))"
+            )
         if self.windowed:
             self._init_windowed(cl)
             return
@@ -237,11 +149,6 @@ class TopicAwareBatchSampler(BatchSamplerBase):
         self._cluster = self._cluster.astype(np.int64)
         eligible = np.ones(len(cl), dtype=bool)
         if pairs is not None:
-            if pairs.num_queries != self.num_queries:
-                raise ValueError(
-                    f"pairs covers {pairs.num_queries} queries but cluster_ids has {self.num_queries}; pair "
-                    "tables name queries by their index in cluster_ids (build it with num_queries=len(cluster_ids))"
-                )
             eligible = pairs.counts() > 0
             self._bins = margin_bins_of(pairs, self.margin_bins)
             self._table = bin_table(pairs.offsets, self._bins, self.margin_bins)
@@ -258,13 +165,18 @@ class TopicAwareBatchSampler(BatchSamplerBase):
             raise ValueError(f"world_size={self.world_size} is larger than the {len(self._rows)} usable queries")
 
     def _init_windowed(self, ids: NDArray) -> None:
-        """The windowed plan's set-up: rows grouped by cluster (counting sort, cached per file), no per-row array."""
-        self._index = cluster_index(ids, self._cluster_digest)
+        """The windowed plan's set-up: rows grouped by cluster (counting sort, cached per file; with pairs, of the
+        queries that have pairs), no per-row array."""
+        offsets = None if self.pairs is None else self.pairs.offsets
+        self._index = cluster_index(ids, self._cluster_digest, pair_offsets=offsets)
         self._cluster_uniq = self._index.uniq
         self._cl_off = self._index.offsets
-        self._no_pairs = 0
-        if not self.drop_last and self.world_size > self.num_queries:
-            raise ValueError(f"world_size={self.world_size} is larger than the {self.num_queries} usable queries")
+        self._no_pairs = int(self._index.skipped)
+        usable = int(self._cl_off[-1])
+        if usable == 0:
+            raise ValueError("no query has a pair: every query in pairs has offsets[q] == offsets[q+1]")
+        if not self.drop_last and self.world_size > usable:
+            raise ValueError(f"world_size={self.world_size} is larger than the {usable} usable queries")
         self._layouts: OrderedDict = OrderedDict()  # epoch -> Layout (the last two)
         self._lazy: tuple | None = None  # ((epoch, segments, world_size), SizePlan)
 
@@ -278,7 +190,9 @@ class TopicAwareBatchSampler(BatchSamplerBase):
     def _metadata(self) -> dict:
         out = {"queries": self.num_queries, "cluster_ids": self._cluster_digest}
         if self.pairs is not None:
-            out.update(pairs=self.pairs.num_pairs, pair_offsets=digest_array(self.pairs.offsets))
+            if self._pairs_digest is None:  # once: at 1e9 queries it reads 65,536 pages of the offsets' map
+                self._pairs_digest = digest_array(self.pairs.offsets)
+            out.update(pairs=self.pairs.num_pairs, pair_offsets=self._pairs_digest)
         return out
 
     # ---- plan ---------------------------------------------------------------------------------------------
@@ -344,12 +258,14 @@ class TopicAwareBatchSampler(BatchSamplerBase):
             plan = Plan(rows, plan.offsets, None, plan.dropped, plan.repeated)
         return plan
 
-    # ---- windowed plans (above EXACT_MAX_ROWS, no pairs) ---------------------------------------------------
+    # ---- windowed plans (above EXACT_MAX_ROWS) -------------------------------------------------------------
     def _layout(self, epoch: int) -> Layout:
         """The epoch's chunks, pool segments and batch order (O(chunks + clusters + batches); the last two kept)."""
         if epoch not in self._layouts:
             lay = epoch_layout(self._index.sizes, self.batch_size, self.clusters_per_batch, self.drop_last,
                                (self.epoch_seed(epoch, 2), self.epoch_seed(epoch, 3), self.epoch_seed(epoch, 4)))
+            if self._no_pairs:  # after "incomplete_batch", as the exact plan lists them
+                lay.dropped["no_pairs"] = self._no_pairs
             self._layouts[epoch] = lay
             while len(self._layouts) > 2:
                 self._layouts.popitem(last=False)
@@ -376,7 +292,12 @@ class TopicAwareBatchSampler(BatchSamplerBase):
         g = int(np.searchsorted(lay.voff, start, side="right")) - 1
         lo, hi = start - int(lay.voff[g]), stop - int(lay.voff[g])
         segs = batch_segments(lay, int(lay.order[g]), self.batch_size, self.clusters_per_batch, lo, hi)
-        return cluster_rows(self._index.rows, *segs, self._cl_off, mix_prefix(self.seed, epoch, 1))
+        rows = cluster_rows(self._index.rows, *segs, self._cl_off, mix_prefix(self.seed, epoch, 1))
+        if self.pairs is None:
+            return rows
+        # each query's pair from its own pairs, with the exact plan's seed: a pure function of (seed, epoch, query)
+        return draw_own_pairs(rows, self.pairs.offsets, self.pairs.margin, self.margin_bins,
+                              self.epoch_seed(epoch, 5), balanced=self.strategy == "balanced")
 
     def _materialise(self, epoch: int, plan: SizePlan) -> Plan:
         if plan.rows > MAX_PLAN_ROWS:
@@ -419,7 +340,9 @@ class TopicAwareBatchSampler(BatchSamplerBase):
         without reading rows: no ``topic_purity`` list (it would be O(batches)); ``topic_purity_mean``/``_min``,
         ``clusters_in_batch_max`` and ``batches_over_cluster_limit`` describe the epoch's batches before they are
         evened out across ranks (an even-out split only halves a batch); plus ``plan="windowed"`` and
-        ``rows_by_cluster`` (the file of the counting sort, ``"temporary"``, or ``"sorted ids"``).
+        ``rows_by_cluster`` (the file of the counting sort, ``"temporary"``, or ``"sorted ids"``). With pairs it adds
+        ``queries_without_pairs`` and ``num_pairs``, not the margin-bin histograms (O(pairs) to compute; the
+        draws are the exact plan's, whose histograms ``benchmarks/bench_tas_scale.py`` compares).
         """
         if self.windowed:
             sp = self._size_plan()
@@ -430,6 +353,8 @@ class TopicAwareBatchSampler(BatchSamplerBase):
                                 self.clusters_per_batch),
                 "plan": "windowed",
                 "rows_by_cluster": "sorted ids" if self._index.rows is None else (self._index.path or "temporary"),
+                **({} if self.pairs is None else {"queries_without_pairs": self._no_pairs,
+                                                  "num_pairs": self.pairs.num_pairs}),
             })
         out: dict = dict(super().stats())  # the shared keys (PlanStats), then its own
         plan = self.global_plan()

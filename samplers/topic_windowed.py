@@ -1,5 +1,5 @@
 """The topic-aware plan in memory O(chunks + clusters): what ``TopicAwareBatchSampler`` does above
-``EXACT_MAX_ROWS`` queries (without pairs).
+``EXACT_MAX_ROWS`` queries (with or without pairs).
 
 The exact plan (``samplers.topic_aware``) keeps per-row arrays (rows sorted by cluster, each cluster shuffled:
 ~82 B per query). This module computes the same layout from per-cluster counts instead:
@@ -12,6 +12,9 @@ The exact plan (``samplers.topic_aware``) keeps per-row arrays (rows sorted by c
   :data:`KEEP_ROW_FILES` are kept; the ranks of a node sort it once, under a file lock; a cached file is checked
   against the ids at :data:`VERIFY_ROWS` places when opened); when the disk cache is off or the ids are not a
   file, it is an unlinked temporary file. Ids already sorted need no file: cluster ``c`` is a contiguous range.
+  With a pair table (``pair_offsets``), both passes read its CSR offsets alongside the ids and skip the queries
+  without pairs (counted in ``ClusterIndex.skipped``; no per-query mask in memory); the file's key then includes
+  the offsets' file identity and digest, and a cached file is also checked to hold only queries with pairs.
 * :func:`epoch_layout`: the exact plan's steps 2-4 on chunk *names* (cluster, chunk index; int32 each) rather
   than rows, with the same seeded permutations: chunks shuffled and grouped into pure batches, the pool of
   remainders, leftover chunks and overflow rows as *segments* (cluster, start, length), the batch order. O(chunks
@@ -40,7 +43,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from native.rng import permutation
-from native.topic_sort import count_ids, scan_ids, scatter_rows
+from native.topic_sort import (
+    count_ids,
+    count_kept_ids,
+    scan_ids,
+    scatter_kept_rows,
+    scatter_rows,
+)
+from samplers.plan import digest_array
 from samplers.plan_cache import (
     PlanCache,
     StalePlanCache,
@@ -86,6 +96,8 @@ class ClusterIndex:
             ``offsets[c] + k`` is then cluster ``c``'s ``k``-th row).
         path: the file behind ``rows`` ("" for none or an unlinked temporary file).
         cached: whether the counting pass came from the plan cache (this process or disk).
+        skipped: rows left out because they have no pairs (``pair_offsets`` given); ``offsets[-1]`` counts the
+            others.
     """
 
     uniq: NDArray[np.int64]
@@ -93,6 +105,7 @@ class ClusterIndex:
     rows: NDArray | None
     path: str = ""
     cached: bool = False
+    skipped: int = 0
 
     @property
     def sizes(self) -> NDArray[np.int64]:
@@ -104,10 +117,11 @@ def _where(arr) -> str:
     return f" of {ident[0]}" if ident else ""
 
 
-def _count(ids, name: str) -> dict:
-    """First pass: counts per id, min/max, sortedness; a negative id is an error naming the row."""
+def _count(ids, name: str, pair_offsets=None) -> dict:
+    """First pass: counts per id (of the rows with pairs when ``pair_offsets`` is given), min/max, sortedness; a
+    negative id is an error naming the row."""
     counts = np.zeros(0, dtype=np.int64)
-    ordered, prev = True, -(1 << 62)
+    ordered, prev, kept = True, -(1 << 62), 0
     for a in range(0, len(ids), SCAN_ROWS):
         part = ids[a : a + SCAN_ROWS]
         neg, _, hi, ok = scan_ids(part, prev)
@@ -121,13 +135,18 @@ def _count(ids, name: str) -> dict:
                              "np.unique(cluster_ids, return_inverse=True)[1]")
         if hi >= len(counts):
             counts = np.concatenate([counts, np.zeros(max(hi + 1, 2 * len(counts)) - len(counts), np.int64)])
-        count_ids(part, counts)
+        if pair_offsets is None:
+            count_ids(part, counts)
+        else:
+            kept += count_kept_ids(part, pair_offsets[a : a + len(part) + 1], counts)
         ordered = ordered and ok
         prev = int(part[-1]) if len(part) else prev
     uniq = np.flatnonzero(counts).astype(np.int64)
     offsets = np.zeros(len(uniq) + 1, dtype=np.int64)
     np.cumsum(counts[uniq], out=offsets[1:])
-    return {"uniq": uniq, "offsets": offsets, "ordered": bool(ordered)}
+    skipped = 0 if pair_offsets is None else len(ids) - kept
+    # rows without pairs leave holes in a sorted id range: those need the rows file too
+    return {"uniq": uniq, "offsets": offsets, "ordered": bool(ordered) and skipped == 0, "skipped": int(skipped)}
 
 
 def _prune_row_files(root: Path, keep: Path) -> None:
@@ -141,31 +160,39 @@ def _prune_row_files(root: Path, keep: Path) -> None:
                 pass
 
 
-def _scatter(ids, uniq: NDArray[np.int64], offsets: NDArray[np.int64], out) -> None:
+def _scatter(ids, uniq: NDArray[np.int64], offsets: NDArray[np.int64], out, pair_offsets=None) -> None:
     dense = np.full(int(uniq[-1]) + 1, -1, dtype=np.int64)
     dense[uniq] = np.arange(len(uniq), dtype=np.int64)
     cursor = offsets[:-1].copy()
     target = np.asarray(out)
     for a in range(0, len(ids), SCAN_ROWS):
-        scatter_rows(ids[a : a + SCAN_ROWS], a, dense, cursor, target)
+        part = ids[a : a + SCAN_ROWS]
+        if pair_offsets is None:
+            scatter_rows(part, a, dense, cursor, target)
+        else:
+            scatter_kept_rows(part, pair_offsets[a : a + len(part) + 1], a, dense, cursor, target)
     assert np.array_equal(cursor, offsets[1:]), "counting sort: cursors must end at the next cluster's start"
 
 
-def _verify(ids, uniq: NDArray[np.int64], offsets: NDArray[np.int64], rows, path: Path) -> None:
-    """A cached rows file must hold rows of the right cluster: ``VERIFY_ROWS`` evenly spread entries are checked
-    against the ids (a damaged or foreign file is an error naming it, never a wrong plan)."""
+def _verify(ids, uniq: NDArray[np.int64], offsets: NDArray[np.int64], rows, path: Path, pair_offsets=None) -> None:
+    """A cached rows file must hold rows of the right cluster (and with pairs, when ``pair_offsets`` is given):
+    ``VERIFY_ROWS`` evenly spread entries are checked against the ids (a damaged or foreign file is an error naming
+    it, never a wrong plan)."""
     n = len(rows)
     pos = np.unique(np.linspace(0, n - 1, min(n, VERIFY_ROWS)).astype(np.int64))
     got = rows[pos].astype(np.int64)
     c = np.searchsorted(offsets, pos, side="right") - 1
-    if got.min() < 0 or got.max() >= len(ids) or not np.array_equal(np.asarray(ids[got], dtype=np.int64), uniq[c]):
+    bad = got.min() < 0 or got.max() >= len(ids) or not np.array_equal(np.asarray(ids[got], dtype=np.int64), uniq[c])
+    if not bad and pair_offsets is not None:
+        bad = bool(np.any(np.asarray(pair_offsets[got + 1]) <= np.asarray(pair_offsets[got])))
+    if bad:
         path.unlink(missing_ok=True)
         raise StalePlanCache(f"the rows-by-cluster file {path} does not match the cluster ids (a damaged cache "
                              "entry); the file was removed: build the sampler again (or set DATAPIPE_PLAN_CACHE=0)")
 
 
 def _cached_rows(ids, uniq: NDArray[np.int64], offsets: NDArray[np.int64], final: Path,
-                 dtype: np.dtype) -> np.memmap:
+                 dtype: np.dtype, pair_offsets=None) -> np.memmap:
     """The rows-by-cluster file of a memory-mapped ``ids`` in the cache directory: sorted once, then opened by every
     sampler and process (the caller holds the entry's lock)."""
     n = int(offsets[-1])
@@ -174,7 +201,7 @@ def _cached_rows(ids, uniq: NDArray[np.int64], offsets: NDArray[np.int64], final
         try:
             os.ftruncate(fd, n * dtype.itemsize)
             out = np.memmap(tmp, dtype=dtype, mode="r+", shape=(n,))
-            _scatter(ids, uniq, offsets, out)
+            _scatter(ids, uniq, offsets, out, pair_offsets)
             out.flush()
             del out
             os.replace(tmp, final)  # atomic: a reader never sees half a file
@@ -184,7 +211,7 @@ def _cached_rows(ids, uniq: NDArray[np.int64], offsets: NDArray[np.int64], final
                 os.unlink(tmp)
         _prune_row_files(final.parent, final)
     rows = np.memmap(final, dtype=dtype, mode="r", shape=(n,))
-    _verify(ids, uniq, offsets, rows, final)
+    _verify(ids, uniq, offsets, rows, final, pair_offsets)
     return rows
 
 
@@ -201,13 +228,16 @@ def _locked(path: Path | None):
         yield
 
 
-def cluster_index(ids, digest: str, name: str = "cluster_ids") -> ClusterIndex:
+def cluster_index(ids, digest: str, name: str = "cluster_ids", *, pair_offsets=None) -> ClusterIndex:
     """Rows grouped by cluster for 1-D integer ``ids`` (a memory map is read ``SCAN_ROWS`` rows at a time).
 
     Args:
         ids: int ``[N]`` cluster of each row, ``>= 0`` and ``<= MAX_CLUSTER_ID``.
         digest: ``samplers.base.digest_array(ids)`` (part of the cache keys).
         name: the parameter named in errors.
+        pair_offsets: optional int64 ``[N + 1]`` CSR offsets of a pair table (``PairTable.offsets``, validated by
+            it; may be a memory map): rows ``i`` with ``pair_offsets[i + 1] == pair_offsets[i]`` are left out
+            (counted in ``ClusterIndex.skipped``).
 
     Returns:
         a :class:`ClusterIndex`; the file of a memory-mapped ``ids`` is sorted once per file (disk cache).
@@ -216,7 +246,14 @@ def cluster_index(ids, digest: str, name: str = "cluster_ids") -> ClusterIndex:
         ValueError: a negative id, or an id above ``MAX_CLUSTER_ID`` (the first such row is named).
         samplers.plan_cache.StalePlanCache: a cached counting pass or rows file does not match the ids (removed).
     """
-    key = (source_id(ids), digest)
+    key: tuple = (source_id(ids), digest)
+    pairs_ident = None
+    if pair_offsets is not None:
+        if len(pair_offsets) != len(ids) + 1:
+            raise ValueError(f"pair_offsets must hold len({name}) + 1 = {len(ids) + 1} values (got "
+                             f"{len(pair_offsets)})")
+        pairs_ident = file_identity(pair_offsets)
+        key = (*key, ("pairs", source_id(pair_offsets), digest_array(pair_offsets)))
     if key in _INDEXES:
         _INDEXES.move_to_end(key)
         return _INDEXES[key]
@@ -224,30 +261,35 @@ def cluster_index(ids, digest: str, name: str = "cluster_ids") -> ClusterIndex:
     dtype = np.dtype(np.int32 if n <= np.iinfo(np.int32).max + 1 else np.int64)
     ident, root = file_identity(ids), cache_dir()
     final = None
-    if ident is not None and root is not None:
-        h = hashlib.sha256(repr((ident, digest, dtype.str)).encode()).hexdigest()[:40]
+    if ident is not None and root is not None and (pair_offsets is None or pairs_ident is not None):
+        named = (ident, digest, dtype.str) if pair_offsets is None else (ident, digest, dtype.str, key[2])
+        h = hashlib.sha256(repr(named).encode()).hexdigest()[:40]
         final = root / f"topic_rows-{h}.bin"
+    # the counting pass goes to disk only under keys that outlive the process (files, not memory addresses)
+    source = ids if pair_offsets is None or pairs_ident is not None else None
     with _locked(None if final is None else final.with_name(f".{final.stem}.lock")):
         ckey = ("counts", key)
-        cached = _COUNTS.get(ckey, ids)
-        counts = cached if cached is not None else _COUNTS.put(ckey, _count(ids, name), ids)
+        cached = _COUNTS.get(ckey, source)
+        counts = cached if cached is not None else _COUNTS.put(ckey, _count(ids, name, pair_offsets), source)
         uniq = np.asarray(counts["uniq"], dtype=np.int64)
         offsets = np.asarray(counts["offsets"], dtype=np.int64)
-        if int(offsets[-1]) != n:
-            _COUNTS.forget(ckey, ids)
+        skipped = int(counts.get("skipped", 0))
+        if int(offsets[-1]) + skipped != n:
+            _COUNTS.forget(ckey, source)
             raise StalePlanCache(f"the counting pass cached in {counts.get('cache_file')} counts {int(offsets[-1])} "
-                                 f"rows but {name} has {n} (a damaged cache entry); the entry was removed: build the "
-                                 "sampler again")
+                                 f"rows (and {skipped} without pairs) but {name} has {n} (a damaged cache entry); the "
+                                 "entry was removed: build the sampler again")
         rows, path = None, ""
-        if not bool(counts["ordered"]):
+        if not bool(counts["ordered"]) and int(offsets[-1]) > 0:  # no row kept: nothing to sort
             if final is not None:
-                rows, path = _cached_rows(ids, uniq, offsets, final, dtype), str(final)
+                rows, path = _cached_rows(ids, uniq, offsets, final, dtype, pair_offsets), str(final)
             else:  # no disk cache, or ids in memory: an unlinked temporary file, gone with the process
+                kept = int(offsets[-1])
                 with tempfile.TemporaryFile(prefix="datapipe-topic_rows-") as f:  # the map outlives the closed file
-                    f.truncate(n * dtype.itemsize)
-                    rows = np.memmap(f, dtype=dtype, mode="r+", shape=(n,))
-                _scatter(ids, uniq, offsets, rows)
-    index = ClusterIndex(uniq, offsets, rows, path, cached is not None)
+                    f.truncate(kept * dtype.itemsize)
+                    rows = np.memmap(f, dtype=dtype, mode="r+", shape=(kept,))
+                _scatter(ids, uniq, offsets, rows, pair_offsets)
+    index = ClusterIndex(uniq, offsets, rows, path, cached is not None, skipped)
     _INDEXES[key] = index
     while len(_INDEXES) > 2:
         _INDEXES.popitem(last=False)

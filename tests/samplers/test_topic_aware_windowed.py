@@ -1,4 +1,4 @@
-"""TopicAwareBatchSampler's windowed plan (above EXACT_MAX_ROWS queries without pairs; the threshold is lowered
+"""TopicAwareBatchSampler's windowed plan (above EXACT_MAX_ROWS queries, here without pairs; the threshold is lowered
 here): side by side with the exact plan (same batch sizes and the same cluster in every slot, so the same purity),
 every query exactly once across ranks, equal batch counts, pure batches within clusters_per_batch, top-ups
 counted, exact resume (also elastic, and in a fresh process from the on-disk rows-by-cluster file), sorted ids
@@ -136,11 +136,11 @@ def test_memory_mapped_ids_are_sorted_once_into_the_plan_cache(windowed, tmp_pat
     assert isinstance(s._index.rows, np.memmap)
 
 
-def test_pairs_keep_the_exact_path(windowed):
+def test_pairs_plan_windowed_too(windowed):  # tests/samplers/test_topic_aware_pairs_windowed.py checks them
     off = np.arange(0, 2 * 500 + 1, 2)
     pairs = PairTable(off, np.arange(1000), np.arange(1000), np.linspace(0, 1, 1000))
     s = TopicAwareBatchSampler(CL[:500], batch_size=16, pairs=pairs)
-    assert not s.windowed and "topic_purity" in s.stats()
+    assert s.windowed and s.stats()["plan"] == "windowed" and "topic_purity" not in s.stats()
 
 
 @pytest.mark.parametrize("bad, match", [(-3, r"must be >= 0 \(query 777 .*cl\.npy has cluster -3\)"),
