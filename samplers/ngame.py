@@ -9,6 +9,11 @@ every ``refresh_every`` epochs after ``warmup_epochs`` of random batches. Unlike
 plan is shared across ranks: rank 0 gathers the bank, clusters, and broadcasts the cluster ids
 (:mod:`samplers.ngame_dist`). The cluster file is :mod:`samplers.ngame_io`; the in-batch positive mask of NGAME's
 loss is :func:`samplers.labels.positive_mask`.
+
+Above :data:`EXACT_MAX_ROWS` rows the sampler is *windowed* (:mod:`samplers.ngame_windowed`,
+:mod:`samplers.ngame_lazy`): the bank is a memory-mapped file (``bank_path``), random epochs are a stateless
+Feistel permutation, clustering runs in windows of :data:`WINDOW_ROWS` rows into an on-disk rows-by-cluster file,
+and batches are computed when yielded: a rank's memory is O(window), not O(rows).
 """
 
 from __future__ import annotations
@@ -28,8 +33,16 @@ from native.rng import permutation
 from samplers.base import BatchSamplerBase, Plan, PlanStats, take_batches
 from samplers.ngame_dist import any_rank, broadcast_ids, dist_group, sync_bank_to_rank0
 from samplers.ngame_io import read_cluster_file, write_cluster_file
+from samplers.ngame_lazy import WindowedNGAME
+from samplers.ngame_windowed import check_embeddings, unit_rows
 
-__all__ = ["NGAMEBatchSampler"]
+__all__ = ["EXACT_MAX_ROWS", "WINDOW_ROWS", "NGAMEBatchSampler"]
+
+#: Up to this many rows the plan is exactly that of earlier versions (bank, stamps and cluster ids in RAM: ~40 B
+#: per row plus the bank); above it the sampler is windowed (module docstring). 2**22 rows.
+EXACT_MAX_ROWS = 1 << 22
+#: Rows per clustering window of the windowed path (fixed per sampler at construction, part of its options).
+WINDOW_ROWS = 1 << 20
 
 
 def __getattr__(name: str):
@@ -77,7 +90,7 @@ def _digest(ids: NDArray[np.int64] | None) -> str:
     return "" if ids is None else hashlib.blake2b(np.ascontiguousarray(ids).tobytes(), digest_size=8).hexdigest()
 
 
-class NGAMEBatchSampler(BatchSamplerBase):
+class NGAMEBatchSampler(WindowedNGAME, BatchSamplerBase):
     """Batches of ``batch_size // cluster_size`` whole balanced clusters, re-clustered from a memory bank.
 
     Epochs before the first clustering are random batches of ``batch_size``. A refresh is *due* at epoch ``e``
@@ -100,6 +113,23 @@ class NGAMEBatchSampler(BatchSamplerBase):
     :meth:`save_clusters` and call :meth:`load_clusters` before :meth:`load_state_dict`; when the bank only
     holds the ``embeddings`` given at construction, the clustering is recomputed instead.
 
+    At scale (above :data:`EXACT_MAX_ROWS` rows): the bank lives in ``bank_path`` (an ``[n, d]`` ``.npy`` memory map
+    the sampler creates, with ``<bank>.stamp.npy`` and ``<bank>.meta.json`` beside it; with a process group it must
+    be on a path every rank sees, and each rank writes its own rows there: a node-local file when the ranks share
+    one node, else a shared file system whose memory-mapped writes are coherent across nodes, since rows of
+    different ranks share pages). Random epochs are a Feistel permutation of the rows. A refresh splits the rows
+    into ``ceil(n / WINDOW_ROWS)`` cells by the nearest of centroids learnt on a sample (the top of the 2-means
+    tree), cuts cells into windows of at most :data:`WINDOW_ROWS` rows, and clusters each window on its own into
+    ``<bank>.clusters-e<epoch>-c<size>.npy`` (rows by cluster; rank ``r`` of ``W`` clusters windows ``r, r + W,
+    ...``); a clustered epoch takes ``batch_size // cluster_size`` clusters per batch in a Feistel order of the
+    clusters, rows read from that file when the batch is yielded. Clusters never straddle windows, and small windows
+    give clusters smaller than ``cluster_size`` (:mod:`samplers.ngame_windowed`; batch quality against the exact
+    clustering in ``benchmarks/results/bench_ngame_scale.md``). Resuming, also in a fresh process: construct the
+    sampler with the same ``bank_path`` and call :meth:`load_state_dict`; the clustering is reopened from its file
+    next to the bank (the newest two are kept), or from the file :meth:`save_clusters` names. An existing bank at
+    ``bank_path`` is reopened as it is (the run's own bank, written by an earlier process); ``embeddings`` is then
+    not copied in again and nothing is clustered at construction.
+
     Args:
         num_rows: rows in the dataset (positional or keyword). ``num_items=`` is its deprecated name, accepted
             for one release with a ``DeprecationWarning``.
@@ -109,7 +139,9 @@ class NGAMEBatchSampler(BatchSamplerBase):
             that epoch on (NGAME grows it over training, e.g. ``{0: 2, 10: 4, 20: 8}``).
         refresh_every: re-cluster every this many epochs (NGAME's tau = 5).
         warmup_epochs: random-batch epochs before the first clustering.
-        embeddings: optional ``[num_rows, d]`` initial bank (e.g. from a pre-trained encoder).
+        embeddings: optional ``[num_rows, d]`` initial bank (e.g. from a pre-trained encoder). Above
+            ``EXACT_MAX_ROWS`` rows it may be a memory-mapped ``.npy`` (read in chunks, never copied whole); when it
+            is the file at ``bank_path`` itself it is used in place.
         seed: integer seed, the same on every rank.
         rank, world_size: default to torch.distributed, else 0 and 1.
         drop_last: drop the last batch when it holds fewer clusters (or rows) than a full one, and trailing
@@ -117,17 +149,22 @@ class NGAMEBatchSampler(BatchSamplerBase):
         bank_dtype: the bank's dtype (float16 halves its size). The bank stores L2-normalised rows, as the
             clustering is by cosine similarity.
         niter: 2-means iterations per split. device: where to cluster (``"auto"``: CUDA when visible).
+        bank_path: the bank's file above ``EXACT_MAX_ROWS`` rows (required there once a bank is needed:
+            ``embeddings`` given or ``update_embeddings`` called). Below the threshold the bank is in memory and
+            ``bank_path`` is not used.
     """
 
     _elastic = False
 
-    def __init__(self, num_rows: int | None = None, *, batch_size: int, cluster_size: int | None = None,
+    def __init__(self, num_rows: int | None = None, batch_size: int | None = None, *, cluster_size: int | None = None,
                  cluster_size_schedule: Mapping[int, int] | list[tuple[int, int]] | None = None,
                  refresh_every: int = 5, warmup_epochs: int = 0, embeddings: ArrayLike | None = None,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
                  bank_dtype=np.float16, niter: int = 10, device: str = "auto", strict: bool = False,
-                 num_items: int | None = None) -> None:
+                 num_items: int | None = None, bank_path: str | os.PathLike | None = None) -> None:
         num_rows = _num_rows(num_rows, num_items)
+        if batch_size is None:
+            raise TypeError("NGAMEBatchSampler needs batch_size (rows per batch), e.g. NGAMEBatchSampler(len(ds), 256)")
         super().__init__(seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, strict=strict)
         for name, v, lo in (("num_rows", num_rows, 0), ("batch_size", batch_size, 1),
                             ("refresh_every", refresh_every, 1), ("warmup_epochs", warmup_epochs, 0)):
@@ -155,7 +192,9 @@ class NGAMEBatchSampler(BatchSamplerBase):
             raise ValueError(f"bank_dtype must be a float dtype (got {bank_dtype=})")
         self.niter, self.device = int(niter), device
         self._bank: NDArray | None = None  # [n, d] memory bank
-        self._stamp = np.full(self.num_rows, -1, dtype=np.int64)  # when each row was last written; -1: never
+        self.windowed = self.num_rows > EXACT_MAX_ROWS  # bank, stamps and plan on disk / on demand (no per-row RAM)
+        # when each row was last written; -1: never (windowed: a stamp file beside the bank)
+        self._stamp = None if self.windowed else np.full(self.num_rows, -1, dtype=np.int64)
         self._bank_dirty = False  # written since the last clustering
         self._bank_updates = 0  # update_embeddings calls since construction (0: bank == constructor embeddings)
         self._ids: NDArray[np.int64] | None = None
@@ -163,8 +202,11 @@ class NGAMEBatchSampler(BatchSamplerBase):
         self._decided_epoch = -1  # the epoch whose refresh was last decided (done or skipped): decided once
         self._cluster_size_now = 0
         self._counts = {"refreshes": 0, "refreshes_skipped_incomplete_bank": 0}
+        if self.windowed:
+            self._init_windowed(embeddings, bank_path)
+            return
         if embeddings is not None:
-            emb = self._check_embeddings(embeddings, self.num_rows, "embeddings")
+            emb = check_embeddings(embeddings, self.num_rows, "embeddings")
             self._bank = self._to_bank(emb)
             self._stamp[:] = 0
             self._bank_dirty = True
@@ -184,33 +226,19 @@ class NGAMEBatchSampler(BatchSamplerBase):
 
     @property
     def cluster_ids(self) -> NDArray[np.int64] | None:
-        """int64 ``[num_rows]``: the cluster of every row in the current clustering (a copy), or None before one."""
+        """int64 ``[num_rows]``: the cluster of every row in the current clustering (a copy), or None before one.
+        Windowed: materialised from the rows-by-cluster file (O(rows): for inspection at small sizes)."""
+        if self.windowed:
+            return None if self._wc is None else self._wc.cluster_ids()
         return None if self._ids is None else self._ids.copy()
 
     def refresh_due(self, epoch: int) -> bool:
         """Whether ``epoch`` is a refresh epoch (``>= warmup_epochs`` and on the ``refresh_every`` grid)."""
         return epoch >= self.warmup_epochs and (epoch - self.warmup_epochs) % self.refresh_every == 0
 
-    @staticmethod
-    def _check_embeddings(embeddings, rows: int, name: str) -> NDArray:
-        if hasattr(embeddings, "detach"):  # a torch tensor
-            embeddings = embeddings.detach().float().cpu().numpy()
-        emb = np.asarray(embeddings)
-        if emb.ndim != 2 or emb.shape[0] != rows or emb.shape[1] < 1:
-            raise ValueError(f"{name} must be a [{rows}, d] matrix with d >= 1 (got shape {emb.shape})")
-        if not np.issubdtype(emb.dtype, np.number):
-            raise TypeError(f"{name} must be numeric (got dtype {emb.dtype})")
-        finite = np.isfinite(emb).all(axis=1)
-        if not finite.all():
-            raise ValueError(f"{name} has NaN or inf values (first at row {int(np.flatnonzero(~finite)[0])} of "
-                             f"{name}); fix the encoder output before updating the bank")
-        return emb
-
     # ---- memory bank --------------------------------------------------------------------------------------
     def _to_bank(self, emb: NDArray) -> NDArray:
-        # clustering is by cosine, so the bank keeps directions: unit rows lose nothing to float16's range
-        emb = emb.astype(np.float32)
-        return (emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)).astype(self.bank_dtype)
+        return unit_rows(emb).astype(self.bank_dtype)
 
     def update_embeddings(self, indices: ArrayLike, embeddings: ArrayLike) -> None:
         """Write the embeddings of rows ``indices`` into the memory bank (e.g. from the training forward pass).
@@ -231,7 +259,10 @@ class NGAMEBatchSampler(BatchSamplerBase):
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_rows):
             raise ValueError(f"indices must be in [0, num_rows={self.num_rows}) (got min {idx.min()}, "
                              f"max {idx.max()})")
-        emb = self._check_embeddings(embeddings, len(idx), "embeddings")
+        emb = check_embeddings(embeddings, len(idx), "embeddings")
+        if self.windowed:
+            self._update_disk(idx, emb)
+            return
         if self._bank is None:
             self._bank = np.zeros((self.num_rows, emb.shape[1]), dtype=self.bank_dtype)
         elif emb.shape[1] != self._bank.shape[1]:
@@ -244,8 +275,11 @@ class NGAMEBatchSampler(BatchSamplerBase):
         self._bank_updates += 1
 
     # ---- clustering ---------------------------------------------------------------------------------------
-    def _cluster(self, epoch: int) -> NDArray[np.int64] | None:
-        """Cluster the bank for ``epoch`` (rank 0 when distributed, ids broadcast). None if the bank is incomplete."""
+    def _cluster(self, epoch: int):
+        """Cluster the bank for ``epoch`` (rank 0 when distributed, ids broadcast; windowed: every rank its
+        windows). None if the bank is incomplete."""
+        if self.windowed:
+            return self._w_cluster(epoch)
         cs = self.cluster_size_at(epoch)
         seed = self.epoch_seed(epoch, 0xC105)
         group = dist_group(self.world_size)
@@ -259,8 +293,12 @@ class NGAMEBatchSampler(BatchSamplerBase):
             ids = balanced_kmeans(bank, cs, seed=seed, niter=self.niter, device=self.device)
         return broadcast_ids(group, ids, self.num_rows)
 
-    def _set_clustering(self, ids: NDArray[np.int64] | None, epoch: int, cluster_size: int) -> None:
-        self._ids = ids
+    def _set_clustering(self, ids, epoch: int, cluster_size: int) -> None:
+        """Hold a clustering: cluster ids (exact path) or a :class:`samplers.ngame_windowed.Clustering`."""
+        if self.windowed:
+            self._wc, self._lazy = ids, None
+        else:
+            self._ids = ids
         self._clustered_epoch = epoch if ids is not None else -1
         self._cluster_size_now = cluster_size if ids is not None else 0
         self._cache = None
@@ -276,7 +314,10 @@ class NGAMEBatchSampler(BatchSamplerBase):
                              "call it between epochs (before iterating), or let set_epoch() refresh when due")
         ids = self._cluster(self.epoch)
         if ids is None:
-            missing = int((self._stamp < 0).sum()) if self._bank is not None else self.num_rows
+            if self.windowed:
+                missing = self._w_missing()
+            else:
+                missing = int((self._stamp < 0).sum()) if self._bank is not None else self.num_rows
             raise ValueError(f"refresh() needs an embedding for every row: {missing} of {self.num_rows} rows have "
                              "none (on rank 0 after merging ranks); call update_embeddings() for them first")
         self._apply(ids, self.epoch)
@@ -288,8 +329,11 @@ class NGAMEBatchSampler(BatchSamplerBase):
 
     def _options(self) -> dict:
         # "num_items" (the old name of num_rows) stays the key: checkpoints saved before the rename still load
-        return {"num_items": self.num_rows, "batch_size": self.batch_size, "refresh_every": self.refresh_every,
-                "warmup_epochs": self.warmup_epochs, "schedule": self.schedule, "niter": self.niter}
+        out = {"num_items": self.num_rows, "batch_size": self.batch_size, "refresh_every": self.refresh_every,
+               "warmup_epochs": self.warmup_epochs, "schedule": self.schedule, "niter": self.niter}
+        if self.windowed:
+            out["window_rows"] = self.window_rows
+        return out
 
     def _elastic_reason(self) -> str:
         return ("NGAME's clusters come from a memory bank merged over the ranks of the run; resume with the same "
@@ -306,7 +350,7 @@ class NGAMEBatchSampler(BatchSamplerBase):
             return
         if decide:
             self._decided_epoch = epoch
-        size_change = self._ids is not None and self.cluster_size_at(epoch) != self._cluster_size_now
+        size_change = self._clustered_epoch >= 0 and self.cluster_size_at(epoch) != self._cluster_size_now
         if not (size_change or self.refresh_due(epoch)):
             return
         if not size_change:
@@ -321,7 +365,12 @@ class NGAMEBatchSampler(BatchSamplerBase):
         self._apply(ids, epoch)
 
     # ---- plan ---------------------------------------------------------------------------------------------
+    def _on_demand(self):
+        return self._w_on_demand() if self.windowed else None
+
     def _build_plan(self, epoch: int) -> Plan:
+        if self.windowed:
+            return self._w_build_plan(epoch)
         n, B = self.num_rows, self.batch_size
         if self._ids is None:
             order = permutation(n, self.epoch_seed(epoch))
@@ -344,8 +393,9 @@ class NGAMEBatchSampler(BatchSamplerBase):
     # ---- state --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         state = super().state_dict()
+        digest = (self._wc.digest if self._wc is not None else "") if self.windowed else _digest(self._ids)
         state.update(clustered_epoch=self._clustered_epoch, cluster_size_now=self._cluster_size_now,
-                     clusters_digest=_digest(self._ids), bank_dirty=int(self._bank_dirty),
+                     clusters_digest=digest, bank_dirty=int(self._bank_dirty),
                      decided_epoch=self._decided_epoch)
         return state
 
@@ -355,8 +405,13 @@ class NGAMEBatchSampler(BatchSamplerBase):
             raise ValueError(f"NGAMEBatchSampler.load_state_dict: missing keys {missing}; pass the dict returned "
                              "by state_dict()")
         ce, cs, dig = int(state["clustered_epoch"]), int(state["cluster_size_now"]), str(state["clusters_digest"])
-        ids = self._ids
-        if ce >= 0 and _digest(ids) != dig:
+        if self.windowed:
+            # another configuration is refused before any file is opened
+            self._check_state({k: v for k, v in state.items() if k not in _DYNAMIC_KEYS})
+            ids = self._w_restore(ce, cs, dig)
+        else:
+            ids = self._ids
+        if not self.windowed and ce >= 0 and _digest(ids) != dig:
             if self._bank is None or self._bank_updates or (self._stamp < 0).any() or self.cluster_size_at(ce) != cs:
                 raise ValueError(
                     f"the state was saved with the clustering of epoch {ce} (digest {dig}) which this sampler does "
@@ -371,7 +426,13 @@ class NGAMEBatchSampler(BatchSamplerBase):
         super().load_state_dict({k: v for k, v in state.items() if k not in _DYNAMIC_KEYS})
 
     def save_clusters(self, path: str | os.PathLike, *, include_bank: bool = True) -> None:
-        """Write the clustering (and by default the memory bank) to ``path`` (an ``.npz``, written atomically)."""
+        """Write the clustering (and by default the memory bank) to ``path`` (an ``.npz``, written atomically).
+
+        Windowed (above ``EXACT_MAX_ROWS`` rows): the file names the rows-by-cluster file and its digest (the
+        clustering itself stays on disk next to the bank, and the bank in ``bank_path``: neither is copied)."""
+        if self.windowed:
+            self._w_save(path)
+            return
         # the file's key keeps the old name of num_rows: files written before the rename stay readable
         arrays = {"num_items": np.int64(self.num_rows), "clustered_epoch": np.int64(self._clustered_epoch),
                   "cluster_size_now": np.int64(self._cluster_size_now), "bank_dirty": np.int64(self._bank_dirty),
@@ -391,6 +452,9 @@ class NGAMEBatchSampler(BatchSamplerBase):
         if int(z["num_items"]) != self.num_rows:
             raise ValueError(f"{os.fspath(path)} holds clusters of {int(z['num_items'])} rows, not "
                              f"num_rows={self.num_rows}")
+        if self.windowed or "rows_file" in z:
+            self._load_windowed_clusters(path, z)
+            return
         ids = np.array(z["ids"], dtype=np.int64)
         if "bank" in z:
             self._bank = np.array(z["bank"])
@@ -405,13 +469,17 @@ class NGAMEBatchSampler(BatchSamplerBase):
         """Plan statistics: the keys of every sampler (:class:`samplers.PlanStats`) plus the clustering
         (``clustered``, ``clustered_epoch``, ``cluster_size``, ``num_clusters``, ``min_cluster_size``,
         ``max_cluster_size``), the memory bank (``bank_bytes``, ``bank_dim``, ``bank_rows_filled``, ``bank_dirty``)
-        and the refresh counters (``refreshes``, ``refreshes_skipped_incomplete_bank``)."""
+        and the refresh counters (``refreshes``, ``refreshes_skipped_incomplete_bank``). Windowed, also ``plan``
+        (``"windowed"``), ``window_rows``, ``num_windows``, ``bank_path``, ``clusters_path``; computed from the batch
+        sizes (``bank_rows_filled`` scans the stamp file)."""
+        if self.windowed:
+            return self._w_stats()
         csizes = np.bincount(self._ids) if self._ids is not None and len(self._ids) else np.zeros(0, np.int64)
         extra = {
             "clustered": self._ids is not None,
             "clustered_epoch": self._clustered_epoch,
             "cluster_size": self._cluster_size_now,
-            "num_clusters": int(len(csizes)),
+            "num_clusters": len(csizes),
             "min_cluster_size": int(csizes.min()) if len(csizes) else 0,
             "max_cluster_size": int(csizes.max()) if len(csizes) else 0,
             "bank_bytes": int(self._bank.nbytes) if self._bank is not None else 0,

@@ -1,15 +1,20 @@
 """torch.distributed collectives of :class:`samplers.NGAMEBatchSampler`: rank 0 merges the ranks' memory banks,
-clusters, and broadcasts the cluster ids, so every rank slices the same plan.
+clusters, and broadcasts the cluster ids, so every rank slices the same plan. The windowed path (above
+``EXACT_MAX_ROWS`` rows) needs only a barrier and a sum: the bank is one shared file, and each rank
+clusters its own windows (:mod:`samplers.ngame_windowed`).
 
 torch is imported inside each function, so importing this module (and ``samplers``) stays free of torch.
 """
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["DistGroup", "any_rank", "broadcast_ids", "dist_group", "sync_bank_to_rank0"]
+__all__ = ["DistGroup", "all_sum", "any_rank", "barrier", "broadcast_ids", "dist_group",
+           "sync_bank_to_rank0"]
 
 
 class DistGroup:
@@ -21,7 +26,7 @@ class DistGroup:
 
 def dist_group(world_size: int) -> DistGroup | None:
     """The initialised default process group when its size is ``world_size > 1``, else None."""
-    if world_size <= 1:
+    if world_size <= 1 or "torch.distributed" not in sys.modules:  # never imported: no group can be initialised
         return None
     try:
         import torch
@@ -41,6 +46,22 @@ def any_rank(group: DistGroup, flag: bool) -> bool:
     t = torch.tensor([int(flag)], dtype=torch.int64, device=group.device)
     group.dist.all_reduce(t, op=group.dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def barrier(group: DistGroup) -> None:
+    """Wait for every rank (windowed clustering: banks written before it starts, files before they are read).
+    Collective."""
+    group.dist.barrier()
+
+
+def all_sum(group: DistGroup, values: NDArray[np.int64]) -> NDArray[np.int64]:
+    """Elementwise sum of an int64 array over the ranks (each rank fills its own entries, zeros elsewhere).
+    Collective."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)).to(group.device)
+    group.dist.all_reduce(t, op=group.dist.ReduceOp.SUM)
+    return t.cpu().numpy().astype(np.int64)
 
 
 def sync_bank_to_rank0(group: DistGroup, bank: NDArray | None, stamp: NDArray[np.int64]) -> NDArray | None:

@@ -101,7 +101,7 @@ class TopicAwareBatchSampler(BatchSamplerBase):
     from its queries' own pairs when it is yielded, and a state saved at another world size resumes here (elastic).
     """
 
-    def __init__(self, cluster_ids: ArrayLike, *, batch_size: int, clusters_per_batch: int = 1,
+    def __init__(self, cluster_ids: ArrayLike, batch_size: int, *, clusters_per_batch: int = 1,
                  pairs: PairTable | None = None, margin_bins: int = 10, strategy: str = "balanced", seed: int = 0,
                  rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
                  strict: bool = False) -> None:
