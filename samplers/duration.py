@@ -9,16 +9,19 @@ each chunk sorted by duration, batches cut under the budget, and the steps shuff
 epoch, yet padding is a fraction of plain bucketing's; every rank gets a batch of the same bucket at each step,
 and resuming is O(1) (recompute the plan, skip what was consumed).
 
-Above ``EXACT_MAX_ROWS`` rows (1D buckets) the plan is *windowed*, so 1e9 memory-mapped durations cost memory per
-batch, not per row: the bins come from an evenly strided sample of ``SAMPLE_ROWS`` durations; rows are grouped in
+Above ``EXACT_MAX_ROWS`` rows (1D or 2D buckets) the plan is *windowed*, so 1e9 memory-mapped durations (and output
+lengths) cost memory per batch, not per row: the bins come from an evenly strided sample of ``SAMPLE_ROWS`` durations
+(and output lengths); rows are grouped in
 blocks of ``BLOCK_ROWS`` contiguous rows, the blocks permuted by a stateless Feistel permutation, and each window
 of ``WINDOW_ROWS`` rows (a contiguous range of that block permutation) is shuffled, split by bucket, sorted in
-chunks and cut under the budget on its own (``native.duration.duration_window_sizes``/``_batches``). A counting
+chunks and cut under the budget on its own (``native.duration.duration_window_sizes``/``_batches``; with 2D buckets
+each cut's bucket is assigned in its window by the exact plan's rule). A counting
 pass (parallel over windows) gives every window's batch sizes and buckets once per epoch; steps of
 ``world_size`` batches of one bucket are laid out in a seeded random order and a batch's rows are computed from
 its window when it is yielded (``samplers.grouped_lazy_plan``: the base's evening-out, step grouping and elastic
 re-grouping, on batch parts). The plan differs from the exact one only in that bucket cuts restart at window
-boundaries and batch-mates come from one window; ``benchmarks/bench_scale.py`` compares padding and batch sizes.
+boundaries and batch-mates come from one window; ``benchmarks/bench_scale.py`` (1D) and
+``benchmarks/bench_duration2d_scale.py`` (2D) compare padding, purity and batch sizes.
 The windowed path is :class:`samplers.duration_windowed.WindowedDurationPlan`, a mixin of the sampler.
 """
 
@@ -43,10 +46,11 @@ from samplers.duration_windowed import MIN_CHUNKS, WindowedDurationPlan, cut_cos
 
 __all__ = ["DurationBucketSampler", "estimate_duration_bins", "estimate_duration_bins_2d"]
 
-#: Up to this many rows (or with 2D buckets) the plan is exact (the plans of earlier versions, ~74 B/row at peak);
-#: above, it is windowed (see the module docstring).
+#: Up to this many rows the plan is exact (the plans of earlier versions, ~74 B/row at peak); above, it is windowed
+#: (see the module docstring), with 1D or 2D buckets.
 EXACT_MAX_ROWS = 1 << 22
-#: Rows planned together in the windowed plan (30 buckets: ~8,700 rows of a bucket per window).
+#: Rows planned together in the windowed plan (30 buckets: ~8,700 rows of a bucket per window); with 2D buckets, times
+#: the mean number of sub-buckets of a duration bound (so a bucket gets as many rows per window).
 WINDOW_ROWS = 1 << 18
 #: Contiguous rows moved together by the windowed plan's block permutation (one 64-byte line of float32).
 BLOCK_ROWS = 16
@@ -79,11 +83,12 @@ class DurationBucketSampler(WindowedDurationPlan, BatchSamplerBase):
     A bucket holding fewer cuts than ``world_size`` cannot give every rank a batch at its step; its cuts are
     moved to the next larger bucket and counted in ``stats()["promoted"]`` too.
 
-    Above :data:`EXACT_MAX_ROWS` cuts with 1D buckets the plan is windowed (module docstring): ``durations`` may
-    then be a memory-mapped float32 array of 1e9 rows, validated in chunks and never copied; the bins come from
-    an evenly strided sample of :data:`SAMPLE_ROWS` durations; a rank holds ~22 bytes per batch (1e9 cuts of ~7 s:
-    ~2.2e7 batches). ``bucket_of`` is then ``None`` (use :meth:`buckets_of`), small buckets are not merged (a
-    bucket with fewer cuts than ranks drops them, counted), and 2D buckets keep the exact plan at any size.
+    Above :data:`EXACT_MAX_ROWS` cuts the plan is windowed (module docstring): ``durations`` (and
+    ``output_lengths``) may then be memory-mapped float32 (int32) arrays of 1e9 rows, validated in chunks and
+    never copied; the bins (1D or 2D) come from an evenly strided sample of :data:`SAMPLE_ROWS` rows; a rank holds
+    ~22 bytes per batch (1e9 cuts of ~7 s: ~2.2e7 batches). ``bucket_of`` is then ``None`` (use
+    :meth:`buckets_of`), and small buckets are not merged (a bucket with fewer cuts than ranks drops them, counted);
+    2D assignment (``strict_2d``, promotion, ``outside_2d_bins``) follows the exact plan's rule cut by cut.
     Both plans resume elastically with same-bucket steps.
 
     Args:
@@ -112,7 +117,7 @@ class DurationBucketSampler(WindowedDurationPlan, BatchSamplerBase):
     """
 
 
-    def __init__(self, durations: ArrayLike, *, max_duration: float | None, num_buckets: int = 30,
+    def __init__(self, durations: ArrayLike, max_duration: float | None = None, *, num_buckets: int = 30,
                  bucket_bins: ArrayLike | None = None, quadratic_duration: float | None = None,
                  max_cuts: int | None = None, output_lengths: ArrayLike | None = None, num_sub_buckets: int = 2,
                  bucket_batch_sizes: Sequence[int] | None = None, strict_2d: bool = False,
@@ -120,7 +125,7 @@ class DurationBucketSampler(WindowedDurationPlan, BatchSamplerBase):
                  rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
                  strict: bool = False) -> None:
         super().__init__(seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, strict=strict)
-        self.windowed = output_lengths is None and np.ndim(durations) == 1 and len(durations) > EXACT_MAX_ROWS
+        self.windowed = np.ndim(durations) == 1 and len(durations) > EXACT_MAX_ROWS
         if self.windowed:
             self._init_windowed_durations(durations, sample_rows=SAMPLE_ROWS)
         else:
@@ -144,7 +149,12 @@ class DurationBucketSampler(WindowedDurationPlan, BatchSamplerBase):
         self.chunk_batches = int(chunk_batches)
         self.shuffle = bool(shuffle)
         self.strict_2d = bool(strict_2d)
-        self.output_lengths = None if output_lengths is None else check_lengths(output_lengths, "output_lengths", n)
+        if output_lengths is None:
+            self.output_lengths = None
+        elif self.windowed:  # read in place (a memory map stays one), like the durations
+            self.output_lengths = self._init_windowed_lengths(output_lengths)
+        else:
+            self.output_lengths = check_lengths(output_lengths, "output_lengths", n)
         self.bins = self._resolve_bins(bucket_bins, num_buckets, num_sub_buckets)
         self.is_2d = self.bins.ndim == 2
         self.num_buckets = len(self.bins) if self.is_2d else len(self.bins) + 1
@@ -199,6 +209,10 @@ class DurationBucketSampler(WindowedDurationPlan, BatchSamplerBase):
             k = min(int(num_buckets), max(1, self.num_rows))
             if self.num_rows == 0:
                 return np.zeros((0, 2) if self.output_lengths is not None else 0, np.float64)
+            if self.output_lengths is not None and self.windowed:  # the same strided sample of both arrays
+                return self._memo(("bins_2d", k, num_sub_buckets, SAMPLE_ROWS, self._tok_digest),
+                                  lambda: estimate_duration_bins_2d(self._sample(), self._sample_tokens(), k,
+                                                                    num_sub_buckets))
             if self.output_lengths is not None:
                 return estimate_duration_bins_2d(self.durations, self.output_lengths, k, num_sub_buckets)
             if self.windowed:  # an evenly strided sample stands for the whole
@@ -321,8 +335,9 @@ class DurationBucketSampler(WindowedDurationPlan, BatchSamplerBase):
         return Plan(idx, off, groups, dict(self.dropped_static))
 
     def _step_order_kw(self, plan: Plan) -> dict:
-        if self.windowed:
-            return self._windowed_step_order_kw(plan)
+        if self.windowed:  # the lazy plan's order, through the same hook
+            hook = self._order_steps(self.epoch)
+            return {} if hook is None else {"order_steps": hook}
         return {"seed": self.epoch_seed(None, 0x5EED)} if self.shuffle else {}
 
     @property
@@ -345,7 +360,7 @@ class DurationBucketSampler(WindowedDurationPlan, BatchSamplerBase):
         (lists, one per bucket), ``promoted`` (cuts moved to a larger bucket; ``promoted_by_reason`` splits
         it), ``discarded`` (deprecated: the same number as ``dropped_rows``; removed in the next release), ``bins``; in 2D also
         ``token_padding_fraction``. A windowed plan (above ``EXACT_MAX_ROWS``) also gives ``plan`` and
-        ``window_rows``, and its seconds and padding come from the counting pass."""
+        ``window_rows``, and its seconds, padding (also of tokens) and promotions come from the counting pass."""
         if self.windowed:
             return self._windowed_stats()
         out: dict = dict(super().stats())
@@ -369,12 +384,14 @@ class DurationBucketSampler(WindowedDurationPlan, BatchSamplerBase):
             out["token_padding_fraction"] = 1.0 - t / tp if tp else 0.0
         return cast(PlanStats, out)
 
-    # ---- windowed plans (above EXACT_MAX_ROWS, 1D buckets; the rest is in WindowedDurationPlan) ----------
+    # ---- windowed plans (above EXACT_MAX_ROWS; the rest is in WindowedDurationPlan) ------------------------
     def buckets_of(self, rows: ArrayLike) -> NDArray[np.int64]:
         """The bucket of each of ``rows`` (the same for every cut of a batch)."""
         rows = np.asarray(rows, dtype=np.int64)
         if self.bucket_of is not None:
             return self.bucket_of[rows]
+        if self.is_2d:
+            return assign_buckets_2d(self.durations[rows], self.output_lengths[rows], self.bins, self.strict_2d)[0]
         return np.searchsorted(self.bins, np.asarray(self.durations[rows], dtype=np.float64), side="left")
 
     def global_plan(self) -> Plan:

@@ -1,10 +1,14 @@
-"""The windowed plan of :class:`samplers.duration.DurationBucketSampler` (above ``EXACT_MAX_ROWS`` rows, 1D buckets).
+"""The windowed plan of :class:`samplers.duration.DurationBucketSampler` (above ``EXACT_MAX_ROWS`` rows, 1D or 2D
+buckets).
 
 The batching of "Training and Inference Efficiency of Encoder-Decoder Speech Models" (Żelasko et al., 2025) at a
 scale where the epoch's plan cannot be materialised: rows are grouped in blocks of contiguous rows, the blocks
 permuted by a stateless Feistel permutation, and each window (a contiguous range of that block permutation) is
 shuffled, split by bucket, sorted in chunks and cut under the budget on its own
-(:mod:`native.duration_windows`). A counting pass gives every window's batch sizes and buckets once per epoch
+(:mod:`native.duration_windows`). 1D and 2D buckets (duration x output tokens: NeMo's rule with ``strict_2d``,
+promotion and ``outside_2d_bins`` drops, as the exact plan applies them) share this path; only the kernel's
+bucket-assignment step differs, and 2D bins come from the same evenly strided sample of both arrays. A counting
+pass gives every window's batch sizes and buckets once per epoch
 (kept on disk for memory-mapped durations, :mod:`samplers.plan_cache`); steps of ``world_size`` batches of one
 bucket are laid out in a seeded random order (:mod:`samplers.grouped_lazy_plan`), and a batch's rows are computed
 from its window when it is yielded. The tunables (``WINDOW_ROWS``, ``BLOCK_ROWS``, ``SAMPLE_ROWS``,
@@ -19,11 +23,12 @@ from typing import cast
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from native.duration import duration_window_batches, duration_window_sizes
+from native.duration import assign_buckets_2d, duration_window_batches, duration_window_sizes
+from native.duration_windows import WINDOW_STATS
 from native.feistel import mix_prefix
 from samplers.base import Plan, PlanStats, digest_array
 from samplers.grouped_lazy_plan import PartPlan, arrange_parts, window_major_steps
-from samplers.lazy_plan import check_durations_part
+from samplers.lazy_plan import check_durations_part, check_lengths_chunked
 from samplers.plan_cache import PlanCache, check_window, source_id
 
 __all__ = ["MIN_CHUNKS", "WindowedDurationPlan", "cut_cost"]
@@ -67,9 +72,10 @@ class WindowedDurationPlan:
     The host is a :class:`samplers.base.BatchSamplerBase` (``seed``, ``epoch``, ``world_size``, ``drop_last``,
     ``strict``, ``epoch_seed``, ``_segments``, ``_announce``, ``_shared_stats``) that calls
     :meth:`_init_windowed_durations` first, then sets ``num_rows``, ``max_duration``, ``quadratic_duration``,
-    ``max_cuts``, ``chunk_batches``, ``shuffle``, ``bins`` (1D), ``num_buckets`` and provides ``_resolve_caps``
-    and ``_options``, then calls :meth:`_init_windowed`. The module's caches (counting passes, scans, the shared
-    arrangement) are kept here, one set for every host.
+    ``max_cuts``, ``chunk_batches``, ``shuffle``, ``strict_2d``, ``output_lengths`` (``None``, or from
+    :meth:`_init_windowed_lengths`), ``bins`` (1D ``[K-1]`` or 2D ``[K, 2]``), ``is_2d``, ``num_buckets`` and provides
+    ``_resolve_caps`` and ``_options``, then calls :meth:`_init_windowed`. The module's caches (counting passes,
+    scans, the shared arrangement) are kept here, one set for every host.
     """
 
     def _init_windowed_durations(self, durations: ArrayLike, *, sample_rows: int) -> None:
@@ -84,10 +90,23 @@ class WindowedDurationPlan:
         self._memo(("valid",), lambda: len(_check_durations_chunked(arr)), source=durations)
         self.durations = arr
 
+    def _init_windowed_lengths(self, output_lengths: ArrayLike) -> NDArray:
+        """Take ``output_lengths`` (2D buckets) as given, like the durations: one row per duration, whole numbers
+        ``>= 0``, validated in chunks once per file (a memory map stays one). Returns the array."""
+        arr = np.asarray(output_lengths)
+        if arr.ndim != 1 or len(arr) != self._digest[0]:
+            raise ValueError(f"output_lengths must have shape ({self._digest[0]},), one per duration (got shape "
+                             f"{arr.shape})")
+        self._tok_digest = (str(arr.dtype), digest_array(arr), source_id(output_lengths))
+        _SCANS.memo((("valid_tokens",), self._tok_digest), output_lengths,
+                    lambda: {"value": len(check_lengths_chunked(arr, "output_lengths"))})
+        return arr
+
     def _init_windowed(self, on_long: str, bucket_batch_sizes, *, window_rows: int, block_rows: int) -> None:
         """The windowed plan's set-up, once the host has set its options, bins and buckets: cuts over the budget
         counted (or refused with ``on_long="error"``), per-bucket caps, the window geometry (``window_rows`` rows in
-        windows of permuted blocks of ``block_rows`` rows), and the counting pass of the first epoch."""
+        windows of permuted blocks of ``block_rows`` rows; with 2D bins, times the mean number of sub-buckets of a
+        duration bound), and the counting pass of the first epoch."""
         def over_budget() -> list[int]:
             count, first = 0, -1
             for a in range(0, self.num_rows, _SCAN_CHUNK):
@@ -109,21 +128,30 @@ class WindowedDurationPlan:
         usable = self.num_rows - count
         if not self.drop_last and 0 < usable < self.world_size:
             raise ValueError(f"world_size={self.world_size} is larger than the {usable} usable cuts")
-        self.promoted = {"to_fit_2d_bins": 0, "from_small_bucket": 0}
+        self.promoted = {"to_fit_2d_bins": 0, "from_small_bucket": 0}  # 2D: counted by the pass, below
         self.bucket_of = None  # not kept per row at this size: see buckets_of()
         self._caps = self._resolve_caps(bucket_batch_sizes)
+        if self.is_2d:  # a duration bucket's rows are shared by its sub-buckets: windows as many times larger, so a
+            # bucket gets as many cuts per window as a 1D bucket (padding as the exact plan's; bench_duration2d_scale)
+            window_rows *= -(-self.num_buckets // max(1, len(np.unique(self.bins[:, 0]))))
         self._block = block_rows
         self._per_window = max(1, window_rows // block_rows)
         self._window_rows = self._per_window * self._block
         self._num_windows = -(-self.num_rows // self._window_rows)
         self._chunk_rows = self._windowed_chunk_rows()
         self.options = (f"max_duration={self.max_duration!r};q={self.quadratic_duration!r};max_cuts={self.max_cuts};"
-                        f"buckets={self.num_buckets};2d=False;chunk={self.chunk_batches};shuffle={self.shuffle};"
+                        f"buckets={self.num_buckets};2d={self.is_2d};chunk={self.chunk_batches};shuffle={self.shuffle};"
                         f"plan=windowed")
         self._epoch_tables: OrderedDict = OrderedDict()
         self._windows: OrderedDict = OrderedDict()
         self._lazy: tuple | None = None
-        self._tables(self.epoch)  # the counting pass of the first epoch, up front (or another sampler's)
+        t = self._tables(self.epoch)  # the counting pass of the first epoch, up front (or another sampler's)
+        if self.is_2d:  # a cut's 2D bucket does not depend on the epoch: any pass counts the same
+            self.promoted["to_fit_2d_bins"] = int(t.get("promoted", 0))
+            outside = int(t["dropped"].get("outside_2d_bins", 0))
+            if self.strict and outside:
+                raise ValueError(f"the plan would drop {count + outside} cuts ({dict(t['dropped'])}; strict=True): "
+                                 "raise max_duration or widen the bins")
 
     def _memo(self, key, compute, source=None):
         """A result over these durations computed once (a resume's second sampler skips the pass; for a memory map
@@ -138,6 +166,12 @@ class WindowedDurationPlan:
         return self._memo(("sample", self._sample_rows),
                           lambda: np.asarray(self.durations[::step], dtype=np.float64))
 
+    def _sample_tokens(self) -> NDArray[np.float64]:
+        """The output lengths of the rows :meth:`_sample` reads (2D buckets), float64."""
+        step = -(-self.num_rows // self._sample_rows)
+        return _SCANS.memo((("sample_tokens", self._sample_rows), self._tok_digest), self.output_lengths,
+                           lambda: {"value": np.asarray(self.output_lengths[::step], dtype=np.float64)})["value"]
+
     def _windowed_chunk_rows(self) -> NDArray[np.int64]:
         """Rows per sorted chunk of each bucket, from the bin sample's mean cost per bucket (at most a quarter of a
         bucket's expected rows in one window, so each is sorted in several chunks)."""
@@ -145,8 +179,14 @@ class WindowedDurationPlan:
             return np.zeros(self.num_buckets, dtype=np.int64)
         d = self._sample()
         cost = cut_cost(d, self.quadratic_duration)
-        d, cost = d[cost <= self.max_duration], cost[cost <= self.max_duration]
-        b = np.searchsorted(self.bins, d, side="left")
+        fits = cost <= self.max_duration
+        if self.is_2d:  # the sample's 2D buckets, as the kernel assigns them
+            b = assign_buckets_2d(d, self._sample_tokens(), self.bins, self.strict_2d)[0]
+            fits &= b >= 0
+            b = b[fits]
+        d, cost = d[fits], cost[fits]
+        if not self.is_2d:
+            b = np.searchsorted(self.bins, d, side="left")
         counts = np.bincount(b, minlength=self.num_buckets).astype(np.float64)
         sums = np.bincount(b, weights=cost, minlength=self.num_buckets)
         mean = np.where(counts > 0, sums / np.maximum(counts, 1), 1.0)
@@ -157,17 +197,26 @@ class WindowedDurationPlan:
         return np.maximum(1, rows).astype(np.int64)
 
     def _window_kw(self, epoch: int) -> dict:
-        return dict(block=self._block, per_window=self._per_window, permute=self.shuffle,
-                    block_seed=self.epoch_seed(epoch, 0xB10C), prefix=mix_prefix(self.epoch_seed(epoch, 0x5107)),
-                    bins=self.bins, max_duration=self.max_duration, quadratic_duration=self.quadratic_duration,
-                    chunk_rows=self._chunk_rows, caps=self._caps)
+        kw = dict(block=self._block, per_window=self._per_window, permute=self.shuffle,
+                  block_seed=self.epoch_seed(epoch, 0xB10C), prefix=mix_prefix(self.epoch_seed(epoch, 0x5107)),
+                  bins=self.bins, max_duration=self.max_duration, quadratic_duration=self.quadratic_duration,
+                  chunk_rows=self._chunk_rows, caps=self._caps)
+        if self.is_2d:  # the one difference of 2D buckets: the kernel assigns each cut from both arrays
+            kw.update(output_lengths=self.output_lengths, strict_2d=self.strict_2d)
+        return kw
+
+    def _pass_key(self, epoch: int) -> tuple:
+        """What a counting pass is computed from (1D keys are those of earlier versions: their disk entries stay
+        valid); 2D adds the output lengths' digest and identity."""
+        key = (self._digest, repr(self._options()), self.seed, epoch)
+        return key + (self._tok_digest,) if self.is_2d else key
 
     def _tables(self, epoch: int) -> dict:
         """The counting pass of an epoch: size and bucket of every window's batches (window after window)."""
         if epoch in self._epoch_tables:
             self._epoch_tables.move_to_end(epoch)
             return self._epoch_tables[epoch]
-        key = (self._digest, repr(self._options()), self.seed, epoch)
+        key = self._pass_key(epoch)
         tables = _PASSES.memo(key, self.durations, lambda: self._count(epoch, key))
         self._epoch_tables[epoch] = tables
         while len(self._epoch_tables) > 2:
@@ -176,13 +225,13 @@ class WindowedDurationPlan:
 
     def _count(self, epoch: int, key) -> dict:
         kw = self._window_kw(epoch)
-        sizes, buckets, totals, top = [], [], np.zeros(4), 0.0
+        sizes, buckets, totals, top = [], [], np.zeros(len(WINDOW_STATS)), 0.0
         for w0 in range(0, self._num_windows, _COUNT_WINDOWS):
             sz, gr, st = duration_window_sizes(self.durations, w0, min(self._num_windows, w0 + _COUNT_WINDOWS), **kw)
             sizes.extend(sz)
             buckets.extend(gr)
             for row in st:  # in window order: the same sums on every rank
-                totals += row[:4]
+                totals += row
                 top = max(top, float(row[4]))
         wcum = np.zeros(len(sizes) + 1, dtype=np.int64)
         np.cumsum([len(x) for x in sizes], out=wcum[1:])
@@ -191,9 +240,11 @@ class WindowedDurationPlan:
         bucket = np.concatenate(buckets) if buckets else np.zeros(0, np.int16)
         del buckets
         dropped = {"longer_than_max_duration": int(totals[0])} if totals[0] else {}
+        if totals[5]:
+            dropped["outside_2d_bins"] = int(totals[5])
         return {"wcum": wcum, "size": size, "bucket": bucket, "dropped": dropped, "key": repr(key),
                 "seconds": float(totals[1]), "padded": float(totals[2]), "dropped_seconds": float(totals[3]),
-                "top": top}
+                "top": top, "promoted": int(totals[6]), "tokens": float(totals[7]), "padded_tokens": float(totals[8])}
 
     def _first_parts(self, epoch: int, world_size: int) -> PartPlan:
         """The epoch's plan arranged for ``world_size`` ranks (``group_steps`` on the counted batches)."""
@@ -201,22 +252,21 @@ class WindowedDurationPlan:
         key = (t["key"], world_size, self.drop_last)
         if key in _SHARED_ARRANGED:
             return _SHARED_ARRANGED[key]
-        seed = self.epoch_seed(epoch, 0x5EED) if self.shuffle else None
-        # steps window by window: a rank plans each window once per run of steps, not once per batch
         plan = arrange_parts(None, None, t["size"], t["bucket"], world_size, self.drop_last, t["dropped"],
-                             step_seed=seed, window_starts=t["wcum"])
+                             order_steps=self._order_steps(epoch))
         _SHARED_ARRANGED.clear()
         _SHARED_ARRANGED[key] = plan
         return plan
 
-    def _windowed_step_order_kw(self, plan) -> dict:
-        """The materialised plan (base class) orders its steps as the lazy one does: window by window."""
+    def _order_steps(self, epoch: int):
+        """The step-order hook of an epoch (``group_steps``' ``order_steps``), the one order of the lazy plan
+        (:func:`arrange_parts`) and the materialised one (the base class's ``group_steps``): windows in a seeded
+        order, each window's steps together, so a rank plans a window once per run of steps, not once per batch.
+        ``None`` without ``shuffle`` (steps group by group)."""
         if not self.shuffle:
-            return {}
-        t = self._tables(self.epoch)
-        bare = arrange_parts(None, None, t["size"], t["bucket"], self.world_size, self.drop_last, t["dropped"])
-        first = bare.src[:: self.world_size][: bare.num_batches // self.world_size]
-        return {"step_order": window_major_steps(first, t["wcum"], self.epoch_seed(self.epoch, 0x5EED))}
+            return None
+        wcum, seed = self._tables(epoch)["wcum"], self.epoch_seed(epoch, 0x5EED)
+        return lambda first_src: window_major_steps(first_src, wcum, seed)
 
     def _part_plan(self) -> PartPlan:
         """The arranged plan of the current epoch and world size, after any elastic segments."""
@@ -249,7 +299,7 @@ class WindowedDurationPlan:
         return self._windows[key]
 
     def _forget(self, epoch: int) -> None:
-        _PASSES.forget((self._digest, repr(self._options()), self.seed, epoch), self.durations)
+        _PASSES.forget(self._pass_key(epoch), self.durations)
         self._epoch_tables.pop(epoch, None)
 
     def _part_rows(self, epoch: int, src: int, a: int, size: int) -> NDArray[np.int64]:
@@ -284,6 +334,10 @@ class WindowedDurationPlan:
         plan, t = self._part_plan(), self._tables(self.epoch)
         size, nb = plan.size, plan.num_batches
         real, padded = t["seconds"], t["padded"]
+        extra = {}
+        if self.is_2d:
+            tok, ptok = t.get("tokens", 0.0), t.get("padded_tokens", 0.0)
+            extra["token_padding_fraction"] = 1.0 - tok / ptok if ptok else 0.0
         return cast(PlanStats, {
             **self._shared_stats(size, plan.rows, plan.dropped, {}),
             "duration": real,
@@ -294,11 +348,12 @@ class WindowedDurationPlan:
             "batches_per_bucket": np.bincount(t["bucket"][plan.src], minlength=self.num_buckets).tolist(),
             "cuts_per_bucket": np.bincount(t["bucket"], weights=t["size"], minlength=self.num_buckets)
             .astype(np.int64).tolist(),
-            "promoted": 0,
+            "promoted": int(sum(self.promoted.values())),
             "promoted_by_reason": dict(self.promoted),
             "discarded": int(sum(plan.dropped.values())),
             "bins": self.bins.tolist(),
             "plan": "windowed",
             "window_rows": self._window_rows,
+            **extra,
         })
 

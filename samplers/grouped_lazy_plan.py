@@ -16,6 +16,7 @@ Memory: ``16 B`` per batch (``src`` int64, ``a`` and ``size`` int32), nothing pe
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 from numpy.typing import NDArray
@@ -23,7 +24,7 @@ from numpy.typing import NDArray
 from native.batching import split_to_multiple
 from native.rng import mix_seed, permutation
 
-__all__ = ["PartPlan", "arrange_parts", "even_out_parts"]
+__all__ = ["PartPlan", "arrange_parts", "even_out_parts", "window_major_steps"]
 
 
 @dataclasses.dataclass
@@ -122,10 +123,11 @@ def window_major_steps(first_src: NDArray[np.int64], window_starts: NDArray[np.i
 
 def arrange_parts(src, a, size, groups, world_size: int, drop_last: bool, dropped: dict, *,
                   step_seed: int | None = None, in_time: bool = False,
-                  window_starts: NDArray[np.int64] | None = None) -> PartPlan:
+                  order_steps: Callable[[NDArray[np.int64]], NDArray[np.int64]] | None = None) -> PartPlan:
     """Steps of ``world_size`` parts of one group each: :func:`samplers.base.group_steps` (with ``step_seed``: a
-    seeded step permutation, kept lazily; else group by group) or, with ``in_time``,
-    :func:`samplers.base.regroup_in_order` (steps in the order their first part stood in the input).
+    seeded step permutation, kept lazily; with ``order_steps``: the order that hook gives, as ``group_steps``
+    calls it; else group by group) or, with ``in_time``, :func:`samplers.base.regroup_in_order` (steps in the
+    order their first part stood in the input).
 
     Args:
         src, a, size: the input parts in plan order (int64, int32, int32 ``[B]``); ``src=None`` stands for
@@ -133,8 +135,9 @@ def arrange_parts(src, a, size, groups, world_size: int, drop_last: bool, droppe
         groups: int ``[B]`` group of each part (integers ``>= 0``).
         world_size, drop_last: as the sampler's.
         dropped: reason -> rows dropped so far (copied, then added to).
-        window_starts: with ``step_seed``, int64 ``[W+1]`` first source batch of each window: the steps are ordered
-            window by window (:func:`window_major_steps`) instead of in a plain seeded permutation.
+        order_steps: the step-order hook of :func:`samplers.base.group_steps`: called with int64 ``[S]``, the
+            source batch of each step's first part (steps in grouped order), it returns the step order (e.g.
+            :func:`window_major_steps`), kept lazily.
 
     Returns:
         the arranged :class:`PartPlan`.
@@ -174,8 +177,8 @@ def arrange_parts(src, a, size, groups, world_size: int, drop_last: bool, droppe
     if in_time:
         step_key = key[:at].reshape(nsteps, w).min(axis=1)
         step_order = np.argsort(step_key, kind="stable").astype(np.int64)
-    elif step_seed is not None and window_starts is not None:
-        step_order = window_major_steps(out_src[::w][:nsteps], window_starts, step_seed)
+    elif order_steps is not None:
+        step_order = np.asarray(order_steps(out_src[::w][:nsteps]), dtype=np.int64)
     elif step_seed is not None:
         step_order = permutation(nsteps, step_seed)
     else:

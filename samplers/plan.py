@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
 
 import numpy as np
 from numpy.typing import NDArray
@@ -180,25 +181,34 @@ def _drop_tail(plan: Plan, count: int, reason: str) -> Plan:
 
 
 def group_steps(plan: Plan, world_size: int, drop_last: bool, step_order: NDArray[np.int64] | None = None,
-                seed: int | None = None) -> Plan:
+                seed: int | None = None,
+                order_steps: Callable[[NDArray[np.int64]], NDArray[np.int64]] | None = None) -> Plan:
     """Arrange a grouped plan so that the ``world_size`` batches of every step share a group (shape).
 
     Each group's batches are evened out on their own (:func:`even_out`), cut into steps of ``world_size``
     consecutive batches, and the steps are laid out in ``step_order`` (indices into the steps, grouped in order
     of first appearance of each group) or, with ``seed``, in a seeded random order, or else group by group.
+
+    ``order_steps`` (a step-order hook, used instead of ``step_order``/``seed``) is called with int64 ``[S]``: the
+    batch of ``plan`` that each step's first batch comes from (steps in grouped order; a batch split by evening out
+    comes from the batch it was split off), and returns the step order. A sampler whose lazy plan orders steps by
+    their source (``samplers.grouped_lazy_plan.arrange_parts`` takes the same hook) gets one order on both paths.
     """
     if plan.groups is None:
         raise ValueError("group_steps needs a plan with groups")
     sizes = plan.sizes
     uniq, first = np.unique(plan.groups, return_index=True)
     order_groups = uniq[np.argsort(first, kind="stable")]
-    parts_idx, parts_sizes, parts_groups = [], [], []
+    parts_idx, parts_sizes, parts_groups, parts_src = [], [], [], []
     dropped = dict(plan.dropped)
     for g in order_groups:
         sel = np.flatnonzero(plan.groups == g)
         rows = np.concatenate([plan.indices[plan.offsets[b] : plan.offsets[b + 1]] for b in sel])
         sub = Plan.from_sizes(rows, sizes[sel], groups=np.full(len(sel), g, dtype=np.int64))
         sub = even_out(sub, world_size, drop_last)
+        if order_steps is not None:  # evening out keeps rows in order: a batch comes from the one holding its start
+            old = np.concatenate([[0], np.cumsum(sizes[sel])])
+            parts_src.append(sel[np.searchsorted(old, sub.offsets[:-1], side="right") - 1])
         for k, v in sub.dropped.items():
             dropped[k] = dropped.get(k, 0) + v
         parts_idx.append(sub.indices)
@@ -210,7 +220,9 @@ def group_steps(plan: Plan, world_size: int, drop_last: bool, step_order: NDArra
     sizes = np.concatenate(parts_sizes)
     groups = np.concatenate(parts_groups)
     nsteps = len(sizes) // world_size
-    if step_order is None and seed is not None:
+    if order_steps is not None:
+        step_order = order_steps(np.concatenate(parts_src).astype(np.int64)[::world_size][:nsteps])
+    elif step_order is None and seed is not None:
         from native.rng import permutation
 
         step_order = permutation(nsteps, seed)

@@ -132,13 +132,13 @@ def test_windowed_on_long_error_names_the_cut(windowed):
         sd.DurationBucketSampler(d, max_duration=100.0, on_long="error")
 
 
-def test_exact_path_below_the_threshold_and_with_2d_buckets(windowed):
+def test_exact_path_below_the_threshold_only(windowed):
     sd.EXACT_MAX_ROWS = 10_000
     s = sd.DurationBucketSampler(durations_of(500), max_duration=100.0, num_buckets=4)
     assert not s.windowed and "plan" not in s._options() and s.bucket_of is not None
     sd.EXACT_MAX_ROWS = 0
     t = sd.DurationBucketSampler(durations_of(500), max_duration=100.0, output_lengths=np.arange(500) % 50 + 1)
-    assert not t.windowed and t.is_2d  # 2D buckets keep the exact plan at any size
+    assert t.windowed and t.is_2d  # 2D buckets are windowed above the threshold too (test_duration2d_scale.py)
 
 
 # ---- kernels ---------------------------------------------------------------------------------------------------
@@ -257,3 +257,36 @@ def test_arrange_parts_is_group_steps_and_regroup_in_order(sizes, groups, w, dro
     assert rows_of(again, plan) == [rest_want.indices[a:b].tolist()
                                     for a, b in zip(rest_want.offsets[:-1], rest_want.offsets[1:])]
     assert again.dropped == rest_want.dropped
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(1, 9), max_size=40), groups=st.data(), w=st.integers(1, 5),
+       drop_last=st.booleans(), seed=st.integers(0, 99))
+def test_step_order_hook_sees_each_steps_source_batch_on_both_paths(sizes, groups, w, drop_last, seed):
+    """group_steps' order_steps hook gets the source batch of each step's first batch, and arrange_parts (the lazy
+    path) calls it with the same sources, so both paths lay the steps out in one order."""
+    from native.rng import permutation
+    from samplers.grouped_lazy_plan import arrange_parts
+    from samplers.plan import Plan, group_steps
+
+    g = np.array(groups.draw(st.lists(st.integers(0, 3), min_size=len(sizes), max_size=len(sizes))), dtype=np.int16)
+    sizes = np.array(sizes, dtype=np.int32)
+    plan = Plan.from_sizes(np.random.default_rng(seed).permutation(int(sizes.sum())), sizes, groups=g.astype(np.int64))
+    seen = {}
+
+    def hook(first, path):
+        seen[path] = first.tolist()
+        return permutation(len(first), seed)[::-1].copy()
+
+    try:
+        got = group_steps(plan, w, drop_last, order_steps=lambda f: hook(f, "materialised"))
+    except ValueError:  # too few rows to split
+        return
+    lazy = arrange_parts(None, None, sizes, g, w, drop_last, {}, order_steps=lambda f: hook(f, "lazy"))
+    assert seen.get("materialised") == seen.get("lazy")  # neither calls it for an empty plan
+    assert rows_of(lazy, plan) == [got.indices[a:b].tolist() for a, b in zip(got.offsets[:-1], got.offsets[1:])]
+    bare = group_steps(plan, w, drop_last)  # the grouped order the hook's sources index
+    for s, src in enumerate(seen.get("materialised", [])):
+        first_row = bare.indices[bare.offsets[s * w]]
+        assert first_row in plan.indices[plan.offsets[src]:plan.offsets[src + 1]]
+        assert bare.groups[s * w] == plan.groups[src]
