@@ -30,7 +30,7 @@ from native.ragged import gather_lengths, locate_rows, row_offsets
 from native.shards import gather_flat, shard_row_offsets
 
 __all__ = ["ArrowDataset", "Batch", "DatasetError", "Ragged", "ShardRows", "VERIFY_MODES", "check_shard", "map_checked",
-           "open_ipc"]
+           "open_ipc", "shard_from_batch"]
 
 
 VERIFY_MODES = ("first_touch", "never")
@@ -131,10 +131,14 @@ def open_ipc(path: Path, meta: dict, *, verify: str, what: str = "shard") -> pa.
 
 
 class _Shard:
-    """One memory-mapped shard: its record batch and numpy views of its buffers (checked: see :func:`open_ipc`)."""
+    """One memory-mapped shard: its record batch and numpy views of its buffers (checked: see :func:`open_ipc`).
 
-    def __init__(self, path: Path, meta: dict, schema: pa.Schema, *, verify: str = "first_touch"):
-        self.batch = open_ipc(path, meta, verify=verify)
+    ``batch``: the shard's rows already read and structurally validated by the caller (a remote dataset maps its
+    cached copy itself); ``path`` then only names it in errors."""
+
+    def __init__(self, path: Path, meta: dict, schema: pa.Schema, *, verify: str = "first_touch",
+                 batch: pa.RecordBatch | None = None):
+        self.batch = open_ipc(path, meta, verify=verify) if batch is None else batch
         rows = meta["rows"]
         if not self.batch.schema.equals(schema):
             raise DatasetError(f"{path}: schema {self.batch.schema} differs from the manifest's {schema}")
@@ -151,6 +155,19 @@ class _Shard:
                 self.ragged[name] = (offsets, values)
             elif (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)) and col.null_count == 0:
                 self.flat[name] = col.to_numpy(zero_copy_only=False)
+
+
+def shard_from_batch(batch: pa.RecordBatch, meta: dict, schema: pa.Schema, *, name: str) -> _Shard:
+    """A shard over rows already read and structurally validated by the caller (a remote dataset's cached copy, or
+    rows copied out of one), with the checks and numpy buffer views the gather kernels read through.
+
+    Args:
+        batch: the rows. meta: ``{"rows": n, ...}``. schema: the dataset's schema. name: names it in errors.
+
+    Raises:
+        DatasetError: naming ``name``: schema or row count differ, list offsets out of their values.
+    """
+    return _Shard(name, meta, schema, batch=batch)
 
 
 def check_shard(path: Path, meta: dict, schema: pa.Schema) -> None:

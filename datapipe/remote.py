@@ -9,10 +9,15 @@ shards are downloaded on demand into ``cache_dir`` and memory-mapped from there.
   recently used shard that no reader holds. The cache is shared by every process on the node that uses the same
   ``cache_dir`` (DataLoader workers included): a ``flock`` on ``cache_dir/.lock`` serialises the bookkeeping, and
   a reader holds a shared ``flock`` on the shard it reads, so an evictor never deletes a shard being read.
-* **Streaming**: when no room can be made (the cache is smaller than one shard, or every cached shard is being
-  read), the shard is read into memory instead, its rows taken, and the bytes dropped: the bound still holds when
-  the cache is smaller than the shards one batch touches. A batch is gathered shard by shard (the needed rows of
-  a shard are copied out, then the shard is released), so one batch never needs all its shards on disk at once.
+* **Open shards**: a process keeps the shards it reads open, memory-mapped from the cache; the map holds the
+  reader's shared ``flock``, so a mapped file is never evicted, and it stays counted until the last batch that
+  reads it is gone. They are gathered by the local dataset's kernels (a warm cache reads at the local copy's
+  speed), within a budget (``keep_open``; default ``cache_limit / 2`` shared by the DataLoader workers, or every
+  shard when the cache is unbounded) so that the rest of the cache still turns over.
+* **Streaming**: the shards of a batch beyond that budget have their rows copied out and are released at once;
+  when no room can be made (the cache is smaller than one shard, or every cached shard is pinned), the shard is
+  read into memory instead, its rows taken, and the bytes dropped: the bound still holds when the cache is smaller
+  than the shards one batch touches, and one batch never needs all its shards on disk at once.
 * **Checksums** are checked on arrival against the manifest (the bytes are hashed as they are downloaded).
 * **Retries**: transient errors (connection refused, timeouts, 5xx) are retried with exponential backoff until
   ``timeout`` seconds have passed, then a :class:`DatasetError` names the object and the store; a missing object

@@ -215,9 +215,23 @@ class ShardCache:
         return fd, True
 
     def discard(self, name: str) -> None:
-        """Remove a cached file (a damaged copy)."""
-        with self.locked(), contextlib.suppress(FileNotFoundError):
-            os.unlink(self.dir / name)
+        """Remove a cached file (a damaged copy). One a reader still maps (pinned) is renamed aside instead: its
+        bytes keep counting against the bound until the last reader lets go, then LRU evicts it first."""
+        path = self.dir / name
+        with self.locked():
+            try:
+                fd = self._open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.unlink(path)
+            except BlockingIOError:  # pinned: a new copy may take the name, the old inode stays counted
+                aside = self.dir / f"{name}.{time.time_ns()}.damaged"
+                os.replace(path, aside)
+                os.utime(aside, ns=(0, 0))  # the oldest: evicted first once unpinned
+            finally:
+                self.release(fd)
 
     @staticmethod
     def unread(path: Path) -> bool:

@@ -1,5 +1,6 @@
 """``RemoteArrowDataset``: an ``ArrowDataset`` whose directory is on object storage, read through a bounded
-local shard cache, gathered shard by shard, with plan-ordered prefetch on a background thread.
+local shard cache: shards kept open (mapped from the cache, pinned while mapped) are gathered in place by the local
+dataset's kernels, others have their rows copied out; plan-ordered prefetch on a background thread.
 
 ``ArrowDataset.open(url, ...)`` returns one (through the opener ``datapipe/__init__.py`` registers in
 ``datapipe.urls``). Part of ``datapipe.remote`` (see its docstring for the whole design).
@@ -7,46 +8,116 @@ local shard cache, gathered shard by shard, with plan-ordered prefetch on a back
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import mmap
 import os
 import tempfile
 import threading
 import time
-from collections import deque
+import weakref
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
+import torch.utils.data
 from numpy.typing import NDArray
 
-from datapipe.dataset import ArrowDataset, Batch, Ragged
+from datapipe.batch import ShardRows
+from datapipe.dataset import ArrowDataset, Batch, Ragged, shard_from_batch
 from datapipe.format import (MANIFEST, DatasetError, check_manifest, parse_json, schema_from_b64,
                              shard_starts, verify_buffer)
 from datapipe.remote_cache import ShardCache
 from datapipe.remote_io import DEFAULT_TIMEOUT, download, read_object
 from datapipe.urls import join_key, resolve
+from native.ragged import locate_rows
+from native.shards import gather_flat, shard_row_offsets
 
 __all__ = ["RemoteArrowDataset"]
 
 
-def _columns(rb: pa.RecordBatch) -> dict:
-    """Arrow columns as the :class:`Batch` of ``ArrowDataset.__getitems__``: Ragged / numpy / lists."""
+_DATASETS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _after_fork() -> None:  # another thread may hold a dataset's lock at fork time: the child gets a fresh one
+    for ds in list(_DATASETS):
+        ds._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+class _Held:
+    """A shard kept open: mapped from the cache (pinned while mapped) and its size in the cache."""
+
+    __slots__ = ("nbytes", "shard")
+
+    def __init__(self, shard, nbytes: int):
+        self.shard, self.nbytes = shard, nbytes
+
+
+def _gather(shards: list, which: NDArray[np.int64], local: NDArray[np.int64], idx: NDArray[np.int64],
+            schema: pa.Schema) -> Batch:
+    """A :class:`Batch` of row ``local[i]`` of ``shards[which[i]]`` for every ``i``, as ``ArrowDataset`` gathers
+    over its open shards: list columns lazily through :class:`ShardRows` (one kernel call per column, whatever the
+    number of shards), numeric columns by one kernel call, other columns (strings, nulls) through Arrow. The batch
+    holds ``shards`` (and so their maps) while it lives; its address tables are its own."""
+    B = len(idx)
     cols: dict = {}
-    for name, col in zip(rb.schema.names, rb.columns):
-        t = col.type
-        if (pa.types.is_list(t) or pa.types.is_large_list(t)) and col.null_count == 0 and (
-                pa.types.is_integer(t.value_type) or pa.types.is_floating(t.value_type)) \
-                and col.values.null_count == 0:
-            off = col.offsets.to_numpy().astype(np.int64)
-            values = col.values.to_numpy()[off[0]:off[-1]]
-            cols[name] = Ragged(values, off - off[0])
-        elif (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)) and col.null_count == 0:
-            cols[name] = col.to_numpy(zero_copy_only=False)
-        else:
-            cols[name] = col.to_pylist()
-    return cols
+    addrs = [_addresses(sh) for sh in shards]
+    for name in schema.names:
+        if all(name in sh.ragged for sh in shards):
+            off0, val0 = shards[0].ragged[name]
+            if all(sh.ragged[name][0].dtype == off0.dtype and sh.ragged[name][1].dtype == val0.dtype
+                   for sh in shards):
+                oa = np.array([a[name][0] for a in addrs], dtype=np.int64)
+                va = np.array([a[name][1] for a in addrs], dtype=np.int64)
+                offsets = np.empty(B + 1, dtype=np.int64)
+                shard_row_offsets(oa, which, local, off0, offsets)
+                cols[name] = Ragged(None, offsets, shards=ShardRows(oa, va, which, local, off0, val0, shards, name))
+                continue
+        elif all(name in sh.flat for sh in shards):
+            col0 = shards[0].flat[name]
+            if all(sh.flat[name].dtype == col0.dtype and sh.flat[name].flags.c_contiguous for sh in shards):
+                addr = np.array([a[name] for a in addrs], dtype=np.int64)
+                out = np.empty(B, dtype=col0.dtype)
+                gather_flat(addr, which, local, col0, out)
+                cols[name] = out
+                continue
+        cols[name] = _generic(shards, which, local, name)
+    return Batch(cols, B, idx)
+
+
+def _addresses(sh) -> dict:
+    """Column -> buffer address(es) of a shard (offsets and values of a list column; a numeric column's data),
+    computed once per shard object."""
+    got = getattr(sh, "_remote_addresses", None)
+    if got is None:
+        got = {name: (off.ctypes.data, val.ctypes.data) for name, (off, val) in sh.ragged.items()}
+        got.update((name, col.ctypes.data) for name, col in sh.flat.items())
+        sh._remote_addresses = got
+    return got
+
+
+def _generic(shards: list, which: NDArray[np.int64], local: NDArray[np.int64], name: str):
+    """One column through Arrow: a numpy array when every value is a number and none is null, else a list."""
+    parts = [sh.batch.column(name).take(pa.array(local[which == j])) for j, sh in enumerate(shards)]
+    col = pa.concat_arrays(parts) if len(parts) > 1 else parts[0]
+    order = np.argsort(which, kind="stable")  # concat order: by shard, batch order within a shard
+    inverse = np.empty(len(order), dtype=np.int64)
+    inverse[order] = np.arange(len(order))
+    col = col.take(pa.array(inverse))
+    t = col.type
+    if (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)) and col.null_count == 0:
+        return col.to_numpy(zero_copy_only=False)
+    if (pa.types.is_list(t) or pa.types.is_large_list(t)) and col.null_count == 0 and (
+            pa.types.is_integer(t.value_type) or pa.types.is_floating(t.value_type)) and col.values.null_count == 0:
+        off = col.offsets.to_numpy().astype(np.int64)
+        return Ragged(col.values.to_numpy()[off[0]:off[-1]], off - off[0])
+    return col.to_pylist()
 
 
 class RemoteArrowDataset(ArrowDataset):
@@ -62,6 +133,9 @@ class RemoteArrowDataset(ArrowDataset):
         cache_limit: bytes the cache directory may hold (``None``: unbounded). Smaller than one shard works too:
             shards then stream through memory.
         timeout: seconds to keep retrying a store that fails before a :class:`DatasetError`.
+        keep_open: bytes of shards one process keeps open between batches (mapped from the cache, and so pinned:
+            no reader evicts them), read in place like a local dataset's shards. Default (``None``): every touched
+            shard when ``cache_limit`` is ``None``, else ``cache_limit / 2`` shared by the DataLoader workers.
 
     Attributes:
         url: the dataset's URL (``path`` holds it too, as a string).
@@ -72,12 +146,16 @@ class RemoteArrowDataset(ArrowDataset):
     is_remote = True
 
     def __init__(self, url, *, filesystem: pafs.FileSystem | None = None, cache_dir: str | os.PathLike | None = None,
-                 cache_limit: float | None = None, timeout: float = DEFAULT_TIMEOUT, _manifest: dict | None = None):
+                 cache_limit: float | None = None, timeout: float = DEFAULT_TIMEOUT, keep_open: int | None = None,
+                 _manifest: dict | None = None):
         if cache_limit is not None and (not isinstance(cache_limit, (int, float, np.integer, np.floating))
                                         or not cache_limit >= 0):
             raise ValueError(f"cache_limit must be a number of bytes >= 0, or None for no bound (got {cache_limit=})")
         if not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ValueError(f"timeout must be a number of seconds > 0 (got {timeout=})")
+        if keep_open is not None and (isinstance(keep_open, bool) or not isinstance(keep_open, (int, np.integer))
+                                      or keep_open < 0):
+            raise ValueError(f"keep_open must be a number of bytes >= 0, or None for the default (got {keep_open=})")
         self.url = os.fspath(url)
         self.filesystem, self._root = resolve(self.url, filesystem)
         self._fs_given = filesystem is not None
@@ -96,6 +174,13 @@ class RemoteArrowDataset(ArrowDataset):
         self._index = None
         self._checked: set[tuple[str, int]] = set()  # cached files this process has checked
         self._prefetch: tuple[threading.Thread, threading.Event] | None = None
+        # shards kept open between batches (mapped from the cache, so pinned), least recently used first
+        self.keep_open = None if keep_open is None else int(keep_open)
+        self._open: OrderedDict[int, _Held] = OrderedDict()
+        self._open_bytes = 0
+        self._budget: tuple[int, int | None] = (-1, None)  # (pid, bytes) of _keep_budget
+        self._lock = threading.Lock()
+        _DATASETS.add(self)
 
     def _url_of(self, name: str) -> str:
         return f"{self.url.rstrip('/')}/{name}"
@@ -115,11 +200,12 @@ class RemoteArrowDataset(ArrowDataset):
     def __getstate__(self):
         return {"url": self.url, "filesystem": self.filesystem if self._fs_given else None,
                 "cache_dir": str(self.cache.dir), "cache_limit": self.cache.limit, "timeout": self.timeout,
-                "manifest": self.manifest}
+                "keep_open": self.keep_open, "manifest": self.manifest}
 
     def __setstate__(self, state):
         self.__init__(state["url"], filesystem=state["filesystem"], cache_dir=state["cache_dir"],
-                      cache_limit=state["cache_limit"], timeout=state["timeout"], _manifest=state["manifest"])
+                      cache_limit=state["cache_limit"], timeout=state["timeout"], keep_open=state.get("keep_open"),
+                      _manifest=state["manifest"])
 
     # ---- shards -------------------------------------------------------------------------------------------
     def _cache_name(self, s: int) -> str:
@@ -127,9 +213,24 @@ class RemoteArrowDataset(ArrowDataset):
         digest = meta["checksum"].split(":", 1)[-1][:16]
         return f"{meta['file'].replace('/', '__').removesuffix('.arrow')}-{digest}.arrow"
 
-    def _take(self, s: int, rows: NDArray[np.int64], *, again: bool = False) -> pa.RecordBatch:
-        """Rows ``rows`` of shard ``s``, copied out; the shard is pinned only meanwhile. A cached copy that fails
-        its check (damaged on the local disk) is removed and downloaded again, once."""
+    def _keep_budget(self) -> int | None:
+        """Bytes of shards this process keeps open between batches (``None``: every touched shard)."""
+        pid = os.getpid()
+        if self._budget[0] != pid:  # a DataLoader worker shares the default with its siblings
+            if self.keep_open is not None:
+                budget = int(self.keep_open)
+            elif self.cache.limit is None:
+                budget = None
+            else:
+                info = torch.utils.data.get_worker_info()
+                budget = self.cache.limit // 2 // max(1, info.num_workers if info is not None else 1)
+            self._budget = (pid, budget)
+        return self._budget[1]
+
+    def _open_cached(self, s: int, *, again: bool = False) -> _Held | None:
+        """Shard ``s`` mapped from the cache (downloaded first if absent) and pinned for as long as the map lives;
+        ``None`` when the cache has no room for it. A cached copy that fails its first-touch check (damaged on the
+        local disk) is dropped and downloaded again, once."""
         meta = self.manifest["shards"][s]
         what = self._url_of(meta["file"])
         src = join_key(self._root, meta["file"])
@@ -140,43 +241,46 @@ class RemoteArrowDataset(ArrowDataset):
 
         fd, downloaded = self.cache.acquire(name, meta["bytes"], fetch, deadline=time.monotonic() + self.timeout,
                                             what=what)
-        if fd is None:  # no room within the bound: through memory
-            self.cache.stats["streamed"] += 1
-            buf = download(self.filesystem, src, meta, what, self.timeout, None)
-            return self._take_from(buf, rows, meta, what, validate=True)
+        if fd is None:
+            return None
+        label = f"{self.cache.dir / name} (the cached copy of {what})"
         try:
-            out = self._from_cache(fd, name, rows, meta, what, check=not downloaded, strict=again)
+            ino = os.fstat(fd).st_ino
+            # the map holds its own duplicate of fd, so the shared flock (the pin) lasts exactly as long as the map:
+            # until this shard is dropped from the open set and the last batch that reads it is gone
+            mm = mmap.mmap(fd, 0, prot=mmap.PROT_READ) if os.fstat(fd).st_size else None
         finally:
-            self.cache.release(fd)  # unpin: the mapping is closed and the taken rows are copies
-        if out is None:  # the cached copy was damaged on the local disk: drop it, download again
-            self.cache.discard(name)
-            return self._take(s, rows, again=True)
-        return out
-
-    def _from_cache(self, fd: int, name: str, rows, meta, what, *, check: bool, strict: bool):
-        path = self.cache.dir / name
-        with pa.memory_map(str(path), "r") as mm:
-            buf = mm.read_buffer()
-            key = (name, os.fstat(fd).st_ino)
-            first = key not in self._checked
-            if first and check:  # cached by another reader: checked once per process, as local files are
-                try:
-                    verify_buffer(buf, meta["checksum"], f"{path} (the cached copy of {what})")
-                except DatasetError:
-                    if strict:
-                        raise
-                    return None
-            out = self._take_from(buf, rows, meta, what, validate=first)
-            self._checked.add(key)
+            self.cache.release(fd)
+        key = (name, ino)
+        first = key not in self._checked
+        ok = mm is not None and len(mm) == meta["bytes"]
+        buf = pa.py_buffer(mm) if ok else None
+        if ok and first and not downloaded:  # cached by another reader: checked once per process, as local files
+            try:
+                verify_buffer(buf, meta["checksum"], label)
+            except DatasetError:
+                ok = False
+        if not ok:
+            if again:
+                raise DatasetError(f"{label}: the cached copy does not match the manifest's size and checksum even "
+                                   f"after downloading it again; check the disk of {self.cache.dir}")
             del buf
-            return out
+            if mm is not None:
+                with contextlib.suppress(BufferError):
+                    mm.close()  # unpin now: discard can then delete the file
+            self.cache.discard(name)
+            return self._open_cached(s, again=True)
+        sh = shard_from_batch(self._read(buf, meta, what, validate=first), meta, self.schema, name=label)
+        self._checked.add(key)
+        return _Held(sh, meta["bytes"])
 
-    def _take_from(self, buf: pa.Buffer, rows, meta, what, *, validate: bool) -> pa.RecordBatch:
+    def _read(self, buf: pa.Buffer, meta: dict, what: str, *, validate: bool) -> pa.RecordBatch:
+        """The shard's rows over ``buf`` (structurally validated when ``validate``, before any kernel reads them)."""
         try:
             reader = pa.ipc.open_file(buf)
             batch = reader.get_batch(0) if reader.num_record_batches == 1 else \
                 reader.read_all().combine_chunks().to_batches()[0]
-            if validate:  # before any take reads through the offsets
+            if validate:
                 batch.validate(full=True)
         except (pa.ArrowException, OSError, IndexError) as e:
             raise DatasetError(f"{what}: cannot read the shard ({type(e).__name__}: {e}); the object is truncated "
@@ -185,7 +289,66 @@ class RemoteArrowDataset(ArrowDataset):
             raise DatasetError(f"{what}: {batch.num_rows} rows but the manifest says {meta['rows']}")
         if not batch.schema.equals(self.schema):
             raise DatasetError(f"{what}: schema {batch.schema} differs from the manifest's {self.schema}")
-        return batch.take(pa.array(rows, type=pa.int64()))
+        return batch
+
+    def _streamed(self, s: int):
+        """Shard ``s`` read into memory (no room in the cache), checked on arrival."""
+        self.cache.stats["streamed"] += 1
+        meta = self.manifest["shards"][s]
+        what = self._url_of(meta["file"])
+        buf = download(self.filesystem, join_key(self._root, meta["file"]), meta, what, self.timeout, None)
+        return shard_from_batch(self._read(buf, meta, what, validate=True), meta, self.schema, name=what)
+
+    def _trim(self, budget: int | None, busy: set[int]) -> None:
+        """Under ``_lock``: drop open shards, least recently used first, until ``budget`` bytes are left (shards
+        of the batch being gathered, ``busy``, stay)."""
+        if budget is None:
+            return
+        for s in list(self._open):
+            if self._open_bytes <= budget:
+                return
+            if s not in busy:
+                self._open_bytes -= self._open.pop(s).nbytes
+
+    def _hold(self, s: int, busy: set[int]) -> tuple:
+        """Shard ``s`` for the batch being gathered: ``(held, None)`` read in place (mapped and pinned, kept open
+        within the budget), or ``(None, shard)`` whose rows are to be copied out now (no room to keep it open, or
+        streamed through memory)."""
+        with self._lock:
+            held = self._open.get(s)
+            if held is not None:
+                self._open.move_to_end(s)
+                self.cache.stats["hits"] += 1
+                return held, None
+        held = self._open_cached(s)
+        if held is None and self._open:  # our own open shards may be what fills the cache: let them go, once
+            with self._lock:
+                self._trim(0, busy)
+            held = self._open_cached(s)
+        if held is None:
+            return None, self._streamed(s)
+        budget = self._keep_budget()
+        with self._lock:
+            other = self._open.get(s)
+            if other is not None:  # another thread opened it meanwhile: one open copy
+                return other, None
+            if budget is None or held.nbytes <= budget:
+                self._open[s] = held
+                self._open_bytes += held.nbytes
+                self._trim(budget, busy)
+                if s in self._open:
+                    return held, None
+        return None, held.shard  # no room among the open shards: read once, its pin dropped with the batch's copy
+
+    def _shard(self, s: int):
+        raise NotImplementedError("remote shards are read through the cache (__getitems__)")
+
+    def close(self) -> None:
+        """Let go of the open shards (their pins go with the last batch that reads them) and stop prefetching."""
+        self.stop_prefetch()
+        with self._lock:
+            self._open.clear()
+            self._open_bytes = 0
 
     def fetch_file(self, name: str, meta: dict, *, check: bool = True, _again: bool = False
                    ) -> tuple[pa.Buffer, int | None]:
@@ -242,7 +405,13 @@ class RemoteArrowDataset(ArrowDataset):
         return self.__getitems__(np.array([i], dtype=np.int64)).rows()[0]
 
     def __getitems__(self, indices) -> Batch:
-        """Gather a batch of rows shard by shard (each shard pinned in the cache only while its rows are copied).
+        """Gather a batch of rows from the shards it touches.
+
+        A shard kept open (mapped from the cache and pinned) is read in place, as a local dataset reads its shards:
+        the batch's list columns are gathered lazily, by one kernel call per column over all its shards, straight
+        into the collator's output. The batch holds those shards' maps, and so their pins, until it is dropped.
+        A shard that cannot be kept open (no room within the bound) has its rows copied out right away and is let
+        go (its pin with it), or is streamed through memory when the cache has no room for it at all.
 
         Args:
             indices: int array-like ``[B]`` (negative indices count from the end).
@@ -254,20 +423,40 @@ class RemoteArrowDataset(ArrowDataset):
         B = len(idx)
         if B == 0:
             return Batch({n: [] for n in self.schema.names}, 0, idx)
-        shard, local = self._locate(idx)
-        order = np.argsort(shard, kind="stable")
-        ss = shard[order]
-        bounds = np.flatnonzero(np.diff(ss)) + 1
-        groups = [(int(ss[a]), order[a:b]) for a, b in zip(np.r_[0, bounds], np.r_[bounds, B])]
-        # cached shards first: with a cache smaller than the batch's shards, LRU would otherwise evict each shard
-        # just before this batch's scan reaches it (every read a miss); this way the cached ones are hits
-        groups.sort(key=lambda g: not (self.cache.dir / self._cache_name(g[0])).exists())
-        parts = [self._take(s, local[pos]) for s, pos in groups]
-        inverse = np.empty(B, dtype=np.int64)
-        inverse[np.concatenate([pos for _, pos in groups])] = np.arange(B)
-        table = pa.Table.from_batches(parts, schema=self.schema).take(pa.array(inverse)).combine_chunks()
-        rb = table.to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], schema=self.schema)
-        return Batch(_columns(rb), B, idx)
+        shard, local = np.empty(B, dtype=np.int64), np.empty(B, dtype=np.int64)
+        bad, _ = locate_rows(self._starts, idx, shard, local)
+        if bad >= 0:
+            raise IndexError(f"row {int(idx[bad])} is out of range for a dataset of {len(self)} rows ({self.url})")
+        need, which = np.unique(shard, return_inverse=True)
+        need = need.tolist()
+        order = range(len(need))
+        if len(need) > 1:
+            # open and cached shards first: with a cache smaller than the batch's shards, LRU would otherwise evict
+            # each shard just before this batch reaches it (every read a miss); this way the cached ones are hits
+            with self._lock:
+                opened = {s for s in need if s in self._open}
+            order = sorted(order, key=lambda j: 0 if need[j] in opened else
+                           1 if (self.cache.dir / self._cache_name(need[j])).exists() else 2)
+        shards: list = [None] * len(need)
+        busy: set[int] = set()
+        copied = None
+        for j in order:
+            held, sh = self._hold(need[j], busy)
+            if held is not None:
+                shards[j] = held.shard
+                busy.add(need[j])
+                continue
+            # rows copied out: the map (or the streamed bytes) is let go with this batch's copy
+            if copied is None:
+                copied = local.copy()
+            pos = np.flatnonzero(which == j)
+            taken = sh.batch.take(pa.array(local[pos]))
+            shards[j] = shard_from_batch(taken, {"rows": len(pos)}, self.schema,
+                                         name=f"rows of {self._url_of(self.manifest['shards'][need[j]]['file'])}")
+            copied[pos] = np.arange(len(pos), dtype=np.int64)
+            del sh, taken
+        return _gather(shards, which.astype(np.int64, copy=False), local if copied is None else copied, idx,
+                       self.schema)
 
     # ---- prefetch -----------------------------------------------------------------------------------------
     def prefetch_plan(self, batches: Iterable[NDArray[np.int64]]) -> None:

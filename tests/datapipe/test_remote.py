@@ -165,12 +165,15 @@ def test_cached_shard_checked_and_shared_across_instances(server, data, tmp_path
 def test_pickle_carries_configuration_not_handles(server, data, tmp_path):
     ds = datapipe.ArrowDataset.open(data.url, filesystem=server.filesystem(), cache_dir=tmp_path / "c",
                                     cache_limit=12345, timeout=7)
+    ds.keep_open = 4321
     ds.__getitems__([0, 399])
     state = ds.__getstate__()
-    assert set(state) == {"url", "filesystem", "cache_dir", "cache_limit", "timeout", "manifest"}
+    assert set(state) == {"url", "filesystem", "cache_dir", "cache_limit", "timeout", "keep_open", "manifest"}
     assert isinstance(state["filesystem"], pafs.S3FileSystem) and state["url"] == data.url
     back = pickle.loads(pickle.dumps(ds))
-    assert (back.cache.limit, back.timeout, str(back.cache.dir)) == (12345, 7.0, str(tmp_path / "c"))
+    assert (back.cache.limit, back.timeout, str(back.cache.dir), back.keep_open) == (12345, 7.0, str(tmp_path / "c"),
+                                                                                     4321)
+    assert not back._open  # a reopened dataset holds no shard open until it reads
     assert_same_rows(back.__getitems__([399, 0]), data.local.__getitems__([399, 0]))
 
 
