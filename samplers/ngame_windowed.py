@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 from pathlib import Path
@@ -48,6 +47,7 @@ from native.balanced import balanced_kmeans, leaf_sizes
 from native.feistel import feistel_range
 from native.ngame_windows import cluster_batch_sizes, clusters_rows
 from native.rng import mix_seed
+from samplers.plan_cache import locked, prune_files
 
 __all__ = ["KEEP_CLUSTERINGS", "SCAN_ROWS", "Clustering", "DiskBank", "Layout", "build_clustering",
            "check_embeddings", "clusters_path", "open_clustering", "unit_rows"]
@@ -74,14 +74,6 @@ def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj))
     os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    """An exclusive lock: the ranks sharing a bank create its files once."""
-    with open(path, "a+b") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
 
 
 # ---- the bank ---------------------------------------------------------------------------------------------------
@@ -137,7 +129,7 @@ class DiskBank:
         """Create the bank files of dimension ``dim`` (sparse: no rows written), or open them when another rank
         created them first."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(self.path.with_name(f".{self.path.name}.lock")):
+        with locked(self.path.with_name(f".{self.path.name}.lock")):
             if self.open():
                 return
             if self.path.exists():
@@ -297,15 +289,6 @@ def open_clustering(path: str | os.PathLike, n: int, window_rows: int, cluster_s
     return Clustering(epoch, Layout.of_sizes(n, window_rows, cluster_size, sizes), path, rows, str(meta["digest"]))
 
 
-def _prune(bank_path: Path, keep: Path) -> None:
-    files = sorted((p for p in bank_path.parent.glob(f"{bank_path.name}.clusters-e*.npy") if p != keep),
-                   key=lambda p: p.stat().st_mtime_ns if p.exists() else 0)
-    for p in files[: max(0, len(files) - (KEEP_CLUSTERINGS - 1))]:
-        for f in (p, _sidecar(p)):
-            with contextlib.suppress(OSError):
-                f.unlink()
-
-
 def unit_rows(x: NDArray) -> NDArray[np.float32]:
     """float32 rows scaled to unit length (clustering is by cosine, so the bank keeps directions: unit rows lose
     nothing to float16's range)."""
@@ -454,7 +437,8 @@ def build_clustering(bank: DiskBank, n: int, window_rows: int, cluster_size: int
             _write_json(_sidecar(final), {"rows": n, "window_rows": window_rows, "cluster_size": cluster_size,
                                           "epoch": int(epoch), "seed": int(seed), "digest": digest,
                                           "window_sizes": np.diff(layout.wstart).tolist()})
-            _prune(bank.path, final)
+            prune_files(bank.path.parent, f"{bank.path.name}.clusters-e*.npy", final, KEEP_CLUSTERINGS,
+                        companions=lambda p: [_sidecar(p)])
     finally:
         if rank == 0:
             for f in (tmp, tmp_cells):

@@ -16,17 +16,21 @@ Writes are atomic (a temporary file renamed into place), so ranks sharing the di
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["MAX_FILES", "PlanCache", "StalePlanCache", "cache_dir", "check_window", "file_identity", "source_id"]
+__all__ = ["MAX_FILES", "PlanCache", "StalePlanCache", "cache_dir", "check_window", "file_identity", "lock_path",
+           "locked", "prune_files", "source_id", "write_mapped"]
 
 #: entries kept on disk (the oldest are removed when a new one is written)
 MAX_FILES = 32
@@ -193,3 +197,58 @@ def check_window(tables: dict, w: int, sizes: np.ndarray, by_window: np.ndarray,
         raise StalePlanCache(
             f"the counting pass cached in {tables.get('cache_file')} does not match window {w} of the metadata "
             "(a damaged cache entry); the entry was removed: build the sampler again (or set DATAPIPE_PLAN_CACHE=0)")
+
+
+# ---- big cached files (rows sorted by a key, group ids): written once per node, shared by its ranks -------------
+def lock_path(final: Path) -> Path:
+    """The lock file of the cached file ``final`` (beside it, hidden)."""
+    return final.with_name(f".{final.stem}.lock")
+
+
+@contextlib.contextmanager
+def locked(path: Path | None) -> Iterator[None]:
+    """An exclusive lock on ``path`` (None: no lock): the ranks of a node sharing a directory build a file once; the
+    others wait, then read what it wrote."""
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def write_mapped(final: Path, dtype, n: int, fill: Callable[[np.memmap], None]) -> bool:
+    """Write ``final`` as ``n`` values of ``dtype`` that ``fill(map)`` writes into a memory map, atomically (a reader
+    never sees half a file), unless a file of that size is already there; the caller holds :func:`locked`.
+
+    Returns:
+        whether the file was written.
+    """
+    dtype = np.dtype(dtype)
+    if final.exists() and final.stat().st_size == n * dtype.itemsize:
+        return False
+    fd, tmp = tempfile.mkstemp(prefix=f".part-{final.stem}-", dir=final.parent)
+    try:
+        os.ftruncate(fd, n * dtype.itemsize)
+        out = np.memmap(tmp, dtype=dtype, mode="r+", shape=(n,))
+        fill(out)
+        out.flush()
+        del out
+        os.replace(tmp, final)
+    finally:
+        os.close(fd)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return True
+
+
+def prune_files(root: Path, pattern: str, keep: Path, count: int,
+                companions: Callable[[Path], list[Path]] = lambda p: [lock_path(p)]) -> None:
+    """Remove all but the newest ``count`` files of ``root`` matching ``pattern`` (``keep`` always stays), each with
+    its ``companions`` (its lock file)."""
+    files = sorted((p for p in root.glob(pattern) if p != keep), key=lambda p: p.stat().st_mtime_ns if p.exists() else 0)
+    for p in files[: max(0, len(files) - (count - 1))]:
+        for f in (p, *companions(p)):
+            with contextlib.suppress(OSError):
+                f.unlink()

@@ -30,12 +30,9 @@ and the memory maps' page cache; nothing per row (1e9 rows: a peak of 193 MiB an
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import math
-import os
 import tempfile
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -52,7 +49,11 @@ from samplers.plan_cache import (
     StalePlanCache,
     cache_dir,
     file_identity,
+    lock_path,
+    locked,
+    prune_files,
     source_id,
+    write_mapped,
 )
 
 __all__ = ["EXACT_MAX_ROWS", "MAX_GROUP", "SAMPLE_ROWS", "SCAN_ROWS", "VERIFY_ROWS", "RowSource", "RowsIndex",
@@ -284,18 +285,6 @@ class RowsIndex:
         return at if self.rows is None else np.asarray(self.rows[at], dtype=np.int64)
 
 
-@contextlib.contextmanager
-def _locked(path: Path | None):
-    """An exclusive lock on ``path`` (None: none): the ranks of a node write a group file once."""
-    if path is None:
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
-
 def _needs_file(sources: Sequence[RowSource]) -> bool:
     """Whether rows can fall in more than one group (or be left out): groups given, or bucket boundaries."""
     return any(s.groups is not None or (s.values is not None and (len(s.bins) or np.isfinite(s.budget)))
@@ -346,14 +335,6 @@ def _check_file(sources: Sequence[RowSource], ids, path: Path) -> None:
                              "was removed: build the sampler again (or set DATAPIPE_PLAN_CACHE=0)")
 
 
-def _prune(root: Path, keep: Path) -> None:
-    files = sorted((p for p in root.glob("shaped_groups-*.bin") if p != keep),
-                   key=lambda p: p.stat().st_mtime_ns if p.exists() else 0)
-    for p in files[: max(0, len(files) - (KEEP_GROUP_FILES - 1))]:
-        for f in (p, p.with_name(f".{p.stem}.lock")):
-            f.unlink(missing_ok=True)
-
-
 def group_file(sources: Sequence[RowSource]) -> tuple[np.memmap, str, str]:
     """``(ids, path, key)``: ``group + 1`` of every global row (0: left out) as a memory map, written in one pass
     (which also counts: :func:`scan`'s tables are put in the plan cache). In ``plan_cache.cache_dir()`` when every
@@ -368,22 +349,10 @@ def group_file(sources: Sequence[RowSource]) -> tuple[np.memmap, str, str]:
     root = cache_dir()
     if root is not None and all(s.main is not None and file_identity(s.main) is not None for s in sources):
         final = root / f"shaped_groups-{h}.bin"
-        with _locked(final.with_name(f".{final.stem}.lock")):
-            fresh = not (final.exists() and final.stat().st_size == n * dtype.itemsize)
+        with locked(lock_path(final)):
+            fresh = write_mapped(final, dtype, n, lambda part: _write(sources, part))
             if fresh:
-                fd, tmp = tempfile.mkstemp(prefix=".part-shaped_groups-", dir=root)
-                try:
-                    os.ftruncate(fd, n * dtype.itemsize)
-                    part = np.memmap(tmp, dtype=dtype, mode="r+", shape=(n,))
-                    _write(sources, part)
-                    part.flush()
-                    del part
-                    os.replace(tmp, final)  # atomic: a reader never sees half a file
-                finally:
-                    os.close(fd)
-                    if os.path.exists(tmp):
-                        os.unlink(tmp)
-                _prune(root, final)
+                prune_files(root, "shaped_groups-*.bin", final, KEEP_GROUP_FILES)
             ids = np.memmap(final, dtype=dtype, mode="r", shape=(n,))
             if not fresh:
                 _check_file(sources, ids, final)

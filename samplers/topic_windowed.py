@@ -30,11 +30,8 @@ batch sizes, same cluster sequence, so the same topic purity); only which query 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
-import os
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
@@ -56,7 +53,11 @@ from samplers.plan_cache import (
     StalePlanCache,
     cache_dir,
     file_identity,
+    lock_path,
+    locked,
+    prune_files,
     source_id,
+    write_mapped,
 )
 
 __all__ = [
@@ -149,17 +150,6 @@ def _count(ids, name: str, pair_offsets=None) -> dict:
     return {"uniq": uniq, "offsets": offsets, "ordered": bool(ordered) and skipped == 0, "skipped": int(skipped)}
 
 
-def _prune_row_files(root: Path, keep: Path) -> None:
-    files = sorted((p for p in root.glob("topic_rows-*.bin") if p != keep),
-                   key=lambda p: p.stat().st_mtime_ns if p.exists() else 0)
-    for p in files[: max(0, len(files) - (KEEP_ROW_FILES - 1))]:
-        for f in (p, p.with_name(f".{p.stem}.lock")):
-            try:
-                f.unlink()
-            except OSError:
-                pass
-
-
 def _scatter(ids, uniq: NDArray[np.int64], offsets: NDArray[np.int64], out, pair_offsets=None) -> None:
     dense = np.full(int(uniq[-1]) + 1, -1, dtype=np.int64)
     dense[uniq] = np.arange(len(uniq), dtype=np.int64)
@@ -196,36 +186,11 @@ def _cached_rows(ids, uniq: NDArray[np.int64], offsets: NDArray[np.int64], final
     """The rows-by-cluster file of a memory-mapped ``ids`` in the cache directory: sorted once, then opened by every
     sampler and process (the caller holds the entry's lock)."""
     n = int(offsets[-1])
-    if not (final.exists() and final.stat().st_size == n * dtype.itemsize):
-        fd, tmp = tempfile.mkstemp(prefix=".part-topic_rows-", dir=final.parent)
-        try:
-            os.ftruncate(fd, n * dtype.itemsize)
-            out = np.memmap(tmp, dtype=dtype, mode="r+", shape=(n,))
-            _scatter(ids, uniq, offsets, out, pair_offsets)
-            out.flush()
-            del out
-            os.replace(tmp, final)  # atomic: a reader never sees half a file
-        finally:
-            os.close(fd)
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        _prune_row_files(final.parent, final)
+    if write_mapped(final, dtype, n, lambda out: _scatter(ids, uniq, offsets, out, pair_offsets)):
+        prune_files(final.parent, "topic_rows-*.bin", final, KEEP_ROW_FILES)
     rows = np.memmap(final, dtype=dtype, mode="r", shape=(n,))
     _verify(ids, uniq, offsets, rows, final, pair_offsets)
     return rows
-
-
-@contextlib.contextmanager
-def _locked(path: Path | None):
-    """An exclusive lock on ``path`` (None: no lock): the ranks of a node sharing the cache directory count and
-    sort a file once, the others wait and read what it wrote."""
-    if path is None:
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
-        yield
 
 
 def cluster_index(ids, digest: str, name: str = "cluster_ids", *, pair_offsets=None) -> ClusterIndex:
@@ -267,7 +232,7 @@ def cluster_index(ids, digest: str, name: str = "cluster_ids", *, pair_offsets=N
         final = root / f"topic_rows-{h}.bin"
     # the counting pass goes to disk only under keys that outlive the process (files, not memory addresses)
     source = ids if pair_offsets is None or pairs_ident is not None else None
-    with _locked(None if final is None else final.with_name(f".{final.stem}.lock")):
+    with locked(None if final is None else lock_path(final)):
         ckey = ("counts", key)
         cached = _COUNTS.get(ckey, source)
         counts = cached if cached is not None else _COUNTS.put(ckey, _count(ids, name, pair_offsets), source)
