@@ -70,6 +70,20 @@ class ShardCache:
         self._fds.add(fd)
         return fd
 
+    def _claim(self, path: Path) -> tuple[int | None, bool]:
+        """``(fd, pinned)``: a descriptor of ``path`` holding its exclusive lock (nobody reads it: it may go), or
+        ``(None, True)`` when a reader pins it, ``(None, False)`` when it is gone. Never waits."""
+        try:
+            fd = self._open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None, False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.release(fd)
+            return None, True
+        return fd, False
+
     def release(self, fd: int) -> None:
         """Close a descriptor from :meth:`acquire` (unpins the shard)."""
         self._fds.discard(fd)
@@ -119,14 +133,8 @@ class ShardCache:
             if name.endswith(_PART) or (spare_unread and mtime > now + _FUTURE_NS // 2):
                 continue
             path = self.dir / name
-            try:
-                fd = self._open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:  # pinned by a reader
-                self.release(fd)
+            fd, _ = self._claim(path)
+            if fd is None:  # gone, or pinned by a reader
                 continue
             os.unlink(path)
             self.release(fd)
@@ -219,19 +227,14 @@ class ShardCache:
         bytes keep counting against the bound until the last reader lets go, then LRU evicts it first."""
         path = self.dir / name
         with self.locked():
-            try:
-                fd = self._open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                return
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd, pinned = self._claim(path)
+            if fd is not None:
                 os.unlink(path)
-            except BlockingIOError:  # pinned: a new copy may take the name, the old inode stays counted
+                self.release(fd)
+            elif pinned:  # a new copy may take the name, the old inode stays counted
                 aside = self.dir / f"{name}.{time.time_ns()}.damaged"
                 os.replace(path, aside)
                 os.utime(aside, ns=(0, 0))  # the oldest: evicted first once unpinned
-            finally:
-                self.release(fd)
 
     @staticmethod
     def unread(path: Path) -> bool:
