@@ -33,32 +33,29 @@ __all__ = ["StepPlan", "arrange_steps", "first_steps", "regroup_steps"]
 
 @dataclasses.dataclass
 class StepPlan:
-    """Steps of one bucket group each, over the groups' streams of sequence positions.
+    """Steps of one bucket group each, over the groups' streams of sequence positions (``G`` groups, ``S`` steps)."""
 
-    Attributes:
-        world_size: batches per step.
-        k, batch, lo, length: int64 ``[G]`` per group: bucket, sequences per batch, first position of the group's
-            slice in the bucket's shuffled order, and the slice's length (stream position ``p`` reads shuffled
-            position ``lo + p % length``).
-        cycle: int64 ``[G]`` the curriculum cycle of each group.
-        base: int64 ``[G]`` the group's first batch (in batches of ``batch``) still in the plan.
-        steps: int64 ``[G]`` steps of each group in the plan.
-        step_group: int32 ``[S]`` the group of each step, in time order.
-        step_j: int64 ``[S]`` the step's index among its group's steps.
-        dropped, repeated: reason -> sequences left out / slots filled by repeats.
-    """
-
+    #: batches per step
     world_size: int
+    #: int64 ``[G]`` per group: bucket, sequences per batch, first position of the group's slice in the bucket's
+    #: shuffled order, and the slice's length (stream position ``p`` reads shuffled position ``lo + p % length``)
     k: NDArray[np.int64]
     batch: NDArray[np.int64]
     lo: NDArray[np.int64]
     length: NDArray[np.int64]
+    #: int64 ``[G]`` the curriculum cycle of each group
     cycle: NDArray[np.int64]
+    #: int64 ``[G]`` the group's first batch (in batches of ``batch``) still in the plan
     base: NDArray[np.int64]
+    #: int64 ``[G]`` steps of each group in the plan
     steps: NDArray[np.int64]
+    #: int32 ``[S]`` the group of each step, in time order
     step_group: NDArray[np.int32]
+    #: int64 ``[S]`` the step's index among its group's steps
     step_j: NDArray[np.int64]
+    #: reason -> sequences left out
     dropped: dict = dataclasses.field(default_factory=dict)
+    #: reason -> slots filled by repeats
     repeated: dict = dataclasses.field(default_factory=dict)
 
     @property
