@@ -47,15 +47,13 @@ from native.balanced import balanced_kmeans, leaf_sizes
 from native.feistel import feistel_range
 from native.ngame_windows import cluster_batch_sizes, clusters_rows
 from native.rng import mix_seed
-from samplers.plan_cache import locked, prune_files
+from samplers.plan_cache import KEEP_BIG_FILES, locked, prune_files
 
-__all__ = ["KEEP_CLUSTERINGS", "SCAN_ROWS", "Clustering", "DiskBank", "Layout", "build_clustering",
+__all__ = ["SCAN_ROWS", "Clustering", "DiskBank", "Layout", "build_clustering",
            "check_embeddings", "clusters_path", "open_clustering", "unit_rows"]
 
 #: rows per step when a bank is copied in or its stamps are scanned (bounds the temporaries)
 SCAN_ROWS = 1 << 20
-#: rows-by-cluster files kept next to a bank (the newest; a checkpoint can resume the previous clustering too)
-KEEP_CLUSTERINGS = 2
 
 
 def _digest_rows(rows: NDArray) -> int:
@@ -437,7 +435,7 @@ def build_clustering(bank: DiskBank, n: int, window_rows: int, cluster_size: int
             _write_json(_sidecar(final), {"rows": n, "window_rows": window_rows, "cluster_size": cluster_size,
                                           "epoch": int(epoch), "seed": int(seed), "digest": digest,
                                           "window_sizes": np.diff(layout.wstart).tolist()})
-            prune_files(bank.path.parent, f"{bank.path.name}.clusters-e*.npy", final, KEEP_CLUSTERINGS,
+            prune_files(bank.path.parent, f"{bank.path.name}.clusters-e*.npy", final, KEEP_BIG_FILES,
                         companions=lambda p: [_sidecar(p)])
     finally:
         if rank == 0:

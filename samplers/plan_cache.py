@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from numpy.typing import NDArray
 
-__all__ = ["MAX_FILES", "PlanCache", "StalePlanCache", "cache_dir", "check_window", "file_identity", "lock_path",
-           "locked", "prune_files", "source_id", "write_mapped"]
+__all__ = ["KEEP_BIG_FILES", "MAX_FILES", "VERIFY_ENTRIES", "PlanCache", "StalePlanCache", "cache_dir", "check_window", "file_identity", "lock_path",
+           "locked", "prune_files", "source_id", "spot_positions", "write_mapped"]
 
 #: entries kept on disk (the oldest are removed when a new one is written)
 MAX_FILES = 32
@@ -200,6 +201,19 @@ def check_window(tables: dict, w: int, sizes: np.ndarray, by_window: np.ndarray,
 
 
 # ---- big cached files (rows sorted by a key, group ids): written once per node, shared by its ranks -------------
+#: big files of one kind kept in the cache directory (the newest): a node running two samplers over other metadata
+#: sorts again only for a third
+KEEP_BIG_FILES = 2
+#: entries of a big cached file checked against the metadata when it is opened (evenly spread)
+VERIFY_ENTRIES = 4096
+
+
+def spot_positions(n: int) -> NDArray[np.int64]:
+    """int64 positions in ``[0, n)`` at which an opened cached file of ``n`` entries is checked (``VERIFY_ENTRIES``
+    evenly spread, first and last included): a damaged or foreign file is refused, never read as a plan."""
+    return np.unique(np.linspace(0, n - 1, min(n, VERIFY_ENTRIES)).astype(np.int64))
+
+
 def lock_path(final: Path) -> Path:
     """The lock file of the cached file ``final`` (beside it, hidden)."""
     return final.with_name(f".{final.stem}.lock")

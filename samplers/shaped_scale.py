@@ -13,7 +13,7 @@ row's group and size follow from it (given group ids, or a length/duration and b
 * :class:`RowsIndex`: the rows of each group, domain after domain, in row order, i.e. exactly what the in-RAM
   path's stable argsort gives. ``group + 1`` of every row is written into a memory-mapped file by the same pass
   that counts (:func:`group_file`: uint8 for < 255 groups; kept in ``plan_cache.cache_dir()`` keyed by the
-  metadata files' identities, written once per node under a file lock, checked at :data:`VERIFY_ROWS` rows when
+  metadata files' identities, written once per node under a file lock, checked at ``plan_cache.spot_positions`` when
   opened again), which ``samplers.topic_windowed.cluster_index`` sorts by counting to a memory-mapped "rows by
   cluster" file (cached the same way; the directory keeps the newest two of each kind, so a node runs at most two
   such samplers over different metadata without sorting again). A single group with no row left out
@@ -45,6 +45,7 @@ from numpy.typing import NDArray
 from native.shaped_scan import BAD_GROUP, BIG_GROUP, scan_buckets, scan_groups
 from samplers.base import digest_array
 from samplers.plan_cache import (
+    KEEP_BIG_FILES,
     PlanCache,
     StalePlanCache,
     cache_dir,
@@ -53,10 +54,11 @@ from samplers.plan_cache import (
     locked,
     prune_files,
     source_id,
+    spot_positions,
     write_mapped,
 )
 
-__all__ = ["EXACT_MAX_ROWS", "MAX_GROUP", "SAMPLE_ROWS", "SCAN_ROWS", "VERIFY_ROWS", "RowSource", "RowsIndex",
+__all__ = ["EXACT_MAX_ROWS", "MAX_GROUP", "SAMPLE_ROWS", "SCAN_ROWS", "RowSource", "RowsIndex",
            "at_scale", "estimated_bins", "group_file", "groups_source", "present_groups_of", "rows_index", "scan",
            "scan_all"]
 
@@ -68,10 +70,6 @@ SCAN_ROWS = 1 << 22
 SAMPLE_ROWS = 1 << 22
 #: group ids above this (given groups, above the threshold) must be renumbered: one counter per id value
 MAX_GROUP = (1 << 20) - 1
-#: rows of a cached group file checked against the metadata when it is opened
-VERIFY_ROWS = 4096
-#: group files kept in the cache directory (the newest; 1 GB each at 1e9 rows)
-KEEP_GROUP_FILES = 2
 
 _SCANS = PlanCache("shaped_scan", keep=16)
 _INDEXES: OrderedDict = OrderedDict()
@@ -320,9 +318,9 @@ def _write(sources: Sequence[RowSource], out) -> None:
 
 
 def _check_file(sources: Sequence[RowSource], ids, path: Path) -> None:
-    """A cached group file must give the metadata's groups at ``VERIFY_ROWS`` evenly spread rows."""
+    """A cached group file must give the metadata's groups at ``plan_cache.spot_positions``."""
     n = len(ids)
-    pos = np.unique(np.linspace(0, n - 1, min(n, VERIFY_ROWS)).astype(np.int64))
+    pos = spot_positions(n)
     want = np.empty(len(pos), dtype=np.int64)
     at = 0
     for src in sources:
@@ -339,7 +337,7 @@ def group_file(sources: Sequence[RowSource]) -> tuple[np.memmap, str, str]:
     """``(ids, path, key)``: ``group + 1`` of every global row (0: left out) as a memory map, written in one pass
     (which also counts: :func:`scan`'s tables are put in the plan cache). In ``plan_cache.cache_dir()`` when every
     domain's metadata is a file (keyed by the files' identities; written once per node under a lock; checked at
-    :data:`VERIFY_ROWS` rows when an existing file is opened), else an unlinked temporary file."""
+    :func:`samplers.plan_cache.spot_positions` when an existing file is opened), else an unlinked temporary file."""
     dtype = _file_dtype(sources)
     n = sum(s.n for s in sources)
     h = hashlib.sha256(repr((tuple(s.key() for s in sources), dtype.str)).encode()).hexdigest()[:40]
@@ -352,7 +350,7 @@ def group_file(sources: Sequence[RowSource]) -> tuple[np.memmap, str, str]:
         with locked(lock_path(final)):
             fresh = write_mapped(final, dtype, n, lambda part: _write(sources, part))
             if fresh:
-                prune_files(root, "shaped_groups-*.bin", final, KEEP_GROUP_FILES)
+                prune_files(root, "shaped_groups-*.bin", final, KEEP_BIG_FILES)
             ids = np.memmap(final, dtype=dtype, mode="r", shape=(n,))
             if not fresh:
                 _check_file(sources, ids, final)

@@ -9,8 +9,8 @@ The exact plan (``samplers.topic_aware``) keeps per-row arrays (rows sorted by c
   ids; a second pass scatters row ids into a memory-mapped int32/int64 file "rows by cluster" (a counting sort
   to disk, ``native.topic_sort``). The file is kept next to the plan cache (``samplers.plan_cache.cache_dir()``,
   keyed by the metadata file's identity and digest, so a fresh process reuses it; the newest
-  :data:`KEEP_ROW_FILES` are kept; the ranks of a node sort it once, under a file lock; a cached file is checked
-  against the ids at :data:`VERIFY_ROWS` places when opened); when the disk cache is off or the ids are not a
+  :data:`samplers.plan_cache.KEEP_BIG_FILES` are kept (4 GB each at 1e9 int32 rows); the ranks of a node sort it once, under a file lock; a cached file is checked
+  against the ids at ``plan_cache.spot_positions`` when opened); when the disk cache is off or the ids are not a
   file, it is an unlinked temporary file. Ids already sorted need no file: cluster ``c`` is a contiguous range.
   With a pair table (``pair_offsets``), both passes read its CSR offsets alongside the ids and skip the queries
   without pairs (counted in ``ClusterIndex.skipped``; no per-query mask in memory); the file's key then includes
@@ -49,6 +49,7 @@ from native.topic_sort import (
 )
 from samplers.plan import digest_array
 from samplers.plan_cache import (
+    KEEP_BIG_FILES,
     PlanCache,
     StalePlanCache,
     cache_dir,
@@ -57,11 +58,11 @@ from samplers.plan_cache import (
     locked,
     prune_files,
     source_id,
+    spot_positions,
     write_mapped,
 )
 
 __all__ = [
-    "KEEP_ROW_FILES",
     "MAX_CLUSTER_ID",
     "SCAN_ROWS",
     "ClusterIndex",
@@ -76,10 +77,6 @@ __all__ = [
 SCAN_ROWS = 1 << 24
 #: the counting pass keeps one counter per id value up to the largest id: ids above this must be renumbered
 MAX_CLUSTER_ID = (1 << 31) - 1
-#: entries of a cached "rows by cluster" file checked against the ids when it is opened
-VERIFY_ROWS = 4096
-#: "rows by cluster" files kept in the cache directory (the newest; 4 GB each at 1e9 int32 rows)
-KEEP_ROW_FILES = 2
 #: counting passes (counts per cluster, sortedness) shared by the samplers of a process and kept on disk
 _COUNTS = PlanCache("topic_counts", keep=4)
 #: the open "rows by cluster" memory maps of this process: (source, digest) -> ClusterIndex
@@ -166,10 +163,10 @@ def _scatter(ids, uniq: NDArray[np.int64], offsets: NDArray[np.int64], out, pair
 
 def _verify(ids, uniq: NDArray[np.int64], offsets: NDArray[np.int64], rows, path: Path, pair_offsets=None) -> None:
     """A cached rows file must hold rows of the right cluster (and with pairs, when ``pair_offsets`` is given):
-    ``VERIFY_ROWS`` evenly spread entries are checked against the ids (a damaged or foreign file is an error naming
+    ``plan_cache.spot_positions`` entries are checked against the ids (a damaged or foreign file is an error naming
     it, never a wrong plan)."""
     n = len(rows)
-    pos = np.unique(np.linspace(0, n - 1, min(n, VERIFY_ROWS)).astype(np.int64))
+    pos = spot_positions(n)
     got = rows[pos].astype(np.int64)
     c = np.searchsorted(offsets, pos, side="right") - 1
     bad = got.min() < 0 or got.max() >= len(ids) or not np.array_equal(np.asarray(ids[got], dtype=np.int64), uniq[c])
@@ -187,7 +184,7 @@ def _cached_rows(ids, uniq: NDArray[np.int64], offsets: NDArray[np.int64], final
     sampler and process (the caller holds the entry's lock)."""
     n = int(offsets[-1])
     if write_mapped(final, dtype, n, lambda out: _scatter(ids, uniq, offsets, out, pair_offsets)):
-        prune_files(final.parent, "topic_rows-*.bin", final, KEEP_ROW_FILES)
+        prune_files(final.parent, "topic_rows-*.bin", final, KEEP_BIG_FILES)
     rows = np.memmap(final, dtype=dtype, mode="r", shape=(n,))
     _verify(ids, uniq, offsets, rows, final, pair_offsets)
     return rows

@@ -151,7 +151,7 @@ print(json.dumps(out))
 def test_resume_in_a_fresh_process_reads_the_cache(files, monkeypatch, tmp_path):
     monkeypatch.setattr(scale, "EXACT_MAX_ROWS", 0)
     states, rest = {}, {}
-    # two samplers: the cache directory keeps the newest two rows-by-group files (topic_windowed.KEEP_ROW_FILES)
+    # two samplers: the cache directory keeps the newest two rows-by-group files (plan_cache.KEEP_BIG_FILES)
     for kind, at in (("lengths", 40), ("decomposed", 149)):
         s = build(kind, files, rank=1)
         it = iter(s)
