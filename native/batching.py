@@ -10,39 +10,23 @@ import numpy as np
 from numpy.typing import NDArray
 
 from native._config import njit
+from native.sorted_cuts import cut_segment
 
 
 @njit
-def budget_cuts_kernel(lengths: np.ndarray, max_tokens: np.int64, max_rows: np.int64) -> np.ndarray:
-    """:func:`budget_cuts` without its checks, callable from other kernels (``native.windows``)."""
+def _budget_cuts(lengths: np.ndarray, max_tokens: np.int64, max_rows: np.int64) -> np.ndarray:
     n = lengths.shape[0]
-    cuts = np.empty(n + 1, dtype=np.int64)
-    nb = 0
-    cuts[0] = 0
-    cur_max = 0
-    cur_n = 0
-    for i in range(n):
-        L = lengths[i]
-        new_max = L if L > cur_max else cur_max
-        if cur_n > 0 and ((cur_n + 1) * new_max > max_tokens or cur_n + 1 > max_rows):
-            nb += 1
-            cuts[nb] = i
-            cur_max = L
-            cur_n = 1
-        else:
-            cur_max = new_max
-            cur_n += 1
-    if cur_n > 0:
-        nb += 1
-        cuts[nb] = n
-    return cuts[: nb + 1].copy()
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    nb = cut_segment(lengths, 0, n, max_rows, max_tokens, 0.0, offsets, 0) if n else 0
+    return offsets[: nb + 1].copy()
 
 
 def budget_cuts(lengths: NDArray, max_tokens: int, max_rows: int | None = None) -> NDArray[np.int64]:
     """Cut a sequence of lengths, in the given order, into batches whose padded size fits a budget.
 
     A batch ``[a, b)`` keeps ``(b - a) * max(lengths[a:b]) <= max_tokens`` and ``b - a <= max_rows``. A single
-    row longer than the budget forms a batch on its own (callers decide whether that is an error).
+    row longer than the budget forms a batch on its own (callers decide whether that is an error). The cut is
+    :func:`native.sorted_cuts.cut_segment`'s linear rule, the one every token-budget plan uses.
 
     Args:
         lengths: 1-D integer array, ``>= 0``.
@@ -58,7 +42,7 @@ def budget_cuts(lengths: NDArray, max_tokens: int, max_rows: int | None = None) 
     cap = np.iinfo(np.int64).max if max_rows is None else int(max_rows)
     if cap < 1:
         raise ValueError(f"max_rows must be >= 1 (got {max_rows=})")
-    return budget_cuts_kernel(lengths, np.int64(max_tokens), np.int64(cap))
+    return _budget_cuts(lengths, np.int64(max_tokens), np.int64(cap))
 
 
 @njit

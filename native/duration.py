@@ -4,8 +4,9 @@ Implements the batching side of "Training and Inference Efficiency of Encoder-De
 (Żelasko et al., 2025): cuts are put in duration buckets (1D) or duration x output-token buckets (2D, as NeMo),
 each bucket is shuffled, cut into chunks of several batches, each chunk sorted by duration (alternately up and
 down, so a batch spanning two chunks joins their long ends), and batches are cut greedily under the *padded*
-budget ``n * cost(max) <= max_duration`` with ``cost(d) = d + d**2 / q`` when a quadratic term is asked for.
-The padding-free alternative packs cuts into packs of at most ``capacity`` seconds by best-fit decreasing,
+budget ``n * cost(max) <= max_duration`` with ``cost(d) = d + d**2 / q`` when a quadratic term is asked for
+(the chunk sort and the cut are :mod:`native.sorted_cuts`, shared with the token-budget plans). The padding-free
+alternative packs cuts into packs of at most ``capacity`` seconds by best-fit decreasing,
 with a segment tree over quantised remaining capacities (``O(n log C)``).
 
 Every kernel takes arrays and scalars and returns arrays; randomness enters as a uint64 seed.
@@ -20,6 +21,7 @@ from native._config import njit
 from native.duration_windows import duration_window_batches, duration_window_sizes
 from native.pack_windows import pack_scale, pack_segments
 from native.rng import shuffle_inplace
+from native.sorted_cuts import sort_cut
 
 __all__ = ["assign_buckets_2d", "bucket_batches", "duration_window_batches", "duration_window_sizes",
            "pack_best_fit"]
@@ -95,63 +97,24 @@ def assign_buckets_2d(durations: NDArray, tokens: NDArray, bins: NDArray,
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# within-bucket shuffle, chunked sort, budget cutting
+# within-bucket shuffle, then the shared chunked sort and budget cutting (native.sorted_cuts)
 # ---------------------------------------------------------------------------------------------------------------
 @njit
 def _bucket_batches(rows: np.ndarray, bucket_offsets: np.ndarray, dur: np.ndarray, chunk_rows: np.ndarray,
                     caps: np.ndarray, max_duration: np.float64, quad: np.float64, shuffle: bool,
                     seed: np.uint64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    n = rows.shape[0]
-    nbuckets = bucket_offsets.shape[0] - 1
     out = rows.copy()
-    offsets = np.empty(n + 1, dtype=np.int64)
-    groups = np.empty(n, dtype=np.int64)
-    offsets[0] = 0
-    nb = 0
-    state = np.empty(1, dtype=np.uint64)
-    state[0] = seed
-    for b in range(nbuckets):
-        s = bucket_offsets[b]
-        e = bucket_offsets[b + 1]
-        if e == s:
-            continue
-        seg = out[s:e]
-        if shuffle:
-            shuffle_inplace(seg, state)
-        w = chunk_rows[b]
-        if w > 1:
-            c = 0
-            for cs in range(0, e - s, w):
-                ce = min(cs + w, e - s)
-                chunk = seg[cs:ce].copy()
-                keys = dur[chunk]
-                if c % 2 == 1:
-                    keys = -keys
-                order = np.argsort(keys, kind="mergesort")
-                for t in range(ce - cs):
-                    seg[cs + t] = chunk[order[t]]
-                c += 1
-        # greedy cut under the padded budget
-        cap = caps[b]
-        cur_n = 0
-        cur_max = 0.0
-        for t in range(e - s):
-            d = dur[seg[t]]
-            m = d if d > cur_max else cur_max
-            cost = m + m * m / quad if quad > 0 else m
-            if cur_n > 0 and ((cur_n + 1) * cost > max_duration or cur_n + 1 > cap):
-                nb += 1
-                offsets[nb] = s + t
-                groups[nb - 1] = b
-                cur_n = 1
-                cur_max = d
-            else:
-                cur_n += 1
-                cur_max = m
-        nb += 1
-        offsets[nb] = e
-        groups[nb - 1] = b
-    return out, offsets[: nb + 1].copy(), groups[:nb].copy()
+    if shuffle:  # one draw sequence across the buckets, bucket after bucket
+        state = np.empty(1, dtype=np.uint64)
+        state[0] = seed
+        for b in range(bucket_offsets.shape[0] - 1):
+            if bucket_offsets[b + 1] > bucket_offsets[b]:
+                shuffle_inplace(out[bucket_offsets[b] : bucket_offsets[b + 1]], state)
+    keys = np.empty(out.shape[0], dtype=np.float64)
+    for t in range(out.shape[0]):
+        keys[t] = dur[out[t]]
+    offsets, groups = sort_cut(keys, out, True, bucket_offsets, chunk_rows, True, caps, max_duration, quad)
+    return out, offsets, groups
 
 
 def bucket_batches(rows: NDArray[np.int64], bucket_offsets: NDArray[np.int64], durations: NDArray,

@@ -6,7 +6,8 @@ almost sequentially, also through a memory map), the blocks are permuted by a st
 (``native.feistel``), and window ``w`` holds the rows of permuted blocks ``[w * per_window, (w + 1) *
 per_window)``. Inside a window the rows are shuffled (Fisher-Yates, seed ``mix_step(prefix, w)``), cut into
 chunks of ``sort_window`` rows, each chunk sorted by length (stable), and batches cut greedily under the padded
-budget (``native.batching.budget_cuts``): the "random yet tight" batches of DESIGN.md, window by window.
+budget (``native.sorted_cuts``, the kernel of the exact plan too): the "random yet tight" batches of DESIGN.md,
+window by window.
 
 :func:`window_sizes` is the counting pass (batch sizes of many windows, in parallel over windows: each window's
 integers are computed on their own, so the result is bitwise the same for any thread count);
@@ -20,9 +21,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from native._config import njit
-from native.batching import budget_cuts_kernel
 from native.feistel import feistel_keyed, half_bits, round_keys
 from native.rng import MASK63, mix_step, shuffle_inplace
+from native.sorted_cuts import sort_cut
 
 __all__ = ["take_window", "window_batches", "window_blocks", "window_major_order", "window_sizes"]
 
@@ -118,6 +119,21 @@ def _window_take(lengths: np.ndarray, w: np.int64, n: np.int64, block: np.int64,
 
 
 @njit
+def _window_cuts(lens: np.ndarray, rows: np.ndarray, with_rows: bool, sort_window: np.int64, max_tokens: np.int64,
+                 max_rows: np.int64) -> np.ndarray:
+    """Sort ``lens`` (and ``rows`` alongside, ``with_rows``) in chunks of ``sort_window`` and cut them under the
+    budget (``native.sorted_cuts``, the kernel of the exact plans too); returns the batch offsets. Without rows
+    only the lengths travel: the order of ties does not change a sorted sequence, so the counting pass gets the
+    same batch sizes for less than planning the rows."""
+    seg = np.zeros(2, dtype=np.int64)
+    seg[1] = lens.shape[0]
+    chunk = np.full(1, sort_window, dtype=np.int64)
+    caps = np.full(1, max_rows, dtype=np.int64)
+    cuts, _ = sort_cut(lens, rows, with_rows, seg, chunk, False, caps, max_tokens, 0.0)
+    return cuts
+
+
+@njit
 def _window_plan(lengths: np.ndarray, w: np.int64, n: np.int64, block: np.int64, per_window: np.int64,
                  permute: bool, block_seed: np.uint64, prefix: np.uint64, sort_window: np.int64,
                  max_tokens: np.int64, max_rows: np.int64) -> tuple[np.ndarray, np.ndarray, np.int64]:
@@ -126,61 +142,8 @@ def _window_plan(lengths: np.ndarray, w: np.int64, n: np.int64, block: np.int64,
     lens = np.empty(at, dtype=np.int64)
     for i in range(at):
         lens[i] = lengths[rows[i]]
-    if sort_window > 1:
-        for c0 in range(0, at, sort_window):
-            c1 = min(at, c0 + sort_window)
-            order = np.argsort(lens[c0:c1], kind="mergesort")  # stable: ties keep the shuffled order
-            rows[c0:c1] = rows[c0:c1][order]
-            lens[c0:c1] = lens[c0:c1][order]
-    cuts = budget_cuts_kernel(lens, max_tokens, max_rows)
+    cuts = _window_cuts(lens, rows, True, sort_window, max_tokens, max_rows)
     return rows, cuts, dropped
-
-
-@njit
-def _sort_lengths(a: np.ndarray, tmp: np.ndarray) -> None:
-    """``a[:] = np.sort(a)`` for non-negative int64 ``a`` (lengths), in place: an LSD radix sort with 8-bit digits,
-    as many passes as the largest value has bytes (two for lengths below 65,536), ~4x faster than numba's
-    quicksort on the 1,024-row chunks of the counting pass. ``tmp``: scratch of at least ``len(a)``."""
-    n = a.shape[0]
-    if n < 2:
-        return
-    top = a.max()
-    passes = 0
-    src, dst = a, tmp[:n]
-    hist = np.zeros(257, dtype=np.int64)
-    shift = 0
-    while top >> shift > 0:
-        hist[:] = 0
-        for i in range(n):
-            hist[((src[i] >> shift) & 255) + 1] += 1
-        if hist[1:].max() < n:  # some values differ in this digit
-            for d in range(256):
-                hist[d + 1] += hist[d]
-            for i in range(n):
-                dg = (src[i] >> shift) & 255
-                dst[hist[dg]] = src[i]
-                hist[dg] += 1
-            src, dst = dst, src
-            passes += 1
-        shift += 8
-    if passes % 2 == 1:  # the sorted values are in the scratch
-        a[:] = src
-
-
-@njit
-def _window_lengths(lengths: np.ndarray, w: np.int64, n: np.int64, block: np.int64, per_window: np.int64,
-                    permute: bool, block_seed: np.uint64, prefix: np.uint64, sort_window: np.int64,
-                    max_tokens: np.int64) -> tuple[np.ndarray, np.int64]:
-    """The lengths of :func:`_window_plan`'s rows in its order, without the rows: the same draws and plain sorts
-    (the order of ties does not change a sorted sequence), so the counting pass costs less than planning the
-    rows."""
-    lens, dropped = _window_take(lengths, w, n, block, per_window, permute, block_seed, prefix, max_tokens, False)
-    if sort_window > 1:
-        tmp = np.empty(min(sort_window, lens.shape[0]), dtype=np.int64)
-        for c0 in range(0, lens.shape[0], sort_window):
-            c1 = min(lens.shape[0], c0 + sort_window)
-            _sort_lengths(lens[c0:c1], tmp)
-    return lens, dropped
 
 
 @njit(parallel=True)
@@ -193,9 +156,9 @@ def _window_sizes(lengths: np.ndarray, w0: np.int64, w1: np.int64, n: np.int64, 
     sizes = np.zeros((k, cap), dtype=np.int32)
     stats = np.zeros((k, 3), dtype=np.int64)  # dropped rows, tokens, padded tokens
     for i in numba.prange(k):
-        lens, dropped = _window_lengths(lengths, w0 + i, n, block, per_window, permute, block_seed, prefix,
-                                        sort_window, max_tokens)
-        cuts = budget_cuts_kernel(lens, max_tokens, max_rows)
+        lens, dropped = _window_take(lengths, w0 + i, n, block, per_window, permute, block_seed, prefix,
+                                     max_tokens, False)
+        cuts = _window_cuts(lens, lens[:0], False, sort_window, max_tokens, max_rows)
         nb = cuts.shape[0] - 1
         counts[i] = nb
         tokens = 0

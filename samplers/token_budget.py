@@ -23,9 +23,9 @@ from typing import cast
 import numpy as np
 from numpy.typing import ArrayLike
 
-from native.batching import budget_cuts
 from native.feistel import mix_prefix
 from native.rng import permutation
+from native.sorted_cuts import sorted_cuts
 from native.windows import window_batches, window_sizes
 from samplers.base import (BatchSamplerBase, Plan, PlanStats, check_budget, check_lengths, digest_array,
                            take_batches)
@@ -161,16 +161,12 @@ class TokenBudgetBatchSampler(WindowedPlan, BatchSamplerBase):
             t = self._tables(epoch)
             return self._stream.materialise(epoch, SizePlan(0, t["sizes"], dict(t["dropped"])))
         rows = self._keep
-        seed = self.epoch_seed(epoch)
         if self.shuffle:
-            rows = rows[permutation(len(rows), seed)]
-        if self.sort_window > 1:
-            # sort within windows of the shuffled order (stable: ties keep the shuffled order)
-            w = self.sort_window
-            win = np.arange(len(rows)) // w
-            rows = rows[np.lexsort((self.lengths[rows], win))]
-        cuts = budget_cuts(self.lengths[rows], self.max_tokens, self.max_rows)
-        plan = Plan(rows.astype(np.int64), cuts)
+            rows = rows[permutation(len(rows), self.epoch_seed(epoch))]
+        # sort within windows of the shuffled order (stable: ties keep the shuffled order), cut under the budget
+        _, rows, cuts, _ = sorted_cuts(self.lengths[rows], rows, budget=self.max_tokens,
+                                       chunk_rows=self.sort_window, caps=self.max_rows)
+        plan = Plan(rows, cuts)
         if self.shuffle:
             plan = take_batches(plan, permutation(plan.num_batches, self.epoch_seed(epoch, 1)))
         dropped = self.num_rows - len(self._keep)
