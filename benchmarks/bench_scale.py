@@ -34,6 +34,8 @@ sys.path.insert(0, str(HERE))
 
 from scale_common import Peak, anon_kb, metadata_file, replace_section  # noqa: E402
 from scale_decompose import DECOMPOSE_HEADING, decompose_case, run_decompose_section  # noqa: E402
+from scale_ngame import make_ngame, warm_up_ngame  # noqa: E402
+from scale_topic_pairs import make_topic_pairs, warm_up_topic_pairs  # noqa: E402
 
 #: the issue's table (main before issue 15): (first batch s, peak) at 1e8, and 1e9
 OLD = {
@@ -85,10 +87,42 @@ def cluster_ids_file(n: int, tmp: Path) -> Path:
     return path
 
 
+#: the ``shaped`` kind: three domains' int32 length files (shares of the rows) and the constant mixture over them
+SHAPED_SHARES = {"web": 0.4, "code": 0.4, "math": 0.2}
+
+
+def shaped_lengths(n: int, tmp: Path) -> list:
+    """Memory-mapped int32 lengths of the ``shaped`` kind's domains (``SHAPED_SHARES`` of ``n`` rows; log-normal as
+    ``metadata_file``, another seed per domain), written in chunks under ``tmp`` (deleted with the others)."""
+    out = []
+    for d, share in enumerate(SHAPED_SHARES.values()):
+        m, path = int(n * share), tmp / f"bench_scale_shaped{d}_{n}.npy"
+        if not path.exists():
+            part = path.with_suffix(".part.npy")
+            mm = np.lib.format.open_memmap(part, mode="w+", dtype=np.int32, shape=(m,))
+            rng = np.random.default_rng(10 + d)
+            for a in range(0, m, 1 << 24):
+                k = min(m, a + (1 << 24)) - a
+                mm[a:a + k] = np.minimum(rng.lognormal(6.0 - 0.3 * d, 1.0, k), 8192).astype(np.int32) + 1
+            mm.flush()
+            del mm
+            part.rename(path)
+        out.append(np.load(path, mmap_mode="r"))
+    return out
+
+
 def make(kind: str, n: int, tmp: Path):
     import samplers
 
     kw = dict(seed=1, rank=3, world_size=8)
+    if kind.startswith("ngame"):  # ngame (a random epoch, no bank), ngame_clustered (a rows-by-cluster file)
+        return make_ngame(kind, n, tmp)
+    if kind == "shaped":  # issue 15 item 1: from_lengths over 3 memory-mapped domains, a constant mixture
+        from mixtures.schedules import Constant
+
+        lengths = shaped_lengths(n, tmp)
+        return lambda: samplers.ShapedMixtureBatchSampler.from_lengths(
+            lengths, Constant(SHAPED_SHARES), max_tokens=2**20, total_steps=max(100, n // 20_000), **kw)
     if kind == "decomposed":
         index = decomposed_index(n, tmp)
         return lambda: samplers.DecomposedBatchSampler(index, tokens_per_batch=2**17, **kw)
@@ -97,18 +131,30 @@ def make(kind: str, n: int, tmp: Path):
     if kind == "token_budget":
         lengths = np.load(metadata_file("lengths", n, tmp), mmap_mode="r")
         return lambda: samplers.TokenBudgetBatchSampler(lengths, max_tokens=2**20, **kw)
+    if kind == "topic_pairs":  # TopicAware WITH a memory-mapped pair table (scale_topic_pairs.py)
+        return make_topic_pairs(n, tmp, cluster_ids_file(n, tmp), kw)
     if kind == "topic":
         ids = np.load(cluster_ids_file(n, tmp), mmap_mode="r")
         return lambda: samplers.TopicAwareBatchSampler(ids, batch_size=1024, **kw)
     durations = np.load(metadata_file("durations", n, tmp), mmap_mode="r")
     if kind == "packed":
         return lambda: samplers.PackedDurationSampler(durations, max_duration=600.0, **kw)
+    if kind == "duration2d":  # 2D buckets: int32 output tokens beside the durations (bench_duration2d_scale.py)
+        from bench_duration2d_scale import output_lengths_file
+
+        tokens = np.load(output_lengths_file(n, tmp), mmap_mode="r")
+        return lambda: samplers.DurationBucketSampler(durations, max_duration=600.0, num_buckets=30,
+                                                      output_lengths=tokens, **kw)
     return lambda: samplers.DurationBucketSampler(durations, max_duration=600.0, num_buckets=30, **kw)
 
 
 def warm_up(kind: str) -> None:
     """Load the kernels (compiled code, numba's own memory) on a tiny input of the same dtypes, both paths, so a
     case measures its plan, not the JIT."""
+    if kind.startswith("ngame"):
+        warm_up_ngame(kind)
+    if kind == "topic_pairs":
+        warm_up_topic_pairs()
     import samplers
     import samplers.random as sr
     import samplers.token_budget as tb
@@ -149,6 +195,32 @@ def warm_up(kind: str) -> None:
             sd.EXACT_MAX_ROWS = limit
             next(iter(samplers.DurationBucketSampler(d, max_duration=600.0, num_buckets=30, seed=1, rank=3,
                                                      world_size=8)))
+        sd.EXACT_MAX_ROWS = saved
+    if kind == "shaped":
+        import samplers.shaped_scale as ssc
+        from mixtures.schedules import Constant
+
+        lengths = [(np.arange(3000, dtype=np.int32) * (d + 7)) % 500 + 1 for d in range(3)]
+        for a in lengths:
+            a.setflags(write=False)  # typed as the read-only memory maps are
+        saved = ssc.EXACT_MAX_ROWS
+        for limit in (0, 1 << 62):
+            ssc.EXACT_MAX_ROWS = limit
+            next(iter(samplers.ShapedMixtureBatchSampler.from_lengths(
+                lengths, Constant(SHAPED_SHARES), max_tokens=4096, total_steps=100, seed=1, rank=3, world_size=8)))
+        ssc.EXACT_MAX_ROWS = saved
+    if kind == "duration2d":
+        import samplers.duration as sd
+
+        d = (np.arange(5000, dtype=np.float32) % 30 + 1).astype(np.float32)
+        tok = (np.arange(5000, dtype=np.int32) % 97 + 1).astype(np.int32)
+        d.setflags(write=False)  # typed as the read-only memory maps are
+        tok.setflags(write=False)
+        saved = sd.EXACT_MAX_ROWS
+        for limit in (0, 1 << 62):
+            sd.EXACT_MAX_ROWS = limit
+            next(iter(samplers.DurationBucketSampler(d, max_duration=600.0, num_buckets=30, output_lengths=tok,
+                                                     seed=1, rank=3, world_size=8)))
         sd.EXACT_MAX_ROWS = saved
     if kind == "decomposed":
         from types import SimpleNamespace
@@ -335,12 +407,15 @@ def main() -> None:
                     "given, and its windowed-vs-exact quality at 1e6 rows) and replace only its section of --out")
     ap.add_argument("--tmp", default="/tmp")
     ap.add_argument("--case", nargs=2, metavar=("KIND", "ROWS"), help=argparse.SUPPRESS)
+    ap.add_argument("--prepare-case", nargs=2, metavar=("KIND", "ROWS"), help=argparse.SUPPRESS)
     ap.add_argument("--resume-case", nargs=2, metavar=("KIND", "ROWS"), help=argparse.SUPPRESS)
     ap.add_argument("--no-quality", action="store_true")
     ap.add_argument("--out", default=str(HERE / "results" / "bench_scale.md"))
     ap.add_argument("--decompose-section", action="store_true", help="run only the streaming decompose of the "
                     "sizes' lengths (and the in-memory path up to 1e8) and replace only its section of --out")
     ap.add_argument("--decompose-case", nargs=2, metavar=("MODE", "ROWS"), help=argparse.SUPPRESS)
+    ap.add_argument("--more-section", action="store_true", help="run only the samplers of MORE_KINDS (the sizes "
+                    "given) and replace only their section of --out")
     args = ap.parse_args()
     tmp = Path(args.tmp)
     if args.decompose_case:
@@ -348,6 +423,9 @@ def main() -> None:
         return
     if args.decompose_section:
         run_decompose_section(args)
+        return
+    if args.prepare_case:  # writes a case's input files in a process of its own: the case's memory baseline is clean
+        make(args.prepare_case[0], int(float(args.prepare_case[1])), tmp)
         return
     if args.case:
         print(json.dumps(run_case(args.case[0], int(float(args.case[1])), tmp)))
@@ -359,6 +437,8 @@ def main() -> None:
     os.environ["DATAPIPE_PLAN_CACHE"] = str(tmp / "bench_scale_plan_cache")
     if args.duration_section:
         args.kinds = "duration"
+    if args.more_section:
+        args.kinds = ",".join(MORE_KINDS)
     results = []
     made = set()
     for n in (int(float(x)) for x in args.sizes.split(",")):
@@ -366,6 +446,8 @@ def main() -> None:
             if kind == "duration" and n > args.duration_max:
                 continue
             made.add((kind, n))
+            subprocess.run([sys.executable, __file__, "--prepare-case", kind, str(n), "--tmp", str(tmp)], cwd=ROOT,
+                           capture_output=True)  # its errors show in the case's own run
             cmd = [sys.executable, __file__, "--case", kind, str(n), "--tmp", str(tmp)]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if proc.returncode:
@@ -379,7 +461,8 @@ def main() -> None:
                 else:
                     results[-1].update(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(json.dumps(results[-1]), flush=True)
-        for f in [*tmp.glob(f"bench_scale_*_{n}.npy"), *tmp.glob(f"bench_scale_state_*_{n}.json")]:
+        for f in [*tmp.glob(f"bench_scale_*_{n}.npy"), *tmp.glob(f"bench_scale_state_*_{n}.json"),
+                  *tmp.glob(f"bench_scale_ngame_*_{n}.*")]:
             f.unlink()  # one size's files at a time (1e9: 4 GB each)
     import shutil
 
@@ -387,11 +470,56 @@ def main() -> None:
     if args.duration_section:
         write_duration_section(results, None if args.no_quality else quality_duration(), args)
         return
+    if args.more_section:
+        write_more_section(results, args)
+        return
     quality = None if args.no_quality else (quality_token_budget(), quality_shard_local())
     write(results, quality, args)
 
 
 DURATION_HEADING = "## DurationBucketSampler at scale"
+MORE_HEADING = "## NGAME, TopicAware with pairs, 2D duration buckets and shaped mixtures at scale"
+#: the kinds of MORE_HEADING: what each builds
+MORE_KINDS = {
+    "ngame": "`NGAMEBatchSampler(n, batch_size=1024)`: a random epoch (before the first clustering; no bank)",
+    "ngame_clustered": "`NGAMEBatchSampler` in a clustered epoch (clusters of 16) from a rows-by-cluster file the "
+                       "benchmark writes and loads with `load_clusters` (a real 1e9 x d bank does not fit the disk)",
+    "topic_pairs": "`TopicAwareBatchSampler(ids, batch_size=1024, pairs=PairTable(...))`: 10,000 clusters, a "
+                   "memory-mapped pair table (`scale_topic_pairs.py`; pairs per query from "
+                   "`$DATAPIPE_BENCH_PAIRS_PER_QUERY`; denser tables at 1e8-3e8 queries are in `bench_tas_scale.md`)",
+    "duration2d": "`DurationBucketSampler(durations, max_duration=600.0, num_buckets=30, output_lengths=tokens)`: "
+                  "2D buckets over memory-mapped float32 durations and int32 output tokens",
+    "shaped": "`ShapedMixtureBatchSampler.from_lengths(...)`: three memory-mapped int32 length files (0.4 / 0.4 / 0.2 "
+              "of the rows), a constant mixture, `max_tokens=2**20`",
+}
+
+
+def pairs_env() -> str:
+    v = os.environ.get("DATAPIPE_BENCH_PAIRS_PER_QUERY")
+    return f"DATAPIPE_BENCH_PAIRS_PER_QUERY={v} " if v else ""
+
+
+def write_more_section(results: list[dict], args) -> None:
+    """Replace (or insert before '## Reading') the section of the MORE_KINDS samplers in ``--out``."""
+    load = os.getloadavg()[0]
+    lines = [MORE_HEADING, "",
+             f"Command: `{pairs_env()}.venv/bin/python benchmarks/bench_scale.py --more-section --sizes {args.sizes}` (run "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, shared 2-core machine, load average {load:.0f} "
+             "at the end); world_size 8, rank 3; columns as in the first table.", ""]
+    lines += [f"- `{k}`: {v}" for k, v in MORE_KINDS.items()]
+    lines += ["", "| sampler | rows | construct (s) [CPU s] | first batch (s) | next 100 (s) | resume to batch 101 (s) | "
+              "2nd construct (s) | fresh process: construct / resume (s) | peak anon (MiB) | batches/rank |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['kind']} | {r['rows']:.0e} | failed: {r['error']} | | | | | | | |")
+            continue
+        cpu = f" [{r['construct_cpu_s']:.1f}]" if "construct_cpu_s" in r else ""
+        lines.append(f"| {r['kind']} | {r['rows']:.0e} | {r['construct_s']:.2f}{cpu} | {r['first_batch_s']:.2f} | "
+                     f"{r['next_100_s']:.3f} | {r['resume_s']:.3f} | {r['construct2_s']:.2f} | {fresh(r)} | "
+                     f"{r['peak_anon_mib']:.0f} | {r['batches_per_rank']} |")
+    replace_section(Path(args.out), MORE_HEADING, lines, before="## Reading")
+    print(f"wrote {args.out}")
 
 
 def write_duration_section(results: list[dict], quality, args) -> None:
@@ -481,7 +609,7 @@ def write(results: list[dict], quality, args) -> None:
                          f"{q['overlap']:.5f} |")
     out = Path(args.out)
     old = out.read_text() if out.exists() else ""
-    for heading in (DURATION_HEADING, DECOMPOSE_HEADING):  # sections other runs wrote stay
+    for heading in (DURATION_HEADING, MORE_HEADING, DECOMPOSE_HEADING):  # sections other runs wrote stay
         start = old.find(heading)
         if start >= 0:
             nxt = old.find("\n## ", start + len(heading))

@@ -25,7 +25,9 @@ ORDER = [
     ("Recipe dry run: 1e5 steps, 8 domains (issue 16)", "bench_recipe.md"),
     ("Sampler plans at 1e7-1e9 rows, shard-local shuffles, streaming decompose (issue 15)", "bench_scale.md"),
     ("PackedDurationSampler: windowed vs exact packs (issue 15)", "bench_packing_scale.md"),
-    ("TopicAwareBatchSampler: windowed vs exact batches (issue 15)", "bench_tas_scale.md"),
+    ("TopicAwareBatchSampler: windowed vs exact batches, with and without pairs (issue 15)", "bench_tas_scale.md"),
+    ("NGAMEBatchSampler: windowed vs exact clustering (issue 15)", "bench_ngame_scale.md"),
+    ("DurationBucketSampler with 2D buckets: windowed vs exact (issue 15)", "bench_duration2d_scale.md"),
     ("Datasets on object storage: an epoch over S3 on loopback vs the local copy (issue 15)", "bench_remote.md"),
     ("Drop-in: PyTorch's own DataLoader test suite with datapipe.DataLoader (issue 18)", "dropin.md"),
 ]
