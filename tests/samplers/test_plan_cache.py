@@ -106,7 +106,7 @@ def test_a_damaged_cache_entry_is_refused_and_removed(tmp_path, kind):
 def test_the_disk_cache_can_be_turned_off(tmp_path):
     path, out = metadata(tmp_path, "token_budget"), tmp_path / "state.json"
     env = {**os.environ, "DATAPIPE_PLAN_CACHE": "0", "PYTHONPATH": ROOT, "HOME": str(tmp_path / "home"),
-           "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+           "XDG_CACHE_HOME": str(tmp_path / "xdg"), "DATAPIPE_NUMBA_CACHE_DIR": str(tmp_path / "numba")}
     subprocess.run([sys.executable, "-c", SCRIPT, "token_budget", str(path), "first", str(out)], env=env,
                    check=True, capture_output=True, timeout=300)
     assert not (tmp_path / "xdg").exists() and not (tmp_path / "home").exists()
