@@ -18,6 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from native._config import njit
+from native.buckets import bucket_2d, duration_groups
 from native.duration_windows import duration_window_batches, duration_window_sizes
 from native.pack_windows import pack_scale, pack_segments
 from native.rng import shuffle_inplace
@@ -35,39 +36,13 @@ __all__ = ["assign_buckets_2d", "bucket_batches", "duration_window_batches", "du
 def _assign_2d(dur: np.ndarray, tok: np.ndarray, bin_dur: np.ndarray, bin_tok: np.ndarray,
                strict: bool) -> tuple[np.ndarray, np.ndarray]:
     n = dur.shape[0]
-    k = bin_dur.shape[0]
-    bucket = np.full(n, -1, dtype=np.int64)
-    promoted = np.zeros(n, dtype=np.bool_)
-    for i in range(n):
-        d = dur[i]
-        t = tok[i]
-        # first bin whose duration bound holds d (bins sorted by (duration, tokens))
-        lo = 0
-        hi = k
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if bin_dur[mid] < d:
-                lo = mid + 1
-            else:
-                hi = mid
-        if lo == k:
-            continue  # longer than every bin: dropped
-        home = bin_dur[lo]
-        j = lo
-        while j < k and bin_dur[j] == home:
-            if bin_tok[j] >= t:
-                bucket[i] = j
-                break
-            j += 1
-        if bucket[i] >= 0 or strict:
-            continue
-        # lenient: promote to the next larger bucket that holds both dimensions
-        while j < k:
-            if bin_tok[j] >= t:
-                bucket[i] = j
-                promoted[i] = True
-                break
-            j += 1
+    bucket = np.empty(n, dtype=np.int64)
+    promoted = np.empty(n, dtype=np.bool_)
+    bounds, starts = duration_groups(bin_dur)
+    for i in range(n):  # the windowed plans' rule, one cut at a time (native.buckets)
+        b, moved = bucket_2d(dur[i], tok[i], bounds, starts, bin_tok, strict)
+        bucket[i] = b
+        promoted[i] = moved
     return bucket, promoted
 
 
@@ -77,7 +52,8 @@ def assign_buckets_2d(durations: NDArray, tokens: NDArray, bins: NDArray,
 
     A cut goes to the bins of the first duration bound ``>= duration``, and among those to the first whose
     token bound ``>= tokens``. When none holds its tokens, ``strict`` drops it (NeMo's strict 2D mode) and
-    otherwise it is promoted to the next bucket (larger duration) whose token bound holds it.
+    otherwise it is promoted to the next bucket (larger duration) whose token bound holds it. The rule is
+    :func:`native.buckets.bucket_2d`, which the windowed plans apply cut by cut.
 
     Args:
         durations: float ``[N]`` seconds.

@@ -4,11 +4,11 @@ The batching of "Training and Inference Efficiency of Encoder-Decoder Speech Mod
 :mod:`native.duration` computes it for a whole epoch, restated so that one window of rows depends on nothing else:
 blocks of contiguous rows are permuted by a stateless Feistel permutation, and each window (a contiguous range of
 that block permutation) is shuffled, grouped by duration bucket, sorted in chunks and cut under the padded budget
-on its own. Buckets are 1D (duration bounds) or 2D (duration x output tokens, NeMo's rule one cut at a time:
-:func:`bucket_2d`); only that step differs. A counting pass (:func:`duration_window_sizes`, parallel over windows)
-gives batch sizes and buckets;
-:func:`duration_window_batches` gives one window's rows when its batches are needed. Sorting uses an LSD radix sort
-of the IEEE bit patterns (several times faster than ``np.sort`` on a bucket's short chunks).
+on its own. Buckets are 1D (duration bounds) or 2D (duration x output tokens, NeMo's rule one cut at a time);
+only that step differs, and it is the exact plan's lookup (:mod:`native.buckets`). The chunk sort and the cut are
+:func:`native.sorted_cuts.sort_cut`, the exact plans' kernel. A counting pass (:func:`duration_window_sizes`,
+parallel over windows) gives batch sizes and buckets; :func:`duration_window_batches` gives one window's rows when
+its batches are needed.
 
 Every kernel takes arrays and scalars and returns arrays; randomness enters as a uint64 seed.
 """
@@ -20,149 +20,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from native._config import njit
+from native.buckets import bucket_1d, bucket_2d, duration_groups
 from native.feistel import feistel_keyed as _feistel_keyed
 from native.feistel import half_bits as _half_bits
 from native.feistel import round_keys as _round_keys
 from native.rng import MASK63, mix_step, shuffle_inplace
+from native.sorted_cuts import sort_cut
 
-__all__ = ["WINDOW_STATS", "bucket_2d", "duration_groups", "duration_window_batches", "duration_window_sizes"]
-
-
-@njit
-def _sort_positive(a: np.ndarray, tmp: np.ndarray) -> np.ndarray:
-    """``np.sort`` of positive finite float64 values, several times faster on the short chunks of a bucket: an LSD
-    radix sort (8-bit digits) of the upper 32 bits of the IEEE pattern (monotone for positive values), then an
-    insertion pass that orders values sharing those bits (none when they came from float32). Sorts ``a`` in
-    place (``tmp`` is scratch of at least ``len(a)``) and returns it."""
-    n = a.shape[0]
-    if n < 2:
-        return a
-    bits = a.view(np.uint64)
-    src = a
-    dst = tmp[:n]
-    hist = np.zeros((4, 257), dtype=np.int64)
-    passes = 0
-    for i in range(n):
-        k = bits[i] >> np.uint64(32)
-        for p in range(4):
-            hist[p, ((k >> np.uint64(8 * p)) & np.uint64(255)) + 1] += 1
-    for p in range(4):
-        if hist[p, 1:].max() == n:
-            continue  # every value shares this digit
-        for d in range(256):
-            hist[p, d + 1] += hist[p, d]
-        sb = src.view(np.uint64)
-        for i in range(n):
-            dg = ((sb[i] >> np.uint64(32 + 8 * p)) & np.uint64(255))
-            dst[hist[p, dg]] = src[i]
-            hist[p, dg] += 1
-        src, dst = dst, src
-        passes += 1
-    if passes % 2 == 1:  # the sorted values are in the scratch
-        a[:] = src
-    for i in range(1, n):  # ties of the upper bits: few or none
-        v = a[i]
-        j = i - 1
-        while j >= 0 and a[j] > v:
-            a[j + 1] = a[j]
-            j -= 1
-        a[j + 1] = v
-    return a
-
-
-@njit
-def _sort_pairs(vals: np.ndarray, rows: np.ndarray, tv: np.ndarray, tr: np.ndarray, descending: bool) -> None:
-    """Stable sort of positive finite ``vals`` (ascending, or descending), ``rows`` moved alongside: the order of
-    ``np.argsort(vals or -vals, kind="mergesort")``. LSD radix (8-bit digits) of the upper 32 bits of the IEEE
-    pattern (complemented when descending), then a stable insertion pass for values sharing those bits."""
-    n = vals.shape[0]
-    if n < 2:
-        return
-    flip = np.uint64(0xFFFFFFFF) if descending else np.uint64(0)
-    hist = np.zeros((4, 257), dtype=np.int64)
-    bits = vals.view(np.uint64)
-    for i in range(n):
-        k = (bits[i] >> np.uint64(32)) ^ flip
-        for p in range(4):
-            hist[p, ((k >> np.uint64(8 * p)) & np.uint64(255)) + 1] += 1
-    sv, sr, dv, dr = vals, rows, tv[:n], tr[:n]
-    passes = 0
-    for p in range(4):
-        if hist[p, 1:].max() == n:
-            continue
-        for d in range(256):
-            hist[p, d + 1] += hist[p, d]
-        sb = sv.view(np.uint64)
-        for i in range(n):
-            dg = (((sb[i] >> np.uint64(32)) ^ flip) >> np.uint64(8 * p)) & np.uint64(255)
-            at = hist[p, dg]
-            dv[at] = sv[i]
-            dr[at] = sr[i]
-            hist[p, dg] = at + 1
-        sv, sr, dv, dr = dv, dr, sv, sr
-        passes += 1
-    if passes % 2 == 1:
-        vals[:] = sv
-        rows[:] = sr
-    for i in range(1, n):
-        v = vals[i]
-        r = rows[i]
-        j = i - 1
-        while j >= 0 and ((vals[j] < v) if descending else (vals[j] > v)):
-            vals[j + 1] = vals[j]
-            rows[j + 1] = rows[j]
-            j -= 1
-        vals[j + 1] = v
-        rows[j + 1] = r
-
-
-@njit
-def duration_groups(bin_dur: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(bounds, starts)`` of 2D bins sorted by (duration, tokens): the distinct duration bounds ``[U]`` and the
-    first bin of each ``[U + 1]`` (``starts[U] == K``), for :func:`bucket_2d`."""
-    k = bin_dur.shape[0]
-    bounds = np.empty(k, dtype=np.float64)
-    starts = np.empty(k + 1, dtype=np.int64)
-    u = 0
-    for j in range(k):
-        if j == 0 or bin_dur[j] != bin_dur[j - 1]:
-            bounds[u] = bin_dur[j]
-            starts[u] = j
-            u += 1
-    starts[u] = k
-    return bounds[:u].copy(), starts[: u + 1].copy()
-
-
-@njit
-def bucket_2d(d: np.float64, t: np.float64, bounds: np.ndarray, starts: np.ndarray, bin_tok: np.ndarray,
-              strict: bool):
-    """``(bucket, promoted)`` of one cut of ``d`` seconds and ``t`` tokens in 2D bins sorted by (duration, tokens)
-    (``bounds``/``starts`` from :func:`duration_groups`, ``bin_tok`` the token bounds): the first bin of the first
-    duration bound ``>= d`` whose token bound ``>= t``; else ``-1`` with ``strict``, or the next larger bin whose
-    token bound holds ``t`` (promoted); ``-1`` when none does. The rule of
-    :func:`native.duration.assign_buckets_2d`, one cut at a time, with branch-free counts where it can (a few
-    buckets: faster than bisection)."""
-    nu = bounds.shape[0]
-    u = 0
-    for i in range(nu):
-        u += bounds[i] < d
-    if u == nu:
-        return -1, False
-    a = starts[u]
-    e = starts[u + 1]
-    j = a
-    for i in range(a, e):  # token bounds ascend within a duration bound
-        j += bin_tok[i] < t
-    if j < e:
-        return j, False
-    if strict:
-        return -1, False
-    k = bin_tok.shape[0]
-    while j < k:
-        if bin_tok[j] >= t:
-            return j, True
-        j += 1
-    return -1, False
+__all__ = ["WINDOW_STATS", "duration_window_batches", "duration_window_sizes"]
 
 
 @njit
@@ -228,7 +93,6 @@ def _duration_window(dur: np.ndarray, tok: np.ndarray, w: np.int64, n: np.int64,
     nbk = bin_tok.shape[0] if two_d else bins.shape[0] + 1
     bk = np.empty(at, dtype=np.int64)
     starts = np.zeros(nbk + 1, dtype=np.int64)
-    nbins = bins.shape[0]
     outside = 0
     promoted = 0
     ubounds, ustarts = duration_groups(bins if two_d else bins[:0])
@@ -244,9 +108,7 @@ def _duration_window(dur: np.ndarray, tok: np.ndarray, w: np.int64, n: np.int64,
                 continue
             promoted += moved
         else:
-            lo = 0
-            for j in range(nbins):  # branch-free count of the bounds below d (few buckets: faster than bisection)
-                lo += bins[j] < d
+            lo = bucket_1d(d, bins)
         bk[t] = lo
         starts[lo + 1] += 1
     for b in range(nbk):
@@ -265,73 +127,31 @@ def _duration_window(dur: np.ndarray, tok: np.ndarray, w: np.int64, n: np.int64,
         elif two_d:
             srows[pos[b]] = np.int64(toks[t])
         pos[b] += 1
-    sizes = np.empty(max(kept, 1), dtype=np.int64)
-    groups = np.empty(max(kept, 1), dtype=np.int64)
-    tmp = np.empty(kept, dtype=np.float64)
-    tmpr = np.empty(kept if track else 0, dtype=np.int64)
-    nb = 0
+    # the shared chunk sort (up, down, ...) and cut (native.sorted_cuts), then the batches' statistics in order
+    offsets, groups = sort_cut(svals, srows, track, starts, chunk_rows, True, caps, max_duration, quad)
+    nb = offsets.shape[0] - 1
     real = 0.0
     padded = 0.0
     top = 0.0
     real_tok = 0.0
     padded_tok = 0.0
-    for b in range(nbk):
-        s = starts[b]
-        e = starts[b + 1]
-        if e == s:
-            continue
-        cw = chunk_rows[b]
-        if cw > 1:
-            c = 0
-            for cs in range(s, e, cw):
-                ce = min(cs + cw, e)
-                if track:
-                    _sort_pairs(svals[cs:ce], srows[cs:ce], tmp, tmpr, c % 2 == 1)
-                else:
-                    _sort_positive(svals[cs:ce], tmp)
-                    if c % 2 == 1:
-                        m = ce - cs
-                        for t in range(m // 2):
-                            x = svals[cs + t]
-                            svals[cs + t] = svals[ce - 1 - t]
-                            svals[ce - 1 - t] = x
-                c += 1
-        capb = caps[b]
-        cur_n = 0
+    for j in range(nb):
         cur_max = 0.0
         cur_tok = 0.0
-        for t in range(s, e):
+        for t in range(offsets[j], offsets[j + 1]):
             d = svals[t]
             real += d
-            if d > top:
-                top = d
-            m = d if d > cur_max else cur_max
-            cost = m + m * m / quad if quad > 0 else m
-            tk = 0.0
+            top = d if d > top else top
+            cur_max = d if d > cur_max else cur_max
             if two_d:
                 tk = np.float64(tok[srows[t]]) if with_rows else np.float64(srows[t])
-            real_tok += tk
-            if cur_n > 0 and ((cur_n + 1) * cost > max_duration or cur_n + 1 > capb):
-                sizes[nb] = cur_n
-                groups[nb] = b
-                padded += cur_n * cur_max
-                padded_tok += cur_n * cur_tok
-                nb += 1
-                cur_n = 1
-                cur_max = d
-                cur_tok = tk
-            else:
-                cur_n += 1
-                cur_max = m
+                real_tok += tk
                 cur_tok = tk if tk > cur_tok else cur_tok
-        sizes[nb] = cur_n
-        groups[nb] = b
-        padded += cur_n * cur_max
-        padded_tok += cur_n * cur_tok
-        nb += 1
+        padded += (offsets[j + 1] - offsets[j]) * cur_max
+        padded_tok += (offsets[j + 1] - offsets[j]) * cur_tok
     stats = np.array([np.float64(dropped), real, padded, dropped_sec, top, np.float64(outside), np.float64(promoted),
                       real_tok, padded_tok])
-    return srows if with_rows else srows[:0], sizes[:nb].copy(), groups[:nb].copy(), stats
+    return srows if with_rows else srows[:0], np.diff(offsets), groups, stats
 
 
 #: columns of the counting pass's per-window statistics (see :func:`duration_window_sizes`)
@@ -404,7 +224,7 @@ def duration_window_sizes(durations: NDArray, w0: int, w1: int, *, block: int, p
     bucket sorted in chunks of ``chunk_rows[b]`` rows (alternately up and down) and cut greedily under
     ``n * cost(max) <= max_duration`` and ``n <= caps[b]``, as :func:`native.duration.bucket_batches` cuts a
     bucket. The bucket is the 1D bucket of ``bins`` (``[K-1]`` bounds), or with ``output_lengths`` the 2D bucket of
-    ``bins`` (``[K, 2]`` rows ``(max_duration, max_tokens)``) by :func:`bucket_2d`: cuts no bucket holds (with
+    ``bins`` (``[K, 2]`` rows ``(max_duration, max_tokens)``) by :func:`native.buckets.bucket_2d`: cuts no bucket holds (with
     ``strict_2d``, any whose tokens exceed their duration bin's sub-buckets) are left out and counted.
 
     Args:

@@ -18,6 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from native._config import njit
+from native.buckets import bucket_1d
 
 __all__ = ["BAD_GROUP", "BAD_SIZE", "BIG_GROUP", "scan_buckets", "scan_groups"]
 
@@ -73,7 +74,6 @@ def scan_groups(groups: NDArray, sizes: NDArray | None, counts: NDArray[np.int64
 @njit
 def _scan_buckets(values, bins, budget, quadratic, floor, counts, units, top, out, write):
     nb = bins.shape[0]
-    linear = nb <= 64
     for i in range(values.shape[0]):
         x = np.float64(values[i])
         if floor and x < 1.0:  # NaN stays NaN, as np.maximum(x, 1.0)
@@ -86,19 +86,7 @@ def _scan_buckets(values, bins, budget, quadratic, floor, counts, units, top, ou
             continue
         if not (np.isfinite(x) and x > 0.0):
             return i, BAD_SIZE
-        # np.searchsorted(bins, x, side="left"): the boundaries below x (a count without branches for few bins)
-        lo = 0
-        if linear:
-            for j in range(nb):
-                lo += bins[j] < x
-        else:
-            hi = nb
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if bins[mid] < x:
-                    lo = mid + 1
-                else:
-                    hi = mid
+        lo = bucket_1d(x, bins)  # np.searchsorted(bins, x, side="left"), the duration plans' 1D lookup
         counts[lo + 1] += 1
         units[lo + 1] += x
         if lo == nb and x > top[0]:

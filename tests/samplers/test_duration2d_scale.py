@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import samplers.duration as sd
 from native.duration import assign_buckets_2d
-from native.duration_windows import bucket_2d, duration_groups, duration_window_batches, duration_window_sizes
+from native.duration_windows import duration_window_batches, duration_window_sizes
 from tests.helpers import (assert_every_row_accounted, assert_sampler_resumes_exactly, elastic_resume,
                            elastic_segments, lazy_plan_ranks)
 from tests.samplers.test_duration_scale import durations_of, windowed_plans
@@ -254,20 +254,6 @@ def test_exact_2d_below_the_threshold():
 
 
 # ---- kernels ---------------------------------------------------------------------------------------------------
-@settings(max_examples=30, deadline=None)
-@given(n=st.integers(0, 400), k=st.integers(1, 8), strict=st.booleans(), seed=st.integers(0, 999))
-def test_bucket_2d_is_assign_buckets_2d(n, k, strict, seed):
-    rng = np.random.default_rng(seed)
-    d = rng.choice([1.0, 2.5, 4.0, 8.0], n) * rng.uniform(0.5, 1.5, n)
-    tok = rng.integers(0, 60, n)
-    bins = np.unique(np.column_stack([rng.choice([2.0, 4.0, 8.0], k), rng.choice([10.0, 20.0, 40.0], k)]), axis=0)
-    want_b, want_p = assign_buckets_2d(d, tok, bins, strict)
-    bounds, starts = duration_groups(bins[:, 0].copy())
-    got = [bucket_2d(float(x), float(t), bounds, starts, bins[:, 1].copy(), strict) for x, t in zip(d, tok)]
-    assert [g[0] for g in got] == want_b.tolist()
-    assert [bool(g[1]) for g in got] == want_p.tolist()
-
-
 def test_2d_window_kernel_counting_pass_agrees_with_rows():
     """The counting pass and the row pass of 2D windows give the same sizes and buckets; every cut is in one batch
     or counted (too long, outside the bins), and each batch's cuts have the batch's bucket."""

@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 
 import samplers.duration as sd
 from native.duration import duration_window_batches, duration_window_sizes
-from native.duration_windows import _sort_pairs, _sort_positive
 from tests.helpers import (assert_every_row_accounted, assert_sampler_resumes_exactly, elastic_resume,
                            elastic_segments, lazy_plan_ranks)
 
@@ -200,27 +199,6 @@ def test_window_kernel_matches_numpy_reference(n, chunk, seed):
         seen += rows.tolist()
     assert sorted(seen) == np.flatnonzero(d <= 60.0).tolist()
     assert int(stats[:, 0].sum()) == int((d > 60.0).sum())
-
-
-@settings(max_examples=30, deadline=None)
-@given(x=st.lists(st.floats(1e-6, 1e6), max_size=300), as32=st.booleans())
-def test_radix_sort_is_np_sort(x, as32):
-    a = np.array(x, dtype=np.float32 if as32 else np.float64).astype(np.float64)
-    y = a.copy()
-    _sort_positive(y, np.empty(len(y)))
-    assert y.tolist() == np.sort(a).tolist()
-
-
-@settings(max_examples=30, deadline=None)
-@given(x=st.lists(st.sampled_from([0.5, 1.0, 2.25, 7.0]) | st.floats(1e-6, 1e6), max_size=300),
-       as32=st.booleans(), descending=st.booleans())
-def test_radix_pair_sort_is_a_stable_argsort(x, as32, descending):
-    a = np.array(x, dtype=np.float32 if as32 else np.float64).astype(np.float64)
-    rows = np.arange(len(a), dtype=np.int64)[::-1].copy()
-    order = np.argsort(-a if descending else a, kind="mergesort")
-    v, r = a.copy(), rows.copy()
-    _sort_pairs(v, r, np.empty(len(a)), np.empty(len(a), np.int64), descending)
-    assert v.tolist() == a[order].tolist() and r.tolist() == rows[order].tolist()
 
 
 # ---- parts: group_steps / regroup_in_order on (source batch, offset, size) ---------------------------------------
