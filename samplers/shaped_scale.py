@@ -44,19 +44,8 @@ from numpy.typing import NDArray
 
 from native.shaped_scan import BAD_GROUP, BIG_GROUP, scan_buckets, scan_groups
 from samplers.base import digest_array
-from samplers.plan_cache import (
-    KEEP_BIG_FILES,
-    PlanCache,
-    StalePlanCache,
-    cache_dir,
-    file_identity,
-    lock_path,
-    locked,
-    prune_files,
-    source_id,
-    spot_positions,
-    write_mapped,
-)
+from samplers.plan_cache import (KEEP_BIG_FILES, PlanCache, StalePlanCache, cache_dir, file_identity, lock_path,
+                                  locked, prune_files, source_id, spot_positions, write_mapped)
 
 __all__ = ["EXACT_MAX_ROWS", "MAX_GROUP", "SAMPLE_ROWS", "SCAN_ROWS", "RowSource", "RowsIndex",
            "at_scale", "estimated_bins", "group_file", "groups_source", "present_groups_of", "rows_index", "scan",

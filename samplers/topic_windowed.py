@@ -48,19 +48,8 @@ from native.topic_sort import (
     scatter_rows,
 )
 from samplers.plan import digest_array
-from samplers.plan_cache import (
-    KEEP_BIG_FILES,
-    PlanCache,
-    StalePlanCache,
-    cache_dir,
-    file_identity,
-    lock_path,
-    locked,
-    prune_files,
-    source_id,
-    spot_positions,
-    write_mapped,
-)
+from samplers.plan_cache import (KEEP_BIG_FILES, PlanCache, StalePlanCache, cache_dir, file_identity, lock_path,
+                                  locked, prune_files, source_id, spot_positions, write_mapped)
 
 __all__ = [
     "MAX_CLUSTER_ID",
