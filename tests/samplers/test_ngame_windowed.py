@@ -34,6 +34,7 @@ from tests.helpers import (
     free_port,
     lazy_plan_ranks,
 )
+from tests.samplers.test_ngame import train  # the toy training loop that writes the bank from each batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 N = 100_000
@@ -203,24 +204,6 @@ def test_resumes_exactly_with_constructor_embeddings(tmp_path):
         return NGAMEBatchSampler(n, batch_size=64, cluster_size=16, refresh_every=1, warmup_epochs=1, seed=7,
                                  embeddings=EMB[:n], bank_path=tmp_path / "b.npy")
     assert_sampler_resumes_exactly(mk, epochs=2, steps=[0, 1, 20, 46, 47])
-
-
-def train(s, emb, epochs, stop_at=None):
-    """The toy loop of test_ngame.py: writes the bank from each batch (drifting with the epoch); stops after
-    ``stop_at = (epoch, batches)``."""
-    out = []
-    for e in epochs:
-        s.set_epoch(e)
-        done = s.state_dict()["batches_yielded"]
-        if stop_at == (e, done):
-            return out
-        for b in s:
-            out.append(b.copy())
-            s.update_embeddings(b, emb[b] * (1 + e) + np.sin(e * emb[b][:, ::-1]))
-            done += 1
-            if stop_at == (e, done):
-                return out
-    return out
 
 
 FRESH = """

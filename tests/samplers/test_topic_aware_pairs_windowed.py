@@ -18,14 +18,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import chisquare
 
-import samplers.topic_aware as ta
 import samplers.topic_pairs as tp
-import samplers.topic_windowed as tw
 from native.tas import bin_table, draw_own_pairs, draw_pairs, margin_bins
 from native.topic_sort import count_kept_ids, scatter_kept_rows
 from samplers import PairTable, PlanWarning, TopicAwareBatchSampler
 from samplers.plan_cache import file_identity
 from tests.helpers import assert_exactly_once, assert_sampler_resumes_exactly
+from tests.samplers.test_topic_aware_windowed import build as build_plain
+from tests.samplers.test_topic_aware_windowed import plan_windowed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 N = 100_000
@@ -51,21 +51,12 @@ NO_PAIRS = int((PAIRS.counts() == 0).sum())
 
 
 def build(cl, pairs, windowed: bool, **kw) -> TopicAwareBatchSampler:
-    saved = ta.EXACT_MAX_ROWS
-    ta.EXACT_MAX_ROWS = 0 if windowed else 1 << 62
-    try:
-        s = TopicAwareBatchSampler(cl, pairs=pairs, **kw)
-    finally:
-        ta.EXACT_MAX_ROWS = saved
-    assert s.windowed == windowed
-    return s
+    return build_plain(cl, windowed, pairs=pairs, **kw)
 
 
 @pytest.fixture
 def windowed(monkeypatch):
-    """Every sampler built in the test plans windowed, with small scan chunks (many chunk boundaries)."""
-    monkeypatch.setattr(ta, "EXACT_MAX_ROWS", 0)
-    monkeypatch.setattr(tw, "SCAN_ROWS", 4096)
+    plan_windowed(monkeypatch)
 
 
 # ---- side by side with the exact plan -------------------------------------------------------------------------

@@ -35,11 +35,15 @@ def build(cl, windowed: bool, **kw) -> TopicAwareBatchSampler:
     return s
 
 
-@pytest.fixture
-def windowed(monkeypatch):
+def plan_windowed(monkeypatch) -> None:
     """Every sampler built in the test plans windowed, with small scan chunks (many chunk boundaries)."""
     monkeypatch.setattr(ta, "EXACT_MAX_ROWS", 0)
     monkeypatch.setattr(tw, "SCAN_ROWS", 4096)
+
+
+@pytest.fixture
+def windowed(monkeypatch):
+    plan_windowed(monkeypatch)
 
 
 @pytest.mark.parametrize("bs, cpb, world, drop_last", [(64, 1, 1, False), (64, 3, 2, False), (5, 4, 3, False),
