@@ -19,6 +19,7 @@ import weakref
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -26,15 +27,14 @@ import pyarrow.fs as pafs
 import torch.utils.data
 from numpy.typing import NDArray
 
-from datapipe.batch import ShardRows
-from datapipe.dataset import ArrowDataset, Batch, Ragged, shard_from_batch
+from datapipe.dataset import ArrowDataset, Batch, shard_from_batch
 from datapipe.format import (MANIFEST, DatasetError, check_manifest, parse_json, schema_from_b64,
                              shard_starts, verify_buffer)
 from datapipe.remote_cache import ShardCache
+from datapipe.remote_gather import gather_shards
 from datapipe.remote_io import DEFAULT_TIMEOUT, download, read_object
 from datapipe.urls import join_key, resolve
 from native.ragged import locate_rows
-from native.shards import gather_flat, shard_row_offsets
 
 __all__ = ["RemoteArrowDataset"]
 
@@ -50,74 +50,11 @@ def _after_fork() -> None:  # another thread may hold a dataset's lock at fork t
 os.register_at_fork(after_in_child=_after_fork)
 
 
-class _Held:
+class _Held(NamedTuple):
     """A shard kept open: mapped from the cache (pinned while mapped) and its size in the cache."""
 
-    __slots__ = ("nbytes", "shard")
-
-    def __init__(self, shard, nbytes: int):
-        self.shard, self.nbytes = shard, nbytes
-
-
-def _gather(shards: list, which: NDArray[np.int64], local: NDArray[np.int64], idx: NDArray[np.int64],
-            schema: pa.Schema) -> Batch:
-    """A :class:`Batch` of row ``local[i]`` of ``shards[which[i]]`` for every ``i``, as ``ArrowDataset`` gathers
-    over its open shards: list columns lazily through :class:`ShardRows` (one kernel call per column, whatever the
-    number of shards), numeric columns by one kernel call, other columns (strings, nulls) through Arrow. The batch
-    holds ``shards`` (and so their maps) while it lives; its address tables are its own."""
-    B = len(idx)
-    cols: dict = {}
-    addrs = [_addresses(sh) for sh in shards]
-    for name in schema.names:
-        if all(name in sh.ragged for sh in shards):
-            off0, val0 = shards[0].ragged[name]
-            if all(sh.ragged[name][0].dtype == off0.dtype and sh.ragged[name][1].dtype == val0.dtype
-                   for sh in shards):
-                oa = np.array([a[name][0] for a in addrs], dtype=np.int64)
-                va = np.array([a[name][1] for a in addrs], dtype=np.int64)
-                offsets = np.empty(B + 1, dtype=np.int64)
-                shard_row_offsets(oa, which, local, off0, offsets)
-                cols[name] = Ragged(None, offsets, shards=ShardRows(oa, va, which, local, off0, val0, shards, name))
-                continue
-        elif all(name in sh.flat for sh in shards):
-            col0 = shards[0].flat[name]
-            if all(sh.flat[name].dtype == col0.dtype and sh.flat[name].flags.c_contiguous for sh in shards):
-                addr = np.array([a[name] for a in addrs], dtype=np.int64)
-                out = np.empty(B, dtype=col0.dtype)
-                gather_flat(addr, which, local, col0, out)
-                cols[name] = out
-                continue
-        cols[name] = _generic(shards, which, local, name)
-    return Batch(cols, B, idx)
-
-
-def _addresses(sh) -> dict:
-    """Column -> buffer address(es) of a shard (offsets and values of a list column; a numeric column's data),
-    computed once per shard object."""
-    got = getattr(sh, "_remote_addresses", None)
-    if got is None:
-        got = {name: (off.ctypes.data, val.ctypes.data) for name, (off, val) in sh.ragged.items()}
-        got.update((name, col.ctypes.data) for name, col in sh.flat.items())
-        sh._remote_addresses = got
-    return got
-
-
-def _generic(shards: list, which: NDArray[np.int64], local: NDArray[np.int64], name: str):
-    """One column through Arrow: a numpy array when every value is a number and none is null, else a list."""
-    parts = [sh.batch.column(name).take(pa.array(local[which == j])) for j, sh in enumerate(shards)]
-    col = pa.concat_arrays(parts) if len(parts) > 1 else parts[0]
-    order = np.argsort(which, kind="stable")  # concat order: by shard, batch order within a shard
-    inverse = np.empty(len(order), dtype=np.int64)
-    inverse[order] = np.arange(len(order))
-    col = col.take(pa.array(inverse))
-    t = col.type
-    if (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)) and col.null_count == 0:
-        return col.to_numpy(zero_copy_only=False)
-    if (pa.types.is_list(t) or pa.types.is_large_list(t)) and col.null_count == 0 and (
-            pa.types.is_integer(t.value_type) or pa.types.is_floating(t.value_type)) and col.values.null_count == 0:
-        off = col.offsets.to_numpy().astype(np.int64)
-        return Ragged(col.values.to_numpy()[off[0]:off[-1]], off - off[0])
-    return col.to_pylist()
+    shard: object
+    nbytes: int
 
 
 class RemoteArrowDataset(ArrowDataset):
@@ -217,13 +154,9 @@ class RemoteArrowDataset(ArrowDataset):
         """Bytes of shards this process keeps open between batches (``None``: every touched shard)."""
         pid = os.getpid()
         if self._budget[0] != pid:  # a DataLoader worker shares the default with its siblings
-            if self.keep_open is not None:
-                budget = int(self.keep_open)
-            elif self.cache.limit is None:
-                budget = None
-            else:
-                info = torch.utils.data.get_worker_info()
-                budget = self.cache.limit // 2 // max(1, info.num_workers if info is not None else 1)
+            info = torch.utils.data.get_worker_info()
+            budget = (int(self.keep_open) if self.keep_open is not None else None if self.cache.limit is None
+                      else self.cache.limit // 2 // max(1, info.num_workers if info is not None else 1))
             self._budget = (pid, budget)
         return self._budget[1]
 
@@ -340,9 +273,6 @@ class RemoteArrowDataset(ArrowDataset):
                     return held, None
         return None, held.shard  # no room among the open shards: read once, its pin dropped with the batch's copy
 
-    def _shard(self, s: int):
-        raise NotImplementedError("remote shards are read through the cache (__getitems__)")
-
     def close(self) -> None:
         """Let go of the open shards (their pins go with the last batch that reads them) and stop prefetching."""
         self.stop_prefetch()
@@ -394,7 +324,7 @@ class RemoteArrowDataset(ArrowDataset):
         return buf, fd
 
     def _shard(self, s: int):
-        raise NotImplementedError("remote shards are read through the cache (__getitems__), not kept open")
+        raise NotImplementedError("remote shards are opened through the cache by __getitems__ (and kept open there)")
 
     # ---- rows ---------------------------------------------------------------------------------------------
     def __getitem__(self, i: int) -> dict:
@@ -455,7 +385,7 @@ class RemoteArrowDataset(ArrowDataset):
                                          name=f"rows of {self._url_of(self.manifest['shards'][need[j]]['file'])}")
             copied[pos] = np.arange(len(pos), dtype=np.int64)
             del sh, taken
-        return _gather(shards, which.astype(np.int64, copy=False), local if copied is None else copied, idx,
+        return gather_shards(shards, which.astype(np.int64, copy=False), local if copied is None else copied, idx,
                        self.schema)
 
     # ---- prefetch -----------------------------------------------------------------------------------------
