@@ -7,12 +7,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
+import pyarrow as pa
 from numpy.typing import NDArray
 
 from native.ragged import gather_values
 from native.shards import gather_shard_values
 
-__all__ = ["Batch", "Ragged", "ShardRows"]
+__all__ = ["Batch", "Ragged", "ShardRows", "is_numeric", "is_numeric_list"]
 
 
 class ShardRows:
@@ -146,3 +147,17 @@ class Batch(dict):
 
     def __reduce__(self):
         return (Batch, (dict(self), self.num_rows, self.indices))
+
+
+def is_numeric(col) -> bool:
+    """An Arrow column of integers, floats or booleans without nulls: gathered as a numpy array."""
+    t = col.type
+    return (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)) and col.null_count == 0
+
+
+def is_numeric_list(col) -> bool:
+    """An Arrow list column of integers or floats without a null list or value: gathered as :class:`Ragged`."""
+    t = col.type
+    return ((pa.types.is_list(t) or pa.types.is_large_list(t)) and col.null_count == 0
+            and (pa.types.is_integer(t.value_type) or pa.types.is_floating(t.value_type))
+            and col.values.null_count == 0)

@@ -23,8 +23,8 @@ import torch.utils.data
 from numpy.typing import NDArray
 
 from datapipe import urls
-from datapipe.batch import Batch, Ragged, ShardRows
-from datapipe.format import (INDEX_FILE, MANIFEST, DatasetError, read_manifest, schema_from_b64,
+from datapipe.batch import Batch, Ragged, ShardRows, is_numeric, is_numeric_list
+from datapipe.format import (MANIFEST, DatasetError, check_list_offsets, corrupt_file, read_manifest, schema_from_b64,
                              shard_starts, verify_buffer)
 from native.ragged import gather_lengths, locate_rows, row_offsets
 from native.shards import gather_flat, shard_row_offsets
@@ -37,25 +37,6 @@ VERIFY_MODES = ("first_touch", "never")
 # files whose checksum this process has verified: (path, inode, size, mtime, checksum). A forked DataLoader worker
 # inherits it (same files, same maps); a spawned one verifies what it touches itself.
 _VERIFIED: set[tuple] = set()
-
-
-def _corrupt(path: Path, what: str) -> DatasetError:
-    return DatasetError(f"{path}: {what}; the file is truncated or corrupt: rebuild the dataset (or restore the file)")
-
-
-def _check_ragged(path: Path, name: str, offsets: NDArray, num_values: int, rows: int) -> None:
-    """Offsets of a list column must be ``rows + 1`` non-decreasing positions inside the values buffer: checked
-    before any kernel reads through them, so a damaged file is an error and never an out-of-bounds read."""
-    if len(offsets) != rows + 1:
-        raise _corrupt(path, f"column {name!r}: {len(offsets)} list offsets for {rows} rows")
-    if rows == 0:
-        return
-    if offsets[0] < 0 or offsets[-1] > num_values:
-        raise _corrupt(path, f"column {name!r}: list offsets span [{int(offsets[0])}, {int(offsets[-1])}] outside "
-                             f"the {num_values} values")
-    drops = np.flatnonzero(offsets[1:] < offsets[:-1])
-    if len(drops):
-        raise _corrupt(path, f"column {name!r}, row {int(drops[0])}: list offsets decrease")
 
 
 def check_size(path: Path, meta: dict, *, what: str = "shard", fix: str = "rebuild the dataset") -> os.stat_result:
@@ -126,7 +107,7 @@ def open_ipc(path: Path, meta: dict, *, verify: str, what: str = "shard") -> pa.
                 [], schema=table.schema)
         batch.validate(full=True)
     except (pa.ArrowException, OSError, IndexError) as e:
-        raise _corrupt(path, f"cannot read the {what} ({type(e).__name__}: {e})") from None
+        raise corrupt_file(path, f"cannot read the {what} ({type(e).__name__}: {e})") from None
     return batch
 
 
@@ -147,13 +128,11 @@ class _Shard:
         self.ragged: dict[str, tuple[NDArray, NDArray]] = {}
         self.flat: dict[str, NDArray] = {}
         for name, col in zip(self.batch.schema.names, self.batch.columns):
-            t = col.type
-            if (pa.types.is_list(t) or pa.types.is_large_list(t)) and col.null_count == 0 and (
-                    pa.types.is_integer(t.value_type) or pa.types.is_floating(t.value_type)) and col.values.null_count == 0:
+            if is_numeric_list(col):
                 offsets, values = col.offsets.to_numpy(), col.values.to_numpy()
-                _check_ragged(path, name, offsets, len(values), rows)
+                check_list_offsets(path, name, offsets, len(values), rows)
                 self.ragged[name] = (offsets, values)
-            elif (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)) and col.null_count == 0:
+            elif is_numeric(col):
                 self.flat[name] = col.to_numpy(zero_copy_only=False)
 
 
@@ -462,11 +441,11 @@ class ArrowDataset(torch.utils.data.Dataset):
             raise DatasetError(f"{p}: {batch.num_rows} rows but the dataset has {len(self)}; rebuild the dataset")
         expected = list(self.manifest.get("index_columns") or batch.schema.names)
         if batch.schema.names != expected:
-            raise _corrupt(p, f"columns {batch.schema.names} differ from the manifest's index columns {expected}")
+            raise corrupt_file(p, f"columns {batch.schema.names} differ from the manifest's index columns {expected}")
         index = {}
         for n, col in zip(batch.schema.names, batch.columns):
             if col.null_count:
-                raise _corrupt(p, f"column {n!r} has {col.null_count} nulls")
+                raise corrupt_file(p, f"column {n!r} has {col.null_count} nulls")
             index[n] = col.to_numpy(zero_copy_only=False)
         return index
 
@@ -505,7 +484,3 @@ class ArrowDataset(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         return f"ArrowDataset({str(self.path)!r}, rows={len(self)}, shards={self.num_shards}, columns={self.column_names})"
-
-
-def _index_file(path: Path) -> Path:  # used by tools that read only the index
-    return path / INDEX_FILE

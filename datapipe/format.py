@@ -210,6 +210,26 @@ def shard_starts(manifest: dict, where: object) -> NDArray[np.int64]:
                            "manifest is damaged: rebuild the dataset")
     return starts
 
+def corrupt_file(path, what: str) -> DatasetError:
+    """The error for a damaged file: ``path``, what is wrong, and the fix."""
+    return DatasetError(f"{path}: {what}; the file is truncated or corrupt: rebuild the dataset (or restore the file)")
+
+
+def check_list_offsets(path, name: str, offsets: NDArray, num_values: int, rows: int) -> None:
+    """Offsets of a list column must be ``rows + 1`` non-decreasing positions inside the values buffer: checked
+    before any kernel reads through them, so a damaged file is an error and never an out-of-bounds read."""
+    if len(offsets) != rows + 1:
+        raise corrupt_file(path, f"column {name!r}: {len(offsets)} list offsets for {rows} rows")
+    if rows == 0:
+        return
+    if offsets[0] < 0 or offsets[-1] > num_values:
+        raise corrupt_file(path, f"column {name!r}: list offsets span [{int(offsets[0])}, {int(offsets[-1])}] outside "
+                             f"the {num_values} values")
+    drops = np.flatnonzero(offsets[1:] < offsets[:-1])
+    if len(drops):
+        raise corrupt_file(path, f"column {name!r}, row {int(drops[0])}: list offsets decrease")
+
+
 def read_manifest(path: str | os.PathLike) -> dict:
     """Read and check a dataset directory's manifest: JSON, format, its own digest, the shape of every entry.
 

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 from numpy.typing import NDArray
 
-from datapipe.batch import Batch, Ragged, ShardRows
+from datapipe.batch import Batch, Ragged, ShardRows, is_numeric, is_numeric_list
 from native.shards import gather_flat, shard_row_offsets
 
 __all__ = ["gather_shards", "generic_column", "shard_addresses"]
@@ -64,11 +64,9 @@ def generic_column(shards: list, which: NDArray[np.int64], local: NDArray[np.int
     inverse = np.empty(len(order), dtype=np.int64)
     inverse[order] = np.arange(len(order))
     col = col.take(pa.array(inverse))
-    t = col.type
-    if (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)) and col.null_count == 0:
+    if is_numeric(col):
         return col.to_numpy(zero_copy_only=False)
-    if (pa.types.is_list(t) or pa.types.is_large_list(t)) and col.null_count == 0 and (
-            pa.types.is_integer(t.value_type) or pa.types.is_floating(t.value_type)) and col.values.null_count == 0:
+    if is_numeric_list(col):
         off = col.offsets.to_numpy().astype(np.int64)
         return Ragged(col.values.to_numpy()[off[0]:off[-1]], off - off[0])
     return col.to_pylist()
