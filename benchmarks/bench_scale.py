@@ -32,10 +32,12 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from scale_common import Peak, anon_kb, metadata_file, replace_section  # noqa: E402
+from scale_common import Peak, anon_kb, fresh, metadata_file, replace_section  # noqa: E402
 from scale_decompose import DECOMPOSE_HEADING, decompose_case, run_decompose_section  # noqa: E402
-from scale_ngame import make_ngame, warm_up_ngame  # noqa: E402
-from scale_topic_pairs import make_topic_pairs, warm_up_topic_pairs  # noqa: E402
+from scale_ngame import make_ngame  # noqa: E402
+from scale_topic_pairs import make_topic_pairs  # noqa: E402
+from scale_more import MORE_HEADING, MORE_KINDS, write_more_section  # noqa: E402
+from scale_warmup import SHAPED_SHARES, warm_up  # noqa: E402
 
 #: the issue's table (main before issue 15): (first batch s, peak) at 1e8, and 1e9
 OLD = {
@@ -87,8 +89,6 @@ def cluster_ids_file(n: int, tmp: Path) -> Path:
     return path
 
 
-#: the ``shaped`` kind: three domains' int32 length files (shares of the rows) and the constant mixture over them
-SHAPED_SHARES = {"web": 0.4, "code": 0.4, "math": 0.2}
 
 
 def shaped_lengths(n: int, tmp: Path) -> list:
@@ -146,95 +146,6 @@ def make(kind: str, n: int, tmp: Path):
         return lambda: samplers.DurationBucketSampler(durations, max_duration=600.0, num_buckets=30,
                                                       output_lengths=tokens, **kw)
     return lambda: samplers.DurationBucketSampler(durations, max_duration=600.0, num_buckets=30, **kw)
-
-
-def warm_up(kind: str) -> None:
-    """Load the kernels (compiled code, numba's own memory) on a tiny input of the same dtypes, both paths, so a
-    case measures its plan, not the JIT."""
-    if kind.startswith("ngame"):
-        warm_up_ngame(kind)
-    if kind == "topic_pairs":
-        warm_up_topic_pairs()
-    import samplers
-    import samplers.random as sr
-    import samplers.token_budget as tb
-
-    saved = sr.EXACT_MAX_ROWS, tb.EXACT_MAX_ROWS
-    for limit in (0, 1 << 62):
-        sr.EXACT_MAX_ROWS, tb.EXACT_MAX_ROWS = limit, limit
-        if kind == "random":
-            next(iter(samplers.RandomBatchSampler(5000, 64, seed=1, rank=3, world_size=8)))
-        elif kind == "token_budget":
-            lengths = np.arange(5000, dtype=np.int32) % 300 + 1
-            next(iter(samplers.TokenBudgetBatchSampler(lengths, max_tokens=4096, seed=1, rank=3, world_size=8)))
-    sr.EXACT_MAX_ROWS, tb.EXACT_MAX_ROWS = saved
-    if kind == "topic":
-        import samplers.topic_aware as ta
-
-        ids = (np.arange(5000) % 37).astype(np.int32)
-        saved = ta.EXACT_MAX_ROWS
-        for limit in (0, 1 << 62):
-            ta.EXACT_MAX_ROWS = limit
-            next(iter(samplers.TopicAwareBatchSampler(ids, batch_size=64, seed=1, rank=3, world_size=8)))
-        ta.EXACT_MAX_ROWS = saved
-    if kind == "packed":
-        import samplers.packing as sp
-
-        d = (np.arange(5000, dtype=np.float32) % 30 + 1).astype(np.float32)
-        saved = sp.EXACT_MAX_ROWS
-        for limit in (0, 1 << 62):
-            sp.EXACT_MAX_ROWS = limit
-            next(iter(samplers.PackedDurationSampler(d, max_duration=600.0, seed=1, rank=3, world_size=8)))
-        sp.EXACT_MAX_ROWS = saved
-    if kind == "duration":
-        import samplers.duration as sd
-
-        d = (np.arange(5000, dtype=np.float32) % 30 + 1).astype(np.float32)
-        saved = sd.EXACT_MAX_ROWS
-        for limit in (0, 1 << 62):
-            sd.EXACT_MAX_ROWS = limit
-            next(iter(samplers.DurationBucketSampler(d, max_duration=600.0, num_buckets=30, seed=1, rank=3,
-                                                     world_size=8)))
-        sd.EXACT_MAX_ROWS = saved
-    if kind == "shaped":
-        import samplers.shaped_scale as ssc
-        from mixtures.schedules import Constant
-
-        lengths = [(np.arange(3000, dtype=np.int32) * (d + 7)) % 500 + 1 for d in range(3)]
-        for a in lengths:
-            a.setflags(write=False)  # typed as the read-only memory maps are
-        saved = ssc.EXACT_MAX_ROWS
-        for limit in (0, 1 << 62):
-            ssc.EXACT_MAX_ROWS = limit
-            next(iter(samplers.ShapedMixtureBatchSampler.from_lengths(
-                lengths, Constant(SHAPED_SHARES), max_tokens=4096, total_steps=100, seed=1, rank=3, world_size=8)))
-        ssc.EXACT_MAX_ROWS = saved
-    if kind == "duration2d":
-        import samplers.duration as sd
-
-        d = (np.arange(5000, dtype=np.float32) % 30 + 1).astype(np.float32)
-        tok = (np.arange(5000, dtype=np.int32) % 97 + 1).astype(np.int32)
-        d.setflags(write=False)  # typed as the read-only memory maps are
-        tok.setflags(write=False)
-        saved = sd.EXACT_MAX_ROWS
-        for limit in (0, 1 << 62):
-            sd.EXACT_MAX_ROWS = limit
-            next(iter(samplers.DurationBucketSampler(d, max_duration=600.0, num_buckets=30, output_lengths=tok,
-                                                     seed=1, rank=3, world_size=8)))
-        sd.EXACT_MAX_ROWS = saved
-    if kind == "decomposed":
-        from types import SimpleNamespace
-
-        import samplers.decomposed as sdec
-
-        log2 = (np.arange(20000) % 6 + 8).astype(np.int8)
-        log2.setflags(write=False)  # typed as the read-only memory map is
-        saved = sdec.EXACT_MAX_SEQUENCES
-        for limit in (0, 1 << 62):
-            sdec.EXACT_MAX_SEQUENCES = limit
-            next(iter(samplers.DecomposedBatchSampler(SimpleNamespace(sequence_log2=log2, max_log2=13),
-                                                      tokens_per_batch=2**17, seed=1, rank=3, world_size=8)))
-        sdec.EXACT_MAX_SEQUENCES = saved
 
 
 def run_case(kind: str, n: int, tmp: Path) -> dict:
@@ -478,50 +389,6 @@ def main() -> None:
 
 
 DURATION_HEADING = "## DurationBucketSampler at scale"
-MORE_HEADING = "## NGAME, TopicAware with pairs, 2D duration buckets and shaped mixtures at scale"
-#: the kinds of MORE_HEADING: what each builds
-MORE_KINDS = {
-    "ngame": "`NGAMEBatchSampler(n, batch_size=1024)`: a random epoch (before the first clustering; no bank)",
-    "ngame_clustered": "`NGAMEBatchSampler` in a clustered epoch (clusters of 16) from a rows-by-cluster file the "
-                       "benchmark writes and loads with `load_clusters` (a real 1e9 x d bank does not fit the disk)",
-    "topic_pairs": "`TopicAwareBatchSampler(ids, batch_size=1024, pairs=PairTable(...))`: 10,000 clusters, a "
-                   "memory-mapped pair table (`scale_topic_pairs.py`; pairs per query from "
-                   "`$DATAPIPE_BENCH_PAIRS_PER_QUERY`; denser tables at 1e8-3e8 queries are in `bench_tas_scale.md`)",
-    "duration2d": "`DurationBucketSampler(durations, max_duration=600.0, num_buckets=30, output_lengths=tokens)`: "
-                  "2D buckets over memory-mapped float32 durations and int32 output tokens",
-    "shaped": "`ShapedMixtureBatchSampler.from_lengths(...)`: three memory-mapped int32 length files (0.4 / 0.4 / 0.2 "
-              "of the rows), a constant mixture, `max_tokens=2**20`",
-}
-
-
-def pairs_env() -> str:
-    v = os.environ.get("DATAPIPE_BENCH_PAIRS_PER_QUERY")
-    return f"DATAPIPE_BENCH_PAIRS_PER_QUERY={v} " if v else ""
-
-
-def write_more_section(results: list[dict], args) -> None:
-    """Replace (or insert before '## Reading') the section of the MORE_KINDS samplers in ``--out``."""
-    load = os.getloadavg()[0]
-    lines = [MORE_HEADING, "",
-             f"Command: `{pairs_env()}.venv/bin/python benchmarks/bench_scale.py --more-section --sizes {args.sizes}` (run "
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, shared 2-core machine, load average {load:.0f} "
-             "at the end); world_size 8, rank 3; columns as in the first table.", ""]
-    lines += [f"- `{k}`: {v}" for k, v in MORE_KINDS.items()]
-    lines += ["", "| sampler | rows | construct (s) [CPU s] | first batch (s) | next 100 (s) | resume to batch 101 (s) | "
-              "2nd construct (s) | fresh process: construct / resume (s) | peak anon (MiB) | batches/rank |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        if "error" in r:
-            lines.append(f"| {r['kind']} | {r['rows']:.0e} | failed: {r['error']} | | | | | | | |")
-            continue
-        cpu = f" [{r['construct_cpu_s']:.1f}]" if "construct_cpu_s" in r else ""
-        lines.append(f"| {r['kind']} | {r['rows']:.0e} | {r['construct_s']:.2f}{cpu} | {r['first_batch_s']:.2f} | "
-                     f"{r['next_100_s']:.3f} | {r['resume_s']:.3f} | {r['construct2_s']:.2f} | {fresh(r)} | "
-                     f"{r['peak_anon_mib']:.0f} | {r['batches_per_rank']} |")
-    replace_section(Path(args.out), MORE_HEADING, lines, before="## Reading")
-    print(f"wrote {args.out}")
-
-
 def write_duration_section(results: list[dict], quality, args) -> None:
     """Replace (or insert before '## Reading') the DurationBucketSampler section of ``--out``, leaving the rest."""
     load = os.getloadavg()[0]
@@ -552,12 +419,6 @@ def write_duration_section(results: list[dict], quality, args) -> None:
                          f"{q['overlap']:.5f} | {q['expected']:.6f} |")
     replace_section(Path(args.out), DURATION_HEADING, lines, before="## Reading")
     print(f"wrote {args.out}")
-
-
-def fresh(r: dict) -> str:
-    if "fresh_error" in r:
-        return f"failed: {r['fresh_error']}"
-    return f"{r['fresh_construct_s']:.2f} / {r['fresh_resume_s']:.3f}" if "fresh_construct_s" in r else ""
 
 
 def write(results: list[dict], quality, args) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Peak", "anon_kb", "metadata_file", "replace_section"]
+__all__ = ["Peak", "anon_kb", "fresh", "metadata_file", "replace_section"]
 
 
 def anon_kb() -> int:
@@ -72,3 +72,9 @@ def replace_section(out: Path, heading: str, lines: list[str], before: str | Non
     at = text.find(before) if before else -1
     text = text[:at] + section + text[at:] if at >= 0 else text.rstrip("\n") + "\n\n" + section
     out.write_text(text.rstrip("\n") + "\n")
+
+
+def fresh(r: dict) -> str:
+    if "fresh_error" in r:
+        return f"failed: {r['fresh_error']}"
+    return f"{r['fresh_construct_s']:.2f} / {r['fresh_resume_s']:.3f}" if "fresh_construct_s" in r else ""
