@@ -30,6 +30,7 @@ ORDER = [
     ("DurationBucketSampler with 2D buckets: windowed vs exact (issue 15)", "bench_duration2d_scale.md"),
     ("Datasets on object storage: an epoch over S3 on loopback vs the local copy (issue 15)", "bench_remote.md"),
     ("Drop-in: PyTorch's own DataLoader test suite with datapipe.DataLoader (issue 18)", "dropin.md"),
+    ("Refactors within noise: the plan samplers of two revisions side by side (issue 14)", "bench_revisions.md"),
 ]
 
 

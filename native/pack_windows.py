@@ -25,6 +25,7 @@ from numpy.typing import NDArray
 
 from native._config import njit
 from native.rng import MASK63, mix_step, shuffle_from
+from native.sorted_cuts import sort_chunk
 from native.windows import take_window
 
 __all__ = ["MAX_KEYS", "bfd", "bfd_kernel", "index_new", "pack_scale", "pack_segments", "pack_window_batches",
@@ -175,43 +176,6 @@ def bfd_kernel(d: np.ndarray, capacity: np.float64, max_items: np.int64, scale: 
 
 
 @njit
-def _sort_desc(a: np.ndarray, tmp: np.ndarray) -> None:
-    """Sort positive finite float64 ``a`` in place, largest first (``tmp``: scratch of at least ``len(a)``): an LSD
-    radix sort of the IEEE bit patterns (monotone for positive values), 8-bit digits, skipping the digits every
-    value shares (durations read from float32 share their low three bytes), ~5x faster than a quicksort on the few
-    thousand durations of a sub-window."""
-    n = a.shape[0]
-    if n < 2:
-        return
-    src = a.view(np.uint64)
-    dst = tmp[:n].view(np.uint64)
-    hist = np.zeros((8, 256), dtype=np.int64)
-    for i in range(n):
-        k = ~src[i]  # complemented: ascending keys are descending values
-        for p in range(8):
-            hist[p, (k >> np.uint64(8 * p)) & np.uint64(255)] += 1
-    passes = 0
-    for p in range(8):
-        if hist[p].max() == n:
-            continue  # every value has this digit
-        acc = 0
-        for dg in range(256):
-            c = hist[p, dg]
-            hist[p, dg] = acc
-            acc += c
-        shift = np.uint64(8 * p)
-        for i in range(n):
-            v = src[i]
-            dg = ((~v) >> shift) & np.uint64(255)
-            dst[hist[p, dg]] = v
-            hist[p, dg] += 1
-        src, dst = dst, src
-        passes += 1
-    if passes % 2 == 1:  # the sorted values are in the scratch
-        a.view(np.uint64)[:] = src
-
-
-@njit
 def _window_cuts(durations: np.ndarray, w: np.int64, n: np.int64, block: np.int64, per_window: np.int64,
                  permute: bool, block_seed: np.uint64, prefix: np.uint64,
                  max_duration: np.float64) -> tuple[np.ndarray, np.ndarray, np.int64]:
@@ -271,12 +235,19 @@ def pack_segments(items: np.ndarray, d: np.ndarray, bounds: np.ndarray, capacity
     cnt = np.empty(m, dtype=np.int64)
     sec = np.empty(m, dtype=np.float64)
     total = 0
+    keys = np.empty(m, dtype=np.float64)
+    seg_all = np.empty(m, dtype=np.int64)
+    tk = np.empty(m, dtype=np.float64)
+    tr = np.empty(m, dtype=np.int64)
     for a, e in zip(bounds[:-1], bounds[1:]):
         if e == a:
             continue
-        order = np.argsort(-d[a:e], kind="mergesort")  # longest first; ties keep the given order
-        seg = items[a:e][order]
-        npacks = bfd_kernel(d[a:e][order], capacity, max_items, scale, bits, size, head, pack_of, cnt, sec)
+        dd = keys[: e - a]
+        seg = seg_all[: e - a]
+        dd[:] = d[a:e]
+        seg[:] = items[a:e]
+        sort_chunk(dd, seg, True, True, tk, tr)  # longest first; ties keep the given order
+        npacks = bfd_kernel(dd, capacity, max_items, scale, bits, size, head, pack_of, cnt, sec)
         pos = np.empty(npacks, dtype=np.int64)
         at = a
         for p in range(npacks):  # items placed pack by pack, in their order within the pack
@@ -319,6 +290,7 @@ def _window_sizes(durations: np.ndarray, w0: np.int64, w1: np.int64, n: np.int64
         cnt = np.empty(cap, dtype=np.int64)
         sec = np.empty(cap, dtype=np.float64)
         tmp = np.empty(cap, dtype=np.float64)
+        no_rows = np.empty(0, dtype=np.int64)
         for i in range(lane, k, lanes):
             _, d, dropped = _window_cuts(durations, w0 + i, n, block, per_window, permute, block_seed, prefix,
                                          max_duration)
@@ -332,7 +304,8 @@ def _window_sizes(durations: np.ndarray, w0: np.int64, w1: np.int64, n: np.int64
                 if e == a:
                     continue
                 dd = d[a:e]
-                _sort_desc(dd, tmp)  # the durations in the batches' stable descending order (ties are equal)
+                # the durations in the batches' stable descending order (ties are equal values)
+                sort_chunk(dd, no_rows, False, True, tmp, no_rows)
                 npacks = bfd_kernel(dd, max_duration, max_items, scale, bits, size, head, pack_of, cnt, sec)
                 for p in range(npacks):
                     sizes[i, nb + p] = cnt[p]

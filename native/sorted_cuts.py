@@ -19,11 +19,15 @@ order of their values for non-negative integers and non-negative floats), faster
 order the radix sort stands for.
 
 :func:`sort_cut` is the bare kernel (callable from other kernels, e.g. ``native.windows``' counting pass without
-the rows); :func:`sorted_cuts` its checking wrapper.
+the rows); :func:`sorted_cuts` its checking wrapper. :func:`sort_chunk` is also the one sort of the packing plans
+(``native.pack_windows``: best-fit decreasing takes each sub-window's cuts longest first). The plans through this
+kernel are as fast as, or faster than, the per-plan sorts and cuts it replaced: ``benchmarks/bench_revisions.py``
+times both side by side.
 """
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numpy.typing import NDArray
 
@@ -53,8 +57,25 @@ def sort_chunk(keys: np.ndarray, rows: np.ndarray, with_rows: bool, descending: 
     at least ``len(keys)`` (``tr`` unused without rows). A bare kernel.
 
     LSD radix with 8-bit digits over the four highest bytes in which the 64-bit patterns differ (all of them for
-    lengths below 2**32: two passes below 65,536), then a stable insertion pass for keys that share those bytes
-    and differ below them (few for durations: the four bytes hold ~20 bits of the mantissa)."""
+    lengths below 2**32: two passes below 65,536; float keys: at most the upper four bytes), then a stable
+    insertion pass for keys that share those bytes and differ below them (few for durations: the upper four bytes
+    hold ~20 bits of the mantissa). Compiled once per ``with_rows`` and ``descending`` (``numba.literally``)."""
+    if with_rows:
+        if descending:
+            _sort_chunk(keys, rows, True, True, tk, tr)
+        else:
+            _sort_chunk(keys, rows, True, False, tk, tr)
+    elif descending:
+        _sort_chunk(keys, rows, False, True, tk, tr)
+    else:
+        _sort_chunk(keys, rows, False, False, tk, tr)
+
+
+@njit
+def _sort_chunk(keys: np.ndarray, rows: np.ndarray, with_rows: bool, descending: bool, tk: np.ndarray,
+                tr: np.ndarray) -> None:
+    numba.literally(with_rows)
+    numba.literally(descending)
     n = keys.shape[0]
     if n < 2:
         return
@@ -62,10 +83,27 @@ def sort_chunk(keys: np.ndarray, rows: np.ndarray, with_rows: bool, descending: 
     first = bits[0]
     differ = np.uint64(0)
     top = np.uint64(0)
-    for i in range(n):
-        b = bits[i]
-        differ |= b ^ first
-        top = b if b > top else top
+    flip = np.uint64(0xFFFFFFFFFFFFFFFF) if descending else np.uint64(0)
+    # float keys radix their upper 32 bits (sign, exponent, 20 bits of mantissa) and leave the rest to the insertion
+    # pass: a chunk of one duration bucket spans a narrow range, and float32 durations hold 3 bits in byte 3, so a
+    # third radix pass costs more than the few ties it saves. Their histogram is counted in the first pass.
+    upper = isinstance(keys[0], float)
+    hist = np.zeros((4, 257), dtype=np.int64)
+    if upper:
+        for i in range(n):
+            b = bits[i]
+            differ |= b ^ first
+            top = b if b > top else top
+            k = (b ^ flip) >> np.uint64(32)
+            hist[0, (k & np.uint64(255)) + 1] += 1
+            hist[1, ((k >> np.uint64(8)) & np.uint64(255)) + 1] += 1
+            hist[2, ((k >> np.uint64(16)) & np.uint64(255)) + 1] += 1
+            hist[3, ((k >> np.uint64(24)) & np.uint64(255)) + 1] += 1
+    else:
+        for i in range(n):
+            b = bits[i]
+            differ |= b ^ first
+            top = b if b > top else top
     # a sign bit (negative, -0.0) or a pattern above +inf's (NaN; an integer key above 2**62.99): the patterns may
     # not order the values, the merge sort does
     if top > _INF_BITS:
@@ -77,12 +115,27 @@ def sort_chunk(keys: np.ndarray, rows: np.ndarray, with_rows: bool, descending: 
     while (differ >> np.uint64(8 * hi)) & np.uint64(255) == 0:
         hi -= 1
     lo = max(0, hi - 3)
-    flip = np.uint64(0xFFFFFFFFFFFFFFFF) if descending else np.uint64(0)
-    hist = np.zeros((hi - lo + 1, 257), dtype=np.int64)
-    for i in range(n):
-        k = bits[i] ^ flip
-        for p in range(lo, hi + 1):
-            hist[p - lo, ((k >> np.uint64(8 * p)) & np.uint64(255)) + 1] += 1
+    if upper and hi >= 4:
+        lo = 4  # the histogram of bytes 4..7 is counted
+    elif hi == lo:  # one byte (lengths below 256)
+        hist[:] = 0
+        s0 = np.uint64(8 * lo)
+        for i in range(n):
+            hist[0, (((bits[i] ^ flip) >> s0) & np.uint64(255)) + 1] += 1
+    elif hi == lo + 1:  # two bytes (lengths below 65,536): unrolled, the counting pass's common case
+        hist[:] = 0
+        s0 = np.uint64(8 * lo)
+        s1 = np.uint64(8 * hi)
+        for i in range(n):
+            k = bits[i] ^ flip
+            hist[0, ((k >> s0) & np.uint64(255)) + 1] += 1
+            hist[1, ((k >> s1) & np.uint64(255)) + 1] += 1
+    else:
+        hist[:] = 0
+        for i in range(n):
+            k = bits[i] ^ flip
+            for p in range(lo, hi + 1):
+                hist[p - lo, ((k >> np.uint64(8 * p)) & np.uint64(255)) + 1] += 1
     sk, sr, dk, dr = keys, rows, tk[:n], tr[: n if with_rows else 0]
     passes = 0
     for p in range(lo, hi + 1):
@@ -136,32 +189,52 @@ def sort_chunk(keys: np.ndarray, rows: np.ndarray, with_rows: bool, descending: 
 
 
 @njit
-def cut_segment(keys: np.ndarray, s: np.int64, e: np.int64, cap: np.int64, budget, quad: np.float64,
-                offsets: np.ndarray, nb: np.int64) -> np.int64:
-    """Cut ``keys[s:e]`` (``e > s``) greedily, in order, under the module's rule; appends the end of each batch to
-    ``offsets[nb + 1:]`` and returns the new batch count. A bare kernel."""
+def _cut(keys: np.ndarray, s: np.int64, e: np.int64, cap: np.int64, budget, quad: np.float64, offsets: np.ndarray,
+         nb: np.int64, quadratic: bool) -> np.int64:
+    numba.literally(quadratic)  # compiled once per rule, the other rule's test pruned out of the loop
+    seg = keys[s:e]
+    cuts = offsets[nb:]
+    n = seg.shape[0]
+    k = 0
     cur_n = 0
-    cur_max = keys[s]
+    cur_max = seg[0]
     if cur_max < 0:  # the running maximum starts at zero (of the keys' type)
         cur_max = cur_max - cur_max
-    for t in range(s, e):
-        d = keys[t]
+    for i in range(n):
+        d = seg[i]
         m = d if d > cur_max else cur_max
-        if quad > 0:
+        if quadratic:
             over = (cur_n + 1) * (m + m * m / quad) > budget
         else:
             over = (cur_n + 1) * m > budget
         if cur_n > 0 and (over or cur_n + 1 > cap):
-            nb += 1
-            offsets[nb] = t
-            cur_n = 1
+            k += 1
+            cuts[k] = s + i
             cur_max = d
+            cur_n = 1
         else:
-            cur_n += 1
             cur_max = m
-    nb += 1
-    offsets[nb] = e
-    return nb
+            cur_n += 1
+    if cur_n > 0:
+        k += 1
+        cuts[k] = e
+    return nb + k
+
+
+@njit
+def cut_segment(keys: np.ndarray, s: np.int64, e: np.int64, cap: np.int64, budget, quad: np.float64,
+                offsets: np.ndarray, nb: np.int64) -> np.int64:
+    """Cut ``keys[s:e]`` (``e > s``) greedily, in order, under the module's rule; appends the end of each batch to
+    ``offsets[nb + 1:]`` and returns the new batch count. A bare kernel.
+
+    The loop is written for the compiler: one specialisation per rule (``numba.literally``), over views of the
+    segment and of the offsets still to write, the last batch closed under ``if cur_n > 0`` although it always
+    holds. Each other form measured (the rule tested inside the loop at run time, both rules' loops in one
+    function, ``range(s, e)``, an unguarded last batch) made the linear cut 1.2-2x slower in LLVM's code for the
+    same arithmetic."""
+    if quad > 0:
+        return _cut(keys, s, e, cap, budget, quad, offsets, nb, True)
+    return _cut(keys, s, e, cap, budget, quad, offsets, nb, False)
 
 
 @njit

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from native.batching import budget_cuts
 from native.duration import bucket_batches
-from native.sorted_cuts import sorted_cuts
+from native.sorted_cuts import sort_chunk, sorted_cuts
 
 
 def ref_sorted_cuts(keys, rows, seg_offsets, chunk_rows, caps, alternate, budget, quad):
@@ -131,6 +131,22 @@ def test_radix_sort_is_the_stable_order_on_large_chunks():
         _, got, _, _ = sorted_cuts(both, np.arange(2 * m), budget=budget, chunk_rows=m, alternate=True)
         np.testing.assert_array_equal(got[:m], np.argsort(keys, kind="mergesort"))
         np.testing.assert_array_equal(got[m:], m + np.argsort(-keys, kind="mergesort"))
+
+
+@pytest.mark.parametrize("spread", [2.0**-50, 2.0**-30, 2.0**-20, 1e-3, 0.5, 40.0])
+@pytest.mark.parametrize("with_rows", [False, True])
+def test_float_chunks_of_any_spread_sort_stably(spread, with_rows):
+    """Float keys radix their upper four bytes and leave ties below to the insertion pass: keys that differ only in
+    their low bytes (a narrow spread), in some or all bytes, ascending and descending, keys alone or with rows."""
+    rng = np.random.default_rng(int(spread * 1e3) % 97)
+    keys = 5.0 + np.round(rng.uniform(0, 1, 3_000) * 400) / 400 * spread  # ties too
+    for descending in (False, True):
+        k, r = keys.copy(), np.arange(len(keys), dtype=np.int64)
+        sort_chunk(k, r, with_rows, descending, np.empty_like(k), np.empty_like(r))
+        want = np.argsort(-keys if descending else keys, kind="mergesort")
+        np.testing.assert_array_equal(k, keys[want])
+        if with_rows:
+            np.testing.assert_array_equal(r, want)
 
 
 def test_descending_chunks_are_the_stable_order_of_negated_keys():
