@@ -11,9 +11,9 @@ import pyarrow as pa
 from numpy.typing import NDArray
 
 from native.ragged import gather_values
-from native.shards import gather_shard_values
+from native.shards import gather_flat, gather_shard_values, shard_row_offsets
 
-__all__ = ["Batch", "Ragged", "ShardRows", "is_numeric", "is_numeric_list"]
+__all__ = ["Batch", "Ragged", "ShardRows", "gather_columns", "is_numeric", "is_numeric_list"]
 
 
 class ShardRows:
@@ -128,6 +128,44 @@ def _gather_parts(r: Ragged, offsets: NDArray[np.int64]) -> NDArray:
     for off, val, rows, pos in r.parts:
         gather_values(off, val, rows, pos, offsets, values, parallel=parallel)
     return values
+
+
+def gather_columns(names: Sequence[str], ragged: Mapping, flat: Mapping, shard: NDArray[np.int64],
+                   local: NDArray[np.int64], keep, idx: NDArray[np.int64], fallback=None) -> Batch | None:
+    """A :class:`Batch` of row ``local[i]`` of shard ``shard[i]`` for every ``i``, one kernel call per column:
+    the one gather of a batch spread over several shards, for a local dataset (address tables over all its shards,
+    kept) and a remote one (tables over the shards of one batch).
+
+    Args:
+        names: the columns, in order.
+        ragged: list column -> ``(offsets addresses, values addresses, offsets like, values like)``: int64 ``[S]``
+            buffer addresses per shard and arrays of the buffers' dtypes; gathered lazily (:class:`ShardRows`).
+        flat: numeric column -> ``(addresses, like)``: int64 ``[S]`` data addresses per shard, an array of the
+            dtype.
+        shard, local: int64 ``[B]`` each row's shard (an index into the tables) and row within it.
+        keep: the open shards (they hold the memory maps the addresses point into while the batch lives).
+        idx: int64 ``[B]`` the dataset rows (``Batch.indices``).
+        fallback: ``name -> column`` for a column in neither table (strings, nulls, kinds that differ between
+            shards); ``None``: such a column makes the result ``None``.
+    """
+    B = len(idx)
+    cols: dict = {}
+    for name in names:
+        if name in ragged:
+            oa, va, off0, val0 = ragged[name]
+            offsets = np.empty(B + 1, dtype=np.int64)
+            shard_row_offsets(oa, shard, local, off0, offsets)
+            cols[name] = Ragged(None, offsets, shards=ShardRows(oa, va, shard, local, off0, val0, keep, name))
+        elif name in flat:
+            addr, col0 = flat[name]
+            out = np.empty(B, dtype=col0.dtype)
+            gather_flat(addr, shard, local, col0, out)
+            cols[name] = out
+        elif fallback is None:
+            return None
+        else:
+            cols[name] = fallback(name)
+    return Batch(cols, B, idx)
 
 
 class Batch(dict):

@@ -23,11 +23,10 @@ import torch.utils.data
 from numpy.typing import NDArray
 
 from datapipe import urls
-from datapipe.batch import Batch, Ragged, ShardRows, is_numeric, is_numeric_list
+from datapipe.batch import Batch, Ragged, ShardRows, gather_columns, is_numeric, is_numeric_list
 from datapipe.format import (MANIFEST, DatasetError, check_list_offsets, corrupt_file, read_manifest, schema_from_b64,
                              shard_starts, verify_buffer)
 from native.ragged import gather_lengths, locate_rows, row_offsets
-from native.shards import gather_flat, shard_row_offsets
 
 __all__ = ["ArrowDataset", "Batch", "DatasetError", "Ragged", "ShardRows", "VERIFY_MODES", "check_shard", "map_checked",
            "open_ipc", "shard_from_batch"]
@@ -201,7 +200,7 @@ class ArrowDataset(torch.utils.data.Dataset):
     @classmethod
     def open(cls, path: str | os.PathLike, *, verify: str = "first_touch", filesystem=None,
              cache_dir: str | os.PathLike | None = None, cache_limit: float | None = None,
-             timeout: float = 60.0) -> ArrowDataset:
+             timeout: float = 60.0, keep_open: int | None = None) -> ArrowDataset:
         """Open a dataset directory: checks the manifest (its digest) and file sizes; shards are memory-mapped
         lazily and checked on first touch.
 
@@ -216,10 +215,16 @@ class ArrowDataset(torch.utils.data.Dataset):
             cache_dir, cache_limit, timeout: for a dataset on object storage (``datapipe.remote``): where shards
                 are cached, the bytes the cache may hold (``None``: no bound), and the seconds of retries before
                 a store that fails raises :class:`DatasetError`. Remote files are always checked on arrival.
+            keep_open: for a dataset on object storage: bytes of cached shards kept open (memory-mapped) between
+                batches, so a warm epoch reads at local speed (``None``: every touched shard without a ``cache_limit``,
+                else ``cache_limit / 2`` shared by the DataLoader workers; ``0``: each batch maps what it reads).
         """
         if urls.is_remote(path, filesystem):  # a RemoteArrowDataset, through the opener datapipe.remote provides
             return urls.open_remote(path, filesystem=filesystem, cache_dir=cache_dir, cache_limit=cache_limit,
-                                    timeout=timeout)
+                                    timeout=timeout, keep_open=keep_open)
+        if keep_open is not None:
+            raise ValueError(f"keep_open is for datasets on object storage; {os.fspath(path)!r} is local (its shards "
+                             "are memory-mapped and stay open): leave keep_open=None")
         return cls(urls.local_path(path), verify=verify)
 
     def prefetch_plan(self, batches) -> None:
@@ -289,22 +294,7 @@ class ArrowDataset(torch.utils.data.Dataset):
             self._shard(s)
         if self._mixed:
             return None
-        B = len(idx)
-        cols: dict = {}
-        for name in self.schema.names:
-            if name in self._addr:
-                oa, va, off0, val0 = self._addr[name]
-                offsets = np.empty(B + 1, dtype=np.int64)
-                shard_row_offsets(oa, shard, local, off0, offsets)
-                cols[name] = Ragged(None, offsets, shards=ShardRows(oa, va, shard, local, off0, val0, self._shards, name))
-            elif name in self._flat_addr:
-                addr, col0 = self._flat_addr[name]
-                out = np.empty(B, dtype=col0.dtype)
-                gather_flat(addr, shard, local, col0, out)
-                cols[name] = out
-            else:
-                return None
-        return Batch(cols, B, idx)
+        return gather_columns(self.schema.names, self._addr, self._flat_addr, shard, local, self._shards, idx)
 
     @property
     def num_shards(self) -> int:

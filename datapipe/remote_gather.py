@@ -1,5 +1,6 @@
 """Batches gathered over a list of open shards with address tables of their own (a remote dataset's shards come and
-go with its cache, so a batch cannot use a table over every shard as :class:`datapipe.dataset.ArrowDataset` does)."""
+go with its cache, so a batch cannot use a table over every shard as :class:`datapipe.dataset.ArrowDataset` does);
+the gather itself is :func:`datapipe.batch.gather_columns`, the local dataset's."""
 
 from __future__ import annotations
 
@@ -7,42 +8,34 @@ import numpy as np
 import pyarrow as pa
 from numpy.typing import NDArray
 
-from datapipe.batch import Batch, Ragged, ShardRows, is_numeric, is_numeric_list
-from native.shards import gather_flat, shard_row_offsets
+from datapipe.batch import Batch, Ragged, gather_columns, is_numeric, is_numeric_list
 
 __all__ = ["gather_shards", "generic_column", "shard_addresses"]
 
 
 def gather_shards(shards: list, which: NDArray[np.int64], local: NDArray[np.int64], idx: NDArray[np.int64],
-            schema: pa.Schema) -> Batch:
+                  schema: pa.Schema) -> Batch:
     """A :class:`Batch` of row ``local[i]`` of ``shards[which[i]]`` for every ``i``, as ``ArrowDataset`` gathers
-    over its open shards: list columns lazily through :class:`ShardRows` (one kernel call per column, whatever the
-    number of shards), numeric columns by one kernel call, other columns (strings, nulls) through Arrow. The batch
-    holds ``shards`` (and so their maps) while it lives; its address tables are its own."""
-    B = len(idx)
-    cols: dict = {}
+    over its open shards (:func:`datapipe.batch.gather_columns`: list columns lazily through ``ShardRows``, numeric
+    columns by one kernel call, whatever the number of shards), with address tables over these shards only; other
+    columns (strings, nulls, kinds that differ between the shards) through Arrow. The batch holds ``shards`` (and
+    so their maps) while it lives."""
     addrs = [shard_addresses(sh) for sh in shards]
+    ragged: dict = {}
+    flat: dict = {}
     for name in schema.names:
         if all(name in sh.ragged for sh in shards):
             off0, val0 = shards[0].ragged[name]
             if all(sh.ragged[name][0].dtype == off0.dtype and sh.ragged[name][1].dtype == val0.dtype
                    for sh in shards):
-                oa = np.array([a[name][0] for a in addrs], dtype=np.int64)
-                va = np.array([a[name][1] for a in addrs], dtype=np.int64)
-                offsets = np.empty(B + 1, dtype=np.int64)
-                shard_row_offsets(oa, which, local, off0, offsets)
-                cols[name] = Ragged(None, offsets, shards=ShardRows(oa, va, which, local, off0, val0, shards, name))
-                continue
+                ragged[name] = (np.array([a[name][0] for a in addrs], dtype=np.int64),
+                                np.array([a[name][1] for a in addrs], dtype=np.int64), off0, val0)
         elif all(name in sh.flat for sh in shards):
             col0 = shards[0].flat[name]
             if all(sh.flat[name].dtype == col0.dtype and sh.flat[name].flags.c_contiguous for sh in shards):
-                addr = np.array([a[name] for a in addrs], dtype=np.int64)
-                out = np.empty(B, dtype=col0.dtype)
-                gather_flat(addr, which, local, col0, out)
-                cols[name] = out
-                continue
-        cols[name] = generic_column(shards, which, local, name)
-    return Batch(cols, B, idx)
+                flat[name] = (np.array([a[name] for a in addrs], dtype=np.int64), col0)
+    return gather_columns(schema.names, ragged, flat, which, local, shards, idx,
+                          fallback=lambda name: generic_column(shards, which, local, name))
 
 
 def shard_addresses(sh) -> dict:

@@ -329,8 +329,8 @@ class DecomposedBatchSampler(BatchSamplerBase):
         if not self.windowed:
             return super().global_plan()
         plan = self._step_plan()
-        if plan.rows() > MAX_PLAN_ROWS:
-            raise ValueError(f"global_plan() would materialise {plan.rows()} sequences (> {MAX_PLAN_ROWS}); iterate "
+        if plan.rows > MAX_PLAN_ROWS:
+            raise ValueError(f"global_plan() would materialise {plan.rows} sequences (> {MAX_PLAN_ROWS}); iterate "
                              "the sampler instead, it computes batches on demand")
         parts = [self._batch_rows(self.epoch, plan, b) for b in range(plan.num_batches)]
         groups = np.repeat(plan.cycle[plan.step_group] * _G + plan.k[plan.step_group], plan.world_size)
@@ -350,7 +350,7 @@ class DecomposedBatchSampler(BatchSamplerBase):
             per_bucket[int(k)] = {"sequences": steps * W * self.batch_size(k), "steps": steps,
                                   "tokens": (steps * W * self.batch_size(k)) << k, "batch_size": self.batch_size(k),
                                   "available_sequences": int(self._sizes[k])}
-        rows = plan.rows()
+        rows = plan.rows
         out = {
             "epoch": self.epoch, "num_batches": int(nb), "batches_per_rank": int(nb // W), "rows": rows,
             "mean_batch_size": rows / nb if nb else 0.0,

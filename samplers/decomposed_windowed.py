@@ -57,14 +57,13 @@ class StepPlan:
     dropped: dict = dataclasses.field(default_factory=dict)
     #: reason -> slots filled by repeats
     repeated: dict = dataclasses.field(default_factory=dict)
+    #: steps, and batches (``num_steps * world_size``), of the plan (computed)
+    num_steps: int = dataclasses.field(init=False)
+    num_batches: int = dataclasses.field(init=False)
 
-    @property
-    def num_steps(self) -> int:
-        return len(self.step_group)
-
-    @property
-    def num_batches(self) -> int:
-        return self.num_steps * self.world_size
+    def __post_init__(self) -> None:
+        self.num_steps = len(self.step_group)
+        self.num_batches = self.num_steps * self.world_size
 
     def batch_span(self, b: int) -> tuple[int, int, int]:
         """``(group, first stream position, sequences)`` of global batch ``b`` (step ``b // W``, rank ``b % W``)."""
@@ -75,8 +74,10 @@ class StepPlan:
         size = int(self.batch[g])
         return g, q * size, size
 
+    @property
     def rows(self) -> int:
-        """Sequence slots of the plan (repeats counted)."""
+        """Sequence slots of the plan (repeats counted), as ``rows`` of the other lazy plans
+        (``samplers.lazy_plan.SizePlan``, ``samplers.grouped_lazy_plan.PartPlan``)."""
         return int((self.steps * self.batch).sum()) * self.world_size
 
 

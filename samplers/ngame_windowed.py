@@ -194,6 +194,13 @@ class Layout:
     cluster_size: int
     wstart: NDArray[np.int64]
     kcum: NDArray[np.int64]
+    #: windows, and clusters of all windows (``len(wstart) - 1``, ``kcum[-1]``; computed)
+    num_windows: int = dataclasses.field(init=False)
+    num_clusters: int = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "num_windows", len(self.wstart) - 1)  # frozen: set once, here
+        object.__setattr__(self, "num_clusters", int(self.kcum[-1]))
 
     @classmethod
     def of(cls, n: int, window_rows: int, cluster_size: int) -> Layout:
@@ -211,14 +218,6 @@ class Layout:
         np.cumsum(np.maximum(1, -(-sizes // cluster_size)), out=kcum[1:])
         assert int(wstart[-1]) == n and (sizes >= 1).all(), "windows must cover the rows, none empty"
         return cls(n, window_rows, cluster_size, wstart, kcum)
-
-    @property
-    def num_windows(self) -> int:
-        return len(self.wstart) - 1
-
-    @property
-    def num_clusters(self) -> int:
-        return int(self.kcum[-1])
 
     def cluster_size_range(self) -> tuple[int, int]:
         m, k = np.diff(self.wstart), np.diff(self.kcum)

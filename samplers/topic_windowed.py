@@ -35,6 +35,7 @@ import hashlib
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -56,6 +57,7 @@ __all__ = [
     "SCAN_ROWS",
     "ClusterIndex",
     "Layout",
+    "Pool",
     "batch_segments",
     "cluster_index",
     "epoch_layout",
@@ -248,6 +250,17 @@ def cluster_index(ids, digest: str, name: str = "cluster_ids", *, pair_offsets=N
 
 
 # ---- the epoch's layout ----------------------------------------------------------------------------------------
+class Pool(NamedTuple):
+    """The top-up pool (rows the pure batches leave over) as ``S`` segments of clusters, in pool order."""
+
+    #: int32 ``[S]`` cluster of each segment (pieces shuffled)
+    cluster: np.ndarray
+    #: int64 ``[S]`` first position of the segment in its cluster's order
+    start: NDArray[np.int64]
+    #: int64 ``[S + 1]`` pool position of each segment (segment ``s`` has ``cum[s+1] - cum[s]`` rows)
+    cum: NDArray[np.int64]
+
+
 @dataclasses.dataclass
 class Layout:
     """One epoch of the topic-aware plan, by chunk names and segments (no rows).
@@ -257,9 +270,7 @@ class Layout:
         chunk_c, chunk_i: int32 (int64 past 2**31 chunks) ``[ng * cpb]`` cluster and chunk index of the shuffled chunks of the pure batches
             (pure batch ``j`` is chunks ``j*cpb .. (j+1)*cpb - 1``, its first ``batch_size`` rows).
         ng: pure batches.
-        seg_c: int32 ``[S]`` cluster of each pool segment, in pool order (pieces shuffled).
-        seg_start, seg_len: int64 ``[S]`` positions in the cluster's order.
-        seg_cum: int64 ``[S + 1]`` pool position of each segment.
+        pool: the top-up pool's segments (:class:`Pool`).
         top_sizes: int64 ``[T]`` rows per top-up batch (top-up ``t`` is pool positions ``[t*bs, t*bs + size)``).
         order: int64 ``[B]`` plan batch ``g`` is batch ``order[g]`` (pure ``j < ng``, else top-up ``j - ng``).
         sizes: int64 ``[B]`` rows of plan batch ``g``.
@@ -271,10 +282,7 @@ class Layout:
     chunk_c: np.ndarray
     chunk_i: np.ndarray
     ng: int
-    seg_c: np.ndarray
-    seg_start: NDArray[np.int64]
-    seg_len: NDArray[np.int64]
-    seg_cum: NDArray[np.int64]
+    pool: Pool
     top_sizes: NDArray[np.int64]
     order: NDArray[np.int64]
     sizes: NDArray[np.int64]
@@ -342,11 +350,10 @@ def epoch_layout(sizes: NDArray[np.int64], batch_size: int, clusters_per_batch: 
     rank = permutation(npieces, seeds[1])
     by_rank = np.argsort(rank, kind="stable")  # pieces in pool order (the exact plan's stable argsort of ranks)
     segs = _ranges(piece_first[by_rank], spp[by_rank])
-    seg_c = seg_c_all[segs].astype(idx32)
-    seg_start, seg_len = seg_s_all[segs], seg_l_all[segs]
-    seg_cum = np.zeros(len(seg_len) + 1, dtype=np.int64)
-    np.cumsum(seg_len, out=seg_cum[1:])
-    npool = int(seg_cum[-1])
+    seg_len = seg_l_all[segs]
+    pool = Pool(seg_c_all[segs].astype(idx32), seg_s_all[segs], np.zeros(len(seg_len) + 1, dtype=np.int64))
+    np.cumsum(seg_len, out=pool.cum[1:])
+    npool = int(pool.cum[-1])
     n_top = -(-npool // bs)
     top_sizes = np.full(n_top, bs, dtype=np.int64)
     dropped: dict = {}
@@ -358,8 +365,7 @@ def epoch_layout(sizes: NDArray[np.int64], batch_size: int, clusters_per_batch: 
             top_sizes[-1] = npool % bs
     all_sizes = np.concatenate([np.full(ng, bs, dtype=np.int64), top_sizes])
     order = permutation(len(all_sizes), seeds[2])
-    return Layout(m, chunk_c[: ng * cpb], chunk_i[: ng * cpb], ng, seg_c, seg_start, seg_len, seg_cum, top_sizes,
-                  order, all_sizes[order], dropped)
+    return Layout(m, chunk_c[: ng * cpb], chunk_i[: ng * cpb], ng, pool, top_sizes, order, all_sizes[order], dropped)
 
 
 def batch_segments(lay: Layout, j: int, batch_size: int, clusters_per_batch: int, lo: int,
@@ -374,10 +380,11 @@ def batch_segments(lay: Layout, j: int, batch_size: int, clusters_per_batch: int
     else:
         t = j - lay.ng
         a, b = t * batch_size + lo, t * batch_size + hi
-        s0 = int(np.searchsorted(lay.seg_cum, a, side="right")) - 1
-        s1 = int(np.searchsorted(lay.seg_cum, b, side="left"))
-        c = lay.seg_c[s0:s1].astype(np.int64)
-        start, cum = lay.seg_start[s0:s1], lay.seg_cum[s0 : s1 + 1] - t * batch_size
+        pool = lay.pool
+        s0 = int(np.searchsorted(pool.cum, a, side="right")) - 1
+        s1 = int(np.searchsorted(pool.cum, b, side="left"))
+        c = pool.cluster[s0:s1].astype(np.int64)
+        start, cum = pool.start[s0:s1], pool.cum[s0 : s1 + 1] - t * batch_size
     # clip every segment to [lo, hi) of the batch
     s_lo = np.clip(cum[:-1], lo, hi)
     s_hi = np.clip(cum[1:], lo, hi)
@@ -410,11 +417,11 @@ def layout_purity(lay: Layout, k: int, batch_size: int, clusters_per_batch: int)
                   np.tile(slot_len, ng))
     # top-ups: pool segments split at batch boundaries (a segment is at most m <= bs rows: two parts at most)
     kept = int(lay.top_sizes.sum())
-    a, b = np.minimum(lay.seg_cum[:-1], kept), np.minimum(lay.seg_cum[1:], kept)
+    a, b = np.minimum(lay.pool.cum[:-1], kept), np.minimum(lay.pool.cum[1:], kept)
     t0 = a // bs
     mid = np.minimum(b, (t0 + 1) * bs)
     tb = np.concatenate([t0, t0 + 1]) + ng
-    tc = np.concatenate([lay.seg_c, lay.seg_c]).astype(np.int64)
+    tc = np.concatenate([lay.pool.cluster, lay.pool.cluster]).astype(np.int64)
     tr = np.concatenate([mid - a, b - mid])
     pur, distinct = _purity(np.concatenate([pb, tb]), np.concatenate([pc, tc]), np.concatenate([pr, tr]), k,
                             ng + nt)

@@ -164,8 +164,7 @@ def test_cached_shard_checked_and_shared_across_instances(server, data, tmp_path
 
 def test_pickle_carries_configuration_not_handles(server, data, tmp_path):
     ds = datapipe.ArrowDataset.open(data.url, filesystem=server.filesystem(), cache_dir=tmp_path / "c",
-                                    cache_limit=12345, timeout=7)
-    ds.keep_open = 4321
+                                    cache_limit=12345, timeout=7, keep_open=4321)
     ds.__getitems__([0, 399])
     state = ds.__getstate__()
     assert set(state) == {"url", "filesystem", "cache_dir", "cache_limit", "timeout", "keep_open", "manifest"}
@@ -357,11 +356,17 @@ def test_open_url_in_a_fresh_interpreter_whatever_is_imported_first(small_ds, tm
     ({"cache_limit": -1}, ValueError, r"cache_limit must be a number of bytes >= 0"),
     ({"timeout": 0}, ValueError, r"timeout must be a number of seconds > 0"),
     ({"filesystem": "s3"}, TypeError, r"filesystem must be a pyarrow.fs.FileSystem"),
+    ({"keep_open": -1}, ValueError, r"keep_open must be a number of bytes >= 0"),
 ])
 def test_bad_arguments(kwargs, err, match, tmp_path):
     kwargs.setdefault("filesystem", pafs.LocalFileSystem())
     with pytest.raises(err, match=match):
         datapipe.ArrowDataset.open(str(tmp_path), cache_dir=tmp_path / "c", **kwargs)
+
+
+def test_keep_open_on_a_local_dataset_is_refused(small_ds):
+    with pytest.raises(ValueError, match=r"keep_open is for datasets on object storage; .* is local"):
+        datapipe.ArrowDataset.open(small_ds.path, keep_open=1 << 20)
 
 
 def test_unknown_scheme_names_the_fix(tmp_path):

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -25,7 +23,7 @@ from samplers import PairTable, PlanWarning, TopicAwareBatchSampler
 from samplers.plan_cache import file_identity
 from tests.helpers import assert_exactly_once, assert_sampler_resumes_exactly
 from tests.samplers.test_topic_aware_windowed import build as build_plain
-from tests.samplers.test_topic_aware_windowed import plan_windowed
+from tests.samplers.test_topic_aware_windowed import plan_windowed, resume_in_fresh_processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 N = 100_000
@@ -275,37 +273,10 @@ def test_rows_file_is_keyed_by_the_pair_offsets(windowed, tmp_path, monkeypatch)
 
 def test_fresh_process_resume_over_memory_mapped_pairs(tmp_path):
     save_mmap(tmp_path, 50000)
-    env = {**os.environ, "DATAPIPE_PLAN_CACHE": str(tmp_path / "cache"), "PYTHONPATH": ROOT}
-    code = """
-import json, sys, warnings
-import numpy as np
-import samplers.topic_aware as ta
-warnings.simplefilter("ignore")
-ta.EXACT_MAX_ROWS = 0
-d = sys.argv[1]
+    resume_in_fresh_processes(tmp_path, """
 pt = ta.PairTable(*[np.load(f"{d}/{k}.npy", mmap_mode="r") for k in ("offsets", "pos", "neg", "margin")])
 s = ta.TopicAwareBatchSampler(np.load(f"{d}/cl.npy", mmap_mode="r"), batch_size=64, clusters_per_batch=2, seed=5,
-                              pairs=pt, rank=1, world_size=2)
-s.set_epoch(1)
-if sys.argv[2] == "save":
-    it = iter(s)
-    for _ in range(30):
-        next(it)
-    out = {"state": s.state_dict(), "want": next(it).tolist(), "cached": s._index.cached}
-else:
-    s.load_state_dict(json.loads(open(sys.argv[2]).read())["state"])
-    out = {"got": next(iter(s)).tolist(), "cached": s._index.cached}
-print(json.dumps(out))
-"""
-    run = [sys.executable, "-c", code, str(tmp_path)]
-    first = json.loads(subprocess.run(run + ["save"], env=env, capture_output=True, text=True, check=True,
-                                      cwd=ROOT).stdout)
-    assert not first["cached"] and len(list((tmp_path / "cache").glob("topic_rows-*.bin"))) == 1
-    (tmp_path / "state.json").write_text(json.dumps(first))
-    second = json.loads(subprocess.run(run + [str(tmp_path / "state.json")], env=env, capture_output=True,
-                                       text=True, check=True, cwd=ROOT).stdout)
-    assert second["cached"]  # counts from disk, rows by cluster from the cached file
-    assert second["got"] == first["want"]
+                              pairs=pt, rank=1, world_size=2)""")
 
 
 @pytest.mark.slow  # worker processes: ~5 s

@@ -166,17 +166,16 @@ def test_state_names_the_windowed_plan(windowed):
         exact.load_state_dict(state)
 
 
-def test_fresh_process_resume_reads_the_cached_sort(tmp_path):
-    np.save(tmp_path / "cl.npy", CL[:50000].astype(np.int32))
-    env = {**os.environ, "DATAPIPE_PLAN_CACHE": str(tmp_path / "cache"), "PYTHONPATH": ROOT}
-    code = """
+#: a fresh interpreter that builds a windowed TopicAwareBatchSampler (``SAMPLER`` lines, with ``d = sys.argv[1]``),
+#: then either saves its state after 30 batches with the 31st batch (``save``) or resumes from a saved state file
+FRESH_RESUME = """
 import json, sys, warnings
 import numpy as np
 import samplers.topic_aware as ta
 warnings.simplefilter("ignore")
 ta.EXACT_MAX_ROWS = 0
-ids = np.load(sys.argv[1], mmap_mode="r")
-s = ta.TopicAwareBatchSampler(ids, batch_size=64, clusters_per_batch=2, seed=5, rank=1, world_size=2)
+d = sys.argv[1]
+SAMPLER
 s.set_epoch(1)
 if sys.argv[2] == "save":
     it = iter(s)
@@ -188,7 +187,12 @@ else:
     out = {"got": next(iter(s)).tolist(), "cached": s._index.cached}
 print(json.dumps(out))
 """
-    run = [sys.executable, "-c", code, str(tmp_path / "cl.npy")]
+
+
+def resume_in_fresh_processes(tmp_path, sampler: str) -> None:
+    """Save in one fresh process, resume in another: the second reads the cached sort and gives the same batch."""
+    env = {**os.environ, "DATAPIPE_PLAN_CACHE": str(tmp_path / "cache"), "PYTHONPATH": ROOT}
+    run = [sys.executable, "-c", FRESH_RESUME.replace("SAMPLER", sampler), str(tmp_path)]
     first = json.loads(subprocess.run(run + ["save"], env=env, capture_output=True, text=True, check=True,
                                       cwd=ROOT).stdout)
     assert not first["cached"] and len(list((tmp_path / "cache").glob("topic_rows-*.bin"))) == 1
@@ -197,6 +201,13 @@ print(json.dumps(out))
                                        text=True, check=True, cwd=ROOT).stdout)
     assert second["cached"]  # counts from disk, rows by cluster from the cached file
     assert second["got"] == first["want"]
+
+
+def test_fresh_process_resume_reads_the_cached_sort(tmp_path):
+    np.save(tmp_path / "cl.npy", CL[:50000].astype(np.int32))
+    resume_in_fresh_processes(tmp_path, 'ids = np.load(f"{d}/cl.npy", mmap_mode="r")\n'
+                                        "s = ta.TopicAwareBatchSampler(ids, batch_size=64, clusters_per_batch=2, "
+                                        "seed=5, rank=1, world_size=2)")
 
 
 def test_damaged_rows_file_is_an_error_naming_it(windowed, tmp_path, monkeypatch):
