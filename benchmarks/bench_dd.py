@@ -219,7 +219,7 @@ def section_attention(lengths: np.ndarray, min_log2: int, max_log2: int) -> list
     d = decompose_lengths(lengths, min_log2=min_log2, max_log2=max_log2)
     idx = types.SimpleNamespace(**d, max_log2=max_log2)
     T = 64 << max_log2
-    s = DecomposedBatchSampler(idx, tokens_per_batch=T, curriculum="grow-p2")
+    s = DecomposedBatchSampler(idx, tokens_per_batch=T, curriculum="grow-p2", drop_last=True)  # as measured
     st = s.stats()
     # concat-and-chunk at 2^max: every chunk attends causally over all 2^max tokens (the paper's baseline); with
     # document masking, each document segment inside a chunk only attends to itself

@@ -170,7 +170,7 @@ def cc_batches(train, ctx: int, batch: int, seed: int = 0):
 def dd_batches(path: Path, tokens_per_batch: int, seed: int = 0):
     idx = datapipe.DecomposedIndex.open(path)
     ds = DecomposedDataset(path)
-    s = DecomposedBatchSampler(idx, tokens_per_batch=tokens_per_batch, curriculum="grow-p2", seed=seed)
+    s = DecomposedBatchSampler(idx, tokens_per_batch=tokens_per_batch, curriculum="grow-p2", seed=seed, drop_last=True)
     epoch = 0
     while True:
         s.set_epoch(epoch)
@@ -238,7 +238,7 @@ def section_end_to_end(tmp: Path, seconds: float, eval_tokens: int) -> list[str]
     # whole-epoch speed from the per-length step times and the epoch's bucket mix
     lens = [1 << k for k in range(min_log2, max_log2 + 1)]
     t_by_len = step_time_by_length(tpb, lens)
-    st = DecomposedBatchSampler(datapipe.DecomposedIndex.open(path), tokens_per_batch=tpb).stats()
+    st = DecomposedBatchSampler(datapipe.DecomposedIndex.open(path), tokens_per_batch=tpb, drop_last=True).stats()
     dd_epoch_s = sum(v["steps"] * t_by_len[1 << k] for k, v in st["buckets"].items())
     dd_epoch_tps = st["tokens"] / dd_epoch_s
     cc_tps_est = tpb / t_by_len[ctx]

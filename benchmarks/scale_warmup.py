@@ -46,6 +46,7 @@ def _token_budget():
     import samplers.token_budget as tb
 
     lengths = np.arange(5000, dtype=np.int32) % 300 + 1
+    read_only(lengths)
     both_paths(tb, lambda: samplers.TokenBudgetBatchSampler(lengths, max_tokens=4096, **KW))
 
 
@@ -54,6 +55,7 @@ def _topic():
     import samplers.topic_aware as ta
 
     ids = (np.arange(5000) % 37).astype(np.int32)
+    read_only(ids)
     both_paths(ta, lambda: samplers.TopicAwareBatchSampler(ids, batch_size=64, **KW))
 
 

@@ -14,9 +14,10 @@ the cycle; ``cycles=c`` splits each bucket into ``c`` slices, one per cycle. Cur
 * a dict ``{k: o_k}``: odds per bucket; a bucket with odds 0 (or missing) is left out and counted.
 
 Unlike the reference (same seed on every rank, only a warning on mismatch), the bucket of a step comes from a
-plan shared by all ranks, so they cannot disagree. Sequences that do not fill a whole step of their bucket in a
-cycle are dropped (and counted under ``dropped["incomplete_step"]``) or, with ``incomplete="repeat"``, the
-step is filled with sequences of the same slice (counted under ``repeated``).
+plan shared by all ranks, so they cannot disagree. When the sequences of a bucket's slice do not fill its last
+step, the step is filled with sequences of the same slice (the default, ``drop_last=False``, as every sampler keeps
+every row; counted under ``repeated["incomplete_step"]``), or, with ``drop_last=True``, they are left out (counted
+under ``dropped["incomplete_step"]``, with a ``PlanWarning``).
 
 Up to ``EXACT_MAX_SEQUENCES`` sequences the plan is materialised (the plans of earlier versions, unchanged).
 Above, it is kept as steps over bucket streams (:mod:`samplers.decomposed_windowed`), so 1e9 sequences cost
@@ -29,6 +30,7 @@ sequences of a bucket share a batch differs (another permutation of the bucket).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import cast
 
@@ -95,10 +97,11 @@ class DecomposedBatchSampler(BatchSamplerBase):
             bucket ``k`` holds ``tokens_per_batch >> k`` sequences.
         curriculum: ``"grow-p2"`` (default), ``"grow-linear"``, ``"uniform"`` or a dict ``{k: odds}``.
         cycles: number of curriculum cycles per epoch; each uses a disjoint ``1/cycles`` slice of every bucket.
-        incomplete: ``"drop"`` (default) the sequences of a bucket slice that do not fill a whole step, or
-            ``"repeat"`` sequences of the slice to fill it.
-        seed, rank, world_size: as in every sampler. ``drop_last`` (when given) overrides ``incomplete``:
-            ``True`` is ``"drop"``, ``False`` is ``"repeat"``.
+        seed, rank, world_size: as in every sampler.
+        drop_last: ``False`` (default): every sequence is in the epoch, a bucket slice's last step filled with
+            repeats of the slice; ``True``: sequences that do not fill a whole step are left out (reported).
+        incomplete: deprecated (one release): ``"drop"`` is ``drop_last=True``, ``"repeat"`` ``drop_last=False``.
+            The default was ``"drop"`` before; pass ``drop_last=True`` for those plans.
 
     Yields:
         int64 arrays of sequence ids, ``tokens_per_batch >> k`` of them, all of one bucket ``k``; every rank's
@@ -106,11 +109,21 @@ class DecomposedBatchSampler(BatchSamplerBase):
     """
 
     def __init__(self, index, tokens_per_batch: int, *, curriculum: str | Mapping = "grow-p2", cycles: int = 1,
-                 incomplete: str = "drop", seed: int = 0, rank: int | None = None,
-                 world_size: int | None = None, drop_last: bool | None = None, strict: bool = False) -> None:
+                 incomplete: str | None = None, seed: int = 0, rank: int | None = None,
+                 world_size: int | None = None, drop_last: bool = False, strict: bool = False) -> None:
         super().__init__(seed=seed, rank=rank, world_size=world_size, drop_last=True, strict=strict)
-        if drop_last is not None:  # the contract's name: drop_last=False keeps every sequence (repeats fill)
-            incomplete = "drop" if drop_last else "repeat"
+        if not isinstance(drop_last, (bool, np.bool_)):
+            raise TypeError(f"drop_last must be True or False (got {drop_last!r})")
+        if incomplete is not None:
+            if incomplete not in ("drop", "repeat"):
+                raise ValueError(f"incomplete must be 'drop' or 'repeat' (got {incomplete=}); it is deprecated: "
+                                 "pass drop_last=True or drop_last=False")
+            warnings.warn(f"DecomposedBatchSampler(incomplete={incomplete!r}) is deprecated and goes in the next "
+                          f"release: pass drop_last={incomplete == 'drop'} (drop_last=False, the default, fills a "
+                          "bucket's last step with repeats; True leaves its sequences out)", DeprecationWarning,
+                          stacklevel=2)
+            drop_last = incomplete == "drop"
+        incomplete = "drop" if drop_last else "repeat"
         log2 = getattr(index, "sequence_log2", None)
         if log2 is None:
             raise TypeError(f"index must have a 'sequence_log2' array (got {type(index).__name__})")
@@ -143,8 +156,6 @@ class DecomposedBatchSampler(BatchSamplerBase):
             )
         if not isinstance(cycles, (int, np.integer)) or cycles < 1:
             raise ValueError(f"cycles must be an integer >= 1 (got {cycles=})")
-        if incomplete not in ("drop", "repeat"):
-            raise ValueError(f"incomplete must be 'drop' or 'repeat' (got {incomplete=})")
         self.tokens_per_batch = int(tokens_per_batch)
         self.cycles = int(cycles)
         self.incomplete = incomplete
@@ -171,8 +182,8 @@ class DecomposedBatchSampler(BatchSamplerBase):
         if (self._step_plan().num_batches if self.windowed else self.global_plan().num_batches) == 0:
             raise ValueError(
                 f"no bucket fills one step of {self.world_size} batch(es) of {self.tokens_per_batch} tokens "
-                f"(sequences per bucket: {self._sizes}); lower tokens_per_batch, cycles or world_size, or use "
-                "incomplete='repeat'"
+                f"(sequences per bucket: {self._sizes}); lower tokens_per_batch, cycles or world_size, or pass "
+                "drop_last=False (repeats fill the last step)"
             )
 
     def _options(self) -> dict:
@@ -186,7 +197,7 @@ class DecomposedBatchSampler(BatchSamplerBase):
         return {"sequences": self.num_sequences, "sequence_log2": digest_array(self.sequence_log2)}
 
     def _asked_for(self) -> frozenset:
-        # incomplete="repeat" asks for the repeats that fill a bucket's last step (drop_last is always True here)
+        # drop_last=False asks for the repeats that fill a bucket's last step (the base's drop_last is always True)
         return frozenset({"incomplete_step"}) if self.incomplete == "repeat" else frozenset()
 
     def _lost_share(self, plan: Plan) -> str:

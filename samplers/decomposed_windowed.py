@@ -2,7 +2,7 @@
 
 The exact plan (``samplers.decomposed``) materialises every sequence of the epoch. Its structure is simple,
 though: a *group* is one cycle's slice of one bucket ``k`` (a contiguous range of the bucket's shuffled
-sequences, read cyclically when ``incomplete="repeat"`` fills its last step), cut into batches of ``b =
+sequences, read cyclically when repeats fill its last step, ``drop_last=False``), cut into batches of ``b =
 tokens_per_batch >> k`` sequences, ``world_size`` batches per step; the curriculum only orders the steps. So a
 :class:`StepPlan` keeps, per group, where its batches start in the group's stream, and per step its group and
 its index within the group (``[steps]`` int32 + int64; 1e9 sequences at 2^17 tokens per batch and 8 ranks:

@@ -260,7 +260,7 @@ ELASTIC = {
     "topic_aware": lambda r, w: samplers.TopicAwareBatchSampler(np.arange(203) % 7, batch_size=6, seed=3, rank=r,
                                                                 world_size=w),
     "decomposed": lambda r, w: samplers.DecomposedBatchSampler(_index(), tokens_per_batch=64, seed=3, rank=r,
-                                                               world_size=w),
+                                                               world_size=w, drop_last=True),  # no repeats
 }
 
 

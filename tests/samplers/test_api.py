@@ -25,7 +25,7 @@ LEADING = {
 # options every sampler spells the same way (a sampler that has the idea has the name)
 SHARED = ("seed", "rank", "world_size", "strict")
 # names another sampler's vocabulary replaced; kept one release as deprecated keywords only
-DEPRECATED = {"num_items"}
+DEPRECATED = {"num_items", "incomplete"}
 POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
@@ -49,3 +49,10 @@ def test_constructor_follows_the_one_vocabulary(name):
         assert p.name == p.name.lower() and not p.name.startswith("_"), (name, p.name)
         if p.name in DEPRECATED:
             assert p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is None, (name, p.name)
+
+
+@pytest.mark.parametrize("name", sorted(LEADING))
+def test_drop_last_has_one_meaning(name):
+    """Where a sampler has ``drop_last``, its default keeps every row (``False``), as torch's samplers do."""
+    p = inspect.signature(getattr(samplers, name).__init__).parameters.get("drop_last")
+    assert p is None or (p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is False), (name, p)

@@ -4,9 +4,9 @@ exact resume, errors. The index is the kernel's output (any object with the arra
 from __future__ import annotations
 
 import json
-
 import os
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -42,7 +42,7 @@ def run_ranks(index, W, **kw):
 @pytest.mark.parametrize("W", [1, 2, 3])
 @pytest.mark.parametrize("cycles", [1, 3])
 def test_exactly_once_same_bucket_constant_tokens(W, cycles):
-    samplers, per_rank = run_ranks(INDEX, W, tokens_per_batch=T, cycles=cycles, seed=4)
+    samplers, per_rank = run_ranks(INDEX, W, tokens_per_batch=T, cycles=cycles, seed=4, drop_last=True)
     st_ = samplers[0].stats()
     assert_exactly_once(per_rank, len(INDEX.sequence_log2), dropped=st_["dropped"].get("incomplete_step", 0))
     # every piece exactly once, except the pieces of dropped sequences
@@ -61,7 +61,7 @@ def test_exactly_once_same_bucket_constant_tokens(W, cycles):
 
 
 def test_dropped_sequences_are_counted_and_change_each_epoch():
-    s = DecomposedBatchSampler(INDEX, tokens_per_batch=T, world_size=2, rank=0)
+    s = DecomposedBatchSampler(INDEX, tokens_per_batch=T, world_size=2, rank=0, drop_last=True)
     st0 = s.stats()
     assert st0["dropped"]["incomplete_step"] > 0
     assert st0["rows"] + st0["dropped_rows"] == len(INDEX.sequence_log2)
@@ -71,9 +71,11 @@ def test_dropped_sequences_are_counted_and_change_each_epoch():
     assert seen0 != seen1  # the bucket's shuffle decides which sequences miss the last step
 
 
-@pytest.mark.parametrize("kw", [dict(incomplete="repeat"), dict(drop_last=False)])
-def test_incomplete_repeat_keeps_every_sequence(kw):
-    samplers, per_rank = run_ranks(INDEX, 2, tokens_per_batch=T, **kw)
+@pytest.mark.parametrize("kw", [dict(), dict(drop_last=False)])
+def test_by_default_every_sequence_is_kept_repeats_reported_no_warning(kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no PlanWarning: the repeats are what drop_last=False asks for
+        samplers, per_rank = run_ranks(INDEX, 2, tokens_per_batch=T, **kw)
     allseq = np.concatenate([np.concatenate(b) for b in per_rank])
     assert set(allseq.tolist()) == set(range(len(INDEX.sequence_log2)))
     st_ = samplers[0].stats()
@@ -86,7 +88,7 @@ def test_incomplete_repeat_keeps_every_sequence(kw):
        curriculum=st.sampled_from(["grow-p2", "grow-linear", "uniform"]))
 def test_property_exactly_once_and_same_shape(W, seed, cycles, epoch, curriculum):
     samplers = [DecomposedBatchSampler(INDEX, tokens_per_batch=T, rank=r, world_size=W, cycles=cycles, seed=seed,
-                                       curriculum=curriculum) for r in range(W)]
+                                       curriculum=curriculum, drop_last=True) for r in range(W)]
     for s in samplers:
         s.set_epoch(epoch)
     per_rank = [list(s) for s in samplers]
@@ -95,9 +97,20 @@ def test_property_exactly_once_and_same_shape(W, seed, cycles, epoch, curriculum
     shapes = [[len(b) for b in batches] for batches in per_rank]
     assert all(sh == shapes[0] for sh in shapes)
     again = [list(DecomposedBatchSampler(INDEX, tokens_per_batch=T, rank=0, world_size=W, cycles=cycles,
-                                         seed=seed, curriculum=curriculum)) for _ in range(1)]
+                                         seed=seed, curriculum=curriculum, drop_last=True)) for _ in range(1)]
     if epoch == 0:
         assert all(np.array_equal(a, b) for a, b in zip(again[0], per_rank[0]))
+
+
+@pytest.mark.parametrize("incomplete, drop_last", [("drop", True), ("repeat", False)])
+def test_incomplete_is_deprecated_and_means_drop_last(incomplete, drop_last):
+    with pytest.warns(DeprecationWarning, match=f"incomplete='{incomplete}'.*pass drop_last={drop_last}"):
+        old = DecomposedBatchSampler(INDEX, tokens_per_batch=T, world_size=2, rank=1, seed=5, incomplete=incomplete)
+    new = DecomposedBatchSampler(INDEX, tokens_per_batch=T, world_size=2, rank=1, seed=5, drop_last=drop_last)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the drop plan's PlanWarning
+        assert all(np.array_equal(a, b) for a, b in zip(old, new, strict=True))
+    assert old.state_dict()["options"] == new.state_dict()["options"]  # checkpoints of either spelling load
 
 
 def _cycle_steps(s):
@@ -177,7 +190,8 @@ def test_stats_tokens_and_attention_cost():
     (dict(tokens_per_batch=T, curriculum={12: 1.0}), ValueError, "empty bucket"),
     (dict(tokens_per_batch=T, curriculum={4: -1.0}), ValueError, "odds must be finite and >= 0"),
     (dict(tokens_per_batch=T, incomplete="pad"), ValueError, "incomplete must be"),
-    (dict(tokens_per_batch=T * 1000), ValueError, "no bucket fills one step"),
+    (dict(tokens_per_batch=T * 1000, drop_last=True), ValueError, "no bucket fills one step"),
+    (dict(tokens_per_batch=T, drop_last="no"), TypeError, "drop_last must be True or False"),
 ])
 def test_bad_input(kw, exc, match):
     with pytest.raises(exc, match=match):
@@ -197,7 +211,7 @@ def _worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        s = DecomposedBatchSampler(INDEX, tokens_per_batch=T, cycles=2, seed=3)  # rank/world from torch.distributed
+        s = DecomposedBatchSampler(INDEX, tokens_per_batch=T, cycles=2, seed=3, drop_last=True)  # from torch.distributed
         ks = [int(INDEX.sequence_log2[b[0]]) for b in s]
         gathered = [None] * world
         dist.all_gather_object(gathered, (s.rank, s.world_size, ks, [b.tolist() for b in s]))

@@ -50,7 +50,7 @@ def assert_one_bucket_constant_tokens(index, per_rank, tokens):
 
 @pytest.mark.parametrize("index,W,cycles", [(BIG, 3, 2), (SMALL, 1, 1)])
 def test_exactly_once_one_bucket_per_step_constant_tokens(windowed, index, W, cycles):
-    samplers, per_rank = ranks(index, W, tokens_per_batch=T, cycles=cycles, seed=4)
+    samplers, per_rank = ranks(index, W, tokens_per_batch=T, cycles=cycles, seed=4, drop_last=True)
     assert samplers[0].windowed
     st_ = samplers[0].stats()
     dropped = st_["dropped"].get("incomplete_step", 0)
@@ -62,9 +62,9 @@ def test_exactly_once_one_bucket_per_step_constant_tokens(windowed, index, W, cy
     assert all(b.dtype == np.int64 for b in per_rank[0])
 
 
-@pytest.mark.parametrize("incomplete", ["drop", "repeat"])
-def test_same_bucket_schedule_and_counts_as_the_exact_plan(monkeypatch, incomplete):
-    kw = dict(tokens_per_batch=T, cycles=2, seed=7, world_size=2, rank=1, incomplete=incomplete)
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_same_bucket_schedule_and_counts_as_the_exact_plan(monkeypatch, drop_last):
+    kw = dict(tokens_per_batch=T, cycles=2, seed=7, world_size=2, rank=1, drop_last=drop_last)
     exact = DecomposedBatchSampler(SMALL, **kw)
     monkeypatch.setattr(sd, "EXACT_MAX_SEQUENCES", 0)
     win = DecomposedBatchSampler(SMALL, **kw)
@@ -82,7 +82,7 @@ def test_same_bucket_schedule_and_counts_as_the_exact_plan(monkeypatch, incomple
 
 
 def test_repeat_keeps_every_sequence(windowed):
-    samplers, per_rank = ranks(SMALL, 2, tokens_per_batch=T, incomplete="repeat", seed=2)
+    samplers, per_rank = ranks(SMALL, 2, tokens_per_batch=T, seed=2)  # the default keeps every sequence
     allseq = np.concatenate([np.concatenate(b) for b in per_rank])
     assert set(allseq.tolist()) == set(range(len(SMALL.sequence_log2)))
     st_ = samplers[0].stats()
@@ -105,7 +105,7 @@ def mates_again(e0, e1, n):
 
 def test_each_epoch_shuffles_buckets_anew_as_the_exact_plan_does(monkeypatch):
     def epochs():
-        s = DecomposedBatchSampler(BIG, tokens_per_batch=T, seed=3)
+        s = DecomposedBatchSampler(BIG, tokens_per_batch=T, seed=3, drop_last=True)
         e0 = s.global_plan()
         s.set_epoch(1)
         return e0, s.global_plan()
@@ -131,7 +131,7 @@ def test_resumes_exactly_mid_cycle_and_across_epochs(windowed, cycles, W):
 
 
 def test_elastic_resume_two_to_three_ranks_matches_the_exact_arrangement(monkeypatch):
-    kw = dict(tokens_per_batch=T, cycles=2, seed=11)
+    kw = dict(tokens_per_batch=T, cycles=2, seed=11, drop_last=True)
     k = 40
 
     def run(windowed):
