@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import mmap
 import os
+import pickle
 import tempfile
 import threading
 import time
@@ -94,7 +95,8 @@ class RemoteArrowDataset(ArrowDataset):
                                       or keep_open < 0):
             raise ValueError(f"keep_open must be a number of bytes >= 0, or None for the default (got {keep_open=})")
         self.url = os.fspath(url)
-        self.filesystem, self._root = resolve(self.url, filesystem)
+        self._fs, self._root = resolve(self.url, filesystem)
+        self._fs_pid = os.getpid()
         self._fs_given = filesystem is not None
         self.path = self.url  # the base class names the dataset by .path in messages
         self.timeout = float(timeout)
@@ -118,6 +120,18 @@ class RemoteArrowDataset(ArrowDataset):
         self._budget: tuple[int, int | None] = (-1, None)  # (pid, bytes) of _keep_budget
         self._lock = threading.Lock()
         _DATASETS.add(self)
+
+    @property
+    def filesystem(self) -> pafs.FileSystem:
+        """The ``pyarrow.fs`` filesystem, one per process: a forked child (a DataLoader worker) gets its own copy
+        (rebuilt from the parent's configuration) on first use. The parent's client keeps pooled connections to the
+        store; a child using them shares a socket with its parent and siblings, and replies go astray (requests
+        then hang until the client's request timeout: 20 s stalls seen with 2 workers before)."""
+        if self._fs_pid != os.getpid():
+            with contextlib.suppress(Exception):  # a filesystem that does not pickle is used as it is
+                self._fs = pickle.loads(pickle.dumps(self._fs))
+            self._fs_pid = os.getpid()
+        return self._fs
 
     def _url_of(self, name: str) -> str:
         return f"{self.url.rstrip('/')}/{name}"

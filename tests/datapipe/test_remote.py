@@ -1,5 +1,6 @@
 """Datasets on object storage, against a real S3-compatible server (``rclone serve s3``) on 127.0.0.1."""
 
+import multiprocessing
 import os
 import pickle
 import shutil
@@ -116,6 +117,32 @@ def test_epoch_through_bounded_cache_matches_local_copy(server, data, tmp_path, 
     if num_workers == 0:  # the shards of one batch do not fit: they streamed through the cache
         stats = ds.cache_stats()
         assert stats["evictions"] > 0 and stats["downloads"] > ds.num_shards and stats["peak_bytes"] <= limit
+
+
+def _read_in_forked_child(ds, parent_fs_id, rows, out):
+    fs = ds.filesystem
+    out.put((id(fs) != parent_fs_id, [r["text"] for r in ds.__getitems__(rows).rows()]))
+
+
+def test_forked_worker_talks_to_the_store_through_its_own_client(server, data, tmp_path):
+    """A forked child (what a DataLoader worker is) must not use its parent's S3 client: its pooled connections
+    are shared with the parent, and replies went astray (an epoch with 2 workers stalled 20 s, every other run)."""
+    ds = datapipe.ArrowDataset.open(data.url, filesystem=server.filesystem(), cache_dir=tmp_path / "c")
+    ds.__getitems__([0])  # the parent's client holds a connection now
+    parent_fs = ds.filesystem
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    rows = [399, 5, 200]
+    procs = [ctx.Process(target=_read_in_forked_child, args=(ds, id(parent_fs), rows, out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    got = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    want = [r["text"] for r in data.local.__getitems__(rows).rows()]
+    assert got == [(True, want)] * 2
+    assert ds.filesystem is parent_fs  # the parent keeps its own
 
 
 # ---- cache behaviour -------------------------------------------------------------------------------------------
