@@ -17,8 +17,8 @@ import tempfile
 import threading
 import time
 import weakref
-from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,6 +34,7 @@ from datapipe.format import (MANIFEST, DatasetError, check_manifest, parse_json,
 from datapipe.remote_cache import ShardCache
 from datapipe.remote_gather import gather_shards
 from datapipe.remote_io import DEFAULT_TIMEOUT, download, read_object
+from datapipe.remote_prefetch import Wanted, prefetch_loop
 from datapipe.urls import join_key, resolve
 from native.ragged import locate_rows
 
@@ -416,8 +417,8 @@ class RemoteArrowDataset(ArrowDataset):
         """
         self.stop_prefetch()
         stop = threading.Event()
-        t = threading.Thread(target=self._prefetch_loop, args=(batches, stop), daemon=True,
-                             name="datapipe-remote-prefetch")
+        t = threading.Thread(target=prefetch_loop, args=(self.cache, self._wanted(batches), stop, self.timeout),
+                             daemon=True, name="datapipe-remote-prefetch")
         self._prefetch = (t, stop)
         t.start()
 
@@ -429,50 +430,19 @@ class RemoteArrowDataset(ArrowDataset):
             t.join(timeout=self.timeout + 5)
             self._prefetch = None
 
-    def _prefetch_loop(self, batches: Iterable, stop: threading.Event) -> None:
-        limit = self.cache.limit
-        budget = None if limit is None else limit // 2
-        ahead: deque[tuple[Path, int]] = deque()  # prefetched, maybe not read yet
-        ahead_bytes = 0
-        try:
-            for rows in batches:
-                rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-                if not len(rows):
-                    continue
-                shards, first = np.unique(self._locate(rows)[0], return_index=True)
-                for s in shards[np.argsort(first)].tolist():
-                    meta = self.manifest["shards"][s]
-                    size = meta["bytes"]
-                    if budget is not None and size > budget:
-                        continue
-                    path = self.cache.dir / self._cache_name(s)
-                    while True:
-                        if stop.is_set():
-                            return
-                        while ahead and not ShardCache.unread(ahead[0][0]):  # read or evicted since
-                            ahead_bytes -= ahead.popleft()[1]
-                        if budget is None or ahead_bytes + size <= budget:
-                            break
-                        stop.wait(0.01)
-                    if path.exists():
-                        continue
-                    what = self._url_of(meta["file"])
-                    src = join_key(self._root, meta["file"])
-                    while not stop.is_set():
-                        before = self.cache.stats["prefetched"]
-                        self.cache.acquire(self._cache_name(s), size,
-                                           lambda part: download(self.filesystem, src, meta, what, self.timeout,
-                                                                  part),
-                                           deadline=time.monotonic() + self.timeout, what=what, prefetch=True)
-                        if self.cache.stats["prefetched"] > before:
-                            ahead.append((path, size))
-                            ahead_bytes += size
-                            break
-                        if path.exists():
-                            break
-                        stop.wait(0.01)  # no room without evicting unread shards: wait for reads
-        except Exception as e:  # noqa: BLE001  the reads retry and raise with context
-            self.cache.stats["prefetch_error"] = str(e)
+    def _wanted(self, batches: Iterable) -> Iterator[Wanted]:
+        """The shards ``batches`` read, each where it is first needed (consumed on the prefetch thread)."""
+        for rows in batches:
+            rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+            if not len(rows):
+                continue
+            shards, first = np.unique(self._locate(rows)[0], return_index=True)
+            for s in shards[np.argsort(first)].tolist():
+                meta = self.manifest["shards"][s]
+                what, src = self._url_of(meta["file"]), join_key(self._root, meta["file"])
+                yield (self._cache_name(s), meta["bytes"], what,
+                       lambda part, src=src, meta=meta, what=what: download(self.filesystem, src, meta, what,
+                                                                            self.timeout, part))
 
     def cache_stats(self) -> dict:
         """This process's cache counters (hits, downloads, prefetched, streamed, evictions, bytes) and the
