@@ -82,7 +82,8 @@ DROP_HINTS = {
     "longer_than_max_tokens": "rows longer than max_tokens; raise max_tokens, or truncate/split long rows at ingest",
     "longer_than_max_duration": "cuts longer than max_duration; raise max_duration",
     "outside_2d_bins": "cuts outside every 2D bucket; widen the bins or pass strict_2d=False",
-    "incomplete_step": "sequences that do not fill a whole step of their bucket; pass drop_last=False",
+    "incomplete_step": "sequences that do not fill a whole step of their bucket; pass drop_last=False to fill it with "
+                       "repeats",
 }
 #: drop reasons the user asked for by passing drop_last=True
 ASKED_FOR = frozenset({"incomplete_batch", "uneven_tail"})

@@ -17,7 +17,8 @@ Unlike the reference (same seed on every rank, only a warning on mismatch), the 
 plan shared by all ranks, so they cannot disagree. When the sequences of a bucket's slice do not fill its last
 step, the step is filled with sequences of the same slice (the default, ``drop_last=False``, as every sampler keeps
 every row; counted under ``repeated["incomplete_step"]``), or, with ``drop_last=True``, they are left out (counted
-under ``dropped["incomplete_step"]``, with a ``PlanWarning``).
+under ``dropped["incomplete_step"]``). Either is what ``drop_last`` asks for, so neither emits a ``PlanWarning``;
+other drops (the sequences of a bucket with odds 0) do.
 
 Up to ``EXACT_MAX_SEQUENCES`` sequences the plan is materialised (the plans of earlier versions, unchanged).
 Above, it is kept as steps over bucket streams (:mod:`samplers.decomposed_windowed`), so 1e9 sequences cost
@@ -41,7 +42,7 @@ from native.bucket_select import VALUES, chunk_counts, select_rows
 from native.curriculum import curriculum_order
 from native.feistel import feistel_permute
 from native.rng import mix_seed, permutation
-from samplers.base import BatchSamplerBase, Plan, PlanStats, digest_array
+from samplers.base import ASKED_FOR, BatchSamplerBase, Plan, PlanStats, digest_array
 from samplers.decomposed_windowed import StepPlan, arrange_steps, first_steps
 from samplers.plan_cache import PlanCache, StalePlanCache, source_id
 
@@ -197,8 +198,9 @@ class DecomposedBatchSampler(BatchSamplerBase):
         return {"sequences": self.num_sequences, "sequence_log2": digest_array(self.sequence_log2)}
 
     def _asked_for(self) -> frozenset:
-        # drop_last=False asks for the repeats that fill a bucket's last step (the base's drop_last is always True)
-        return frozenset({"incomplete_step"}) if self.incomplete == "repeat" else frozenset()
+        # drop_last asks for what it does with a bucket's last step, as in every sampler: False for the repeats that
+        # fill it, True for leaving its sequences out (the base's drop_last is always True: uneven tails are dropped)
+        return ASKED_FOR | {"incomplete_step"}
 
     def _lost_share(self, plan: Plan) -> str:
         real = np.left_shift(np.int64(1), self.sequence_log2)
