@@ -16,6 +16,7 @@ import pickle
 import tempfile
 import threading
 import time
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -129,9 +130,14 @@ class RemoteArrowDataset(ArrowDataset):
         store; a child using them shares a socket with its parent and siblings, and replies go astray (requests
         then hang until the client's request timeout: 20 s stalls seen with 2 workers before)."""
         if self._fs_pid != os.getpid():
-            with contextlib.suppress(Exception):  # a filesystem that does not pickle is used as it is
-                self._fs = pickle.loads(pickle.dumps(self._fs))
             self._fs_pid = os.getpid()
+            try:
+                self._fs = pickle.loads(pickle.dumps(self._fs))
+            except Exception as e:  # noqa: BLE001  any failure to copy: used as it is, and said
+                warnings.warn(f"{self.url}: the filesystem ({type(self._fs).__name__}) could not be copied for "
+                              f"process {os.getpid()} ({e}); it shares its parent's connections, which can stall "
+                              "requests: pass a filesystem that pickles, or DataLoader(multiprocessing_context="
+                              "'spawn')", RuntimeWarning, stacklevel=2)
         return self._fs
 
     def _url_of(self, name: str) -> str:

@@ -6,6 +6,7 @@ import pickle
 import shutil
 import threading
 import time
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -143,6 +144,35 @@ def test_forked_worker_talks_to_the_store_through_its_own_client(server, data, t
     want = [r["text"] for r in data.local.__getitems__(rows).rows()]
     assert got == [(True, want)] * 2
     assert ds.filesystem is parent_fs  # the parent keeps its own
+
+
+def _filesystem_in_forked_child(ds, rows, out):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fs = ds.filesystem
+    out.put(([str(w.message) for w in caught if w.category is RuntimeWarning], type(fs).__name__,
+             [r["text"] for r in ds.__getitems__(rows).rows()]))
+
+
+def test_a_filesystem_that_cannot_be_copied_for_a_worker_is_said(small_ds, tmp_path):
+    fsspec = pytest.importorskip("fsspec")
+
+    class Handler(pafs.FSSpecHandler):  # holds a lock: does not pickle
+        def __init__(self, fs):
+            super().__init__(fs)
+            self.lock = threading.Lock()
+
+    fs = pafs.PyFileSystem(Handler(fsspec.filesystem("file")))
+    ds = datapipe.ArrowDataset.open(str(small_ds.path), filesystem=fs, cache_dir=tmp_path / "c")
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    p = ctx.Process(target=_filesystem_in_forked_child, args=(ds, [3, 0], out))
+    p.start()
+    warned, kind, texts = out.get(timeout=60)
+    p.join(timeout=60)
+    assert p.exitcode == 0 and kind == "PyFileSystem"
+    assert len(warned) == 1 and "could not be copied for process" in warned[0] and "pickles" in warned[0]
+    assert texts == [small_ds[3]["text"], small_ds[0]["text"]]  # still read, through the parent's client
 
 
 # ---- cache behaviour -------------------------------------------------------------------------------------------
