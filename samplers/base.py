@@ -83,7 +83,7 @@ DROP_HINTS = {
     "longer_than_max_duration": "cuts longer than max_duration; raise max_duration",
     "outside_2d_bins": "cuts outside every 2D bucket; widen the bins or pass strict_2d=False",
     "incomplete_step": "sequences that do not fill a whole step of their bucket; pass drop_last=False to fill it with "
-                       "repeats",
+                       "repeats, or drop_last=True to drop them without this warning",
 }
 #: drop reasons the user asked for by passing drop_last=True
 ASKED_FOR = frozenset({"incomplete_batch", "uneven_tail"})

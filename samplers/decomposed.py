@@ -15,10 +15,14 @@ the cycle; ``cycles=c`` splits each bucket into ``c`` slices, one per cycle. Cur
 
 Unlike the reference (same seed on every rank, only a warning on mismatch), the bucket of a step comes from a
 plan shared by all ranks, so they cannot disagree. When the sequences of a bucket's slice do not fill its last
-step, the step is filled with sequences of the same slice (the default, ``drop_last=False``, as every sampler keeps
-every row; counted under ``repeated["incomplete_step"]``), or, with ``drop_last=True``, they are left out (counted
-under ``dropped["incomplete_step"]``). Either is what ``drop_last`` asks for, so neither emits a ``PlanWarning``;
-other drops (the sequences of a bucket with odds 0) do.
+step, they are left out (counted under ``dropped["incomplete_step"]``) or, with ``drop_last=False``, the step is
+filled with sequences of the same slice (counted under ``repeated["incomplete_step"]``).
+
+``drop_last`` means what it means in every sampler (``False`` keeps every row), but its default here is to drop:
+this sampler's contract is every piece at most once across ranks and constant tokens per step, and keeping every
+sequence of an incomplete step needs either repeats (against the first) or a short batch (against the second).
+Unasked, the drop is announced by a ``PlanWarning`` naming both choices; ``drop_last=True`` asks for it (reported
+in ``stats()``, no warning), ``drop_last=False`` for the repeats.
 
 Up to ``EXACT_MAX_SEQUENCES`` sequences the plan is materialised (the plans of earlier versions, unchanged).
 Above, it is kept as steps over bucket streams (:mod:`samplers.decomposed_windowed`), so 1e9 sequences cost
@@ -42,7 +46,7 @@ from native.bucket_select import VALUES, chunk_counts, select_rows
 from native.curriculum import curriculum_order
 from native.feistel import feistel_permute
 from native.rng import mix_seed, permutation
-from samplers.base import ASKED_FOR, BatchSamplerBase, Plan, PlanStats, digest_array
+from samplers.base import BatchSamplerBase, Plan, PlanStats, digest_array
 from samplers.decomposed_windowed import StepPlan, arrange_steps, first_steps
 from samplers.plan_cache import PlanCache, StalePlanCache, source_id
 
@@ -99,10 +103,10 @@ class DecomposedBatchSampler(BatchSamplerBase):
         curriculum: ``"grow-p2"`` (default), ``"grow-linear"``, ``"uniform"`` or a dict ``{k: odds}``.
         cycles: number of curriculum cycles per epoch; each uses a disjoint ``1/cycles`` slice of every bucket.
         seed, rank, world_size: as in every sampler.
-        drop_last: ``False`` (default): every sequence is in the epoch, a bucket slice's last step filled with
-            repeats of the slice; ``True``: sequences that do not fill a whole step are left out (reported).
+        drop_last: ``None`` (default): sequences that do not fill a whole step of their bucket are left out, with a
+            ``PlanWarning``; ``True``: the same, asked for (no warning); ``False``: every sequence is in the epoch,
+            a bucket slice's last step filled with repeats of the slice (reported, no warning).
         incomplete: deprecated (one release): ``"drop"`` is ``drop_last=True``, ``"repeat"`` ``drop_last=False``.
-            The default was ``"drop"`` before; pass ``drop_last=True`` for those plans.
 
     Yields:
         int64 arrays of sequence ids, ``tokens_per_batch >> k`` of them, all of one bucket ``k``; every rank's
@@ -111,10 +115,10 @@ class DecomposedBatchSampler(BatchSamplerBase):
 
     def __init__(self, index, tokens_per_batch: int, *, curriculum: str | Mapping = "grow-p2", cycles: int = 1,
                  incomplete: str | None = None, seed: int = 0, rank: int | None = None,
-                 world_size: int | None = None, drop_last: bool = False, strict: bool = False) -> None:
+                 world_size: int | None = None, drop_last: bool | None = None, strict: bool = False) -> None:
         super().__init__(seed=seed, rank=rank, world_size=world_size, drop_last=True, strict=strict)
-        if not isinstance(drop_last, (bool, np.bool_)):
-            raise TypeError(f"drop_last must be True or False (got {drop_last!r})")
+        if drop_last is not None and not isinstance(drop_last, (bool, np.bool_)):
+            raise TypeError(f"drop_last must be True, False or None (got {drop_last!r})")
         if incomplete is not None:
             if incomplete not in ("drop", "repeat"):
                 raise ValueError(f"incomplete must be 'drop' or 'repeat' (got {incomplete=}); it is deprecated: "
@@ -124,7 +128,8 @@ class DecomposedBatchSampler(BatchSamplerBase):
                           "bucket's last step with repeats; True leaves its sequences out)", DeprecationWarning,
                           stacklevel=2)
             drop_last = incomplete == "drop"
-        incomplete = "drop" if drop_last else "repeat"
+        self._drop_asked = drop_last is not None  # drops of incomplete steps were asked for, or repeats were
+        incomplete = "repeat" if drop_last is False else "drop"
         log2 = getattr(index, "sequence_log2", None)
         if log2 is None:
             raise TypeError(f"index must have a 'sequence_log2' array (got {type(index).__name__})")
@@ -198,9 +203,9 @@ class DecomposedBatchSampler(BatchSamplerBase):
         return {"sequences": self.num_sequences, "sequence_log2": digest_array(self.sequence_log2)}
 
     def _asked_for(self) -> frozenset:
-        # drop_last asks for what it does with a bucket's last step, as in every sampler: False for the repeats that
-        # fill it, True for leaving its sequences out (the base's drop_last is always True: uneven tails are dropped)
-        return ASKED_FOR | {"incomplete_step"}
+        # drop_last, when passed, asks for what happens to a bucket's last step: False for the repeats that fill it,
+        # True for leaving its sequences out; the default drops unasked (warned)
+        return frozenset({"incomplete_step"}) if self._drop_asked else frozenset()
 
     def _lost_share(self, plan: Plan) -> str:
         real = np.left_shift(np.int64(1), self.sequence_log2)

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from native.decompose import decompose_lengths
+from samplers.base import PlanWarning
 from samplers.decomposed import DecomposedBatchSampler
 from tests.helpers import (
     assert_exactly_once,
@@ -73,11 +74,18 @@ def test_dropped_sequences_are_counted_and_change_each_epoch():
     assert seen0 != seen1  # the bucket's shuffle decides which sequences miss the last step
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(drop_last=False)])
-def test_by_default_every_sequence_is_kept_repeats_reported_no_warning(kw):
+def test_default_drops_incomplete_steps_and_says_so():
+    """The default keeps the sampler's contract (each sequence at most once, constant tokens per step): the
+    sequences of an incomplete step are left out, counted, and announced with the two ways to choose."""
+    with pytest.warns(PlanWarning, match=r"incomplete_step .*drop_last=False .*drop_last=True"):
+        s = DecomposedBatchSampler(INDEX, tokens_per_batch=T, world_size=2, rank=0)
+    assert s.stats()["dropped"]["incomplete_step"] > 0 and not s.stats()["repeated"]
+
+
+def test_drop_last_false_keeps_every_sequence_repeats_reported_no_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no PlanWarning: the repeats are what drop_last=False asks for
-        samplers, per_rank = run_ranks(INDEX, 2, tokens_per_batch=T, **kw)
+        samplers, per_rank = run_ranks(INDEX, 2, tokens_per_batch=T, drop_last=False)
     allseq = np.concatenate([np.concatenate(b) for b in per_rank])
     assert set(allseq.tolist()) == set(range(len(INDEX.sequence_log2)))
     st_ = samplers[0].stats()
@@ -191,7 +199,7 @@ def test_stats_tokens_and_attention_cost():
     (dict(tokens_per_batch=T, curriculum={4: -1.0}), ValueError, "odds must be finite and >= 0"),
     (dict(tokens_per_batch=T, incomplete="pad"), ValueError, "incomplete must be"),
     (dict(tokens_per_batch=T * 1000, drop_last=True), ValueError, "no bucket fills one step"),
-    (dict(tokens_per_batch=T, drop_last="no"), TypeError, "drop_last must be True or False"),
+    (dict(tokens_per_batch=T, drop_last="no"), TypeError, "drop_last must be True, False or None"),
 ])
 def test_bad_input(kw, exc, match):
     with pytest.raises(exc, match=match):

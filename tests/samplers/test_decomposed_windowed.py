@@ -82,7 +82,7 @@ def test_same_bucket_schedule_and_counts_as_the_exact_plan(monkeypatch, drop_las
 
 
 def test_repeat_keeps_every_sequence(windowed):
-    samplers, per_rank = ranks(SMALL, 2, tokens_per_batch=T, seed=2)  # the default keeps every sequence
+    samplers, per_rank = ranks(SMALL, 2, tokens_per_batch=T, seed=2, drop_last=False)
     allseq = np.concatenate([np.concatenate(b) for b in per_rank])
     assert set(allseq.tolist()) == set(range(len(SMALL.sequence_log2)))
     st_ = samplers[0].stats()
