@@ -32,7 +32,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from scale_common import Peak, anon_kb, fresh, metadata_file, replace_section  # noqa: E402
+from scale_common import Peak, anon_kb, case_row, fresh, metadata_file, replace_section  # noqa: E402
 from scale_decompose import DECOMPOSE_HEADING, decompose_case, run_decompose_section  # noqa: E402
 from scale_ngame import make_ngame  # noqa: E402
 from scale_topic_pairs import make_topic_pairs  # noqa: E402
@@ -442,13 +442,7 @@ def write(results: list[dict], quality, args) -> None:
     for r in results:
         old = OLD.get(r["kind"], ("", ""))
         before = old[0] if r["rows"] == 10**8 else old[1] if r["rows"] == 10**9 else ""
-        if "error" in r:
-            lines.append(f"| {r['kind']} | {r['rows']:.0e} | failed: {r['error']} | | | | | | | | {before} |")
-            continue
-        cpu = f" [{r['construct_cpu_s']:.1f}]" if "construct_cpu_s" in r else ""
-        lines.append(f"| {r['kind']} | {r['rows']:.0e} | {r['construct_s']:.2f}{cpu} | {r['first_batch_s']:.2f} | "
-                     f"{r['next_100_s']:.3f} | {r['resume_s']:.3f} | {r['construct2_s']:.2f} | {fresh(r)} | {r['peak_anon_mib']:.0f} | "
-                     f"{r['batches_per_rank']} | {before} |")
+        lines.append(case_row(r, before))
     if quality:
         tbq, shq = quality
         lines += ["", "## Windowed token-budget plan vs the exact plan (1e6 rows, max_tokens 2**16, sort_window "

@@ -78,3 +78,16 @@ def fresh(r: dict) -> str:
     if "fresh_error" in r:
         return f"failed: {r['fresh_error']}"
     return f"{r['fresh_construct_s']:.2f} / {r['fresh_resume_s']:.3f}" if "fresh_construct_s" in r else ""
+
+
+def case_row(r: dict, *tail: str) -> str:
+    """One case's row of the scale tables (construct [CPU], first batch, next 100, resume, 2nd construct, fresh
+    process, peak anon, batches/rank), then the ``tail`` columns; a failed case names its error."""
+    if "error" in r:
+        failed = f"| {r['kind']} | {r['rows']:.0e} | failed: {r['error']} | | | | | | | |"
+        return failed + "".join(f" {t} |" for t in tail)
+    cpu = f" [{r['construct_cpu_s']:.1f}]" if "construct_cpu_s" in r else ""
+    cells = [r["kind"], f"{r['rows']:.0e}", f"{r['construct_s']:.2f}{cpu}", f"{r['first_batch_s']:.2f}",
+             f"{r['next_100_s']:.3f}", f"{r['resume_s']:.3f}", f"{r['construct2_s']:.2f}", fresh(r),
+             f"{r['peak_anon_mib']:.0f}", str(r["batches_per_rank"]), *tail]
+    return "| " + " | ".join(cells) + " |"

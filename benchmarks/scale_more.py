@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from scale_common import fresh, replace_section
+from scale_common import case_row, replace_section
 
 MORE_HEADING = "## NGAME, TopicAware with pairs, 2D duration buckets and shaped mixtures at scale"
 #: the kinds of MORE_HEADING: what each builds
@@ -41,13 +41,6 @@ def write_more_section(results: list[dict], args) -> None:
     lines += ["", "| sampler | rows | construct (s) [CPU s] | first batch (s) | next 100 (s) | resume to batch 101 (s) | "
               "2nd construct (s) | fresh process: construct / resume (s) | peak anon (MiB) | batches/rank |",
               "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        if "error" in r:
-            lines.append(f"| {r['kind']} | {r['rows']:.0e} | failed: {r['error']} | | | | | | | |")
-            continue
-        cpu = f" [{r['construct_cpu_s']:.1f}]" if "construct_cpu_s" in r else ""
-        lines.append(f"| {r['kind']} | {r['rows']:.0e} | {r['construct_s']:.2f}{cpu} | {r['first_batch_s']:.2f} | "
-                     f"{r['next_100_s']:.3f} | {r['resume_s']:.3f} | {r['construct2_s']:.2f} | {fresh(r)} | "
-                     f"{r['peak_anon_mib']:.0f} | {r['batches_per_rank']} |")
+    lines += [case_row(r) for r in results]
     replace_section(Path(args.out), MORE_HEADING, lines, before="## Reading")
     print(f"wrote {args.out}")
