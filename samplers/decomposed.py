@@ -124,9 +124,8 @@ class DecomposedBatchSampler(BatchSamplerBase):
                 raise ValueError(f"incomplete must be 'drop' or 'repeat' (got {incomplete=}); it is deprecated: "
                                  "pass drop_last=True or drop_last=False")
             warnings.warn(f"DecomposedBatchSampler(incomplete={incomplete!r}) is deprecated and goes in the next "
-                          f"release: pass drop_last={incomplete == 'drop'} (drop_last=False, the default, fills a "
-                          "bucket's last step with repeats; True leaves its sequences out)", DeprecationWarning,
-                          stacklevel=2)
+                          f"release: pass drop_last={incomplete == 'drop'} (drop_last=False fills a bucket's last "
+                          "step with repeats, True leaves its sequences out)", DeprecationWarning, stacklevel=2)
             drop_last = incomplete == "drop"
         self._drop_asked = drop_last is not None  # drops of incomplete steps were asked for, or repeats were
         incomplete = "repeat" if drop_last is False else "drop"
